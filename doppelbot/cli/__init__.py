@@ -1,0 +1,128 @@
+"""The ``doppelbot`` command line.
+
+Each area of the product has its own module here holding its commands; this module only wires
+them into one Typer app and turns ``DoppelbotError`` into one clear line and a non-zero exit.
+Command modules import heavy libraries (torch, telethon) inside the command bodies only, so
+``doppelbot --help`` stays fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import typer
+
+from doppelbot import __version__
+from doppelbot.cli import (
+    adapter_cmd,
+    chat_cmd,
+    dataset_cmd,
+    db_cmd,
+    export_cmd,
+    facts_cmd,
+    feedback_cmd,
+    model_cmd,
+    run_cmd,
+    ssa_cmd,
+    train_cmd,
+)
+from doppelbot.cli.common import AppState
+from doppelbot.errors import DoppelbotError
+
+app = typer.Typer(
+    name="doppelbot",
+    help="Your Telegram doppelganger: export your chats, fine-tune FRED-T5 on them, and let it "
+    "answer in your voice — with review in Saved Messages.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"doppelbot {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and DEBUG logs."),
+    env_file: Path = typer.Option(
+        Path(".env"),
+        "--env-file",
+        help="Settings file read before the environment.",
+    ),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Override DOPPELBOT_DATA_DIR for this command."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Global options."""
+    overrides = {"data_dir": data_dir} if data_dir else {}
+    ctx.obj = AppState(env_file=env_file, debug=debug, overrides=overrides)
+
+
+app.command("login", help="Log in to Telegram (phone, code, 2FA) and store the session.")(
+    export_cmd.login
+)
+app.command("export", help="Export your private chats over MTProto into the local database.")(
+    export_cmd.export
+)
+app.command("import", help="Import a Telegram Desktop export (result.json) into the database.")(
+    export_cmd.import_desktop
+)
+app.command("dataset", help="Build the fine-tuning set (context → my reply) as JSONL.")(
+    dataset_cmd.dataset
+)
+app.add_typer(facts_cmd.app, name="facts", help="Manage facts about you (the knowledge base).")
+app.add_typer(model_cmd.app, name="model", help="Inspect the reply model (quantisation check).")
+app.command("chat", help="Talk to your doppelganger in the terminal.")(chat_cmd.chat)
+app.command("train", help="Fine-tune a LoRA adapter on your dataset (SFT, feedback or DPO).")(
+    train_cmd.train
+)
+app.command("eval", help="Evaluate an adapter on the validation split (optionally vs another).")(
+    train_cmd.evaluate
+)
+app.add_typer(adapter_cmd.app, name="adapter", help="Choose which adapter the bot serves.")
+app.command("run", help="Run the userbot: answer incoming private messages in your voice.")(
+    run_cmd.run
+)
+app.command("status", help="Show pause state, reply counts and the last replies.")(run_cmd.status)
+app.add_typer(feedback_cmd.app, name="feedback", help="Export and summarise owner feedback.")
+app.add_typer(
+    ssa_cmd.app, name="ssa", help="SSA labelling (sensibleness/specificity) in Saved Messages."
+)
+app.add_typer(db_cmd.app, name="db", help="Database schema: migrate and status.")
+app.add_typer(db_cmd.config_app, name="config", help="Show the effective settings.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: typed errors become one line and a non-zero exit."""
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        command.main(args=args, prog_name="doppelbot", standalone_mode=False)
+    except DoppelbotError as exc:
+        if debug:
+            raise
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Abort:
+        typer.echo("Aborted.", err=True)
+        raise SystemExit(130) from None
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("Interrupted.", err=True)
+        raise SystemExit(130) from None

@@ -1,0 +1,76 @@
+"""What every CLI command shares: lazily built Settings, the Rich console, async running.
+
+Settings are built on first use rather than in the root callback, so ``doppelbot X --help``
+works even while the environment holds a bad value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from doppelbot.config import Settings
+    from doppelbot.store.database import Database
+
+T = TypeVar("T")
+
+
+@dataclass
+class AppState:
+    env_file: Path | None = Path(".env")
+    debug: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    _settings: Settings | None = None
+    console: Console = field(default_factory=lambda: Console(highlight=False))
+    err_console: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from doppelbot.config import load_settings
+            from doppelbot.logs import setup_logging
+
+            self._settings = load_settings(self.env_file, **self.overrides)
+            setup_logging(self._settings, debug=self.debug, console=self.err_console)
+        return self._settings
+
+
+def state(ctx: typer.Context) -> AppState:
+    obj = ctx.find_root().obj
+    if not isinstance(obj, AppState):  # invoked without the root callback (tests)
+        obj = AppState()
+        ctx.find_root().obj = obj
+    return obj
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@asynccontextmanager
+async def open_db(settings: Settings) -> AsyncIterator[Database]:
+    from doppelbot.store.database import Database
+
+    db = await Database.open(settings.db_path)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+def not_available(feature: str) -> None:
+    from doppelbot.errors import NotAvailableError
+
+    raise NotAvailableError(f"`{feature}` is not available yet in this version of doppelbot")
+
+
+log = logging.getLogger("doppelbot.cli")

@@ -1,0 +1,339 @@
+"""The one ``Settings`` object.
+
+Built once in the CLI entry point (``doppelbot.cli``) and passed down; nothing else reads the
+environment. Every field maps to ``DOPPELBOT_<NAME>`` and may be set in a ``.env`` file; real
+environment variables win over ``.env``. ``.env.example`` documents each field and its default,
+and ``tests/test_config.py`` checks the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+import platformdirs
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from doppelbot.domain import GenerationOptions
+from doppelbot.errors import ConfigError
+
+ENV_PREFIX = "DOPPELBOT_"
+
+DEFAULT_PERSONA = (
+    "Ты — это я, владелец аккаунта. Отвечай коротко и естественно, как я обычно пишу в переписке."
+)
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_csv(value: object) -> object:
+    """Lists come from the environment as ``a,b,c`` (JSON arrays are accepted too)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("doppelbot", appauthor=False))
+
+
+_QUIET_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+
+def parse_quiet_hours(value: str) -> tuple[time, time] | None:
+    """``"23:00-08:00"`` → (23:00, 08:00); empty → None. Wraps past midnight."""
+    if not value.strip():
+        return None
+    match = _QUIET_RE.match(value)
+    if not match:
+        raise ValueError("expected HH:MM-HH:MM, e.g. 23:00-08:00")
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    try:
+        return time(h1, m1), time(h2, m2)
+    except ValueError as exc:
+        raise ValueError(f"not a valid time range: {exc}") from None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- Telegram -------------------------------------------------------------------------------
+    api_id: int | None = Field(None, description="Telegram API id from my.telegram.org.")
+    api_hash: SecretStr | None = Field(None, description="Telegram API hash from my.telegram.org.")
+    phone: str | None = Field(None, description="Phone number for login, international format.")
+    session_string: SecretStr | None = Field(
+        None,
+        description="Telethon StringSession (for containers); when set, no session file is used.",
+    )
+    session_name: str = Field(
+        "doppelbot", description="Session file name (without .session) under the data directory."
+    )
+
+    # --- Storage and logging --------------------------------------------------------------------
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Where the database, session, datasets, adapters and caches live.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level. Message texts are only ever logged at DEBUG."
+    )
+    log_message_texts: bool = Field(
+        False, description="Allow message texts in DEBUG logs (private data: off by default)."
+    )
+
+    # --- Reply model ----------------------------------------------------------------------------
+    model: str = Field(
+        "ai-forever/FRED-T5-1.7B", description="Base model: Hugging Face hub id or local path."
+    )
+    adapter_path: Path | None = Field(
+        None,
+        description="LoRA adapter folder; empty = the adapter chosen by `doppelbot adapter use`.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    precision: Literal["int8", "bf16", "fp32"] = Field(
+        "int8", description="Weights precision for serving."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for the model; empty = all cores."
+    )
+    max_new_tokens: int = Field(50, ge=1, le=1024, description="Longest reply, in tokens.")
+    do_sample: bool = Field(True, description="Sample (True) or decode greedily/beam (False).")
+    temperature: float = Field(0.8, gt=0, le=5, description="Sampling temperature.")
+    top_p: float = Field(0.85, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(50, ge=0, description="Top-k sampling cut-off (0 = off).")
+    num_beams: int = Field(1, ge=1, le=16, description="Beam search width.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams (0 = off).")
+    repetition_penalty: float = Field(1.0, gt=0, description="Repetition penalty (1.0 = off).")
+    generation_seed: int | None = Field(None, description="Fixed sampling seed; empty = random.")
+    generation_timeout_s: float = Field(
+        120.0, gt=0, description="A generation running longer than this fails."
+    )
+    worker_queue_size: int = Field(
+        32, ge=1, description="Pending generations the worker accepts before refusing."
+    )
+    max_input_tokens: int = Field(
+        712, ge=16, description="Model input budget; the oldest context is trimmed first."
+    )
+
+    # --- Prompt ---------------------------------------------------------------------------------
+    persona: str = Field(DEFAULT_PERSONA, description="Persona text at the start of every prompt.")
+    role_other: str = Field("Собеседник", description="Label of the other person's turns.")
+    role_owner: str = Field("Я", description="Label of the owner's turns.")
+
+    # --- Knowledge base -------------------------------------------------------------------------
+    embedder_model: str = Field(
+        "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2",
+        description="sentence-transformers model (hub id or local path) for fact retrieval.",
+    )
+    facts_top_k: int = Field(3, ge=0, description="Facts added to a prompt at most.")
+    facts_threshold: float = Field(
+        0.35, ge=-1, le=1, description="Minimum cosine similarity for a fact to be used."
+    )
+    fact_fallback: bool = Field(
+        False, description="Answer with the best fact when it beats the generated reply."
+    )
+    fact_fallback_margin: float = Field(
+        0.1, ge=0, le=2, description="How much more relevant the reply must be to be kept."
+    )
+
+    # --- Dataset --------------------------------------------------------------------------------
+    session_gap_hours: float = Field(3.0, gt=0, description="A longer silence ends a dialogue.")
+    max_message_chars: int = Field(200, ge=1, description="Longer messages are dropped/truncated.")
+    long_message_policy: Literal["drop", "truncate"] = Field(
+        "drop", description="What to do with messages longer than max_message_chars."
+    )
+    context_max_chars: int = Field(500, ge=1, description="Context keeps turns that fit in this.")
+    min_letter_share: float = Field(
+        0.5, ge=0, le=1, description="Messages with a smaller share of letters are dropped."
+    )
+    scrub_pii: bool = Field(True, description="Replace phones, emails, cards and URLs.")
+    keep_names: bool = Field(True, description="Keep people's names when scrubbing PII.")
+    max_contact_share: float = Field(
+        0.25, gt=0, le=1, description="Largest share of samples one contact may contribute."
+    )
+    validation_share: float = Field(
+        0.1, ge=0, lt=1, description="The most recent share of samples used for validation."
+    )
+
+    # --- Export ---------------------------------------------------------------------------------
+    flood_wait_max_s: int = Field(
+        300, ge=0, description="Wait out FloodWait up to this; longer stops that chat."
+    )
+    export_use_takeout: bool = Field(True, description="Export inside a takeout session.")
+
+    # --- Responder (doppelbot run) --------------------------------------------------------------
+    reply_mode: Literal["auto", "review", "off"] = Field(
+        "review",
+        description="auto = send (copy to Saved Messages); review = draft for approval; off.",
+    )
+    debounce_s: float = Field(5.0, ge=0, description="Quiet time before answering a burst.")
+    answer_unknown_contacts: bool = Field(
+        False, description="Answer people who are not in your contacts."
+    )
+    allow_list: CommaList = Field(
+        default_factory=list, description="Only these chats (ids or @usernames), if set."
+    )
+    deny_list: CommaList = Field(
+        default_factory=list, description="Never these chats (ids or @usernames)."
+    )
+    group_reply_probability: float = Field(
+        0.0, ge=0, le=1, description="Chance to answer in groups (opt-in; 0 = never)."
+    )
+    per_chat_hourly_cap: int = Field(10, ge=0, description="Replies per chat per hour at most.")
+    global_hourly_cap: int = Field(60, ge=0, description="Replies per hour across all chats.")
+    quiet_hours: str = Field(
+        "", description="No replies in this local time range, e.g. 23:00-08:00."
+    )
+    timezone: str = Field("", description="IANA zone for quiet hours; empty = system local time.")
+    takeover_minutes: float = Field(
+        30.0, ge=0, description="Silence in a chat after the owner writes there themselves."
+    )
+    typing_chars_per_s: float = Field(12.0, gt=0, description="Simulated typing speed.")
+    typing_max_s: float = Field(8.0, ge=0, description="Longest 'typing…' before a message.")
+    human_delay_min_s: float = Field(1.0, ge=0, description="Shortest pause before replying.")
+    human_delay_max_s: float = Field(4.0, ge=0, description="Longest pause before replying.")
+    split_lines: bool = Field(True, description="Send a multi-line reply as separate messages.")
+
+    # --- Review and feedback --------------------------------------------------------------------
+    draft_ttl_minutes: float = Field(60.0, gt=0, description="Unanswered drafts expire after this.")
+    positive_reactions: CommaList = Field(
+        default_factory=lambda: ["👍", "❤", "❤️", "🔥", "😁", "😂", "👏", "🥰"],
+        description="Reactions counted as positive feedback.",
+    )
+    negative_reactions: CommaList = Field(
+        default_factory=lambda: ["👎", "🤮", "💩", "😢", "🤔"],
+        description="Reactions counted as negative feedback.",
+    )
+
+    # --- Training -------------------------------------------------------------------------------
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    lora_targets: CommaList = Field(
+        default_factory=lambda: ["q", "v"], description="Modules LoRA adapts."
+    )
+    learning_rate: float = Field(1e-3, gt=0, description="Adafactor learning rate (constant).")
+    batch_size: int = Field(6, ge=1, description="Micro-batch size.")
+    grad_accum_steps: int = Field(8, ge=1, description="Gradient accumulation steps.")
+    train_epochs: float = Field(1.0, gt=0, description="Passes over the training set.")
+    save_steps: int = Field(20, ge=1, description="Checkpoint every N optimizer steps.")
+    max_target_tokens: int = Field(64, ge=4, description="Longest training target, in tokens.")
+
+    # --- validators -----------------------------------------------------------------------------
+    @field_validator(
+        "allow_list",
+        "deny_list",
+        "positive_reactions",
+        "negative_reactions",
+        "lora_targets",
+        mode="before",
+    )
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _quiet(cls, value: str) -> str:
+        parse_quiet_hours(value)
+        return value.strip()
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        if value.strip():
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(value.strip())
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {value!r}") from None
+        return value.strip()
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _delays(self) -> Settings:
+        if self.human_delay_max_s < self.human_delay_min_s:
+            raise ValueError("human_delay_max_s must be >= human_delay_min_s")
+        return self
+
+    def generation_options(self) -> GenerationOptions:
+        return GenerationOptions(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            num_beams=self.num_beams,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.generation_seed,
+            timeout_s=self.generation_timeout_s,
+        )
+
+    # --- derived paths --------------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "doppelbot.sqlite3"
+
+    @property
+    def session_path(self) -> Path:
+        return self.data_dir / f"{self.session_name}.session"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def quiet_hours_range(self) -> tuple[time, time] | None:
+        return parse_quiet_hours(self.quiet_hours)
+
+
+def _env_name(loc: tuple[object, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(env_file: str | Path | None = ".env", **overrides: object) -> Settings:
+    """Build Settings; a bad value becomes one ``ConfigError`` line naming the variable."""
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first.get("loc", ()))
+        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        if loc:
+            raise ConfigError(f"{_env_name(loc)}: {msg}") from None
+        raise ConfigError(f"settings: {msg}") from None
+    except ValueError as exc:  # e.g. JSON in a list variable that does not parse
+        raise ConfigError(f"settings: {exc}") from None

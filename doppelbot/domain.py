@@ -1,0 +1,218 @@
+"""The core's vocabulary: small frozen dataclasses.
+
+Adapters (Telegram, model, store) convert to and from these, so the core — dataset building,
+reply policy, review workflow, feedback — is plain Python that tests without telethon or torch.
+Times are UTC unix seconds (``int``): cheap to compare and sort over millions of messages.
+Chat ids are Telethon's "marked" peer ids (users > 0, basic groups < 0, channels -100…).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class PeerKind(StrEnum):
+    USER = "user"
+    BOT = "bot"
+    GROUP = "group"
+    CHANNEL = "channel"
+
+
+class Role(StrEnum):
+    """Who speaks a dialogue turn."""
+
+    OWNER = "owner"
+    OTHER = "other"
+
+
+class MediaKind(StrEnum):
+    PHOTO = "photo"
+    VIDEO = "video"
+    VOICE = "voice"
+    AUDIO = "audio"
+    VIDEO_NOTE = "video_note"
+    STICKER = "sticker"
+    ANIMATION = "animation"
+    DOCUMENT = "document"
+    CONTACT = "contact"
+    GEO = "geo"
+    POLL = "poll"
+    WEBPAGE = "webpage"
+    OTHER = "other"
+
+
+class ReplyStatus(StrEnum):
+    """A reply's lifecycle; see migrations/0001 for the allowed transitions."""
+
+    QUEUED = "queued"
+    GENERATING = "generating"
+    AWAITING_REVIEW = "awaiting_review"
+    SENDING = "sending"
+    SENT = "sent"
+    DROPPED = "dropped"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+class ReplyMode(StrEnum):
+    AUTO = "auto"
+    REVIEW = "review"
+    OFF = "off"
+
+
+class Verdict(StrEnum):
+    APPROVED = "approved"
+    CORRECTED = "corrected"
+    REJECTED = "rejected"
+    REGENERATED = "regenerated"
+    EXPIRED = "expired"
+    TAKEOVER = "takeover"  # the owner wrote in the chat right after a bot reply
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    user_id: int
+    first_name: str | None = None
+    last_name: str | None = None
+    username: str | None = None
+    phone: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    peer_id: int
+    kind: PeerKind
+    first_name: str | None = None
+    last_name: str | None = None
+    title: str | None = None
+    username: str | None = None
+    is_bot: bool = False
+    is_deleted: bool = False
+    is_contact: bool = False
+    is_self: bool = False
+
+    @property
+    def display_name(self) -> str:
+        if self.title:
+            return self.title
+        name = " ".join(p for p in (self.first_name, self.last_name) if p)
+        if name:
+            return name
+        if self.username:
+            return "@" + self.username
+        return str(self.peer_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    chat_id: int
+    message_id: int
+    sender_id: int | None
+    is_outgoing: bool
+    date: int
+    text: str = ""
+    edit_date: int | None = None
+    reply_to_message_id: int | None = None
+    is_forwarded: bool = False
+    forwarded_from: str | None = None
+    media_kind: MediaKind | None = None
+    sticker_emoji: str | None = None
+    grouped_id: int | None = None
+    service_action: str | None = None
+
+    @property
+    def is_service(self) -> bool:
+        return self.service_action is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One speaker's consecutive messages, merged."""
+
+    role: Role
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One fine-tuning example: the context turns and the owner's reply to them."""
+
+    chat_id: int
+    context: tuple[Turn, ...]
+    reply: str
+    reply_date: int
+    context_start_date: int
+    source_message_ids: tuple[int, ...]
+    reply_message_ids: tuple[int, ...]
+    model_input: str = ""
+    model_target: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A reply the bot produced (or is producing) for one chat."""
+
+    reply_id: int
+    chat_id: int
+    status: ReplyStatus
+    mode: ReplyMode
+    trigger_message_id: int
+    context_message_ids: tuple[int, ...] = ()
+    draft_text: str | None = None
+    final_text: str | None = None
+    error: str | None = None
+    model_id: str | None = None
+    adapter_id: str | None = None
+    review_message_id: int | None = None
+    sent_message_ids: tuple[int, ...] = ()
+    created_at: int = 0
+    updated_at: int = 0
+    generated_at: int | None = None
+    sent_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewVerdict:
+    reply_id: int
+    verdict: Verdict
+    draft_text: str
+    final_text: str | None
+    created_at: int
+    verdict_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reaction:
+    """The current count of one emoji on one message (state, not events)."""
+
+    chat_id: int
+    message_id: int
+    emoji: str
+    count: int = 1
+    by_owner: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    fact_id: int
+    text: str
+    source: str
+    created_at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationOptions:
+    """Decoding knobs for one request; defaults are the seed's."""
+
+    max_new_tokens: int = 50
+    min_new_tokens: int = 0
+    do_sample: bool = True
+    temperature: float = 0.8
+    top_p: float = 0.85
+    top_k: int = 50
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    timeout_s: float | None = None

@@ -1,0 +1,100 @@
+"""The ``DoppelbotError`` family.
+
+Every failure the user can act on is raised as one of these; the CLI turns them into one clear
+line and a non-zero exit (a traceback only with ``--debug``). Adapters translate library errors
+(Telethon, torch, sqlite) into these so the core never sees a foreign exception type.
+"""
+
+from __future__ import annotations
+
+
+class DoppelbotError(Exception):
+    """Base class. ``str(err)`` is the one line the CLI prints."""
+
+    exit_code: int = 1
+
+
+class ConfigError(DoppelbotError):
+    """A setting is missing or has a bad value."""
+
+    exit_code = 2
+
+
+class NotAvailableError(DoppelbotError):
+    """A command exists in the CLI but its feature has not landed yet."""
+
+
+class StoreError(DoppelbotError):
+    """The SQLite store cannot be opened or used."""
+
+
+class MigrationError(StoreError):
+    """A schema migration failed; the database stays at its previous level."""
+
+
+class TelegramError(DoppelbotError):
+    """Telegram refused or failed a request."""
+
+
+class NotLoggedInError(TelegramError):
+    """No authorised session exists; the user must run ``doppelbot login``."""
+
+
+class FloodWaitTooLongError(TelegramError):
+    """Telegram asked us to wait longer than the configured bound."""
+
+    def __init__(self, seconds: int, bound: int, what: str = "request") -> None:
+        super().__init__(
+            f"Telegram asked to wait {seconds}s before the next {what}, "
+            f"more than the configured bound of {bound}s"
+        )
+        self.seconds = seconds
+        self.bound = bound
+
+
+class TakeoutDelayError(TelegramError):
+    """Telegram requires the takeout to be confirmed in an official app first."""
+
+
+class ImportFormatError(DoppelbotError):
+    """An import file is malformed; the message names the position."""
+
+
+class DatasetError(DoppelbotError):
+    """The dataset cannot be built (no history, bad options)."""
+
+
+class ModelError(DoppelbotError):
+    """The reply model cannot be loaded or used."""
+
+
+class ModelLoadError(ModelError):
+    """The base model, adapter or quantised cache cannot be loaded."""
+
+
+class GenerationError(ModelError):
+    """One generation failed; the worker keeps serving."""
+
+
+class EmptyReplyError(GenerationError):
+    """The model produced nothing usable (empty after decoding)."""
+
+
+class GenerationTimeoutError(GenerationError):
+    """A generation exceeded its per-request timeout."""
+
+
+class WorkerClosedError(ModelError):
+    """The model worker was shut down or its queue is full."""
+
+
+class KnowledgeError(DoppelbotError):
+    """The knowledge base (facts, embeddings) failed."""
+
+
+class TrainingError(DoppelbotError):
+    """Fine-tuning or evaluation failed."""
+
+
+class PreflightError(TrainingError):
+    """The chosen model / precision / batch would not fit in memory."""

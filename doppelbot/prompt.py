@@ -1,0 +1,86 @@
+"""The prompt format, shared by the dataset builder, the trainer and the live bot.
+
+One module builds every model input and target and decodes every model output, so training and
+serving can never disagree about the format. Pure Python: no tokenizer, no torch.
+
+Format (the seed's FRED-T5 "SC1" denoising prompt)::
+
+    input : <SC1>{persona}[ {facts}] Ваш прошлый диалог: \n{label}: {text}…
+             Твой ответ: <extra_id_0>   (one line; wrapped here)
+    target: <extra_id_0>{reply}</s>
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from doppelbot.domain import Role, Turn
+from doppelbot.errors import EmptyReplyError
+
+SC1 = "<SC1>"
+SPAN = "<extra_id_0>"
+EOS = "</s>"
+DIALOG_HEADER = "Ваш прошлый диалог: "
+ANSWER_CUE = " Твой ответ: "
+FACTS_HEADER = "Факты обо мне: "
+
+# Control tokens a stranger could type to steer the model; they never reach a prompt from text.
+_CONTROL_RE = re.compile(r"<\s*(?:/?s|pad|unk|SC\d+|LM|NLU|NLG|S2S|extra_id_\d+|\|endoftext\|)\s*>")
+_SPACES_RE = re.compile(r"[ \t]+")
+
+
+def sanitize(text: str) -> str:
+    """Remove model control tokens from user text and collapse runs of spaces."""
+    return _SPACES_RE.sub(" ", _CONTROL_RE.sub("", text)).strip()
+
+
+@dataclass(frozen=True, slots=True)
+class PromptFormat:
+    persona: str
+    role_other: str = "Собеседник"
+    role_owner: str = "Я"
+
+    def label(self, role: Role) -> str:
+        return self.role_owner if role is Role.OWNER else self.role_other
+
+    def persona_part(self, facts: Sequence[str] = ()) -> str:
+        persona = sanitize(self.persona)
+        cleaned = [f for f in (sanitize(x).rstrip(".") for x in facts) if f]
+        if cleaned:
+            persona = f"{persona} {FACTS_HEADER}{'; '.join(cleaned)}.".strip()
+        return persona
+
+    def dialog_lines(self, turns: Sequence[Turn]) -> list[str]:
+        return [f"{self.label(t.role)}: {sanitize(t.text)}" for t in turns]
+
+    def build_input(self, turns: Sequence[Turn], facts: Sequence[str] = ()) -> str:
+        persona = self.persona_part(facts)
+        head = f"{SC1}{persona} " if persona else SC1
+        body = "\n".join(self.dialog_lines(turns))
+        return f"{head}{DIALOG_HEADER}\n{body}{ANSWER_CUE}{SPAN}"
+
+    def build_target(self, reply: str) -> str:
+        return f"{SPAN}{sanitize(reply)}{EOS}"
+
+
+def decode_reply(raw: str) -> str:
+    """Model output → reply text. Strips the span token, cuts at ``</s>``, trims.
+
+    Raises ``EmptyReplyError`` when nothing usable is left: an empty reply is a failed
+    generation and must never be sent.
+    """
+    text = raw.replace("<pad>", "")
+    text = text.replace(SPAN, "", 1) if text.lstrip().startswith(SPAN) else text
+    cut = text.find(EOS)
+    if cut >= 0:
+        text = text[:cut]
+    # A second span token means the model started another denoising span: stop there.
+    nxt = _CONTROL_RE.search(text)
+    if nxt:
+        text = text[: nxt.start()]
+    text = text.strip()
+    if not text:
+        raise EmptyReplyError("the model produced an empty reply")
+    return text

@@ -1,0 +1,219 @@
+"""The SQLite store: one aiosqlite connection, WAL, foreign keys, numbered migrations.
+
+SQLite is the one source of truth. The connection runs in autocommit mode and every write that
+matters goes through ``transaction()``, which serialises writers on an ``asyncio.Lock`` — the
+connection is shared by all tasks of the event loop, and without the lock two tasks' statements
+would interleave inside one SQLite transaction.
+
+Migrations are the ``NNNN_name.sql`` files of ``migrations/``; each is applied in one transaction
+together with its row in ``schema_migrations``, so a failing migration leaves the database at
+the previous level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from doppelbot.errors import MigrationError, StoreError
+
+_MIGRATION_RE = re.compile(r"^(\d{4})_([A-Za-z0-9_]+)\.sql$")
+
+
+def default_migrations_dir() -> Path:
+    """The packaged copy (wheel installs) or the repository's ``migrations/`` (editable)."""
+    packaged = Path(__file__).resolve().parent.parent / "_migrations"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    path: Path
+
+    @property
+    def sql(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStatus:
+    current: int
+    applied: tuple[tuple[int, str, int], ...]  # (version, name, applied_at)
+    pending: tuple[Migration, ...]
+
+
+def discover_migrations(directory: Path) -> list[Migration]:
+    if not directory.is_dir():
+        raise MigrationError(f"migrations folder not found: {directory}")
+    found: dict[int, Migration] = {}
+    for path in sorted(directory.iterdir()):
+        match = _MIGRATION_RE.match(path.name)
+        if not match:
+            continue
+        version = int(match.group(1))
+        if version in found:
+            raise MigrationError(
+                f"two migrations share number {version:04d}: {found[version].path.name}, "
+                f"{path.name}"
+            )
+        found[version] = Migration(version, match.group(2), path)
+    return [found[v] for v in sorted(found)]
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Database:
+    """An open store. Use ``await Database.open(path)`` (applies pending migrations)."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path, migrations_dir: Path) -> None:
+        self.conn = conn
+        self.path = path
+        self.migrations_dir = migrations_dir
+        self._write_lock = asyncio.Lock()
+        self._in_transaction = False
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path | str,
+        *,
+        migrate: bool = True,
+        migrations_dir: Path | None = None,
+    ) -> Database:
+        path = Path(path)
+        try:
+            if str(path) != ":memory:":
+                path.parent.mkdir(parents=True, exist_ok=True)
+            conn = await aiosqlite.connect(str(path), isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        db = cls(conn, path, migrations_dir or default_migrations_dir())
+        try:
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA foreign_keys=ON")
+            await conn.execute("PRAGMA busy_timeout=10000")
+            await conn.execute("PRAGMA synchronous=NORMAL")
+            if migrate:
+                await db.migrate()
+        except BaseException:
+            await conn.close()
+            raise
+        return db
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    async def __aenter__(self) -> Database:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- transactions ---------------------------------------------------------------------------
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; commits on success, rolls back on any exception."""
+        async with self._write_lock:
+            await self.conn.execute("BEGIN IMMEDIATE")
+            self._in_transaction = True
+            try:
+                yield self.conn
+            except BaseException:
+                await self.conn.execute("ROLLBACK")
+                raise
+            else:
+                await self.conn.execute("COMMIT")
+            finally:
+                self._in_transaction = False
+
+    async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> None:
+        """A single write statement in its own transaction."""
+        async with self.transaction() as conn:
+            await conn.execute(sql, params)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        async with self.transaction() as conn:
+            await conn.executemany(sql, rows)
+
+    async def fetchall(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        async with self.conn.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def fetchone(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        async with self.conn.execute(sql, params) as cursor:
+            return await cursor.fetchone()
+
+    async def scalar(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        row = await self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+    # --- migrations -----------------------------------------------------------------------------
+    async def _ensure_migrations_table(self) -> None:
+        await self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+        )
+
+    async def migration_status(self) -> MigrationStatus:
+        await self._ensure_migrations_table()
+        rows = await self.fetchall(
+            "SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
+        )
+        applied = tuple((int(r[0]), str(r[1]), int(r[2])) for r in rows)
+        done = {v for v, _, _ in applied}
+        pending = tuple(
+            m for m in discover_migrations(self.migrations_dir) if m.version not in done
+        )
+        return MigrationStatus(max(done, default=0), applied, pending)
+
+    async def migrate(self, target: int | None = None) -> list[Migration]:
+        """Apply pending migrations in order (up to ``target``); returns those applied."""
+        status = await self.migration_status()
+        applied: list[Migration] = []
+        for migration in status.pending:
+            if target is not None and migration.version > target:
+                break
+            if migration.version < status.current:
+                raise MigrationError(
+                    f"migration {migration.path.name} is older than the database level "
+                    f"{status.current:04d} but was never applied; renumber it"
+                )
+            await self._apply(migration)
+            applied.append(migration)
+        return applied
+
+    async def _apply(self, migration: Migration) -> None:
+        # executescript runs statement by statement; on an error the explicit transaction is
+        # still open and is rolled back, leaving the previous level intact.
+        script = (
+            "BEGIN IMMEDIATE;\n"
+            + migration.sql
+            + f"\n;INSERT INTO schema_migrations (version, name, applied_at) "
+            f"VALUES ({migration.version}, '{migration.name}', {now()});\nCOMMIT;"
+        )
+        async with self._write_lock:
+            try:
+                await self.conn.executescript(script)
+            except sqlite3.Error as exc:
+                if self.conn.in_transaction:
+                    await self.conn.execute("ROLLBACK")
+                raise MigrationError(
+                    f"migration {migration.path.name} failed: {exc}; database left at its "
+                    "previous level"
+                ) from exc
