@@ -62,7 +62,12 @@ class PromptFormat:
         return f"{head}{DIALOG_HEADER}\n{body}{ANSWER_CUE}{SPAN}"
 
     def build_target(self, reply: str) -> str:
-        return f"{SPAN}{sanitize(reply)}{EOS}"
+        return build_target(reply)
+
+
+def build_target(reply: str) -> str:
+    """The training target for a reply (independent of persona and labels)."""
+    return f"{SPAN}{sanitize(reply)}{EOS}"
 
 
 def decode_reply(raw: str) -> str:

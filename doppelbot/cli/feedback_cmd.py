@@ -1,21 +1,77 @@
-"""``doppelbot feedback``: owner feedback as training data."""
+"""``doppelbot feedback``: owner feedback as training data (export) and a summary (stats)."""
 
 from __future__ import annotations
 
-import typer
+import json
+import time
+from pathlib import Path
 
-from doppelbot.cli.common import not_available, state
+import typer
+from rich.table import Table
+
+from doppelbot.cli.common import open_db, run_async, state
 
 app = typer.Typer(no_args_is_help=True)
 
 
-@app.command("export", help="Write positives and preference pairs as JSONL.")
-def export(ctx: typer.Context) -> None:
-    state(ctx)
-    not_available("feedback export")
+def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
-@app.command("stats", help="Summarise verdicts, reactions and corrections.")
-def stats(ctx: typer.Context) -> None:
-    state(ctx)
-    not_available("feedback stats")
+async def _collect(ctx: typer.Context):  # type: ignore[no-untyped-def]
+    from doppelbot.feedback import build_feedback
+    from doppelbot.store.feedback import feedback_replies
+
+    settings = state(ctx).settings
+    async with open_db(settings) as db:
+        replies = await feedback_replies(db)
+    return build_feedback(
+        replies,
+        positive_emoji=settings.positive_reactions,
+        negative_emoji=settings.negative_reactions,
+    )
+
+
+@app.command("export", help="Write positives, preference pairs and negatives as JSONL.")
+def export(
+    ctx: typer.Context,
+    out: Path | None = typer.Option(
+        None, "--out", help="Output folder (default: DATA_DIR/feedback/<timestamp>)."
+    ),
+) -> None:
+    st = state(ctx)
+    result = run_async(_collect(ctx))
+    folder = out or st.settings.data_dir / "feedback" / time.strftime("%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(folder / "positives.jsonl", result.positives)
+    _write_jsonl(folder / "pairs.jsonl", result.pairs)
+    _write_jsonl(folder / "negatives.jsonl", result.negatives)
+    latest = st.settings.data_dir / "feedback" / "latest.txt"
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    latest.write_text(str(folder.resolve()) + "\n", encoding="utf-8")
+    st.console.print(
+        f"wrote {len(result.positives)} positives, {len(result.pairs)} preference pairs, "
+        f"{len(result.negatives)} negatives to {folder}"
+    )
+
+
+@app.command("stats", help="Summarise verdicts, reactions, positives and preference pairs.")
+def stats(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    st = state(ctx)
+    counts = run_async(_collect(ctx)).counts()
+    if as_json:
+        st.console.print_json(json.dumps(counts))
+        return
+    table = Table(title="Feedback")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key, value in counts.items():
+        table.add_row(key, str(value))
+    st.console.print(table)

@@ -1,0 +1,1 @@
+"""Review in Saved Messages: draft cards, the owner's answers and commands (pure core)."""

@@ -1,0 +1,74 @@
+"""Owner commands typed in Saved Messages: parsing only.
+
+Only the owner's own messages in their own Saved Messages chat ever reach this parser (the
+Telegram side checks that); the parser itself is strict so that ordinary notes the owner keeps
+in Saved Messages are never mistaken for commands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from doppelbot.domain import ReplyMode
+from doppelbot.errors import DoppelbotError
+
+HELP_TEXT = """doppelbot commands (type them here, in Saved Messages):
+/pause — stop answering everywhere (survives restarts)
+/resume — answer again
+/status — pause state, mode, counts, last replies
+/mode CHAT auto|review|off — set the reply mode of one chat (CHAT = id or @username);
+  /mode auto|review|off sets the default for all chats
+/fact TEXT — add a fact about you to the knowledge base
+/help — this text
+Drafts: reply to a draft card with ok / + (send), no / - (drop), again (new draft), or any other
+text to send that instead."""
+
+
+class CommandName(StrEnum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    STATUS = "status"
+    MODE = "mode"
+    FACT = "fact"
+    HELP = "help"
+
+
+class CommandError(DoppelbotError):
+    """A command was recognised but its arguments are wrong; the text is the hint to show."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: CommandName
+    chat: str | None = None  # /mode target: an id or @username; None = global default
+    mode: ReplyMode | None = None
+    text: str | None = None  # /fact
+
+
+def parse_command(text: str) -> Command | None:
+    """``None`` when the text is not a command at all; ``CommandError`` when it is malformed."""
+    stripped = text.strip()
+    if not stripped.startswith("/"):
+        return None
+    head, _, rest = stripped.partition(" ")
+    name = head[1:].split("@", 1)[0].lower()
+    rest = rest.strip()
+    try:
+        cmd = CommandName(name)
+    except ValueError:
+        return None
+    if cmd in (CommandName.PAUSE, CommandName.RESUME, CommandName.STATUS, CommandName.HELP):
+        return Command(cmd)
+    if cmd is CommandName.FACT:
+        if not rest:
+            raise CommandError("usage: /fact TEXT — e.g. /fact I live in Kazan")
+        return Command(cmd, text=rest)
+    # /mode
+    parts = rest.split()
+    modes = {m.value for m in ReplyMode}
+    if len(parts) == 1 and parts[0].lower() in modes:
+        return Command(cmd, mode=ReplyMode(parts[0].lower()))
+    if len(parts) == 2 and parts[1].lower() in modes:
+        return Command(cmd, chat=parts[0], mode=ReplyMode(parts[1].lower()))
+    raise CommandError("usage: /mode CHAT auto|review|off (CHAT = id or @username), or /mode MODE")

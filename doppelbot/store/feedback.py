@@ -1,0 +1,142 @@
+"""Feedback in the store: review verdicts, reactions (current state) and what export reads.
+
+Reactions are state, not events: Telegram reports the full current set of reactions on a
+message (as ``UpdateMessageReactions`` or inside an edit), so ``set_reactions`` replaces the
+message's rows; seeing the same update twice changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosqlite
+
+from doppelbot.domain import Reaction, ReviewVerdict, Verdict
+from doppelbot.store.database import Database, now
+
+
+async def record_verdict_in(
+    conn: aiosqlite.Connection,
+    reply_id: int,
+    verdict: Verdict,
+    draft_text: str,
+    final_text: str | None,
+    at: int | None = None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO review_verdicts (reply_id, verdict, draft_text, final_text, created_at)"
+        " VALUES (?,?,?,?,?)",
+        (reply_id, verdict.value, draft_text, final_text, at if at is not None else now()),
+    )
+
+
+async def record_verdict(
+    db: Database,
+    reply_id: int,
+    verdict: Verdict,
+    draft_text: str,
+    final_text: str | None,
+    at: int | None = None,
+) -> None:
+    async with db.transaction() as conn:
+        await record_verdict_in(conn, reply_id, verdict, draft_text, final_text, at)
+
+
+async def verdicts_for(db: Database, reply_id: int) -> list[ReviewVerdict]:
+    rows = await db.fetchall(
+        "SELECT reply_id, verdict, draft_text, final_text, created_at, verdict_id"
+        " FROM review_verdicts WHERE reply_id = ? ORDER BY verdict_id",
+        (reply_id,),
+    )
+    return [ReviewVerdict(r[0], Verdict(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
+
+
+async def set_reactions(
+    db: Database, chat_id: int, message_id: int, reactions: Sequence[Reaction]
+) -> None:
+    """Replace the stored reactions of one message with its current state."""
+    ts = now()
+    async with db.transaction() as conn:
+        await conn.execute(
+            "DELETE FROM reactions WHERE chat_id = ? AND message_id = ?", (chat_id, message_id)
+        )
+        await conn.executemany(
+            "INSERT INTO reactions (chat_id, message_id, emoji, count, by_owner, updated_at)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT (chat_id, message_id, emoji) DO UPDATE SET"
+            " count=excluded.count, by_owner=excluded.by_owner, updated_at=excluded.updated_at",
+            [(chat_id, message_id, r.emoji, r.count, int(r.by_owner), ts) for r in reactions],
+        )
+
+
+async def reactions_for(db: Database, chat_id: int, message_id: int) -> list[Reaction]:
+    rows = await db.fetchall(
+        "SELECT chat_id, message_id, emoji, count, by_owner FROM reactions"
+        " WHERE chat_id = ? AND message_id = ? ORDER BY emoji",
+        (chat_id, message_id),
+    )
+    return [Reaction(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackReply:
+    """A reply with everything feedback export needs."""
+
+    reply_id: int
+    chat_id: int
+    status: str
+    mode: str
+    prompt: str | None
+    draft_text: str | None
+    final_text: str | None
+    sent_message_ids: tuple[int, ...]
+    context_message_ids: tuple[int, ...]
+    verdicts: tuple[ReviewVerdict, ...]
+    reactions: tuple[Reaction, ...]  # other people's reactions on the sent messages
+
+
+async def feedback_replies(db: Database) -> list[FeedbackReply]:
+    """Every reply that has a prompt, with its verdicts and reactions (time order)."""
+    import json
+
+    rows = await db.fetchall(
+        "SELECT reply_id, chat_id, status, mode, prompt, draft_text, final_text,"
+        " sent_message_ids, context_message_ids FROM replies WHERE prompt IS NOT NULL"
+        " ORDER BY created_at, reply_id"
+    )
+    verdict_rows = await db.fetchall(
+        "SELECT reply_id, verdict, draft_text, final_text, created_at, verdict_id"
+        " FROM review_verdicts ORDER BY verdict_id"
+    )
+    by_reply: dict[int, list[ReviewVerdict]] = {}
+    for r in verdict_rows:
+        by_reply.setdefault(r[0], []).append(
+            ReviewVerdict(r[0], Verdict(r[1]), r[2], r[3], r[4], r[5])
+        )
+    reaction_rows = await db.fetchall(
+        "SELECT chat_id, message_id, emoji, count, by_owner FROM reactions WHERE by_owner = 0"
+    )
+    reactions: dict[tuple[int, int], list[Reaction]] = {}
+    for r in reaction_rows:
+        reactions.setdefault((r[0], r[1]), []).append(Reaction(r[0], r[1], r[2], r[3], False))
+    out = []
+    for r in rows:
+        sent = tuple(int(x) for x in json.loads(r[7] or "[]"))
+        ctx = tuple(int(x) for x in json.loads(r[8] or "[]"))
+        reacts = tuple(x for mid in sent for x in reactions.get((r[1], mid), ()))
+        out.append(
+            FeedbackReply(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                sent,
+                ctx,
+                tuple(by_reply.get(r[0], ())),
+                reacts,
+            )
+        )
+    return out
