@@ -1,0 +1,162 @@
+"""SSA batches, items and labels in the store (see migrations/0010_ssa.sql).
+
+Posting is resumable: items are stored before any card is posted, each card's message id is
+recorded as soon as it is sent, and only items without a card are posted on a re-run.
+Labels are upserted per item, so the owner may change a mark by answering again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from doppelbot.ssa import Candidate, SsaLabel
+from doppelbot.store.database import Database, now
+
+
+@dataclass(frozen=True, slots=True)
+class SsaItem:
+    item_id: int
+    batch_id: int
+    context_key: str
+    source: str
+    position: int
+    context: tuple[tuple[str, str], ...]  # (role, text)
+    model_input: str
+    reply: str
+    card_message_id: int | None
+
+
+async def create_batch(
+    db: Database,
+    *,
+    dataset: str,
+    seed: int,
+    n_contexts: int,
+    candidates: Sequence[Candidate],
+    contexts: dict[str, tuple[tuple[tuple[str, str], ...], str]],
+) -> int:
+    """Store a batch and its items in blind order; ``contexts`` maps key → (turns, input)."""
+    sources = sorted({c.source for c in candidates})
+    async with db.transaction() as conn:
+        cur = await conn.execute(
+            "INSERT INTO ssa_batches (dataset, seed, n_contexts, sources, created_at)"
+            " VALUES (?,?,?,?,?)",
+            (dataset, seed, n_contexts, json.dumps(sources), now()),
+        )
+        batch_id = int(cur.lastrowid or 0)
+        await conn.executemany(
+            "INSERT INTO ssa_items (batch_id, context_key, source, position, context,"
+            " model_input, reply) VALUES (?,?,?,?,?,?,?)",
+            [
+                (
+                    batch_id,
+                    c.context_key,
+                    c.source,
+                    pos,
+                    json.dumps(contexts[c.context_key][0], ensure_ascii=False),
+                    contexts[c.context_key][1],
+                    c.reply,
+                )
+                for pos, c in enumerate(candidates)
+            ],
+        )
+    return batch_id
+
+
+def _item(r: Sequence[object]) -> SsaItem:
+    turns = tuple((str(a), str(b)) for a, b in json.loads(str(r[5])))
+    return SsaItem(
+        int(r[0]),
+        int(r[1]),
+        str(r[2]),
+        str(r[3]),
+        int(r[4]),
+        turns,
+        str(r[6]),
+        str(r[7]),
+        None if r[8] is None else int(r[8]),  # type: ignore[arg-type]
+    )
+
+
+_ITEM_COLS = (
+    "item_id, batch_id, context_key, source, position, context, model_input, reply, card_message_id"
+)
+
+
+async def items(db: Database, batch_id: int, *, unposted_only: bool = False) -> list[SsaItem]:
+    extra = " AND card_message_id IS NULL" if unposted_only else ""
+    rows = await db.fetchall(
+        f"SELECT {_ITEM_COLS} FROM ssa_items WHERE batch_id = ?{extra} ORDER BY position",
+        (batch_id,),
+    )
+    return [_item(r) for r in rows]
+
+
+async def item_by_card(db: Database, card_message_id: int) -> SsaItem | None:
+    r = await db.fetchone(
+        f"SELECT {_ITEM_COLS} FROM ssa_items WHERE card_message_id = ?", (card_message_id,)
+    )
+    return _item(r) if r else None
+
+
+async def mark_posted(db: Database, item_id: int, card_message_id: int) -> None:
+    await db.execute(
+        "UPDATE ssa_items SET card_message_id = ?, posted_at = ? WHERE item_id = ?",
+        (card_message_id, now(), item_id),
+    )
+
+
+async def card_ids(db: Database, batch_id: int | None = None) -> list[int]:
+    if batch_id is None:
+        rows = await db.fetchall(
+            "SELECT card_message_id FROM ssa_items WHERE card_message_id IS NOT NULL"
+        )
+    else:
+        rows = await db.fetchall(
+            "SELECT card_message_id FROM ssa_items WHERE card_message_id IS NOT NULL"
+            " AND batch_id = ?",
+            (batch_id,),
+        )
+    return [int(r[0]) for r in rows]
+
+
+async def save_label(db: Database, item_id: int, label: SsaLabel, raw: str) -> None:
+    await db.execute(
+        "INSERT INTO ssa_labels (item_id, sensible, specific, raw, labelled_at)"
+        " VALUES (?,?,?,?,?) ON CONFLICT (item_id) DO UPDATE SET sensible=excluded.sensible,"
+        " specific=excluded.specific, raw=excluded.raw, labelled_at=excluded.labelled_at",
+        (item_id, int(label.sensible), int(label.specific), raw, now()),
+    )
+
+
+async def latest_batch_id(db: Database) -> int | None:
+    value = await db.scalar("SELECT max(batch_id) FROM ssa_batches")
+    return None if value is None else int(value)
+
+
+async def labels_by_source(
+    db: Database, batch_id: int | None = None
+) -> dict[str, list[tuple[str, SsaLabel]]]:
+    """source → [(context_key, label)] for labelled items (all batches when None)."""
+    where = "" if batch_id is None else " WHERE i.batch_id = ?"
+    rows = await db.fetchall(
+        "SELECT i.source, i.context_key, l.sensible, l.specific FROM ssa_labels l"
+        f" JOIN ssa_items i ON i.item_id = l.item_id{where} ORDER BY i.position",
+        () if batch_id is None else (batch_id,),
+    )
+    out: dict[str, list[tuple[str, SsaLabel]]] = {}
+    for r in rows:
+        out.setdefault(str(r[0]), []).append((str(r[1]), SsaLabel(bool(r[2]), bool(r[3]))))
+    return out
+
+
+async def batch_progress(db: Database, batch_id: int) -> tuple[int, int, int]:
+    """(items, posted, labelled)."""
+    r = await db.fetchone(
+        "SELECT count(*), count(i.card_message_id), count(l.item_id) FROM ssa_items i"
+        " LEFT JOIN ssa_labels l ON l.item_id = i.item_id WHERE i.batch_id = ?",
+        (batch_id,),
+    )
+    return int(r[0]), int(r[1]), int(r[2])
