@@ -1,0 +1,222 @@
+"""Benchmark the dataset builder: synthetic history in SQLite → samples.
+
+Writes N synthetic messages in C private chats into a temporary SQLite database with the real
+schema (migrations applied), then times ``build_from_db`` — reading, rules, sessions, samples,
+dedup, prompts, cap and split — without a tokenizer. The token budget with the real FRED-T5
+tokenizer is measured separately on a sample of the inputs that need counting and
+extrapolated. Last line: JSON with messages, samples, seconds, msgs_per_s, peak_rss_mb.
+
+    flock /tmp/doppelbot-bench.lock .venv/bin/python scripts/bench_dataset.py
+    .venv/bin/python scripts/bench_dataset.py --messages 100000 --chats 200 --keep /tmp/b.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from doppelbot.dataset.budget import surely_fits  # noqa: E402
+from doppelbot.dataset.builder import build_from_db  # noqa: E402
+from doppelbot.dataset.options import DatasetOptions  # noqa: E402
+from doppelbot.store.database import Database  # noqa: E402
+from doppelbot.store.history import MESSAGE_COLUMNS, UPSERT_PEER_SQL  # noqa: E402
+
+_PROSE = (
+    "привет как дела что делаешь сегодня вечером пойдем в кино да нет норм работаю ладно "
+    "хорошо давай завтра потом может быть спасибо окей слушай смотри вообще я ты мы они он она "
+    "дома на работе устал поехали встретимся где когда почему конечно понял поняла отлично "
+    "классно круто жаль увы пока скоро минут час позже раньше купить магазин еду ужин обед "
+    "фильм сериал книгу музыку погода холодно тепло дождь снег солнце выходные отпуск море "
+    "кстати короче блин ого ура интересно странно смешно грустно надо можно нельзя хочу буду"
+)
+WORDS = _PROSE.split()
+PUNCT = ["", "", "", "", ",", "?", "!", ".", ")", "..."]
+EMOJI = ["😂", "👍", "❤️", "🔥", "😁", "🙈", "🤔"]
+
+
+def _text(rng: random.Random, lo: int = 1, hi: int = 12) -> str:
+    words = rng.choices(WORDS, k=rng.randint(lo, hi))
+    out = []
+    for w in words:
+        out.append(w + rng.choice(PUNCT) if rng.random() < 0.25 else w)
+    return " ".join(out)
+
+
+def _message(rng: random.Random, chat: int, mid: int, date: int, out: bool) -> tuple:
+    """One row in MESSAGE_COLUMNS order, with the mix of kinds a real history has."""
+    r = rng.random()
+    text, reply_to, fwd, media, emoji, service = _text(rng), None, 0, None, None, None
+    if r < 0.005:
+        text, service = "", "call"
+    elif r < 0.025:
+        fwd = 1
+    elif r < 0.055:
+        text, media, emoji = "", "sticker", rng.choice(EMOJI)
+    elif r < 0.07:
+        text, media = "", "photo"
+    elif r < 0.085:
+        media = "photo"  # with a caption
+    elif r < 0.095:
+        media, text = "webpage", "смотри https://example.com/" + str(mid)
+    elif r < 0.105:
+        text = text + " vk.com/id" + str(mid)
+    elif r < 0.115:
+        text = " ".join(_text(rng, 40, 60) for _ in range(1))
+    elif r < 0.125:
+        text = rng.choice(["))))", "123 456", "😂😂😂", "+++", "ок 100%"])
+    elif r < 0.13:
+        text = text + rng.choice([" +7 916 123-45-67", " мой ivan.petrov@mail.ru", " 89161234567"])
+    if mid > 5 and rng.random() < 0.05:
+        reply_to = mid - rng.randint(1, 5)
+    sender = None if out else chat
+    return (
+        chat,
+        mid,
+        sender,
+        int(out),
+        date,
+        None,
+        text,
+        reply_to,
+        fwd,
+        None,
+        media,
+        emoji,
+        None,
+        service,
+    )
+
+
+def generate(path: Path, messages: int, chats: int, seed: int = 7) -> None:
+    async def schema() -> None:
+        db = await Database.open(path)
+        await db.close()
+
+    asyncio.run(schema())
+    rng = random.Random(seed)
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")
+    per_chat = messages // chats
+    extra = messages - per_chat * chats
+    sql = f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    peers = []
+    batch: list[tuple] = []
+    conn.execute("BEGIN")
+    for c in range(chats):
+        chat = 1000 + c
+        peers.append((chat, "user", f"Имя{c}", None, None, f"user{c}", 0, 0, 1, 0, 0))
+        date = 1_577_836_800 + rng.randint(0, 3 * 365 * 86400)
+        out = rng.random() < 0.5
+        n = per_chat + (1 if c < extra else 0)
+        for mid in range(1, n + 1):
+            g = rng.random()
+            date += (
+                rng.randint(5, 120)
+                if g < 0.7
+                else rng.randint(120, 3600)
+                if g < 0.95
+                else rng.randint(4 * 3600, 48 * 3600)
+            )
+            if rng.random() < 0.45:
+                out = not out
+            batch.append(_message(rng, chat, mid, date, out))
+        if len(batch) >= 50_000:
+            conn.executemany(sql, batch)
+            batch.clear()
+    conn.executemany(sql, batch)
+    conn.executemany(UPSERT_PEER_SQL, peers)
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=1_000_000)
+    ap.add_argument("--chats", type=int, default=2_000)
+    ap.add_argument("--keep", type=Path, help="Database path to create/reuse (default: temp).")
+    ap.add_argument("--token-sample", type=int, default=3000, help="Inputs timed for tokens.")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.keep or Path(tmp) / "bench.sqlite3"
+        if not path.exists():
+            started = time.perf_counter()
+            generate(path, args.messages, args.chats)
+            print(f"generated {args.messages:,} messages in {time.perf_counter() - started:.1f}s")
+        options = DatasetOptions()
+        started = time.perf_counter()
+        result = build_from_db(path, options)
+        seconds = time.perf_counter() - started
+        rss = peak_rss_mb()
+        stats = result.stats
+        messages = stats.messages_read
+        samples = stats.samples
+
+        print(f"{'stage':<28}{'seconds':>10}")
+        for stage, sec in stats.seconds.items():
+            print(f"{stage:<28}{sec:>10.3f}")
+        print(f"{'total':<28}{seconds:>10.3f}")
+        print(
+            f"messages {messages:,}  kept {stats.messages_kept:,}  samples {samples:,} "
+            f"(train {stats.train:,}, validation {stats.validation:,})"
+        )
+        print(f"dropped: {stats.messages_dropped}  samples dropped: {stats.samples_dropped}")
+
+        # the token budget, measured apart: only inputs the byte bound cannot clear are counted
+        everything = [*result.train, *result.validation]
+        unsure = [s.model_input for s in everything if not surely_fits(s.model_input, 712)]
+        token_json: dict[str, float] = {"inputs_needing_count": len(unsure)}
+        if unsure:
+            from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
+
+            counter = TokenCounter(load_tokenizer(ROOT / "tests/fixtures/fred-t5-tokenizer"))
+            probe = unsure[: args.token_sample]
+            started = time.perf_counter()
+            counts = counter.count_many(probe)
+            tsec = time.perf_counter() - started
+            per = tsec / len(probe)
+            token_json.update(
+                {
+                    "token_sample": len(probe),
+                    "token_seconds_sample": round(tsec, 3),
+                    "token_us_per_input": round(per * 1e6, 1),
+                    "token_seconds_all_extrapolated": round(per * len(unsure), 1),
+                    "token_max_in_sample": max(counts),
+                }
+            )
+            print(
+                f"token budget: {len(unsure):,} of {len(everything):,} inputs need counting; "
+                f"{per * 1e6:.0f} µs each → ~{per * len(unsure):.1f}s for all"
+            )
+        print(
+            json.dumps(
+                {
+                    "messages": messages,
+                    "samples": samples,
+                    "seconds": round(seconds, 3),
+                    "msgs_per_s": round(messages / seconds),
+                    "peak_rss_mb": round(rss, 1),
+                    **token_json,
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
