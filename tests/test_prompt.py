@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from doppelbot.domain import Role, Turn
 from doppelbot.errors import EmptyReplyError
@@ -48,3 +50,10 @@ def test_decode(raw: str, want: str) -> None:
 def test_decode_empty_is_failure(raw: str) -> None:
     with pytest.raises(EmptyReplyError):
         decode_reply(raw)
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab <>/s\t\nSC1extra_id_0pad|"))))
+def test_sanitize_fast_path_matches_reference(text: str) -> None:
+    from doppelbot.prompt import _CONTROL_RE, _SPACES_RE
+
+    assert sanitize(text) == _SPACES_RE.sub(" ", _CONTROL_RE.sub("", text)).strip()
