@@ -1,0 +1,355 @@
+"""Held-out evaluation of adapters on the dataset's validation split.
+
+For each adapter (or the base model alone): token loss and perplexity of the owner's real
+replies, and — from greedy generations — chrF against the real replies, style statistics
+(length, emoji, punctuation) beside the same statistics of the real replies, distinct-n and
+repetition. Several adapters share one loaded base model and the same validation subset, so
+the comparison is side by side.
+
+Metrics live in the ``METRICS`` registry: a later metric (e.g. preference accuracy on held-out
+pairs) is one ``register_metric`` call, and it gets the shared ``Scorer`` for model
+likelihoods.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from doppelbot.errors import EmptyReplyError, TrainingError
+from doppelbot.training.data import TrainRow, load_dataset
+from doppelbot.training.methods import (
+    Example,
+    collate_seq2seq,
+    encode_rows,
+    seq2seq_token_nll,
+    subset,
+)
+from doppelbot.training.metrics import corpus_chrf, diversity_stats, style_stats
+from doppelbot.training.registry import cached_eval, heldout_key, store_eval
+
+
+# --- model-side primitives ---------------------------------------------------------------------
+class Scorer:
+    """Likelihoods and generations of one loaded model (with its active adapter)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, device: Any, batch_size: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_size = max(1, batch_size)
+        self.pad_id = int(tokenizer.pad_token_id or 0)
+
+    def _batches(self, items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+        for start in range(0, len(items), self.batch_size):
+            yield items[start : start + self.batch_size]
+
+    def token_nll(self, examples: Sequence[Example]) -> tuple[float, int]:
+        """Summed token NLL over ``examples`` and the number of target tokens."""
+        import torch
+
+        total, count = 0.0, 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for chunk in self._batches(examples):
+                    batch = {
+                        k: v.to(self.device) for k, v in collate_seq2seq(chunk, self.pad_id).items()
+                    }
+                    nll, n = seq2seq_token_nll(self.model, batch)
+                    total += float(nll)
+                    count += n
+        finally:
+            self.model.train(was_training)
+        return total, count
+
+    def mean_loss(self, examples: Sequence[Example]) -> float:
+        total, count = self.token_nll(examples)
+        if count == 0:
+            raise TrainingError("no validation tokens to evaluate")
+        return total / count
+
+    def sequence_logprobs(self, examples: Sequence[Example]) -> list[float]:
+        """Log-probability of each example's target given its input (for preference metrics)."""
+        return [-self.token_nll([e])[0] for e in examples]
+
+    def generate(self, examples: Sequence[Example], *, max_new_tokens: int) -> list[str]:
+        """Greedy replies, decoded exactly as the bot decodes them ('' when empty)."""
+        import torch
+
+        from doppelbot.prompt import decode_reply
+
+        replies: list[str] = []
+        self.model.eval()
+        with torch.no_grad():
+            for chunk in self._batches(examples):
+                batch = collate_seq2seq(chunk, self.pad_id)
+                out = self.model.generate(
+                    input_ids=batch["input_ids"].to(self.device),
+                    attention_mask=batch["attention_mask"].to(self.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                )
+                for ids in out.tolist():
+                    raw = self.tokenizer.decode(ids, skip_special_tokens=False)
+                    try:
+                        replies.append(decode_reply(raw))
+                    except EmptyReplyError:
+                        replies.append("")
+        return replies
+
+
+# --- the metric registry ------------------------------------------------------------------------
+@dataclass
+class EvalContext:
+    adapter: Path | None
+    rows: Sequence[TrainRow]
+    examples: Sequence[Example]
+    references: list[str]
+    scorer: Scorer
+    generations: list[str] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric group. ``reference`` computes the same statistics on the owner's real
+    replies (shown as their own column)."""
+
+    name: str
+    compute: Callable[[EvalContext], dict[str, float]]
+    needs_generations: bool = False
+    reference: Callable[[Sequence[str]], dict[str, float]] | None = None
+
+
+def _loss(ctx: EvalContext) -> dict[str, float]:
+    loss = ctx.scorer.mean_loss(ctx.examples)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def _chrf(ctx: EvalContext) -> dict[str, float]:
+    assert ctx.generations is not None
+    return {"chrf": corpus_chrf(ctx.generations, ctx.references)}
+
+
+def _style(ctx: EvalContext) -> dict[str, float]:
+    assert ctx.generations is not None
+    return style_stats(ctx.generations)
+
+
+def _diversity(ctx: EvalContext) -> dict[str, float]:
+    assert ctx.generations is not None
+    return diversity_stats(ctx.generations)
+
+
+METRICS: dict[str, MetricSpec] = {
+    "loss": MetricSpec("loss", _loss),
+    "chrf": MetricSpec("chrf", _chrf, needs_generations=True),
+    "style": MetricSpec("style", _style, needs_generations=True, reference=style_stats),
+    "diversity": MetricSpec(
+        "diversity", _diversity, needs_generations=True, reference=diversity_stats
+    ),
+}
+
+
+def register_metric(spec: MetricSpec) -> None:
+    METRICS[spec.name] = spec
+
+
+# --- evaluation runs ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalOptions:
+    model: str
+    dataset: str | Path | None = None
+    limit: int = 200
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 8
+    max_new_tokens: int = 50
+    max_input_tokens: int = 712
+    max_target_tokens: int = 64
+    metrics: tuple[str, ...] | None = None  # None = all registered
+    torch_threads: int | None = None
+    use_cache: bool = True
+
+
+@dataclass
+class EvalReport:
+    label: str
+    adapter: Path | None
+    metrics: dict[str, float]
+    samples: int
+    generations: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "adapter": None if self.adapter is None else str(self.adapter),
+            "samples": self.samples,
+            "metrics": self.metrics,
+        }
+
+
+@dataclass
+class Comparison:
+    dataset: str
+    dataset_folder: Path
+    validation_hash: str
+    samples: int
+    reports: list[EvalReport]
+    reference: dict[str, float]
+    references: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "dataset_folder": str(self.dataset_folder),
+            "validation_hash": self.validation_hash,
+            "samples": self.samples,
+            "reports": [r.to_json() for r in self.reports],
+            "owner_reference": self.reference,
+        }
+
+
+@contextmanager
+def _active(model: Any, name: str | None) -> Iterator[None]:
+    """Select one adapter of a multi-adapter model, or none (the base model alone)."""
+    if name is None:
+        disable = getattr(model, "disable_adapter", None)
+        with disable() if disable is not None else nullcontext():
+            yield
+    else:
+        model.set_adapter(name)
+        yield
+
+
+def selected_metrics(names: Sequence[str] | None) -> list[MetricSpec]:
+    if names is None:
+        return list(METRICS.values())
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise TrainingError(
+            f"unknown metric(s) {', '.join(unknown)} (available: {', '.join(METRICS)})"
+        )
+    return [METRICS[n] for n in names]
+
+
+def evaluate_adapters(
+    options: EvalOptions,
+    adapters: Sequence[Path | None],
+    *,
+    datasets_dir: Path,
+    labels: Sequence[str] | None = None,
+    extras: dict[str, Any] | None = None,
+) -> Comparison:
+    """Evaluate each adapter (None = base model) on the same validation subset."""
+    import torch
+
+    from doppelbot.model.tokenizer import load_tokenizer
+    from doppelbot.training.modeling import (
+        load_adapter_for_eval,
+        load_base_model,
+        load_config,
+        resolve_device,
+        resolve_precision,
+    )
+
+    specs = selected_metrics(options.metrics)
+    dataset = load_dataset(datasets_dir, options.dataset)
+    rows = subset(dataset.validation, options.limit)
+    if not rows:
+        raise TrainingError(f"{dataset.folder} has an empty validation split")
+    if options.torch_threads:
+        torch.set_num_threads(options.torch_threads)
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
+    tokenizer = load_tokenizer(options.model)
+    config = load_config(options.model)
+    examples, kept = encode_rows(
+        tokenizer,
+        rows,
+        max_input=options.max_input_tokens,
+        max_target=options.max_target_tokens,
+        vocab_size=int(config.vocab_size),
+    )
+    if not examples:
+        raise TrainingError("no validation example fits the input budget")
+    references = [r.reply for r in kept]
+    base = load_base_model(options.model, device=device, precision=precision)
+    real = [a for a in adapters if a is not None]
+    model, names = load_adapter_for_eval(base, real)
+    name_of = dict(zip([str(a) for a in real], names, strict=True))
+    model.eval()
+    scorer = Scorer(model, tokenizer, device=base.device, batch_size=options.batch_size)
+    key = heldout_key(
+        dataset.validation_hash,
+        options.limit,
+        options.max_input_tokens,
+        options.max_target_tokens,
+        precision,
+    )
+    need_gen = any(s.needs_generations for s in specs)
+    reports = []
+    for i, adapter in enumerate(adapters):
+        label = labels[i] if labels else ("base" if adapter is None else adapter.name)
+        with _active(model, None if adapter is None else name_of[str(adapter)]):
+            ctx = EvalContext(adapter, kept, examples, references, scorer, extras=extras or {})
+            if need_gen:
+                ctx.generations = scorer.generate(examples, max_new_tokens=options.max_new_tokens)
+            metrics: dict[str, float] = {}
+            for spec in specs:
+                metrics.update(spec.compute(ctx))
+        reports.append(EvalReport(label, adapter, metrics, len(examples), ctx.generations or []))
+        if adapter is not None and options.use_cache:
+            store_eval(adapter, key, metrics)
+    reference: dict[str, float] = {}
+    for spec in specs:
+        if spec.reference is not None:
+            reference.update(spec.reference(references))
+    return Comparison(
+        dataset.name,
+        dataset.folder,
+        dataset.validation_hash,
+        len(examples),
+        reports,
+        reference,
+        references,
+    )
+
+
+def heldout_losses(
+    options: EvalOptions, adapters: Sequence[Path], *, datasets_dir: Path
+) -> list[float]:
+    """Held-out loss of each adapter on the current validation split, from the adapter's
+    cached evaluation when the split, subset and lengths are the same, else measured now."""
+    from doppelbot.training.modeling import resolve_device, resolve_precision
+
+    dataset = load_dataset(datasets_dir, options.dataset)
+    precision = resolve_precision(options.precision, resolve_device(options.device))
+    key = heldout_key(
+        dataset.validation_hash,
+        options.limit,
+        options.max_input_tokens,
+        options.max_target_tokens,
+        precision,
+    )
+    losses: dict[str, float] = {}
+    missing = []
+    for adapter in adapters:
+        cached = cached_eval(adapter, key) if options.use_cache else None
+        if cached is not None and "loss" in cached:
+            losses[str(adapter)] = float(cached["loss"])
+        else:
+            missing.append(adapter)
+    if missing:
+        opts = EvalOptions(**{**options.__dict__, "metrics": ("loss",)})
+        comparison = evaluate_adapters(opts, missing, datasets_dir=datasets_dir)
+        for report in comparison.reports:
+            losses[str(report.adapter)] = report.metrics["loss"]
+    return [losses[str(a)] for a in adapters]
