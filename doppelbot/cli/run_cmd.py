@@ -1,17 +1,250 @@
-"""``doppelbot run`` (the userbot) and ``doppelbot status``."""
+"""``doppelbot run`` (the userbot) and ``doppelbot status``.
+
+``run`` connects with the stored session, starts the model worker and the knowledge base, and
+hands over to ``doppelbot.telegram.live.run_live`` until SIGINT/SIGTERM; then it stops in order
+(events → replies in flight → knowledge base → model worker → Telegram → database), so a reply
+cut short stays recorded and the next start resumes it. ``status`` reads only the database: it
+works while the bot runs, and ``--pause``/``--resume`` flip the kill switch the running bot
+reads before every reply.
+
+Heavy modules (telethon, torch) are imported inside the functions only.
+"""
 
 from __future__ import annotations
 
-import typer
+import asyncio
+import datetime as dt
+import logging
+import signal
+from typing import TYPE_CHECKING, Any
 
-from doppelbot.cli.common import not_available, state
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from doppelbot.cli.common import open_db, run_async, state
+
+if TYPE_CHECKING:
+    from doppelbot.config import Settings
+    from doppelbot.ports import FactRetriever, ReplyGenerator
+    from doppelbot.responder.service import DraftSink
+    from doppelbot.store.database import Database
+    from doppelbot.telegram.live import LiveSession
+
+log = logging.getLogger("doppelbot.run")
 
 
 def run(ctx: typer.Context) -> None:
-    state(ctx)
-    not_available("run")
+    """Answer incoming private messages in your voice until Ctrl+C / SIGTERM."""
+    st = state(ctx)
+    settings = st.settings
+    run_async(serve(settings, st.err_console))
 
 
-def status(ctx: typer.Context) -> None:
-    state(ctx)
-    not_available("status")
+def _install_signals(stop: asyncio.Event) -> list[int]:
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            # First signal: stop cleanly. The handler is removed then, so a second Ctrl+C
+            # interrupts for real if a clean stop hangs.
+            def handler(s: int = sig) -> None:
+                log.info("run: signal %s received, stopping", signal.Signals(s).name)
+                stop.set()
+                loop.remove_signal_handler(s)
+
+            loop.add_signal_handler(sig, handler)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread/Windows
+            pass
+    return installed
+
+
+async def _open_facts(settings: Settings, db: Database, console: Console) -> Any:
+    """The knowledge base, or None when there are no facts or it cannot load (the bot then
+    answers without facts rather than not at all)."""
+    if settings.facts_top_k == 0 and not settings.fact_fallback:
+        return None
+    count = await db.scalar("SELECT count(*) FROM facts")
+    if not count:
+        log.info("run: no facts yet (`doppelbot facts add`): answering without facts")
+        return None
+    from doppelbot.errors import DoppelbotError
+    from doppelbot.knowledge.knowledge_base import KnowledgeBase
+
+    try:
+        with console.status("Loading the knowledge base…"):
+            return await KnowledgeBase.open(settings, db)
+    except DoppelbotError as exc:
+        log.warning("run: knowledge base unavailable (%s): answering without facts", exc)
+        return None
+
+
+def _token_counter(settings: Settings, worker: Any) -> Any:
+    """Counts prompt tokens so contexts are trimmed to ``max_input_tokens`` (oldest turns
+    first) exactly as in the dataset; None when no tokenizer is at hand."""
+    from doppelbot.errors import DoppelbotError
+    from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
+
+    tokenizer = getattr(worker, "tokenizer", None)
+    try:
+        return TokenCounter(tokenizer or load_tokenizer(settings.model))
+    except DoppelbotError as exc:
+        log.warning("run: no tokenizer for the prompt budget (%s)", exc)
+        return None
+
+
+def _review_sink(settings: Settings) -> DraftSink | None:
+    """The review workflow (Saved Messages cards) once it is attached; None: drafts are only
+    stored."""
+    return None
+
+
+async def serve(
+    settings: Settings,
+    console: Console,
+    *,
+    client: Any = None,
+    generator: ReplyGenerator | None = None,
+    facts: FactRetriever | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Any = None,
+) -> LiveSession:
+    """The whole ``run``; tests pass a fake-Telegram ``client``, a small ``generator`` and
+    their own ``stop`` event."""
+    from doppelbot.errors import NotLoggedInError
+    from doppelbot.telegram.client import connected
+    from doppelbot.telegram.live import run_live
+
+    if client is None and settings.session_string is None and not settings.session_path.exists():
+        raise NotLoggedInError("not logged in to Telegram: run `doppelbot login` first")
+    stop = stop or asyncio.Event()
+    signals = _install_signals(stop)
+    worker: Any = None
+    kb: Any = None
+    responder_kwargs: dict[str, Any] = {}
+    try:
+        async with open_db(settings) as db, connected(settings, client=client) as tg:
+            if generator is None:
+                from doppelbot.model.worker import ModelWorker
+
+                with console.status("Loading the reply model…"):
+                    worker = ModelWorker.from_settings(settings)
+                    await worker.start()
+                generator = worker
+                responder_kwargs["count_tokens"] = _token_counter(settings, worker)
+            if facts is None:
+                kb = facts = await _open_facts(settings, db, console)
+            drafts = _review_sink(settings)
+            if settings.reply_mode == "review" and drafts is None:
+                console.print(
+                    "[yellow]reply_mode=review: drafts are stored for review (`doppelbot "
+                    "status`), nothing is sent. Set DOPPELBOT_REPLY_MODE=auto to send.[/]"
+                )
+            console.print("doppelbot is running; Ctrl+C stops it.")
+            try:
+                return await run_live(
+                    settings,
+                    db,
+                    tg,
+                    generator=generator,
+                    facts=facts,
+                    stop=stop,
+                    drafts=drafts,
+                    on_ready=on_ready,
+                    responder_kwargs=responder_kwargs,
+                )
+            finally:
+                if kb is not None:
+                    await kb.aclose()
+                if worker is not None:
+                    await worker.aclose()
+    finally:
+        loop = asyncio.get_running_loop()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+# --- status -------------------------------------------------------------------------------------
+def status(
+    ctx: typer.Context,
+    pause: bool = typer.Option(
+        False, "--pause", help="Turn the kill switch on: the bot (even a running one) stays silent."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Turn the kill switch off again."),
+    last: int = typer.Option(10, "--last", min=0, help="How many recent replies to list."),
+    texts: bool = typer.Option(
+        False, "--texts", help="Also show reply texts (private: off by default)."
+    ),
+) -> None:
+    """Pause state, reply counts and the last replies (reads only the database)."""
+    st = state(ctx)
+    settings = st.settings
+    if pause and resume:
+        raise typer.BadParameter("--pause and --resume exclude each other")
+    run_async(_status(settings, st.console, pause=pause, resume=resume, last=last, texts=texts))
+
+
+def _when(ts: int | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+async def _status(
+    settings: Settings, console: Console, *, pause: bool, resume: bool, last: int, texts: bool
+) -> None:
+    from doppelbot.domain import ReplyStatus
+    from doppelbot.store import bot_state, replies
+    from doppelbot.store.database import now
+
+    async with open_db(settings) as db:
+        if pause or resume:
+            await bot_state.set_paused(db, pause)
+        paused = await bot_state.is_paused(db)
+        since = await bot_state.paused_since(db)
+        counts = await replies.count_by_status(db)
+        hour_ago = now() - 3600
+        sent_hour = await replies.count_recent_sends(db, hour_ago)
+        recent = await replies.last_replies(db, last)
+
+    state_line = (
+        f"[bold red]PAUSED[/] since {_when(since)} (resume: doppelbot status --resume)"
+        if paused
+        else "[bold green]active[/]"
+    )
+    console.print(f"Bot: {state_line}")
+    quiet = settings.quiet_hours or "off"
+    console.print(
+        f"Mode: {settings.reply_mode} · debounce {settings.debounce_s:g}s · quiet hours {quiet}"
+        f" · takeover {settings.takeover_minutes:g} min"
+    )
+    console.print(
+        f"Sent in the last hour: {sent_hour} (global cap {settings.global_hourly_cap}, "
+        f"per chat {settings.per_chat_hourly_cap})"
+    )
+    summary = " · ".join(f"{s.value} {counts[s]}" for s in ReplyStatus if counts[s])
+    console.print(f"Replies: {summary or 'none yet'}")
+    if not recent:
+        return
+    table = Table(title=f"Last {len(recent)} replies", title_justify="left")
+    for col in ("id", "when", "chat", "status", "mode", "gen ms", "note"):
+        table.add_column(col, justify="right" if col in ("id", "gen ms") else "left")
+    if texts:
+        table.add_column("text")
+    for row in recent:
+        r = row.reply
+        note = r.error or (f"{len(r.sent_message_ids)} msg" if r.sent_message_ids else "")
+        cells = [
+            str(r.reply_id),
+            _when(r.sent_at or r.updated_at),
+            row.chat_name or str(r.chat_id),
+            r.status.value,
+            r.mode.value,
+            str(row.generation_ms) if row.generation_ms is not None else "-",
+            note,
+        ]
+        if texts:
+            cells.append(r.final_text or r.draft_text or "")
+        table.add_row(*cells)
+    console.print(table)

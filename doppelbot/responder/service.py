@@ -1,0 +1,852 @@
+"""The responder: from incoming messages to sent replies, safely.
+
+Flow for one chat: every eligible incoming message (re)arms the chat's debounce timer and
+points the chat's one ``queued`` reply at it; when the other person has been quiet for
+``debounce_s`` the chat's runner task checks the safety gate, builds the context from the
+stored history, retrieves facts, generates in the model worker, post-processes and — in auto
+mode — claims a send slot (caps are counted in the same transaction) and delivers: a human
+pause, "typing…" proportional to the length, then the parts one by one. In review mode the
+draft goes to the review sink instead (issue 8 builds the Saved Messages card on that).
+
+Why it is shaped like this:
+
+- Chats are independent: one runner task per chat keeps order inside the chat, timers are per
+  chat, and generations share a small semaphore only because the worker runs one at a time.
+- A reply is only ever sent by whoever moved it to ``sending`` (a compare-and-set in SQLite),
+  and every sent part's id is stored right away. A restart reconciles a reply left in
+  ``sending`` against the chat itself before sending anything, so nothing goes out twice;
+  ``queued``/``generating`` replies are re-queued, so nothing pending is lost.
+- New messages during generation make the reply stale: it is dropped, and the reply queued
+  by the newer message covers everything.
+- The owner writing in a chat (any device) is told apart from the bot's own sends by the
+  recorded sent ids; it cancels what is pending there and silences the chat for a while.
+- Every error stays inside its reply: it is recorded and logged (never with message texts)
+  and the bot keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from doppelbot.config import Settings
+from doppelbot.dataset.budget import CountTokens, fit_turns
+from doppelbot.domain import Message, Peer, PeerKind, Reply, ReplyMode, ReplyStatus, Role
+from doppelbot.errors import DoppelbotError, FloodWaitError, FloodWaitTooLongError, GenerationError
+from doppelbot.knowledge_policy import apply_fact_fallback
+from doppelbot.ports import FactRetriever, ReplyGenerator, ScoredFact
+from doppelbot.prompt import PromptFormat
+from doppelbot.responder import delivery
+from doppelbot.responder.context import (
+    HISTORY_WINDOW,
+    ContextBuilder,
+    LiveContext,
+    default_context_builder,
+)
+from doppelbot.responder.debounce import Debouncer
+from doppelbot.responder.policy import (
+    HOUR_S,
+    GateInputs,
+    PolicyConfig,
+    Skip,
+    chat_eligibility,
+    eligibility,
+    gate,
+    group_dice,
+)
+from doppelbot.responder.transport import ChatTransport, Clock
+from doppelbot.store import bot_state, history, replies
+from doppelbot.store.database import Database
+
+log = logging.getLogger("doppelbot.responder")
+
+S = ReplyStatus
+
+#: Generations waiting on the worker at once. The worker runs one at a time; queueing more
+#: would only make their contexts older (and risk the worker's queue limit).
+MAX_PARALLEL_GENERATIONS = 4
+#: Telegram dates messages by its clock, replies are stamped by ours; lookups that compare
+#: the two allow this much difference.
+CLOCK_SKEW_S = 600
+
+
+class DraftSink(Protocol):
+    """Receives drafts in review mode (the Saved Messages review card, issue 8)."""
+
+    async def draft_ready(self, reply: Reply, context: LiveContext) -> None: ...
+
+
+SentHook = Callable[[Reply], Awaitable[None]]
+
+
+def describe(exc: BaseException) -> str:
+    """An error for logs and the ``replies.error`` column: type and our own message only —
+    foreign exception texts may quote user content."""
+    if isinstance(exc, DoppelbotError):
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return type(exc).__name__
+
+
+@dataclass
+class _Chat:
+    chat_id: int
+    peer: Peer | None = None
+    last_incoming_id: int = 0
+    last_arrival: float = 0.0  # monotonic time of the newest eligible incoming message
+    pending: bool = False
+    recover: Reply | None = None  # a reply left in 'sending' by a previous run
+    runner: asyncio.Task[None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set: not sending right now
+    own_ids: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+@dataclass(frozen=True, slots=True)
+class SentRecord:
+    """One delivered reply, for benchmarks and tests."""
+
+    reply_id: int
+    chat_id: int
+    latency_s: float  # newest incoming message → last part sent, minus the configured delays
+
+
+class Responder:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        *,
+        owner_id: int,
+        transport: ChatTransport,
+        generator: ReplyGenerator,
+        facts: FactRetriever | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        context_builder: ContextBuilder | None = None,
+        drafts: DraftSink | None = None,
+        count_tokens: CountTokens | None = None,
+        shutdown_grace_s: float = 5.0,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.owner_id = owner_id
+        self.transport = transport
+        self.generator = generator
+        self.facts = facts
+        self.clock = clock or Clock()
+        self.rng = rng or random.Random()
+        self.drafts = drafts
+        self.count_tokens = count_tokens  # None: no token budget check (tests, fakes)
+        self.shutdown_grace_s = shutdown_grace_s
+        self.on_sent: list[SentHook] = []
+        self.policy = PolicyConfig.from_settings(settings)
+        self._format = PromptFormat(settings.persona, settings.role_other, settings.role_owner)
+        self._options = settings.generation_options()
+        self._context = context_builder or default_context_builder(settings)
+        self._debouncer: Debouncer[int] = Debouncer(settings.debounce_s, self._schedule)
+        self._chats: dict[int, _Chat] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._gen_slots = asyncio.Semaphore(
+            max(1, min(settings.worker_queue_size, MAX_PARALLEL_GENERATIONS))
+        )
+        self._closing = False
+        self._warned_no_drafts = False
+        self.stats: Counter[str] = Counter()
+        self.sent_log: deque[SentRecord] = deque(maxlen=10_000)
+
+    # --- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Pick up what a previous run left open: re-queue unfinished generations and
+        reconcile interrupted sends (each chat's in its own runner)."""
+        open_rows = await replies.with_status(self.db, (S.QUEUED, S.GENERATING, S.SENDING))
+        now = self._now()
+        newest_queued: dict[int, Reply] = {}
+        for reply in open_rows:
+            state = self._state(reply.chat_id)
+            if reply.status is S.SENDING:
+                state.recover = reply
+                continue
+            if reply.status is S.GENERATING:
+                await replies.transition(self.db, reply.reply_id, S.GENERATING, S.QUEUED, now=now)
+            older = newest_queued.get(reply.chat_id)
+            if older is not None:  # one queued reply per chat covers all its messages
+                await replies.transition(
+                    self.db, older.reply_id, S.QUEUED, S.DROPPED, now=now, error=Skip.SUPERSEDED
+                )
+            newest_queued[reply.chat_id] = reply
+        for chat_id in {r.chat_id for r in open_rows}:
+            log.info("responder: resuming open replies chat=%d", chat_id)
+            self._schedule(chat_id)
+
+    async def aclose(self) -> None:
+        """Stop: no new work, cancel timers, let deliveries in progress finish (up to
+        ``shutdown_grace_s``), cancel the rest and wait for it. Replies cut short stay
+        ``generating``/``sending`` in the store and are picked up by the next start."""
+        self._closing = True
+        self._debouncer.close()
+        delivering = [
+            s.runner
+            for s in self._chats.values()
+            if s.runner is not None and not s.runner.done() and not s.idle.is_set()
+        ]
+        if delivering and self.shutdown_grace_s > 0:
+            # A reply half-way out is better finished than resumed by the next start.
+            await asyncio.wait(delivering, timeout=self.shutdown_grace_s)
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait_idle(self) -> None:
+        """Until no timer is armed and no task runs (tests and benchmarks; wrap it in
+        ``asyncio.timeout``)."""
+        while True:
+            if not self.busy:
+                return
+            await asyncio.sleep(0.005)  # polling: idleness spans timers and tasks
+
+    @property
+    def busy(self) -> bool:
+        return bool(len(self._debouncer) or self._tasks)
+
+    # --- input from the Telegram adapter ----------------------------------------------------
+    async def on_message(self, message: Message, peer: Peer) -> None:
+        """A new message in a chat (already written to the store by the adapter). Never
+        raises: a failure here must not stop the update loop."""
+        if self._closing:
+            return
+        try:
+            if message.is_outgoing:
+                await self._on_outgoing(message)
+            else:
+                await self._on_incoming(message, peer)
+        except Exception as exc:
+            log.error(
+                "responder: message not handled chat=%d msg=%d: %s",
+                message.chat_id,
+                message.message_id,
+                describe(exc),
+            )
+
+    async def _on_incoming(self, message: Message, peer: Peer) -> None:
+        reason = eligibility(message, peer, self.owner_id, self.policy)
+        if reason is not None:
+            log.debug("responder: ignored chat=%d reason=%s", message.chat_id, reason)
+            return
+        chat_id = message.chat_id
+        mode = await self._mode(chat_id)
+        if mode is ReplyMode.OFF:
+            return
+        state = self._state(chat_id)
+        state.peer = peer
+        state.last_incoming_id = max(state.last_incoming_id, message.message_id)
+        state.last_arrival = self.clock.monotonic()
+        await replies.queue_for_chat(
+            self.db,
+            chat_id=chat_id,
+            mode=mode,
+            trigger_message_id=message.message_id,
+            now=self._now(),
+        )
+        self._debouncer.touch(chat_id)
+
+    async def _on_outgoing(self, message: Message) -> None:
+        if message.chat_id == self.owner_id:
+            return  # Saved Messages: the review workflow's business, never a takeover
+        state = self._chats.get(message.chat_id)
+        if state is None:
+            # Nothing pending or remembered here; the stored message alone keeps the chat
+            # silent for the takeover window (the gate reads it).
+            return
+        if message.message_id in state.own_ids:
+            return
+        if not state.idle.is_set():
+            # The update for our own send can arrive before send_message returns its id.
+            self._spawn(self._classify_after_send(state, message))
+            return
+        await self._takeover(message)
+
+    async def _classify_after_send(self, state: _Chat, message: Message) -> None:
+        await state.idle.wait()
+        if message.message_id in state.own_ids:
+            return
+        if message.message_id in await replies.bot_message_ids(self.db, message.chat_id):
+            return
+        await self._takeover(message)
+
+    async def _takeover(self, message: Message) -> None:
+        """The owner wrote in this chat: drop what is queued; the gate keeps the chat silent
+        for ``takeover_minutes`` (it reads the owner's messages from the store)."""
+        chat_id = message.chat_id
+        self._debouncer.cancel(chat_id)
+        queued = await replies.queued_for_chat(self.db, chat_id)
+        if queued is not None:
+            await self._drop(queued.reply_id, S.QUEUED, Skip.TAKEOVER, chat_id)
+        log.info("responder: owner took over chat=%d", chat_id)
+
+    # --- scheduling -------------------------------------------------------------------------
+    def _state(self, chat_id: int) -> _Chat:
+        state = self._chats.get(chat_id)
+        if state is None:
+            state = self._chats[chat_id] = _Chat(chat_id)
+        return state
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _schedule(self, chat_id: int) -> None:
+        """The debounce fired (or a restart found open work): make sure the chat's runner
+        runs once more."""
+        if self._closing:
+            return
+        state = self._state(chat_id)
+        state.pending = True
+        if state.runner is None or state.runner.done():
+            state.runner = self._spawn(self._run_chat(state))
+
+    async def _run_chat(self, state: _Chat) -> None:
+        while (state.pending or state.recover) and not self._closing:
+            state.pending = False
+            try:
+                async with state.lock:
+                    if state.recover is not None:
+                        reply, state.recover = state.recover, None
+                        await self._reconcile(state, reply)
+                    await self._process(state)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the dispatch boundary: one reply's error stays there
+                self.stats["errors"] += 1
+                log.error("responder: reply failed chat=%d: %s", state.chat_id, describe(exc))
+
+    # --- one reply --------------------------------------------------------------------------
+    async def _process(self, state: _Chat) -> None:
+        chat_id = state.chat_id
+        reply = await replies.queued_for_chat(self.db, chat_id)
+        if reply is None:
+            return
+        peer = state.peer or await history.get_peer(self.db, chat_id)
+        if peer is None:
+            await self._drop(reply.reply_id, S.QUEUED, Skip.UNKNOWN_PEER, chat_id)
+            return
+        state.peer = peer
+        mode = await self._mode(chat_id)
+        reason = chat_eligibility(peer, self.owner_id, self.policy)
+        if reason is None and mode is ReplyMode.OFF:
+            reason = Skip.MODE_OFF
+        if reason is None:
+            reason = await self._gate(chat_id)
+        if reason is None and peer.kind is PeerKind.GROUP:
+            reason = group_dice(peer, self.policy, self.rng.random())
+        if reason is not None:
+            await self._drop(reply.reply_id, S.QUEUED, reason, chat_id)
+            return
+        await self._generate(state, reply.reply_id, S.QUEUED, mode)
+
+    async def _generate(
+        self, state: _Chat, reply_id: int, frm: ReplyStatus, mode: ReplyMode
+    ) -> None:
+        chat_id = state.chat_id
+        async with self._gen_slots:
+            messages = await history.recent_messages(self.db, chat_id, HISTORY_WINDOW)
+            newest_incoming = max((m.message_id for m in messages if not m.is_outgoing), default=0)
+            state.last_incoming_id = max(state.last_incoming_id, newest_incoming)
+            snapshot = state.last_incoming_id
+            peer = state.peer or await history.get_peer(self.db, chat_id)
+            peer = peer or Peer(chat_id, PeerKind.USER)
+            try:
+                context = self._context(messages, int(self._now()), peer)
+            except Exception as exc:  # a context bug must not leave the reply queued forever
+                await replies.transition(
+                    self.db, reply_id, frm, S.FAILED, now=self._now(), error=describe(exc)
+                )
+                self.stats["failed"] += 1
+                log.error("responder: context failed chat=%d: %s", chat_id, describe(exc))
+                return
+            if not context.answerable:
+                await self._drop(reply_id, frm, Skip.NOTHING_TO_ANSWER, chat_id)
+                return
+            facts = await self._retrieve(context.query)
+            try:
+                prompt = await self._prompt(context, facts)
+            except GenerationError as exc:
+                await replies.transition(
+                    self.db, reply_id, frm, S.FAILED, now=self._now(), error=describe(exc)
+                )
+                self.stats["failed"] += 1
+                return
+            identity = self.generator.identity
+            moved = await replies.transition(
+                self.db,
+                reply_id,
+                frm,
+                S.GENERATING,
+                now=self._now(),
+                context_message_ids=context.message_ids,
+                prompt=prompt,
+                model_id=identity.model_id,
+                adapter_id=identity.adapter_id,
+                mode=mode,
+            )
+            if not moved:
+                return  # dropped meanwhile (takeover, shutdown of a review, …)
+            started = self.clock.monotonic()
+            try:
+                text = await self.generator.generate(prompt, self._options)
+                text = await self._fact_fallback(context.query, text, facts)
+                parts = delivery.split_reply(text, split_lines=self.settings.split_lines)
+            except Exception as exc:
+                gen_ms = int((self.clock.monotonic() - started) * 1000)
+                await replies.transition(
+                    self.db,
+                    reply_id,
+                    S.GENERATING,
+                    S.FAILED,
+                    now=self._now(),
+                    error=describe(exc),
+                    generation_ms=gen_ms,
+                )
+                self.stats["failed"] += 1
+                log.warning(
+                    "responder: generation failed chat=%d reply=%d: %s",
+                    chat_id,
+                    reply_id,
+                    describe(exc),
+                )
+                return
+        gen_ms = int((self.clock.monotonic() - started) * 1000)
+        text = "\n".join(parts)
+        generated = {"draft_text": text, "generated_at": int(self._now()), "generation_ms": gen_ms}
+        if state.last_incoming_id > snapshot:
+            # Newer messages arrived: one fresh reply answers everything at once.
+            if await self._drop(reply_id, S.GENERATING, Skip.STALE, chat_id, **generated):
+                await self._requeue(state, ReplyMode(mode))
+            return
+        mode = await self._mode(chat_id)
+        if mode is ReplyMode.OFF:
+            await self._drop(reply_id, S.GENERATING, Skip.MODE_OFF, chat_id, **generated)
+            return
+        if mode is ReplyMode.REVIEW:
+            await self._to_review(reply_id, context, generated)
+            return
+        if await self._claim(chat_id, reply_id, S.GENERATING, final_text=text, **generated):
+            log.info(
+                "responder: reply generated chat=%d reply=%d gen_ms=%d chars=%d",
+                chat_id,
+                reply_id,
+                gen_ms,
+                len(text),
+            )
+            await self._deliver(state, reply_id, parts, snapshot=snapshot)
+
+    async def _to_review(
+        self, reply_id: int, context: LiveContext, generated: dict[str, Any]
+    ) -> None:
+        moved = await replies.transition(
+            self.db, reply_id, S.GENERATING, S.AWAITING_REVIEW, now=self._now(), **generated
+        )
+        if not moved:
+            return
+        self.stats["drafts"] += 1
+        reply = await replies.get(self.db, reply_id)
+        if self.drafts is None or reply is None:
+            if not self._warned_no_drafts:
+                self._warned_no_drafts = True
+                log.warning(
+                    "responder: review mode, but no review workflow is attached: drafts are "
+                    "stored as 'awaiting_review' and nothing is sent"
+                )
+            return
+        await self.drafts.draft_ready(reply, context)
+
+    # --- the gate and the send slot ---------------------------------------------------------
+    async def _gate(self, chat_id: int, *, with_caps: bool = True) -> Skip | None:
+        now = self._now()
+        chat_n = glob_n = 0
+        if with_caps:
+            since = int(now) - HOUR_S
+            chat_n = await replies.count_recent_sends(self.db, since, chat_id)
+            glob_n = await replies.count_recent_sends(self.db, since)
+        inputs = GateInputs(
+            now=now,
+            paused=await bot_state.is_paused(self.db),
+            last_owner_message_at=await self._last_owner_message_at(chat_id),
+            chat_sends_last_hour=chat_n,
+            global_sends_last_hour=glob_n,
+        )
+        return gate(inputs, self.policy)
+
+    async def _last_owner_message_at(self, chat_id: int) -> float | None:
+        """The newest message the owner wrote in this chat themselves (not the bot) within the
+        takeover window. The bot's messages are those a reply recorded as sent; such a reply
+        was updated after the message was sent, which keeps the lookup to recent replies."""
+        since = int(self._now() - self.policy.takeover_s) - 1
+        rows = await self.db.fetchall(
+            "SELECT m.message_id, m.date FROM messages m WHERE m.chat_id = ?"
+            " AND m.is_outgoing = 1 AND m.date >= ? AND NOT EXISTS ("
+            "  SELECT 1 FROM replies r, json_each(r.sent_message_ids) j"
+            "  WHERE r.chat_id = m.chat_id AND r.updated_at >= ? AND j.value = m.message_id)"
+            " ORDER BY m.date DESC, m.message_id DESC",
+            (chat_id, since, since - CLOCK_SKEW_S),
+        )
+        state = self._chats.get(chat_id)
+        own = state.own_ids if state is not None else set()
+        for message_id, date in rows:
+            if message_id not in own:
+                return float(date)
+        return None
+
+    async def _claim(self, chat_id: int, reply_id: int, frm: ReplyStatus, **fields: Any) -> bool:
+        """Move the reply to 'sending' if the gate still allows it. The hourly caps are
+        counted in the same transaction, so concurrent chats can never overshoot them."""
+        reason = await self._gate(chat_id, with_caps=False)
+        now = self._now()
+        async with self.db.transaction() as conn:
+            if reason is None:
+                since = int(now) - HOUR_S
+                inputs = GateInputs(
+                    now=now,
+                    paused=False,
+                    last_owner_message_at=None,
+                    chat_sends_last_hour=await replies.count_recent_sends_in(conn, since, chat_id),
+                    global_sends_last_hour=await replies.count_recent_sends_in(conn, since),
+                )
+                reason = gate(inputs, self.policy)
+            if reason is None:
+                return await replies.transition_in(
+                    conn, reply_id, frm, S.SENDING, now=int(now), **fields
+                )
+            fields.pop("final_text", None)
+            moved = await replies.transition_in(
+                conn, reply_id, frm, S.DROPPED, now=int(now), error=str(reason), **fields
+            )
+        if moved:
+            self._count_drop(reason, chat_id, reply_id)
+        return False
+
+    async def _drop(
+        self, reply_id: int, frm: ReplyStatus, reason: Skip, chat_id: int, **fields: Any
+    ) -> bool:
+        moved = await replies.transition(
+            self.db, reply_id, frm, S.DROPPED, now=self._now(), error=str(reason), **fields
+        )
+        if moved:
+            self._count_drop(reason, chat_id, reply_id)
+        return moved
+
+    async def _requeue(self, state: _Chat, mode: ReplyMode) -> None:
+        """After a stale drop: make sure a queued reply covers the newer messages (the newer
+        message may have updated the very reply that was just dropped) and that it runs."""
+        await replies.queue_for_chat(
+            self.db,
+            chat_id=state.chat_id,
+            mode=mode,
+            trigger_message_id=state.last_incoming_id,
+            now=int(self._now()),
+        )
+        if not self._debouncer.pending(state.chat_id):
+            state.pending = True
+
+    def _count_drop(self, reason: Skip, chat_id: int, reply_id: int) -> None:
+        self.stats[f"dropped:{reason}"] += 1
+        log.info("responder: reply dropped chat=%d reply=%d reason=%s", chat_id, reply_id, reason)
+
+    # --- delivery ---------------------------------------------------------------------------
+    async def _deliver(
+        self,
+        state: _Chat,
+        reply_id: int,
+        parts: Sequence[str],
+        *,
+        snapshot: int | None,
+        start: int = 0,
+        pause: bool = True,
+    ) -> bool:
+        """Send ``parts[start:]`` of a reply that is in 'sending'. ``snapshot``: the newest
+        incoming message the reply answers — a newer one before the first part makes it
+        stale (None: do not check). Returns whether everything was sent."""
+        chat_id = state.chat_id
+        delays = 0.0
+        sent_any = start > 0
+        state.idle.clear()
+        try:
+            if pause:
+                wait = delivery.human_delay(
+                    self.rng, self.settings.human_delay_min_s, self.settings.human_delay_max_s
+                )
+                delays += wait
+                await self.clock.sleep(wait)
+            for index in range(start, len(parts)):
+                part = parts[index]
+                delays += await self._type(chat_id, part)
+                if not sent_any:
+                    # Last look before anything goes out: the owner may have taken over, the
+                    # kill switch may be on, or newer messages made the reply stale.
+                    reason = await self._last_look(state, snapshot)
+                    if reason is not None:
+                        dropped = await self._drop(reply_id, S.SENDING, reason, chat_id)
+                        if dropped and reason is Skip.STALE:
+                            await self._requeue(state, await self._mode(chat_id))
+                        return False
+                message = await self._send(chat_id, part)
+                sent_any = True
+                state.own_ids.add(message.message_id)
+                if len(state.own_ids) > 256:  # only the recent ones matter; the store has all
+                    state.own_ids = set(sorted(state.own_ids)[-128:])
+                now = int(self._now())
+                async with self.db.transaction() as conn:
+                    await replies.add_sent_id_in(conn, reply_id, message.message_id, now=now)
+                    await history.upsert_messages_in(conn, [message])
+            await replies.transition(
+                self.db, reply_id, S.SENDING, S.SENT, now=self._now(), sent_at=int(self._now())
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = describe(exc) + (" (partly sent)" if sent_any else "")
+            await replies.transition(
+                self.db, reply_id, S.SENDING, S.FAILED, now=self._now(), error=error
+            )
+            self.stats["failed"] += 1
+            log.warning("responder: send failed chat=%d reply=%d: %s", chat_id, reply_id, error)
+            return False
+        finally:
+            state.idle.set()
+        latency = self.clock.monotonic() - state.last_arrival - delays - self.settings.debounce_s
+        self.sent_log.append(SentRecord(reply_id, chat_id, max(0.0, latency)))
+        self.stats["sent"] += 1
+        log.info("responder: reply sent chat=%d reply=%d parts=%d", chat_id, reply_id, len(parts))
+        await self._notify_sent(reply_id)
+        return True
+
+    async def _last_look(self, state: _Chat, snapshot: int | None) -> Skip | None:
+        """Right before the first part goes out: still wanted?"""
+        if snapshot is not None and state.last_incoming_id > snapshot:
+            return Skip.STALE
+        return await self._gate(state.chat_id, with_caps=False)
+
+    async def _type(self, chat_id: int, text: str) -> float:
+        seconds = delivery.typing_seconds(
+            text, self.settings.typing_chars_per_s, self.settings.typing_max_s
+        )
+        if seconds <= 0:
+            return 0.0
+        remaining = seconds
+        while remaining > 0:
+            try:
+                await self.transport.set_typing(chat_id, True)
+            except Exception as exc:  # cosmetic: never worth losing the reply over
+                log.debug("responder: typing failed chat=%d: %s", chat_id, describe(exc))
+            step = min(remaining, delivery.TYPING_REFRESH_S)
+            await self.clock.sleep(step)
+            remaining -= step
+        return seconds
+
+    async def _send(self, chat_id: int, text: str) -> Message:
+        bound = self.settings.flood_wait_max_s
+        waited = 0
+        while True:
+            try:
+                return await self.transport.send_message(chat_id, text)
+            except FloodWaitError as exc:
+                if waited + exc.seconds > bound:
+                    raise FloodWaitTooLongError(exc.seconds, bound, "message") from None
+                log.warning(
+                    "responder: flood wait %ds before sending chat=%d", exc.seconds, chat_id
+                )
+                waited += exc.seconds
+                await self.clock.sleep(exc.seconds)
+
+    async def _notify_sent(self, reply_id: int) -> None:
+        if not self.on_sent:
+            return
+        reply = await replies.get(self.db, reply_id)
+        if reply is None:
+            return
+        for hook in self.on_sent:
+            try:
+                await hook(reply)
+            except Exception as exc:
+                log.warning("responder: sent-hook failed reply=%d: %s", reply_id, describe(exc))
+
+    # --- recovery after a restart -----------------------------------------------------------
+    async def _reconcile(self, state: _Chat, reply: Reply) -> None:
+        """A reply a previous run left in 'sending': find which of its parts reached the chat
+        (never trusting memory), record them, and send only what is missing — unless newer
+        messages made it stale, in which case a fresh reply is queued instead."""
+        chat_id = state.chat_id
+        text = reply.final_text or reply.draft_text or ""
+        try:
+            parts = delivery.split_reply(text, split_lines=self.settings.split_lines)
+        except DoppelbotError:
+            await replies.transition(
+                self.db, reply.reply_id, S.SENDING, S.FAILED, now=self._now(), error="no text"
+            )
+            return
+        sent = list(reply.sent_message_ids)
+        min_id = max([reply.trigger_message_id, *sent])
+        try:
+            outgoing = await self.transport.recent_outgoing(chat_id, min_id=min_id)
+        except Exception as exc:
+            # Unknown whether it went out: sending now could send twice. Keep it for later.
+            log.warning(
+                "responder: cannot check chat=%d for reply=%d (%s); it stays 'sending' until "
+                "the next start",
+                chat_id,
+                reply.reply_id,
+                describe(exc),
+            )
+            return
+        known = await replies.bot_message_ids(self.db, chat_id)
+        index = len(sent)
+        found: list[Message] = []
+        for message in sorted(outgoing, key=lambda m: m.message_id):
+            if index >= len(parts) or message.message_id in known:
+                continue
+            if message.text.strip() == parts[index]:
+                found.append(message)
+                index += 1
+        now = int(self._now())
+        if found:
+            async with self.db.transaction() as conn:
+                for message in found:
+                    await replies.add_sent_id_in(conn, reply.reply_id, message.message_id, now=now)
+                await history.upsert_messages_in(conn, found)
+            state.own_ids.update(m.message_id for m in found)
+        if index >= len(parts):
+            await replies.transition(
+                self.db, reply.reply_id, S.SENDING, S.SENT, now=now, sent_at=now
+            )
+            self.stats["reconciled"] += 1
+            log.info("responder: reply=%d was already sent chat=%d", reply.reply_id, chat_id)
+            return
+        if index == 0:
+            newest = await self.db.scalar(
+                "SELECT max(message_id) FROM messages WHERE chat_id = ? AND is_outgoing = 0"
+                " AND service_action IS NULL",
+                (chat_id,),
+            )
+            if newest is not None and newest > max(reply.context_message_ids, default=0):
+                await self._drop(reply.reply_id, S.SENDING, Skip.STALE, chat_id)
+                await replies.queue_for_chat(
+                    self.db,
+                    chat_id=chat_id,
+                    mode=reply.mode,
+                    trigger_message_id=int(newest),
+                    now=now,
+                )
+                state.pending = True
+                return
+        log.info(
+            "responder: resuming interrupted send chat=%d reply=%d parts=%d/%d",
+            chat_id,
+            reply.reply_id,
+            index,
+            len(parts),
+        )
+        state.last_arrival = self.clock.monotonic()
+        await self._deliver(state, reply.reply_id, parts, snapshot=None, start=index, pause=False)
+
+    # --- for the review workflow (issue 8) --------------------------------------------------
+    async def send_approved(self, reply_id: int, text: str | None = None) -> bool:
+        """Send a reviewed draft (``text`` replaces it: a correction). The owner's explicit
+        approval bypasses the caps and quiet hours; the chat's order is kept."""
+        reply = await replies.get(self.db, reply_id)
+        if reply is None:
+            return False
+        final = text if text is not None else (reply.draft_text or "")
+        parts = delivery.split_reply(final, split_lines=self.settings.split_lines)
+        state = self._state(reply.chat_id)
+        async with state.lock:
+            moved = await replies.transition(
+                self.db,
+                reply_id,
+                S.AWAITING_REVIEW,
+                S.SENDING,
+                now=self._now(),
+                final_text="\n".join(parts),
+            )
+            if not moved:
+                return False
+            state.last_arrival = self.clock.monotonic()
+            return await self._deliver(state, reply_id, parts, snapshot=None, pause=False)
+
+    async def regenerate(self, reply_id: int) -> None:
+        """Generate a new draft for a reply awaiting review (the owner said "again")."""
+        reply = await replies.get(self.db, reply_id)
+        if reply is None or reply.status is not S.AWAITING_REVIEW:
+            return
+        state = self._state(reply.chat_id)
+        async with state.lock:
+            await self._generate(state, reply_id, S.AWAITING_REVIEW, ReplyMode.REVIEW)
+
+    # --- helpers ----------------------------------------------------------------------------
+    def _now(self) -> float:
+        return self.clock.time()
+
+    async def _mode(self, chat_id: int) -> ReplyMode:
+        override = await bot_state.chat_reply_mode(self.db, chat_id)
+        return override or ReplyMode(self.settings.reply_mode)
+
+    async def _prompt(self, context: LiveContext, facts: Sequence[ScoredFact]) -> str:
+        """The model input within ``max_input_tokens``: the oldest turns go first, then the
+        facts. Counting runs in a thread (the tokenizer is pure Python)."""
+        texts = [f.text for f in facts]
+        if self.count_tokens is None:
+            return self._format.build_input(context.turns, texts)
+        for attempt in (texts, []) if texts else ([],):
+            fit = await asyncio.to_thread(
+                fit_turns,
+                context.turns,
+                self._format,
+                self.count_tokens,
+                self.settings.max_input_tokens,
+                attempt,
+            )
+            if fit is not None:
+                kept, prompt, _ = fit
+                if kept and kept[-1].role is Role.OTHER:
+                    return prompt
+        raise GenerationError("the newest message alone exceeds max_input_tokens")
+
+    async def _retrieve(self, query: str) -> list[ScoredFact]:
+        if self.facts is None or self.settings.facts_top_k == 0 or not query:
+            return []
+        try:
+            return await self.facts.retrieve(
+                query, top_k=self.settings.facts_top_k, threshold=self.settings.facts_threshold
+            )
+        except Exception as exc:  # facts make replies better; their absence is not fatal
+            log.warning("responder: fact retrieval failed: %s", describe(exc))
+            return []
+
+    async def _fact_fallback(self, query: str, text: str, facts: Sequence[ScoredFact]) -> str:
+        if not self.settings.fact_fallback or not facts or self.facts is None:
+            return text
+        try:
+            decision = await apply_fact_fallback(
+                self.facts,
+                query,
+                text,
+                facts,
+                enabled=True,
+                margin=self.settings.fact_fallback_margin,
+            )
+        except Exception as exc:
+            log.warning("responder: fact fallback skipped: %s", describe(exc))
+            return text
+        if decision.use_fact:
+            log.info("responder: answered with fact=%s instead of the reply", decision.fact_id)
+        return decision.text

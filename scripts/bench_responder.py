@@ -1,0 +1,208 @@
+"""Benchmark: many chats writing at once to the live bot.
+
+Why: ``doppelbot run`` must answer every chat exactly once however bursty the traffic is, and
+its single event loop must stay responsive meanwhile (a blocked loop delays every chat). Here
+50 chats × 10 messages arrive within one second through the fake Telegram (real Telethon
+client, update loop and requests; only the MTProto sender is replaced) into the real live
+adapter, responder and SQLite store, with a tiny random FRED-T5-shaped model in the real model
+worker thread generating every reply.
+
+Measured: ``replies_sent`` (chats answered), ``duplicates`` (chats that got more than one
+reply, plus sent messages no reply accounts for), ``loop_lag_p99_ms`` (how late a 10 ms timer
+fires, sampled during the whole run) and ``p50_reply_latency_s`` (newest message of a chat →
+its last part sent, minus the configured debounce/human delay/typing time).
+Targets: replies_sent == chats, duplicates == 0, loop_lag_p99_ms < 50.
+
+Usage: ``flock /tmp/doppelbot-bench.lock .venv/bin/python scripts/bench_responder.py
+[--chats 50] [--messages 10] [--debounce 1.0] [--generator tiny|echo]``. ``echo`` replaces the
+model by an instant fake (isolates the pipeline's own cost). Prints a table; the last line is
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class EchoGenerator:
+    """An instant stand-in for the model (``--generator echo``)."""
+
+    @property
+    def identity(self) -> Any:
+        from doppelbot.ports import ModelIdentity
+
+        return ModelIdentity("echo")
+
+    async def generate(self, prompt: str, options: Any) -> str:
+        await asyncio.sleep(0)
+        return "ок, понял тебя"
+
+
+async def _tiny_worker(settings_kw: dict[str, Any], workdir: Path) -> Any:
+    from doppelbot.config import load_settings
+    from doppelbot.model.worker import ModelWorker
+    from tests.tiny_model import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(workdir / "tiny-model")
+    settings = load_settings(env_file=None, **{**settings_kw, "model": str(model_dir)})
+    worker = ModelWorker.from_settings(settings)
+    await worker.start()
+    return worker
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    from doppelbot.config import load_settings
+    from doppelbot.domain import ReplyStatus
+    from doppelbot.responder.loopmon import LoopLagMonitor
+    from doppelbot.store import replies
+    from doppelbot.store.database import Database
+    from doppelbot.telegram.live import LiveSession, run_live
+    from tests.faketg import FakeTelegram
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-responder-"))
+    settings_kw: dict[str, Any] = {
+        "data_dir": workdir / "data",
+        "reply_mode": "auto",
+        "debounce_s": args.debounce,
+        "human_delay_min_s": 0.0,
+        "human_delay_max_s": 0.0,
+        "typing_chars_per_s": 1000.0,
+        "typing_max_s": 0.0,
+        "per_chat_hourly_cap": 100,
+        "global_hourly_cap": 10_000,
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": False,
+        "split_lines": False,
+    }
+    settings = load_settings(env_file=None, **settings_kw)
+    if args.generator == "tiny":
+        generator = await _tiny_worker(settings_kw, workdir)
+    else:
+        generator = EchoGenerator()
+    db = await Database.open(settings.db_path)
+    tg = FakeTelegram()
+    users = [tg.add_user(f"Contact{i}", username=f"contact{i}") for i in range(args.chats)]
+    client = tg.client(flood_sleep_threshold=0)
+    await client.connect()
+    stop = asyncio.Event()
+    ready: asyncio.Future[LiveSession] = asyncio.get_running_loop().create_future()
+
+    async def on_ready(session: LiveSession) -> None:
+        ready.set_result(session)
+
+    task = asyncio.create_task(
+        run_live(settings, db, client, generator=generator, stop=stop, on_ready=on_ready)
+    )
+    session = await ready
+    monitor = LoopLagMonitor(interval_s=0.01)
+    monitor.start()
+    started = time.perf_counter()
+    gap = 1.0 / args.messages
+    for i in range(args.messages):  # every chat writes a message every `gap`: all within 1 s
+        for user in users:
+            tg.push_incoming(user, f"сообщение {i}: как у тебя дела сегодня?")
+        await asyncio.sleep(gap)
+    arrived = time.perf_counter() - started
+
+    async def calm() -> bool:
+        await tg.settle()
+        return (
+            not client._event_handler_tasks
+            and not session.bot._inflight
+            and not session.responder.busy
+        )
+
+    async with asyncio.timeout(args.limit_s):
+        while True:
+            if await calm() and await calm():
+                break
+            await asyncio.sleep(0.02)
+    total = time.perf_counter() - started
+    await monitor.stop()
+    stop.set()
+    await task
+    await client.disconnect()
+
+    per_chat_sent: dict[int, int] = {}
+    accounted: set[int] = set()
+    for user in users:
+        rows = await replies.for_chat(db, user.id)
+        sent_rows = [r for r in rows if r.status is ReplyStatus.SENT]
+        per_chat_sent[user.id] = len(sent_rows)
+        for r in sent_rows:
+            accounted.update(r.sent_message_ids)
+    statuses = await replies.count_by_status(db)
+    await db.close()
+    if hasattr(generator, "aclose"):
+        await generator.aclose()
+    stray = sum(1 for s in tg.sent if s.message_id not in accounted)
+    duplicates = sum(n - 1 for n in per_chat_sent.values() if n > 1) + stray
+    latencies = [r.latency_s for r in session.responder.sent_log]
+    return {
+        "chats": args.chats,
+        "messages_per_chat": args.messages,
+        "generator": args.generator,
+        "replies_sent": sum(1 for n in per_chat_sent.values() if n >= 1),
+        "duplicates": duplicates,
+        "messages_sent": len(tg.sent),
+        "dropped": statuses[ReplyStatus.DROPPED],
+        "failed": statuses[ReplyStatus.FAILED],
+        "loop_lag_p50_ms": round(monitor.percentile(50) * 1000, 2),
+        "loop_lag_p99_ms": round(monitor.percentile(99) * 1000, 2),
+        "loop_lag_max_ms": round(monitor.max * 1000, 2),
+        "p50_reply_latency_s": round(statistics.median(latencies), 3) if latencies else None,
+        "max_reply_latency_s": round(max(latencies), 3) if latencies else None,
+        "arrival_window_s": round(arrived, 3),
+        "total_s": round(total, 2),
+        "debounce_s": args.debounce,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chats", type=int, default=50)
+    parser.add_argument("--messages", type=int, default=10)
+    parser.add_argument("--debounce", type=float, default=1.0)
+    parser.add_argument("--generator", choices=("tiny", "echo"), default="tiny")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--limit-s", type=float, default=300.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    result = asyncio.run(bench(args))
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="responder benchmark")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    targets = {
+        "replies_sent": f"== {args.chats}",
+        "duplicates": "== 0",
+        "loop_lag_p99_ms": "< 50",
+    }
+    for key, value in result.items():
+        label = f"{key} (target {targets[key]})" if key in targets else key
+        table.add_row(label, str(value))
+    Console(stderr=True).print(table)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
