@@ -148,7 +148,7 @@ def test_example_stream_is_a_pure_function_of_position() -> None:
 
 def test_methods_registry() -> None:
     assert {"sft", "feedback"} <= set(METHODS)
-    with pytest.raises(TrainingError, match="available: feedback, sft"):
+    with pytest.raises(TrainingError, match="available: dpo, feedback, sft"):
         get_method("rlhf")
 
 

@@ -52,6 +52,19 @@ def resolve_spec(settings: Settings, spec: str) -> Path | None:
     return resolve_adapter(settings.adapters_dir, spec)
 
 
+def resolve_pairs(settings: Settings, spec: str) -> Path:
+    """``--pairs`` value → file: a path, or ``latest`` (the newest feedback export's pairs)."""
+    from doppelbot.errors import TrainingError
+    from doppelbot.training.dpo import latest_pairs
+
+    if spec == "latest":
+        return latest_pairs(settings.data_dir)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise TrainingError(f"no preference pairs file {path}")
+    return path
+
+
 def train(
     ctx: typer.Context,
     dataset: str | None = typer.Option(
@@ -63,7 +76,15 @@ def train(
         None, "--feedback", help="Feedback positives JSONL (`doppelbot feedback export`) to add."
     ),
     method: str = typer.Option(
-        "sft", "--method", help="sft (dataset [+ feedback]) or feedback (continue an adapter)."
+        "sft",
+        "--method",
+        help="sft (dataset [+ feedback]), feedback (continue an adapter) or dpo (preference "
+        "pairs, from the served adapter).",
+    ),
+    pairs: str | None = typer.Option(
+        None,
+        "--pairs",
+        help="dpo: preference pairs JSONL (default: the latest `feedback export`'s pairs.jsonl).",
     ),
     init_adapter: str | None = typer.Option(
         None,
@@ -111,15 +132,22 @@ def train(
     init: Path | None = None
     if init_adapter is not None:
         init = resolve_spec(settings, init_adapter)
-    elif method == "feedback":
+    elif method in ("feedback", "dpo"):
         init = _current(settings)
     if method == "feedback" and feedback is None:
         raise TrainingError("--method feedback needs --feedback PATH (`doppelbot feedback export`)")
+    pairs_path: Path | None = None
+    if method == "dpo":
+        pairs_path = resolve_pairs(settings, pairs or "latest")
+        lr = lr or settings.dpo_learning_rate
+    elif pairs is not None:
+        raise TrainingError("--pairs is for --method dpo")
     options = TrainOptions.from_settings(
         settings,
         method=method,
         dataset=dataset,
         feedback=feedback,
+        pairs=pairs_path,
         init_adapter=init,
         max_steps=max_steps,
         epochs=epochs,
@@ -256,6 +284,15 @@ def evaluate(
     show: int = typer.Option(
         0, "--show", min=0, help="Also print this many generated replies next to the real ones."
     ),
+    pairs: str | None = typer.Option(
+        None,
+        "--pairs",
+        help="Preference pairs JSONL (or 'latest'): adds preference accuracy and margin on "
+        "the held-out share.",
+    ),
+    all_pairs: bool = typer.Option(
+        False, "--all-pairs", help="Score every pair of --pairs, not only the held-out share."
+    ),
 ) -> None:
     app = state(ctx)
     settings = app.settings
@@ -276,12 +313,29 @@ def evaluate(
         max_target_tokens=settings.max_target_tokens,
         torch_threads=settings.torch_threads,
     )
+    extras: dict[str, Any] = {}
+    if pairs is not None:
+        from doppelbot.errors import TrainingError
+        from doppelbot.training.dpo import load_pairs, split_pairs
+
+        rows = load_pairs(resolve_pairs(settings, pairs))
+        scored = rows if all_pairs else split_pairs(rows, settings.pref_heldout_share)[1]
+        if not scored:
+            raise TrainingError(
+                f"no held-out pairs among {len(rows)} (DOPPELBOT_PREF_HELDOUT_SHARE="
+                f"{settings.pref_heldout_share}); use --all-pairs"
+            )
+        extras = {
+            "pairs": scored,
+            "max_input": settings.max_input_tokens,
+            "max_target": settings.max_target_tokens,
+        }
     labels = [p.name if p is not None else "base" for p in paths]
     if len(set(labels)) < len(labels):
         labels = [f"{i + 1}:{label}" for i, label in enumerate(labels)]
     with app.err_console.status("evaluating on the validation split…"):
         comparison = evaluate_adapters(
-            options, paths, datasets_dir=settings.datasets_dir, labels=labels
+            options, paths, datasets_dir=settings.datasets_dir, labels=labels, extras=extras
         )
     report = comparison.to_json()
     target = output or settings.runs_dir / "evals" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -308,8 +362,8 @@ def _print_comparison(console: Any, comparison: Comparison) -> None:
 
     table = Table(
         title=f"{comparison.dataset}: {comparison.samples} validation samples",
-        caption="loss/perplexity: lower is better; chrF, distinct-n: higher is better; "
-        "style rows: closer to the owner is better",
+        caption="loss/perplexity: lower is better; chrF, distinct-n, pref_accuracy, "
+        "pref_margin (nats): higher is better; style rows: closer to the owner is better",
     )
     table.add_column("metric")
     for report in comparison.reports:

@@ -76,7 +76,23 @@ class Scorer:
 
     def sequence_logprobs(self, examples: Sequence[Example]) -> list[float]:
         """Log-probability of each example's target given its input (for preference metrics)."""
-        return [-self.token_nll([e])[0] for e in examples]
+        import torch
+
+        from doppelbot.training.dpo import sequence_logprobs
+
+        out: list[float] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for chunk in self._batches(examples):
+                    batch = {
+                        k: v.to(self.device) for k, v in collate_seq2seq(chunk, self.pad_id).items()
+                    }
+                    out += [float(x) for x in sequence_logprobs(self.model, batch)]
+        finally:
+            self.model.train(was_training)
+        return out
 
     def generate(self, examples: Sequence[Example], *, max_new_tokens: int) -> list[str]:
         """Greedy replies, decoded exactly as the bot decodes them ('' when empty)."""
@@ -148,6 +164,27 @@ def _diversity(ctx: EvalContext) -> dict[str, float]:
     return diversity_stats(ctx.generations)
 
 
+def _preference(ctx: EvalContext) -> dict[str, float]:
+    """Preference accuracy and mean log-prob margin on held-out pairs (``extras["pairs"]``:
+    ``PairRow``s, with ``max_input``/``max_target``); nothing when no pairs were given."""
+    pairs = ctx.extras.get("pairs")
+    if not pairs:
+        return {}
+    from doppelbot.training.dpo import encode_pairs, score_pairs
+
+    encoded = ctx.extras.get("_pairs_encoded")
+    if encoded is None:  # once per evaluation: every adapter scores the same pairs
+        encoded = encode_pairs(
+            ctx.scorer.tokenizer,
+            pairs,
+            max_input=int(ctx.extras.get("max_input", 712)),
+            max_target=int(ctx.extras.get("max_target", 64)),
+            vocab_size=int(ctx.scorer.model.config.vocab_size),
+        )
+        ctx.extras["_pairs_encoded"] = encoded
+    return score_pairs(ctx.scorer, encoded).metrics()
+
+
 METRICS: dict[str, MetricSpec] = {
     "loss": MetricSpec("loss", _loss),
     "chrf": MetricSpec("chrf", _chrf, needs_generations=True),
@@ -155,6 +192,7 @@ METRICS: dict[str, MetricSpec] = {
     "diversity": MetricSpec(
         "diversity", _diversity, needs_generations=True, reference=diversity_stats
     ),
+    "preference": MetricSpec("preference", _preference),
 }
 
 
@@ -295,11 +333,12 @@ def evaluate_adapters(
         precision,
     )
     need_gen = any(s.needs_generations for s in specs)
+    shared = extras if extras is not None else {}  # one dict: metrics may cache in it
     reports = []
     for i, adapter in enumerate(adapters):
         label = labels[i] if labels else ("base" if adapter is None else adapter.name)
         with _active(model, None if adapter is None else name_of[str(adapter)]):
-            ctx = EvalContext(adapter, kept, examples, references, scorer, extras=extras or {})
+            ctx = EvalContext(adapter, kept, examples, references, scorer, extras=shared)
             if need_gen:
                 ctx.generations = scorer.generate(examples, max_new_tokens=options.max_new_tokens)
             metrics: dict[str, float] = {}
@@ -307,7 +346,10 @@ def evaluate_adapters(
                 metrics.update(spec.compute(ctx))
         reports.append(EvalReport(label, adapter, metrics, len(examples), ctx.generations or []))
         if adapter is not None and options.use_cache:
-            store_eval(adapter, key, metrics)
+            # The cache key names the validation split, not a pairs file: keep pref_* out.
+            store_eval(
+                adapter, key, {k: v for k, v in metrics.items() if not k.startswith("pref_")}
+            )
     reference: dict[str, float] = {}
     for spec in specs:
         if spec.reference is not None:

@@ -9,8 +9,9 @@ accumulation, checkpoints, resume, logging, the adapter export — is the same f
 - ``feedback``: continues an existing adapter (the served one by default) on the feedback
   positives, replaying dataset rows alongside so the model does not forget the owner's style.
 
-A preference method (DPO) plugs in by subclassing ``TrainingMethod`` with its own examples,
-``collate`` and ``loss`` and adding itself with ``register_method``.
+- ``dpo``: preference tuning on feedback pairs (``doppelbot.training.dpo``), which plugs in by
+  subclassing ``TrainingMethod`` with its own examples, ``collate``, ``loss``, ``setup`` (the
+  frozen reference) and ``heldout_metrics``, and adds itself with ``register_method``.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ class TrainingMethod:
 
     name = "sft"
     description = "supervised fine-tuning on the dataset (+ feedback positives with --feedback)"
+    rows_per_example = 1  # model rows one example becomes in a batch (memory pre-flight)
 
     def initial_adapter(self, ctx: MethodContext) -> Path | None:
         return ctx.options.init_adapter
@@ -262,6 +264,15 @@ class TrainingMethod:
         )
         return PreparedData(train, validation, val_kept, dataset, data_hash, summary)
 
+    def setup(self, model: Any, scorer: Any, data: PreparedData) -> dict[str, Any]:
+        """Called once the starting model is loaded and before a checkpoint is restored (so it
+        sees the starting policy, on resume too); returns figures for the run's metrics."""
+        return {}
+
+    def heldout_metrics(self, scorer: Any, data: PreparedData) -> dict[str, float]:
+        """Method-specific held-out figures, measured before the first step and at the end."""
+        return {}
+
     def collate(self, examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
         return collate_seq2seq(examples, pad_id)
 
@@ -320,6 +331,8 @@ register_method(FeedbackMethod())
 
 
 def get_method(name: str) -> TrainingMethod:
+    from doppelbot.training import dpo  # noqa: F401  (registers ``dpo``; it imports this module)
+
     try:
         return METHODS[name]
     except KeyError:

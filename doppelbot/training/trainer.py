@@ -88,6 +88,9 @@ class TrainOptions:
     eval_batch_size: int = 8
     feedback_weight: int = 2
     feedback_replay: float = 1.0
+    pairs: Path | None = None  # dpo: preference pairs JSONL
+    dpo_beta: float = 0.1
+    pref_heldout_share: float = 0.2
     persona: str = ""
     role_other: str = "Собеседник"
     role_owner: str = "Я"
@@ -116,6 +119,8 @@ class TrainOptions:
             eval_max_samples=settings.eval_max_samples,
             feedback_weight=settings.feedback_weight,
             feedback_replay=settings.feedback_replay,
+            dpo_beta=settings.dpo_beta,
+            pref_heldout_share=settings.pref_heldout_share,
             persona=settings.persona,
             role_other=settings.role_other,
             role_owner=settings.role_owner,
@@ -126,7 +131,9 @@ class TrainOptions:
     def trajectory(self) -> dict[str, Any]:
         """The settings that decide every step's numbers. A run resumes only under the same
         trajectory; the length (steps, epochs) and the save cadence may change between tries."""
+        extra = {"dpo_beta": self.dpo_beta} if self.method == "dpo" else {}
         return {
+            **extra,
             "method": self.method,
             "model": self.model,
             "init_adapter": None if self.init_adapter is None else str(self.init_adapter),
@@ -465,7 +472,7 @@ def plan_training(
         ModelShape.from_config(config),
         precision=precision,
         device=device,
-        batch_size=options.batch_size,
+        batch_size=options.batch_size * method.rows_per_example,
         source_len=data.max_source_len,
         target_len=data.max_target_len,
         lora_r=options.lora_r,
@@ -611,6 +618,8 @@ def _train_in(
     device = accelerator.device
     pad_id = int(tokenizer.pad_token_id or 0)
     scorer = Scorer(unwrapped, tokenizer, device=device, batch_size=options.eval_batch_size)
+    # Before any checkpoint is restored: the method sees the starting policy (DPO's reference).
+    setup_metrics = method.setup(unwrapped, scorer, data)
 
     state = ckpt.TrainerState(seed=options.seed, world_size=world, data_fingerprint=data.data_hash)
     resumed_from: int | None = None
@@ -663,6 +672,7 @@ def _train_in(
             "feedback": None if options.feedback is None else str(options.feedback),
             "feedback_weight": options.feedback_weight,
             "feedback_replay": options.feedback_replay,
+            "pairs": None if options.pairs is None else str(options.pairs),
             "eval_max_samples": options.eval_max_samples,
         },
         "plan": plan.to_json(),
@@ -683,6 +693,8 @@ def _train_in(
             on_start(run_dir, run_meta)
         if state.val_loss_start is None and data.validation:
             state.val_loss_start = scorer.mean_loss(data.validation)
+        if "method_start" not in state.extra:
+            state.extra["method_start"] = method.heldout_metrics(scorer, data)
     accelerator.wait_for_everyone()
 
     stream = ExampleStream(data.train, options.seed)
@@ -811,6 +823,9 @@ def _train_in(
             "val_perplexity": None if val_loss is None else math.exp(min(val_loss, 50.0)),
             "tokens": state.tokens_seen,
             "seconds": round(state.elapsed_s, 2),
+            **setup_metrics,
+            **{f"{k}_start": v for k, v in state.extra.get("method_start", {}).items()},
+            **method.heldout_metrics(scorer, data),
         }
         plot_loss(run_dir / PLOT_FILE, entries, _val_points(state))
         adapter_dir = export_adapter(
