@@ -149,6 +149,12 @@ class Settings(BaseSettings):
     fact_fallback_margin: float = Field(
         0.1, ge=0, le=2, description="How much more relevant the reply must be to be kept."
     )
+    embedder_threads: int | None = Field(
+        1,
+        ge=1,
+        description="CPU threads of the embedder's worker (1 is fastest for short queries); "
+        "empty = torch's default.",
+    )
 
     # --- Dataset --------------------------------------------------------------------------------
     session_gap_hours: float = Field(3.0, gt=0, description="A longer silence ends a dialogue.")
@@ -174,6 +180,15 @@ class Settings(BaseSettings):
         300, ge=0, description="Wait out FloodWait up to this; longer stops that chat."
     )
     export_use_takeout: bool = Field(True, description="Export inside a takeout session.")
+    export_batch_size: int = Field(
+        500, ge=1, le=100_000, description="Messages written per transaction during export."
+    )
+    export_refetch_recent: int = Field(
+        100, ge=0, description="On re-runs, fetch this many newest messages per chat again (edits)."
+    )
+    export_fallback_wait_s: float = Field(
+        1.0, ge=0, description="Pause between history requests when exporting without takeout."
+    )
 
     # --- Responder (doppelbot run) --------------------------------------------------------------
     reply_mode: Literal["auto", "review", "off"] = Field(
@@ -218,6 +233,12 @@ class Settings(BaseSettings):
         default_factory=lambda: ["👎", "🤮", "💩", "😢", "🤔"],
         description="Reactions counted as negative feedback.",
     )
+    takeover_correction_minutes: float = Field(
+        10.0,
+        ge=0,
+        description="The owner writing in a chat this soon after an auto reply records "
+        "(bot reply, owner text) as a correction (0 = off).",
+    )
 
     # --- Training -------------------------------------------------------------------------------
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
@@ -232,6 +253,38 @@ class Settings(BaseSettings):
     train_epochs: float = Field(1.0, gt=0, description="Passes over the training set.")
     save_steps: int = Field(20, ge=1, description="Checkpoint every N optimizer steps.")
     max_target_tokens: int = Field(64, ge=4, description="Longest training target, in tokens.")
+    train_seed: int = Field(42, description="Seed of the data order, LoRA init and dropout.")
+    train_precision: Literal["auto", "int8", "bf16", "fp32"] = Field(
+        "auto",
+        description="Base weights while training; auto = int8 on CUDA, fp32 on CPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass (much less memory)."
+    )
+    keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept per run.")
+    eval_max_samples: int = Field(
+        200, ge=1, description="Validation samples used for held-out loss and generated metrics."
+    )
+    feedback_weight: int = Field(
+        2, ge=1, description="Times each feedback positive is repeated in a training set."
+    )
+    feedback_replay: float = Field(
+        1.0,
+        ge=0,
+        description="`train --method feedback`: dataset rows replayed per feedback row.",
+    )
+    dpo_beta: float = Field(
+        0.1, gt=0, le=10, description="`train --method dpo`: DPO beta (strength of the reference)."
+    )
+    dpo_learning_rate: float = Field(
+        2e-4, gt=0, description="`train --method dpo`: learning rate unless --lr is given."
+    )
+    pref_heldout_share: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Share of preference pairs held out for eval (stable: by a hash of the pair).",
+    )
 
     # --- validators -----------------------------------------------------------------------------
     @field_validator(

@@ -98,3 +98,22 @@ class TrainingError(DoppelbotError):
 
 class PreflightError(TrainingError):
     """The chosen model / precision / batch would not fit in memory."""
+
+
+class FloodWaitError(TelegramError):
+    """Telegram asked to wait ``seconds`` before the next request of this kind (the caller
+    decides whether to wait it out or give up)."""
+
+    def __init__(self, seconds: int, what: str = "request") -> None:
+        super().__init__(f"Telegram asked to wait {seconds}s before the next {what}")
+        self.seconds = seconds
+
+
+class AdapterRejectedError(TrainingError):
+    """``adapter use`` refused an adapter whose held-out loss is worse than the served one."""
+
+
+class TrainingInterruptedError(TrainingError):
+    """A training run stopped before its last step; it resumes from its latest checkpoint."""
+
+    exit_code = 130

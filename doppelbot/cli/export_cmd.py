@@ -1,32 +1,323 @@
-"""``doppelbot login``, ``export`` and ``import``: getting the owner's history into SQLite."""
+"""``doppelbot login``, ``export`` and ``import``: getting the owner's history into SQLite.
+
+Telethon is imported inside the command bodies only (``doppelbot --help`` must stay light);
+the Rich progress for the export lives here because drawing is the CLI's job — the exporter
+only reports events through ``ExportProgress``.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
 
-from doppelbot.cli.common import not_available, state
+from doppelbot.cli.common import open_db, run_async, state
+
+if TYPE_CHECKING:
+    from doppelbot.telegram.export import ChatReport, ExportReport
 
 
 def login(
     ctx: typer.Context,
     print_session_string: bool = typer.Option(
-        False, "--print-session-string", help="After login, print a StringSession for containers."
+        False,
+        "--print-session-string",
+        help="Log in into a fresh StringSession and print it (for DOPPELBOT_SESSION_STRING in "
+        "containers) instead of writing the session file. Treat the string like a password.",
     ),
 ) -> None:
-    state(ctx)
-    not_available("login")
+    """Interactive login: phone, the code Telegram sends, and the 2FA password if set."""
+    st = state(ctx)
+    settings = st.settings
+    from doppelbot.store import history
+    from doppelbot.telegram.login import LoginPrompts, login_interactive
+
+    err = st.err_console
+
+    async def ask(text: str, hide: bool = False) -> str:
+        import asyncio
+
+        # Prompts run in a thread so the client's network tasks keep running meanwhile.
+        return await asyncio.to_thread(typer.prompt, text, hide_input=hide, err=True)
+
+    prompts = LoginPrompts(
+        phone=lambda: settings.phone or ask("Phone number (international format, +…)"),
+        code=lambda: ask("Login code Telegram sent you"),
+        password=lambda: ask("Two-step verification password", hide=True),
+        notice=lambda text: err.print(text),
+    )
+
+    async def go() -> None:
+        result = await login_interactive(
+            settings, prompts, print_session_string=print_session_string
+        )
+        async with open_db(settings) as db:
+            await history.save_account(db, result.account)
+        who = result.account.first_name or ""
+        if result.account.username:
+            who += f" (@{result.account.username})"
+        verb = "Already logged in" if result.already else "Logged in"
+        where = (
+            "string session"
+            if result.session_string is not None or settings.session_string is not None
+            else f"session file {settings.session_path} (mode 0600)"
+        )
+        err.print(f"{verb} as {who.strip() or result.account.user_id}; {where}.")
+        if result.session_string is not None:
+            err.print(
+                "Put the next line into DOPPELBOT_SESSION_STRING (it grants full access to your "
+                "account: keep it secret):"
+            )
+            # stdout carries only the string, so `... > file` captures exactly it.
+            typer.echo(result.session_string)
+
+    run_async(go())
 
 
-def export(ctx: typer.Context) -> None:
-    state(ctx)
-    not_available("export")
+def _parse_date(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        day = dt.date.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a date like 2023-01-31") from None
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp())
+
+
+class RichExportProgress:
+    """Per-chat and overall progress bars, FloodWait countdowns and notes."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[extra]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.overall: TaskID | None = None
+        self.tasks: dict[int, TaskID] = {}
+        self.names: dict[int, str] = {}
+
+    def __enter__(self) -> RichExportProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def start(self, chats: int) -> None:
+        self.overall = self.progress.add_task("[bold]all chats", total=chats, extra="")
+
+    def chat_started(self, chat_id: int, name: str, stored: int, total: int | None) -> None:
+        short = name if len(name) <= 28 else name[:27] + "…"
+        self.names[chat_id] = short
+        self.tasks[chat_id] = self.progress.add_task(
+            f"  {short}", total=total, completed=stored, extra=""
+        )
+
+    def chat_advanced(self, chat_id: int, stored: int, total: int | None) -> None:
+        task = self.tasks.get(chat_id)
+        if task is not None:
+            self.progress.update(task, completed=stored, total=total, extra="")
+
+    def waiting(self, chat_id: int, remaining_s: int) -> None:
+        task = self.tasks.get(chat_id)
+        if task is not None:
+            extra = f"[yellow]FloodWait: {remaining_s}s[/]" if remaining_s else ""
+            self.progress.update(task, extra=extra)
+
+    def chat_finished(self, report: ChatReport) -> None:
+        task = self.tasks.pop(report.chat_id, None)
+        if task is not None:
+            self.progress.update(
+                task,
+                completed=report.stored,
+                total=report.server_total or report.stored,
+                extra=str(report.status),
+            )
+            self.progress.remove_task(task)
+        if self.overall is not None:
+            self.progress.advance(self.overall)
+
+    def note(self, text: str) -> None:
+        self.console.print(f"[yellow]note:[/] {text}")
+
+
+def _summary(report: ExportReport) -> Table:
+    table = Table(title="Export summary")
+    table.add_column("chat")
+    table.add_column("id", justify="right")
+    table.add_column("kind")
+    table.add_column("new", justify="right")
+    table.add_column("re-read", justify="right")
+    table.add_column("stored", justify="right")
+    table.add_column("on server", justify="right")
+    table.add_column("status")
+    for c in report.chats:
+        colour = "green" if not c.note else "yellow"
+        if c.status in ("failed", "stopped: flood wait"):
+            colour = "red"
+        table.add_row(
+            c.name,
+            str(c.chat_id),
+            str(c.kind),
+            str(c.fetched),
+            str(c.refreshed),
+            str(c.stored),
+            "?" if c.server_total is None else str(c.server_total),
+            f"[{colour}]{c.status}[/]" + (f" — {c.note}" if c.note else ""),
+        )
+    return table
+
+
+def export(
+    ctx: typer.Context,
+    groups: bool = typer.Option(
+        False, "--groups", help="Also export groups and supergroups (default: private chats only)."
+    ),
+    channels: bool = typer.Option(False, "--channels", help="Also export broadcast channels."),
+    saved: bool = typer.Option(False, "--saved", help="Also export your Saved Messages."),
+    chat: list[str] = typer.Option(
+        [],
+        "--chat",
+        "-c",
+        help="Only this chat: a numeric id (as Telethon marks it) or @username. Repeatable. "
+        "A listed chat is exported whatever its kind.",
+    ),
+    since: str | None = typer.Option(
+        None, "--since", help="Date floor YYYY-MM-DD (UTC): older messages are not fetched."
+    ),
+    replied_only: bool = typer.Option(
+        False,
+        "--replied-only",
+        help="Only chats where you have written yourself (a read message of yours, your last "
+        "message, or one already stored).",
+    ),
+    takeout: bool | None = typer.Option(
+        None,
+        "--takeout/--no-takeout",
+        help="Use a takeout session (lower flood limits; Telegram may ask you to confirm it in "
+        "an official app). Default: DOPPELBOT_EXPORT_USE_TAKEOUT.",
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", min=1, help="Messages per transaction (DOPPELBOT_EXPORT_BATCH_SIZE)."
+    ),
+    refetch_recent: int | None = typer.Option(
+        None,
+        "--refetch-recent",
+        min=0,
+        help="Newest messages per chat fetched again on re-runs to pick up edits "
+        "(DOPPELBOT_EXPORT_REFETCH_RECENT).",
+    ),
+) -> None:
+    """Export your chats over MTProto into the database.
+
+    Incremental and resumable: re-running fetches only new messages (plus the newest few again,
+    for edits) and continues older history where an interrupted run stopped. FloodWait is
+    waited out up to DOPPELBOT_FLOOD_WAIT_MAX_S with a countdown; a longer wait stops that chat
+    and keeps what it has.
+    """
+    st = state(ctx)
+    settings = st.settings
+    floor = _parse_date(since)
+    from doppelbot.telegram.client import connected
+    from doppelbot.telegram.export import ExportOptions, export_history
+
+    options = ExportOptions.from_settings(
+        settings,
+        include_groups=groups,
+        include_channels=channels,
+        include_saved=saved,
+        chats=tuple(chat),
+        since=floor,
+        replied_only=replied_only,
+        use_takeout=takeout,
+        batch_size=batch_size,
+        refetch_recent=refetch_recent,
+    )
+    console = st.err_console
+
+    async def go() -> ExportReport:
+        async with open_db(settings) as db, connected(settings, receive_updates=False) as client:
+            with RichExportProgress(console) as progress:
+                return await export_history(client, db, options, progress=progress)
+
+    report = run_async(go())
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    st.console.print(_summary(report))
+    skipped = ", ".join(f"{n} {what}" for what, n in sorted(report.skipped.items()))
+    st.console.print(
+        f"{report.fetched} new messages from {len(report.chats)} chats in {report.seconds:.1f}s"
+        + (" (takeout)" if report.used_takeout else " (normal API, paced)")
+        + (f"; skipped: {skipped}" if skipped else "")
+    )
+    if report.problems:
+        st.console.print(
+            f"[yellow]{len(report.problems)} chat(s) incomplete — run `doppelbot export` again "
+            "later to continue where it stopped.[/]"
+        )
 
 
 def import_desktop(
     ctx: typer.Context,
-    path: Path = typer.Argument(..., help="Telegram Desktop export: result.json or its folder."),
+    path: Path = typer.Argument(
+        ...,
+        help="Telegram Desktop export (JSON): its result.json or the folder holding it. Both "
+        "the single-chat and the full-account ('chats.list') layouts work.",
+    ),
+    groups: bool = typer.Option(False, "--groups", help="Also import groups and supergroups."),
+    channels: bool = typer.Option(False, "--channels", help="Also import channels."),
+    saved: bool = typer.Option(False, "--saved", help="Also import Saved Messages."),
+    bots: bool = typer.Option(False, "--bots", help="Also import chats with bots."),
+    owner_id: int | None = typer.Option(
+        None,
+        "--owner-id",
+        help="Your numeric Telegram user id, to tell your messages apart in group exports "
+        "(default: from the file, or from `doppelbot login`).",
+    ),
 ) -> None:
-    state(ctx)
-    not_available("import")
+    """Import a Telegram Desktop JSON export into the same tables as `export`.
+
+    Private chats by default (like `export`). Idempotent: importing the same file again
+    changes nothing. A malformed or truncated file stops with the position of the problem
+    (line/column, or chat and message index) and writes nothing.
+    """
+    st = state(ctx)
+    settings = st.settings
+    from doppelbot.importers.desktop import ImportOptions, import_desktop_export
+
+    options = ImportOptions(
+        include_groups=groups,
+        include_channels=channels,
+        include_saved=saved,
+        include_bots=bots,
+        owner_id=owner_id,
+    )
+
+    async def go() -> None:
+        async with open_db(settings) as db:
+            result = await import_desktop_export(db, path, options)
+        line = f"imported {result.messages} messages from {result.chats} chat(s)"
+        if result.skipped:
+            parts = ", ".join(f"{n} {what}" for what, n in sorted(result.skipped.items()))
+            line += f"; skipped {parts} (see --help to include them)"
+        st.console.print(line)
+
+    run_async(go())

@@ -19,10 +19,11 @@ from typing import Any
 
 from telethon import TelegramClient, events
 from telethon import errors as tg_errors
+from telethon import utils as tg_utils
 from telethon.tl import functions, types
 
 from doppelbot.config import Settings
-from doppelbot.domain import Message, Peer, PeerKind
+from doppelbot.domain import Message, Peer, PeerKind, Reaction
 from doppelbot.errors import DoppelbotError, FloodWaitError
 from doppelbot.ports import FactRetriever, ReplyGenerator
 from doppelbot.responder.loopmon import LoopLagMonitor
@@ -39,6 +40,32 @@ log = logging.getLogger("doppelbot.live")
 WARM_DIALOGS = 200
 
 MessageListener = Callable[[Message, Peer], Awaitable[None]]
+#: (chat id, message id, the message's current reactions): from UpdateMessageReactions and from
+#: edits that carry a reactions field.
+ReactionListener = Callable[[int, int, Sequence[Reaction]], Awaitable[None]]
+
+
+def map_reactions(chat_id: int, message_id: int, reactions: Any) -> list[Reaction]:
+    """Telegram's ``MessageReactions`` → the current state, one row per emoji.
+
+    ``chosen_order`` marks the owner's own pick; the rest of a count is other people's. A row
+    is ``by_owner`` only when nobody else chose that emoji (feedback reads other people's)."""
+    out: list[Reaction] = []
+    for result in getattr(reactions, "results", None) or ():
+        reaction = result.reaction
+        if isinstance(reaction, types.ReactionEmoji):
+            emoji = reaction.emoticon
+        elif isinstance(reaction, types.ReactionCustomEmoji):
+            emoji = f"custom:{reaction.document_id}"
+        else:  # paid stars and future kinds carry no opinion we can read
+            continue
+        own = 1 if result.chosen_order is not None else 0
+        others = max(0, int(result.count) - own)
+        if others:
+            out.append(Reaction(chat_id, message_id, emoji, others, False))
+        elif own:
+            out.append(Reaction(chat_id, message_id, emoji, 1, True))
+    return out
 
 
 class TelethonTransport:
@@ -103,12 +130,16 @@ class LiveBot:
         #: Called for every new message the bot sees, Saved Messages included (the review
         #: workflow reads owner commands there).
         self.listeners: list[MessageListener] = []
+        #: Called with the current reactions of a message, in any chat (feedback capture,
+        #: reactions on review cards).
+        self.reaction_listeners: list[ReactionListener] = []
         self._peers: dict[int, Peer] = {}
         self._inflight: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._handlers: list[tuple[Callable[..., Any], Any]] = [
             (self._on_new, events.NewMessage()),
             (self._on_edit, events.MessageEdited()),
+            (self._on_reactions, events.Raw(types.UpdateMessageReactions)),
         ]
 
     def install(self) -> None:
@@ -176,15 +207,41 @@ class LiveBot:
             self._inflight.add(task)
         try:
             peer = await self._peer(event)
-            if peer is None or not self._stores(peer):
+            if peer is None:
                 return
-            message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
-            await self._save(message, peer)
+            if self._stores(peer):
+                message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
+                await self._save(message, peer)
+            # Reactions may arrive as an edit of the message that carries them; no field
+            # means "no news about reactions", not "none".
+            reactions = getattr(event.message, "reactions", None)
+            if reactions is not None:
+                await self._emit_reactions(peer.peer_id, int(event.message.id), reactions)
         except Exception as exc:
             log.error("live: edit not handled: %s", describe(exc))
         finally:
             if task is not None:
                 self._inflight.discard(task)
+
+    async def _on_reactions(self, update: Any) -> None:
+        if self._closing:
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        try:
+            chat_id = tg_utils.get_peer_id(update.peer)
+            await self._emit_reactions(chat_id, int(update.msg_id), update.reactions)
+        except Exception as exc:
+            log.error("live: reactions not handled: %s", describe(exc))
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
+    async def _emit_reactions(self, chat_id: int, message_id: int, reactions: Any) -> None:
+        current = map_reactions(chat_id, message_id, reactions)
+        for listener in self.reaction_listeners:
+            await listener(chat_id, message_id, current)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Importers of history from files (no network, no telethon): Telegram Desktop JSON exports."""

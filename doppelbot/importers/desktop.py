@@ -1,0 +1,375 @@
+"""Import a Telegram Desktop JSON export (``result.json``) into the history tables.
+
+Why: many people already have a Desktop export, or cannot use the MTProto export (no API id,
+an account that must not run a userbot). The file goes into the same ``messages``/``peers``
+tables as ``doppelbot export``, with the same ids (Telethon's marked chat ids, Telegram's
+message ids), so the two sources merge: re-importing or exporting the same chat later upserts
+the same rows instead of duplicating them.
+
+Both layouts are read: the single-chat export (``{"name", "type", "id", "messages"}``) and the
+full-account export (``{"personal_information", "chats": {"list": [...]}}``). The whole file is
+validated while rows are built and written in ONE transaction, so a malformed or truncated file
+raises ``ImportFormatError`` naming the position (``line 12 column 5`` for broken JSON,
+``chats.list[3].messages[17]`` for a bad message) and leaves the database untouched.
+
+Dates: ``date_unixtime`` when present (Desktop ≥ 2.x); older files only have a local-time
+``date`` string, read as this machine's local time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from doppelbot.domain import MediaKind, Message, Peer, PeerKind
+from doppelbot.errors import ImportFormatError
+from doppelbot.store import history
+from doppelbot.store.database import Database, now
+
+CHANNEL_OFFSET = 10**12  # Telethon marks channel ids as -(10**12 + id)
+
+_USER_CHATS = {"personal_chat", "saved_messages", "bot_chat"}
+_GROUP_CHATS = {"private_group", "private_supergroup", "public_supergroup"}
+_CHANNEL_CHATS = {"private_channel", "public_channel"}
+
+_MEDIA_TYPES = {
+    "sticker": MediaKind.STICKER,
+    "voice_message": MediaKind.VOICE,
+    "video_message": MediaKind.VIDEO_NOTE,
+    "animation": MediaKind.ANIMATION,
+    "video_file": MediaKind.VIDEO,
+    "audio_file": MediaKind.AUDIO,
+}
+
+INSERT_PEER_IF_NEW_SQL = (
+    "INSERT INTO peers (peer_id, kind, first_name, last_name, title, username, is_bot,"
+    " is_deleted, is_contact, is_self, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (peer_id) DO NOTHING"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOptions:
+    include_groups: bool = False
+    include_channels: bool = False
+    include_saved: bool = False
+    include_bots: bool = False
+    owner_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    chats: int
+    messages: int
+    skipped_chats: int
+    skipped: dict[str, int]
+
+
+def _fail(where: str, problem: str) -> ImportFormatError:
+    return ImportFormatError(f"not a valid Telegram Desktop export at {where}: {problem}")
+
+
+def resolve_path(path: Path) -> Path:
+    if path.is_dir():
+        path = path / "result.json"
+    if not path.is_file():
+        raise ImportFormatError(f"no Telegram Desktop export at {path} (expected result.json)")
+    return path
+
+
+def load_export(path: Path) -> Any:
+    """Parse the JSON; broken JSON → ``ImportFormatError`` with line and column."""
+    path = resolve_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ImportFormatError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ImportFormatError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        # At the end of the input, or inside a string that never closes: the file was cut off.
+        cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+        what = "the file ends too early (truncated?)" if cut else exc.msg
+        raise ImportFormatError(
+            f"{path}: broken JSON at line {exc.lineno} column {exc.colno}: {what}"
+        ) from None
+
+
+def marked_chat_id(chat_type: str, raw_id: int) -> int:
+    """Desktop's bare chat id → Telethon's marked id."""
+    if chat_type in _USER_CHATS:
+        return raw_id
+    if chat_type == "private_group":
+        return -raw_id
+    return -(CHANNEL_OFFSET + raw_id)
+
+
+def parse_from_id(value: Any, where: str) -> int | None:
+    """``"user123"`` / ``"channel123"`` / ``"chat123"`` → a marked peer id."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise _fail(where, f"from_id must be a string like 'user123', got {value!r}")
+    for prefix, mark in (("user", 1), ("channel", -1), ("chat", 0)):
+        if value.startswith(prefix) and value[len(prefix) :].isdigit():
+            n = int(value[len(prefix) :])
+            if mark == 1:
+                return n
+            return -(CHANNEL_OFFSET + n) if mark == -1 else -n
+    raise _fail(where, f"from_id must look like 'user123', got {value!r}")
+
+
+def flatten_text(value: Any, where: str) -> str:
+    """``text`` is a string or a list of strings and ``{"type", "text"}`` parts."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for i, part in enumerate(value):
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                raise _fail(f"{where}.text[{i}]", "expected a string or {'type','text'} object")
+        return "".join(parts)
+    raise _fail(f"{where}.text", f"expected a string or a list, got {type(value).__name__}")
+
+
+def _unix(msg: dict[str, Any], key: str, where: str, *, required: bool) -> int | None:
+    raw_unix = msg.get(f"{key}_unixtime")
+    if raw_unix is not None:
+        try:
+            return int(raw_unix)
+        except (TypeError, ValueError):
+            raise _fail(f"{where}.{key}_unixtime", f"not a number: {raw_unix!r}") from None
+    raw = msg.get(key)
+    if raw is None:
+        if required:
+            raise _fail(where, f"'{key}' is missing")
+        return None
+    try:
+        return int(dt.datetime.fromisoformat(str(raw)).timestamp())
+    except ValueError:
+        raise _fail(f"{where}.{key}", f"not a date: {raw!r}") from None
+
+
+def _media(msg: dict[str, Any]) -> MediaKind | None:
+    if "photo" in msg:
+        return MediaKind.PHOTO
+    media_type = msg.get("media_type")
+    if media_type is not None:
+        return _MEDIA_TYPES.get(str(media_type), MediaKind.OTHER)
+    if "file" in msg:
+        return MediaKind.DOCUMENT
+    if "location_information" in msg:
+        return MediaKind.GEO
+    if "contact_information" in msg:
+        return MediaKind.CONTACT
+    if "poll" in msg:
+        return MediaKind.POLL
+    if any(k in msg for k in ("game_title", "invoice_information", "dice", "todo_list")):
+        return MediaKind.OTHER
+    return None
+
+
+def map_desktop_message(
+    msg: Any, *, chat_id: int, owner_id: int | None, other_id: int | None, where: str
+) -> Message:
+    """One Desktop message object → ``domain.Message`` (``where`` names it in errors)."""
+    if not isinstance(msg, dict):
+        raise _fail(where, f"a message must be an object, got {type(msg).__name__}")
+    mid = msg.get("id")
+    if not isinstance(mid, int) or isinstance(mid, bool):
+        raise _fail(where, "'id' is missing or not an integer")
+    kind = msg.get("type", "message")
+    service = kind == "service"
+    if kind not in ("message", "service"):
+        raise _fail(f"{where}.type", f"unknown message type {kind!r}")
+    sender = parse_from_id(msg.get("actor_id" if service else "from_id"), where)
+    if owner_id is not None and sender is not None:
+        outgoing = sender == owner_id
+    elif other_id is not None and sender is not None:
+        outgoing = sender != other_id  # a private chat has two speakers
+    else:
+        outgoing = False
+    reply = msg.get("reply_to_message_id")
+    if reply is not None and (not isinstance(reply, int) or isinstance(reply, bool)):
+        raise _fail(f"{where}.reply_to_message_id", f"not an integer: {reply!r}")
+    if msg.get("reply_to_peer_id") is not None:
+        reply = None  # a reply to a message in another chat
+    forwarded = "forwarded_from" in msg
+    action = msg.get("action") if service else None
+    if service and not isinstance(action, str):
+        action = "unknown"
+    emoji = msg.get("sticker_emoji")
+    return Message(
+        chat_id=chat_id,
+        message_id=mid,
+        sender_id=sender,
+        is_outgoing=outgoing,
+        date=_unix(msg, "date", where, required=True) or 0,
+        text="" if service else flatten_text(msg.get("text"), where),
+        edit_date=_unix(msg, "edited", where, required=False),
+        reply_to_message_id=reply,
+        is_forwarded=forwarded,
+        forwarded_from=str(msg["forwarded_from"]) if msg.get("forwarded_from") else None,
+        media_kind=None if service else _media(msg),
+        sticker_emoji=str(emoji) if emoji else None,
+        grouped_id=None,
+        service_action=action,
+    )
+
+
+def _chats(data: Any) -> tuple[list[tuple[str, Any]], int | None, dict[str, Any] | None]:
+    """(where, chat) pairs, the owner's id and profile, for either layout."""
+    if not isinstance(data, dict):
+        raise _fail("the top level", "expected a JSON object")
+    if "messages" in data:
+        return [("the chat", data)], None, None
+    chats = data.get("chats")
+    if not isinstance(chats, dict) or not isinstance(chats.get("list"), list):
+        raise _fail(
+            "the top level",
+            "neither a single-chat export ('messages') nor a full export ('chats.list')",
+        )
+    owner = None
+    me = data.get("personal_information")
+    if isinstance(me, dict) and isinstance(me.get("user_id"), int):
+        owner = me["user_id"]
+    pairs = [(f"chats.list[{i}]", chat) for i, chat in enumerate(chats["list"])]
+    left = data.get("left_chats")
+    if isinstance(left, dict) and isinstance(left.get("list"), list):
+        pairs += [(f"left_chats.list[{i}]", chat) for i, chat in enumerate(left["list"])]
+    return pairs, owner, me if isinstance(me, dict) else None
+
+
+def _peer_for_chat(chat_type: str, chat_id: int, name: Any, owner_id: int | None) -> Peer:
+    if chat_type in _USER_CHATS:
+        return Peer(
+            peer_id=chat_id,
+            kind=PeerKind.BOT if chat_type == "bot_chat" else PeerKind.USER,
+            first_name=str(name) if name else None,
+            is_bot=chat_type == "bot_chat",
+            is_deleted=not name and chat_type == "personal_chat",
+            is_self=chat_type == "saved_messages" or chat_id == owner_id,
+        )
+    kind = PeerKind.CHANNEL if chat_type in _CHANNEL_CHATS else PeerKind.GROUP
+    return Peer(peer_id=chat_id, kind=kind, title=str(name) if name else None)
+
+
+@dataclass(slots=True)
+class _ChatRows:
+    peer: Peer
+    rows: list[tuple[Any, ...]]
+    senders: dict[int, str]
+
+
+def _chat_rows(
+    where: str, chat: Any, owner_id: int | None, options: ImportOptions
+) -> _ChatRows | str:
+    """Rows of one chat, or the reason it is skipped."""
+    if not isinstance(chat, dict):
+        raise _fail(where, "a chat must be an object")
+    chat_type = chat.get("type")
+    if not isinstance(chat_type, str):
+        raise _fail(where, "'type' is missing")
+    raw_id = chat.get("id")
+    if not isinstance(raw_id, int) or isinstance(raw_id, bool):
+        raise _fail(where, "'id' is missing or not an integer")
+    messages = chat.get("messages")
+    if not isinstance(messages, list):
+        raise _fail(where, "'messages' is missing or not a list")
+    if chat_type == "saved_messages" and owner_id is not None:
+        raw_id = owner_id
+    chat_id = marked_chat_id(chat_type, raw_id)
+    if chat_type == "bot_chat" and not options.include_bots:
+        return "bots"
+    if chat_type == "saved_messages" and not options.include_saved:
+        return "saved messages"
+    if chat_type in _GROUP_CHATS and not options.include_groups:
+        return "groups"
+    if chat_type in _CHANNEL_CHATS and not options.include_channels:
+        return "channels"
+    if chat_type not in _USER_CHATS | _GROUP_CHATS | _CHANNEL_CHATS:
+        return f"chats of type {chat_type}"
+    other_id = chat_id if chat_type in ("personal_chat", "bot_chat") else None
+    if owner_id is None and other_id is None:
+        raise ImportFormatError(
+            f"{where} ({chat_type}): cannot tell which messages are yours in a group export; "
+            "pass --owner-id (your numeric Telegram id) or run `doppelbot login` first"
+        )
+    peer = _peer_for_chat(chat_type, chat_id, chat.get("name"), owner_id)
+    rows: list[tuple[Any, ...]] = []
+    senders: dict[int, str] = {}
+    for j, raw in enumerate(messages):
+        at = f"{where}.messages[{j}]"
+        m = map_desktop_message(
+            raw, chat_id=chat_id, owner_id=owner_id, other_id=other_id, where=at
+        )
+        rows.append(history.message_row(m))
+        if m.sender_id is not None and m.sender_id not in senders:
+            name = raw.get("actor" if m.is_service else "from")
+            senders[m.sender_id] = str(name) if name else ""
+    return _ChatRows(peer, rows, senders)
+
+
+def _sender_peers(senders: dict[int, str], owner_id: int | None) -> Iterator[Peer]:
+    for peer_id, name in senders.items():
+        if peer_id > 0:
+            yield Peer(
+                peer_id=peer_id,
+                kind=PeerKind.USER,
+                first_name=name or None,
+                is_deleted=not name,
+                is_self=peer_id == owner_id,
+            )
+        elif peer_id < -CHANNEL_OFFSET:
+            yield Peer(peer_id=peer_id, kind=PeerKind.CHANNEL, title=name or None)
+        else:
+            yield Peer(peer_id=peer_id, kind=PeerKind.GROUP, title=name or None)
+
+
+async def import_desktop_export(
+    db: Database, path: Path, options: ImportOptions | None = None
+) -> ImportResult:
+    """Import ``path`` (result.json or its folder); all or nothing, idempotent."""
+    options = options or ImportOptions()
+    data = load_export(path)
+    pairs, file_owner, _ = _chats(data)
+    owner_id = options.owner_id or file_owner
+    if owner_id is None:
+        account = await history.get_account(db)
+        owner_id = account.user_id if account else None
+    built: list[_ChatRows] = []
+    skipped: dict[str, int] = {}
+    for where, chat in pairs:
+        result = _chat_rows(where, chat, owner_id, options)
+        if isinstance(result, str):
+            skipped[result] = skipped.get(result, 0) + 1
+        else:
+            built.append(result)
+    ts = now()
+    messages = 0
+    async with db.transaction() as conn:
+        for chat in built:
+            peers = [chat.peer, *_sender_peers(chat.senders, owner_id)]
+            await conn.executemany(INSERT_PEER_IF_NEW_SQL, [history.peer_row(p, ts) for p in peers])
+            await conn.executemany(history.UPSERT_MESSAGE_SQL, chat.rows)
+            messages += len(chat.rows)
+    return ImportResult(
+        chats=len(built),
+        messages=messages,
+        skipped_chats=sum(skipped.values()),
+        skipped=skipped,
+    )

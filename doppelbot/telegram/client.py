@@ -1,0 +1,99 @@
+"""Building and connecting the Telethon client from ``Settings``.
+
+The session is the owner's Telegram login: whoever holds it reads every chat. It lives either
+in a file under the data directory, created with mode 0600 *before* Telethon opens it (so it
+is never world-readable, not even for a moment), or in ``DOPPELBOT_SESSION_STRING`` for
+containers. Neither is ever logged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from telethon import TelegramClient
+from telethon.sessions import SQLiteSession, StringSession
+
+from doppelbot import __version__
+from doppelbot.config import Settings
+from doppelbot.errors import ConfigError, NotLoggedInError
+from doppelbot.telegram.errors import telegram_errors
+
+SESSION_MODE = 0o600
+
+
+def secure_session_file(path: Path) -> Path:
+    """Create (or tighten) the session file with mode 0600; its folder 0700 when we create it."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, SESSION_MODE)
+    os.close(fd)
+    os.chmod(path, SESSION_MODE)
+    return path
+
+
+def _credentials(settings: Settings) -> tuple[int, str]:
+    if settings.api_id is None or settings.api_hash is None:
+        raise ConfigError(
+            "DOPPELBOT_API_ID and DOPPELBOT_API_HASH are required to talk to Telegram "
+            "(create them at https://my.telegram.org → API development tools)"
+        )
+    return settings.api_id, settings.api_hash.get_secret_value()
+
+
+def make_session(settings: Settings, *, fresh_string: bool = False) -> Any:
+    """The Telethon session: a StringSession (settings or a fresh one) or the 0600 file."""
+    if fresh_string:
+        return StringSession()
+    if settings.session_string is not None:
+        try:
+            return StringSession(settings.session_string.get_secret_value().strip())
+        except ValueError:
+            raise ConfigError(
+                "DOPPELBOT_SESSION_STRING: not a valid Telethon session string"
+            ) from None
+    path = secure_session_file(settings.session_path)
+    return SQLiteSession(str(path))
+
+
+def create_client(
+    settings: Settings, *, receive_updates: bool = True, fresh_string_session: bool = False
+) -> TelegramClient:
+    """A configured, not yet connected client.
+
+    ``flood_sleep_threshold=0``: Telethon must not sleep on FloodWait by itself; our callers
+    wait with a visible countdown up to ``flood_wait_max_s`` and stop cleanly beyond it.
+    """
+    api_id, api_hash = _credentials(settings)
+    session = make_session(settings, fresh_string=fresh_string_session)
+    return TelegramClient(
+        session,
+        api_id,
+        api_hash,
+        flood_sleep_threshold=0,
+        receive_updates=receive_updates,
+        device_model="doppelbot",
+        app_version=__version__,
+        base_logger="telethon",
+    )
+
+
+@asynccontextmanager
+async def connected(
+    settings: Settings, *, receive_updates: bool = True, client: TelegramClient | None = None
+) -> AsyncIterator[TelegramClient]:
+    """A connected, logged-in client; ``NotLoggedInError`` when the session is not authorised."""
+    client = client or create_client(settings, receive_updates=receive_updates)
+    with telegram_errors():
+        await client.connect()
+    try:
+        with telegram_errors():
+            authorised = await client.is_user_authorized()
+        if not authorised:
+            raise NotLoggedInError("not logged in to Telegram: run `doppelbot login` first")
+        yield client
+    finally:
+        await client.disconnect()

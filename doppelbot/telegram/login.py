@@ -1,0 +1,111 @@
+"""Interactive login with Telethon's own sign-in calls (phone → code → 2FA password).
+
+We drive ``send_code_request``/``sign_in`` ourselves instead of ``client.start()`` because
+``start()`` prints to stdout, and ``--print-session-string`` must put nothing but the string
+there. Prompts are callables (sync or async) so the CLI asks on the terminal and tests answer
+programmatically. Nothing secret is ever logged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from telethon import TelegramClient
+from telethon import errors as tg_errors
+
+from doppelbot.config import Settings
+from doppelbot.domain import Account
+from doppelbot.errors import TelegramError
+from doppelbot.telegram import client as client_mod
+from doppelbot.telegram.errors import telegram_errors, translate
+from doppelbot.telegram.mapping import map_account
+
+Prompt = Callable[[], str | Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class LoginPrompts:
+    phone: Prompt
+    code: Prompt
+    password: Prompt
+    notice: Callable[[str], Any] = lambda text: None
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    account: Account
+    already: bool
+    session_string: str | None = None  # only with print_session_string
+
+
+async def _ask(prompt: Prompt) -> str:
+    value = prompt()
+    if inspect.isawaitable(value):
+        value = await value
+    return str(value).strip()
+
+
+async def sign_in(client: TelegramClient, prompts: LoginPrompts, *, attempts: int = 3) -> Any:
+    """Log ``client`` in (already connected); returns the Telethon ``User``."""
+    phone = await _ask(prompts.phone)
+    if not phone:
+        raise TelegramError("a phone number is needed to log in (or set DOPPELBOT_PHONE)")
+    with telegram_errors():
+        await client.send_code_request(phone)
+    needs_password = False
+    for attempt in range(attempts):
+        code = await _ask(prompts.code)
+        try:
+            return await client.sign_in(phone, code=code)
+        except tg_errors.SessionPasswordNeededError:
+            needs_password = True
+            break
+        except (tg_errors.PhoneCodeInvalidError, tg_errors.PhoneCodeEmptyError) as exc:
+            if attempt == attempts - 1:
+                raise translate(exc) from exc
+            prompts.notice("That code is not right; try again.")
+        except (tg_errors.RPCError, ConnectionError, OSError) as exc:
+            raise translate(exc) from exc
+    if not needs_password:
+        raise TelegramError("login failed")
+    for attempt in range(attempts):
+        password = await _ask(prompts.password)
+        try:
+            return await client.sign_in(password=password)
+        except tg_errors.PasswordHashInvalidError as exc:
+            if attempt == attempts - 1:
+                raise translate(exc) from exc
+            prompts.notice("That password is not right; try again.")
+        except (tg_errors.RPCError, ConnectionError, OSError) as exc:
+            raise translate(exc) from exc
+    raise TelegramError("login failed")
+
+
+async def login_interactive(
+    settings: Settings,
+    prompts: LoginPrompts,
+    *,
+    print_session_string: bool = False,
+    client: TelegramClient | None = None,
+) -> LoginResult:
+    """Log in (if not already) and return who we are; the session is saved by Telethon."""
+    client = client or client_mod.create_client(
+        settings, receive_updates=False, fresh_string_session=print_session_string
+    )
+    with telegram_errors():
+        await client.connect()
+    try:
+        with telegram_errors():
+            me = await client.get_me()
+        already = me is not None
+        if me is None:
+            me = await sign_in(client, prompts)
+        session_string = None
+        if print_session_string or (settings.session_string is not None and not already):
+            session_string = client.session.save()
+        return LoginResult(map_account(me), already, session_string)
+    finally:
+        await client.disconnect()
