@@ -124,7 +124,7 @@ async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
     async with asyncio.timeout(20):
         await ready.wait()
     tg.push_incoming(alice, "как ты?")
-    await wait_for(lambda: tg.sent, 10)
+    await wait_for(lambda: [s for s in tg.sent if s.chat_id == alice.id], 10)
     os.kill(os.getpid(), signal.SIGTERM)
     async with asyncio.timeout(20):
         session = await task
@@ -135,7 +135,9 @@ async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
         [reply] = await replies.for_chat(db, alice.id)
         assert reply.status is ReplyStatus.SENT
         assert reply.model_id == str(model_dir)
-        assert [s.text for s in tg.sent] == (reply.final_text or "").split("\n")
+        # (auto mode also posts a copy card to Saved Messages: only Alice's chat here)
+        to_alice = [s.text for s in tg.sent if s.chat_id == alice.id]
+        assert to_alice == (reply.final_text or "").split("\n")
         stored = await history.recent_messages(db, alice.id)
-        assert [m.text for m in stored] == ["как ты?", *(s.text for s in tg.sent)]
+        assert [m.text for m in stored] == ["как ты?", *to_alice]
         assert isinstance(stored[0], Message)

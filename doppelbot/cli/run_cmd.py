@@ -27,7 +27,7 @@ from doppelbot.cli.common import open_db, run_async, state
 if TYPE_CHECKING:
     from doppelbot.config import Settings
     from doppelbot.ports import FactRetriever, ReplyGenerator
-    from doppelbot.responder.service import DraftSink
+    from doppelbot.review.workflow import ReviewWorkflow
     from doppelbot.store.database import Database
     from doppelbot.telegram.live import LiveSession
 
@@ -60,15 +60,64 @@ def _install_signals(stop: asyncio.Event) -> list[int]:
     return installed
 
 
+class _LazyFacts:
+    """A ``FactRetriever`` that opens the knowledge base once there is a fact to retrieve.
+
+    Without facts at start the embedder is not loaded at all (a bot without facts never pays
+    for it); the first ``/fact`` in Saved Messages (or ``doppelbot facts add``) is picked up by
+    the next reply, which opens the knowledge base then — once."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self._settings = settings
+        self._db = db
+        self._kb: Any = None
+        self._failed = False
+        self._lock = asyncio.Lock()
+
+    async def _get(self) -> Any:
+        if self._kb is not None or self._failed:
+            return self._kb
+        async with self._lock:
+            if self._kb is None and not self._failed:
+                if not await self._db.scalar("SELECT count(*) FROM facts"):
+                    return None
+                from doppelbot.errors import DoppelbotError
+                from doppelbot.knowledge.knowledge_base import KnowledgeBase
+
+                log.info("run: the first fact arrived: loading the knowledge base")
+                try:
+                    self._kb = await KnowledgeBase.open(self._settings, self._db)
+                except DoppelbotError as exc:
+                    self._failed = True
+                    log.warning("run: knowledge base unavailable (%s): answering without", exc)
+        return self._kb
+
+    async def retrieve(
+        self, query: str, *, top_k: int | None = None, threshold: float | None = None
+    ) -> list[Any]:
+        kb = await self._get()
+        return [] if kb is None else await kb.retrieve(query, top_k=top_k, threshold=threshold)
+
+    async def similarity(self, query: str, candidates: Any) -> list[float]:
+        kb = await self._get()
+        if kb is None:
+            return [0.0 for _ in candidates]
+        return list(await kb.similarity(query, candidates))
+
+    async def aclose(self) -> None:
+        if self._kb is not None:
+            await self._kb.aclose()
+
+
 async def _open_facts(settings: Settings, db: Database, console: Console) -> Any:
-    """The knowledge base, or None when there are no facts or it cannot load (the bot then
-    answers without facts rather than not at all)."""
+    """The knowledge base, or None when it cannot load (the bot then answers without facts
+    rather than not at all). Without facts yet: a lazy one that opens on the first fact."""
     if settings.facts_top_k == 0 and not settings.fact_fallback:
         return None
     count = await db.scalar("SELECT count(*) FROM facts")
     if not count:
-        log.info("run: no facts yet (`doppelbot facts add`): answering without facts")
-        return None
+        log.info("run: no facts yet (`/fact` in Saved Messages or `doppelbot facts add`)")
+        return _LazyFacts(settings, db)
     from doppelbot.errors import DoppelbotError
     from doppelbot.knowledge.knowledge_base import KnowledgeBase
 
@@ -94,10 +143,12 @@ def _token_counter(settings: Settings, worker: Any) -> Any:
         return None
 
 
-def _review_sink(settings: Settings) -> DraftSink | None:
-    """The review workflow (Saved Messages cards) once it is attached; None: drafts are only
-    stored."""
-    return None
+def _review_sink(settings: Settings, db: Database) -> ReviewWorkflow:
+    """The review workflow (Saved Messages cards, owner commands, feedback capture); it is
+    attached to the running bot in ``on_ready``."""
+    from doppelbot.review.workflow import ReviewWorkflow
+
+    return ReviewWorkflow(settings, db)
 
 
 async def serve(
@@ -135,11 +186,19 @@ async def serve(
                 responder_kwargs["count_tokens"] = _token_counter(settings, worker)
             if facts is None:
                 kb = facts = await _open_facts(settings, db, console)
-            drafts = _review_sink(settings)
-            if settings.reply_mode == "review" and drafts is None:
+            from doppelbot.telegram.review import attach_review
+
+            workflow = _review_sink(settings, db)
+
+            async def ready(session: LiveSession) -> None:
+                await attach_review(session, workflow)
+                if on_ready is not None:
+                    await on_ready(session)
+
+            if settings.reply_mode == "review":
                 console.print(
-                    "[yellow]reply_mode=review: drafts are stored for review (`doppelbot "
-                    "status`), nothing is sent. Set DOPPELBOT_REPLY_MODE=auto to send.[/]"
+                    "reply_mode=review: drafts go to your Saved Messages; reply ok / no / again "
+                    "or your own text to a card (/help there lists the commands)."
                 )
             console.print("doppelbot is running; Ctrl+C stops it.")
             try:
@@ -150,11 +209,12 @@ async def serve(
                     generator=generator,
                     facts=facts,
                     stop=stop,
-                    drafts=drafts,
-                    on_ready=on_ready,
+                    drafts=workflow,
+                    on_ready=ready,
                     responder_kwargs=responder_kwargs,
                 )
             finally:
+                await workflow.aclose()
                 if kb is not None:
                     await kb.aclose()
                 if worker is not None:
@@ -203,6 +263,7 @@ async def _status(
             await bot_state.set_paused(db, pause)
         paused = await bot_state.is_paused(db)
         since = await bot_state.paused_since(db)
+        runtime_mode = await bot_state.global_reply_mode(db)
         counts = await replies.count_by_status(db)
         hour_ago = now() - 3600
         sent_hour = await replies.count_recent_sends(db, hour_ago)
@@ -215,8 +276,13 @@ async def _status(
     )
     console.print(f"Bot: {state_line}")
     quiet = settings.quiet_hours or "off"
+    mode = (
+        f"{runtime_mode.value} (set by /mode in Saved Messages)"
+        if runtime_mode
+        else settings.reply_mode
+    )
     console.print(
-        f"Mode: {settings.reply_mode} · debounce {settings.debounce_s:g}s · quiet hours {quiet}"
+        f"Mode: {mode} · debounce {settings.debounce_s:g}s · quiet hours {quiet}"
         f" · takeover {settings.takeover_minutes:g} min"
     )
     console.print(

@@ -82,6 +82,9 @@ class DraftSink(Protocol):
 
 
 SentHook = Callable[[Reply], Awaitable[None]]
+#: The owner wrote in a chat themselves (not the bot): the review workflow records takeover
+#: corrections from it.
+OwnerMessageHook = Callable[[Message], Awaitable[None]]
 
 
 def describe(exc: BaseException) -> str:
@@ -147,6 +150,7 @@ class Responder:
         self.count_tokens = count_tokens  # None: no token budget check (tests, fakes)
         self.shutdown_grace_s = shutdown_grace_s
         self.on_sent: list[SentHook] = []
+        self.on_owner_message: list[OwnerMessageHook] = []
         self.policy = PolicyConfig.from_settings(settings)
         self._format = PromptFormat(settings.persona, settings.role_other, settings.role_owner)
         self._options = settings.generation_options()
@@ -265,7 +269,9 @@ class Responder:
         state = self._chats.get(message.chat_id)
         if state is None:
             # Nothing pending or remembered here; the stored message alone keeps the chat
-            # silent for the takeover window (the gate reads it).
+            # silent for the takeover window (the gate reads it). Nothing was sent here by
+            # this run either, so it is the owner's.
+            await self._notify_owner_message(message)
             return
         if message.message_id in state.own_ids:
             return
@@ -292,6 +298,18 @@ class Responder:
         if queued is not None:
             await self._drop(queued.reply_id, S.QUEUED, Skip.TAKEOVER, chat_id)
         log.info("responder: owner took over chat=%d", chat_id)
+        await self._notify_owner_message(message)
+
+    async def _notify_owner_message(self, message: Message) -> None:
+        for hook in self.on_owner_message:
+            try:
+                await hook(message)
+            except Exception as exc:
+                log.warning(
+                    "responder: owner-message hook failed chat=%d: %s",
+                    message.chat_id,
+                    describe(exc),
+                )
 
     # --- scheduling -------------------------------------------------------------------------
     def _state(self, chat_id: int) -> _Chat:
@@ -798,7 +816,10 @@ class Responder:
 
     async def _mode(self, chat_id: int) -> ReplyMode:
         override = await bot_state.chat_reply_mode(self.db, chat_id)
-        return override or ReplyMode(self.settings.reply_mode)
+        if override is not None:
+            return override
+        # ``/mode MODE`` in Saved Messages changes the default at runtime (stored).
+        return await bot_state.global_reply_mode(self.db) or ReplyMode(self.settings.reply_mode)
 
     async def _prompt(self, context: LiveContext, facts: Sequence[ScoredFact]) -> str:
         """The model input within ``max_input_tokens``: the oldest turns go first, then the

@@ -74,15 +74,20 @@ def format_card(
     draft: str,
     expires_in_min: float,
     auto_sent: bool = False,
+    outcome: str | None = None,
 ) -> str:
-    """The card's text. ``auto_sent`` cards are copies of replies already sent (auto mode)."""
+    """The card's text. ``auto_sent`` cards are copies of replies already sent (auto mode).
+    ``outcome`` (e.g. "✅ Sent.") replaces the instructions once the card is answered, so the
+    card itself shows what happened instead of a new message."""
     lines = [f"{CARD_MARK}{reply_id} — {chat_name}"]
     for text in incoming[-5:]:
         lines.append(f"› {_quote(text)}")
     lines.append("")
     lines.append(("✅ Sent: " if auto_sent else "✍️ Draft: ") + draft)
     lines.append("")
-    if auto_sent:
+    if outcome is not None:
+        lines.append(outcome)
+    elif auto_sent:
         lines.append("Reply to this card with a better text to record a correction.")
     else:
         lines.append(

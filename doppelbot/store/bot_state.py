@@ -11,6 +11,7 @@ from doppelbot.domain import ReplyMode
 from doppelbot.store.database import Database, now
 
 PAUSED_KEY = "paused"
+REPLY_MODE_KEY = "reply_mode"  # the runtime default set by ``/mode MODE``; overrides settings
 
 
 async def get_value(db: Database, key: str) -> str | None:
@@ -54,3 +55,20 @@ async def set_chat_reply_mode(db: Database, chat_id: int, mode: ReplyMode | None
         " updated_at = excluded.updated_at",
         (chat_id, mode.value if mode else None, now()),
     )
+
+
+async def global_reply_mode(db: Database) -> ReplyMode | None:
+    """The default mode set at runtime (``/mode MODE``); None: ``settings.reply_mode``."""
+    value = await get_value(db, REPLY_MODE_KEY)
+    return ReplyMode(value) if value else None
+
+
+async def set_global_reply_mode(db: Database, mode: ReplyMode | None) -> None:
+    await set_value(db, REPLY_MODE_KEY, mode.value if mode else "")
+
+
+async def chat_mode_overrides(db: Database) -> dict[int, ReplyMode]:
+    rows = await db.fetchall(
+        "SELECT chat_id, reply_mode FROM chat_settings WHERE reply_mode IS NOT NULL"
+    )
+    return {int(r[0]): ReplyMode(r[1]) for r in rows}

@@ -140,3 +140,21 @@ async def feedback_replies(db: Database) -> list[FeedbackReply]:
             )
         )
     return out
+
+
+async def latest_verdict(db: Database, reply_id: int, verdict: Verdict) -> ReviewVerdict | None:
+    row = await db.fetchone(
+        "SELECT reply_id, verdict, draft_text, final_text, created_at, verdict_id"
+        " FROM review_verdicts WHERE reply_id = ? AND verdict = ?"
+        " ORDER BY verdict_id DESC LIMIT 1",
+        (reply_id, verdict.value),
+    )
+    return None if row is None else ReviewVerdict(row[0], Verdict(row[1]), *row[2:])
+
+
+async def set_final_text(db: Database, verdict_id: int, text: str) -> None:
+    """A takeover went on in more messages: the verdict holds the whole turn."""
+    async with db.transaction() as conn:
+        await conn.execute(
+            "UPDATE review_verdicts SET final_text = ? WHERE verdict_id = ?", (text, verdict_id)
+        )
