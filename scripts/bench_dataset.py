@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import resource
 import sqlite3
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from doppelbot.dataset.budget import surely_fits  # noqa: E402
-from doppelbot.dataset.builder import build_from_db  # noqa: E402
+from doppelbot.dataset.builder import build_from_db, default_workers  # noqa: E402
 from doppelbot.dataset.options import DatasetOptions  # noqa: E402
 from doppelbot.store.database import Database  # noqa: E402
 from doppelbot.store.history import MESSAGE_COLUMNS, UPSERT_PEER_SQL  # noqa: E402
@@ -141,6 +142,14 @@ def generate(path: Path, messages: int, chats: int, seed: int = 7) -> None:
     conn.close()
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished workers (the machine is shared: wall time
+    alone cannot tell a slow build from a busy machine)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -150,6 +159,9 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--chats", type=int, default=2_000)
     ap.add_argument("--keep", type=Path, help="Database path to create/reuse (default: temp).")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="Worker processes (default: the builder's)."
+    )
     ap.add_argument("--token-sample", type=int, default=3000, help="Inputs timed for tokens.")
     args = ap.parse_args()
 
@@ -161,8 +173,11 @@ def main() -> None:
             print(f"generated {args.messages:,} messages in {time.perf_counter() - started:.1f}s")
         options = DatasetOptions()
         started = time.perf_counter()
-        result = build_from_db(path, options)
+        load = os.getloadavg()
+        cpu_started = _cpu_seconds()
+        result = build_from_db(path, options, workers=args.workers)
         seconds = time.perf_counter() - started
+        cpu = _cpu_seconds() - cpu_started
         rss = peak_rss_mb()
         stats = result.stats
         messages = stats.messages_read
@@ -172,6 +187,7 @@ def main() -> None:
         for stage, sec in stats.seconds.items():
             print(f"{stage:<28}{sec:>10.3f}")
         print(f"{'total':<28}{seconds:>10.3f}")
+        print(f"{'cpu (all processes)':<28}{cpu:>10.3f}")
         print(
             f"messages {messages:,}  kept {stats.messages_kept:,}  samples {samples:,} "
             f"(train {stats.train:,}, validation {stats.validation:,})"
@@ -211,6 +227,9 @@ def main() -> None:
                     "samples": samples,
                     "seconds": round(seconds, 3),
                     "msgs_per_s": round(messages / seconds),
+                    "cpu_seconds": round(cpu, 3),
+                    "workers": args.workers or default_workers(),
+                    "load_avg_1m_before": round(load[0], 2),
                     "peak_rss_mb": round(rss, 1),
                     **token_json,
                 }

@@ -74,6 +74,12 @@ def dataset(
     no_token_budget: bool = typer.Option(
         False, "--no-token-budget", help="Skip token counting (inputs limited by characters)."
     ),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        help="Processes reading and segmenting chats (default: 2 with 3+ cores, else 1).",
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing dataset of the same --name."
     ),
@@ -144,7 +150,9 @@ def dataset(
                 tasks[stage] = bar.add_task(label, total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        result = build_from_db(settings.db_path, options, count_tokens=counter, progress=progress)
+        result = build_from_db(
+            settings.db_path, options, count_tokens=counter, progress=progress, workers=workers
+        )
 
     stats = result.stats
     if not result.train and not result.validation:

@@ -2,8 +2,13 @@
 
 A turn appears in the context of several consecutive samples; ``MemoPromptFormat`` is
 ``doppelbot.prompt.PromptFormat`` itself (same ``build_input``/``build_target``, same output,
-which ``tests/test_dataset_render.py`` checks) with the persona part and each turn's dialog line
-computed once instead of once per sample.
+which ``tests/test_dataset_properties.py`` checks) with the persona part and each turn's dialog
+line computed once instead of once per sample.
+
+``prompt_frame`` goes one step further for the builder's hot path: a model input is a fixed
+prefix, the context turns' dialog lines joined by newlines, and a fixed suffix, so with each
+chat's lines made once (``PromptFormat.dialog_lines``) an input is one C-level join. The frame
+is derived from ``PromptFormat.build_input`` itself and checked against it, so it cannot drift.
 """
 
 from __future__ import annotations
@@ -11,8 +16,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from doppelbot.domain import Turn
+from doppelbot.domain import Role, Turn
+from doppelbot.errors import DatasetError
 from doppelbot.prompt import PromptFormat
+
+# probe texts that survive ``sanitize`` unchanged and cannot occur in a persona
+_PROBE = (Turn(Role.OTHER, "\u2063probe one\u2063"), Turn(Role.OWNER, "\u2063probe two\u2063"))
+
+
+def prompt_frame(fmt: PromptFormat) -> tuple[str, str]:
+    """``(prefix, suffix)`` with ``fmt.build_input(turns) == prefix + "\\n".join(lines) + suffix``
+    for ``lines = fmt.dialog_lines(turns)`` (any non-empty ``turns``, no facts)."""
+    lines = fmt.dialog_lines(_PROBE)
+    body = "\n".join(lines)
+    full = fmt.build_input(_PROBE)
+    at = full.find(body)
+    prefix, suffix = full[: max(at, 0)], full[at + len(body) :]
+    if at < 0 or fmt.build_input(_PROBE[1:]) != prefix + lines[1] + suffix:
+        raise DatasetError(
+            "the prompt format is no longer prefix + dialog lines + suffix: "
+            "update doppelbot.dataset.render.prompt_frame"
+        )
+    return prefix, suffix
 
 
 @dataclass(frozen=True, slots=True)

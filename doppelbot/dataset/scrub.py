@@ -38,6 +38,9 @@ _TLD_VARIANTS = "|".join(
 )
 # a cheap pre-test for bare domains: a literal dot first lets the regex engine skip ahead
 _DOT_TLD_RE = re.compile(rf"\.(?:{_TLD_VARIANTS})(?![\w\-])")
+# cheaper still: every TLD starts with a letter, so a text whose dots are all followed by a
+# space, punctuation or the end ("ну.", "да...") cannot match ``_DOT_TLD_RE`` at all
+_DOT_LETTER_RE = re.compile(r"\.[^\W\d_]")
 EMAIL_RE = re.compile(r"[\w.+\-]+@[\w\-]+(?:\.[\w\-]+)+")
 _DIGIT_RE = re.compile(r"\d")
 # 13–19 digits with optional single space/dash separators; validated in ``_card``.
@@ -86,7 +89,9 @@ def has_link(text: str) -> bool:
     """
     if "://" in text or "www." in text or "WWW." in text:
         return URL_RE.search(text) is not None
-    if "." not in text or _DOT_TLD_RE.search(text) is None:
+    if "." not in text or _DOT_LETTER_RE.search(text) is None:
+        return False
+    if _DOT_TLD_RE.search(text) is None:
         return False
     return URL_RE.search(text) is not None
 

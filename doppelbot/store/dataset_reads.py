@@ -63,6 +63,12 @@ def chats_with_peers(conn: sqlite3.Connection) -> list[tuple[int, Peer | None]]:
     return [(int(chat_id), peers.get(int(chat_id))) for (chat_id,) in rows]
 
 
+def chat_message_counts(conn: sqlite3.Connection) -> dict[int, int]:
+    """Messages per chat (from the ``(chat_id, date)`` index: no message row is read)."""
+    rows = conn.execute("SELECT chat_id, count(*) FROM messages GROUP BY chat_id").fetchall()
+    return {int(chat_id): int(n) for chat_id, n in rows}
+
+
 def chat_rows(conn: sqlite3.Connection, chat_id: int) -> list[Row]:
     """All messages of one chat in time order ``(date, message_id)``, as dataset rows.
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,67 +177,66 @@ class LiveBot:
             await history.upsert_messages_in(conn, [message])
         self._peers[peer.peer_id] = peer
 
-    async def _on_new(self, event: Any) -> None:
-        if self._closing:
-            return
+    @contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """Track the running handler so ``aclose`` can await what is in flight."""
         task = asyncio.current_task()
         if task is not None:
             self._inflight.add(task)
         try:
-            peer = await self._peer(event)
-            if peer is None:
-                return
-            message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
-            if self._stores(peer):
-                await self._save(message, peer)
-            if self.responder is not None and not peer.is_self:
-                await self.responder.on_message(message, peer)
-            for listener in self.listeners:
-                await listener(message, peer)
-        except Exception as exc:  # an update must never take the bot down
-            log.error("live: update not handled: %s", describe(exc))
+            yield
         finally:
             if task is not None:
                 self._inflight.discard(task)
+
+    async def _on_new(self, event: Any) -> None:
+        if self._closing:
+            return
+        with self._tracked():
+            try:
+                peer = await self._peer(event)
+                if peer is None:
+                    return
+                message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
+                if self._stores(peer):
+                    await self._save(message, peer)
+                if self.responder is not None and not peer.is_self:
+                    await self.responder.on_message(message, peer)
+                for listener in self.listeners:
+                    await listener(message, peer)
+            except Exception as exc:  # an update must never take the bot down
+                log.error("live: update not handled: %s", describe(exc))
 
     async def _on_edit(self, event: Any) -> None:
         if self._closing:
             return
-        task = asyncio.current_task()
-        if task is not None:
-            self._inflight.add(task)
-        try:
-            peer = await self._peer(event)
-            if peer is None:
-                return
-            if self._stores(peer):
-                message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
-                await self._save(message, peer)
-            # Reactions may arrive as an edit of the message that carries them; no field
-            # means "no news about reactions", not "none".
-            reactions = getattr(event.message, "reactions", None)
-            if reactions is not None:
-                await self._emit_reactions(peer.peer_id, int(event.message.id), reactions)
-        except Exception as exc:
-            log.error("live: edit not handled: %s", describe(exc))
-        finally:
-            if task is not None:
-                self._inflight.discard(task)
+        with self._tracked():
+            try:
+                peer = await self._peer(event)
+                if peer is None:
+                    return
+                if self._stores(peer):
+                    message = map_message(
+                        event.message, owner_id=self.owner_id, chat_id=peer.peer_id
+                    )
+                    await self._save(message, peer)
+                # Reactions may arrive as an edit of the message that carries them; no field
+                # means "no news about reactions", not "none".
+                reactions = getattr(event.message, "reactions", None)
+                if reactions is not None:
+                    await self._emit_reactions(peer.peer_id, int(event.message.id), reactions)
+            except Exception as exc:
+                log.error("live: edit not handled: %s", describe(exc))
 
     async def _on_reactions(self, update: Any) -> None:
         if self._closing:
             return
-        task = asyncio.current_task()
-        if task is not None:
-            self._inflight.add(task)
-        try:
-            chat_id = tg_utils.get_peer_id(update.peer)
-            await self._emit_reactions(chat_id, int(update.msg_id), update.reactions)
-        except Exception as exc:
-            log.error("live: reactions not handled: %s", describe(exc))
-        finally:
-            if task is not None:
-                self._inflight.discard(task)
+        with self._tracked():
+            try:
+                chat_id = tg_utils.get_peer_id(update.peer)
+                await self._emit_reactions(chat_id, int(update.msg_id), update.reactions)
+            except Exception as exc:
+                log.error("live: reactions not handled: %s", describe(exc))
 
     async def _emit_reactions(self, chat_id: int, message_id: int, reactions: Any) -> None:
         current = map_reactions(chat_id, message_id, reactions)
