@@ -1,0 +1,476 @@
+"""Loading the reply model: base + LoRA adapter → a ``ReplyModel`` at the chosen precision.
+
+Two runtimes, picked by ``select_runtime(device, precision)``:
+
+- ``engine`` (CPU, any precision): the base is loaded with ``transformers`` in fp32, the adapter
+  merged into it with peft (free at run time, unlike an unmerged LoRA on int8), and the weights
+  converted into ``T5Engine`` — int8 per-channel linears run by fbgemm, the fastest int8 path
+  measured on this hardware. The int8 result is cached on disk (``doppelbot.model.cache``);
+  later starts read the cache alone, never the fp32 checkpoint.
+- ``hf`` (CUDA): ``transformers`` + ``generate()``. int8 is bitsandbytes LLM.int8
+  (``BitsAndBytesConfig(load_in_8bit=True)``), the adapter stays a peft wrapper (merging into
+  LLM.int8 weights would re-round them); bf16/fp32 get the adapter merged.
+
+FRED-T5's lm_head is separate from its input embeddings, while transformers 5 declares every T5
+tied; ``check_untied`` refuses a load that came out tied. Token ids the model has no embedding
+for (``<|endoftext|>`` = 50364) are mapped to ``<pad>`` before they reach it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from doppelbot.domain import GenerationOptions
+from doppelbot.errors import ModelLoadError
+from doppelbot.ports import ModelIdentity
+
+if TYPE_CHECKING:
+    import torch
+
+    from doppelbot.config import Settings
+    from doppelbot.model.engine import T5Engine
+
+log = logging.getLogger(__name__)
+
+Runtime = Literal["engine", "hf"]
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+Check = Callable[[], None]
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What to load. ``cache_dir`` None disables the quantised-model cache."""
+
+    base: str
+    adapter: Path | None = None
+    device: str = "auto"
+    precision: str = "int8"
+    cache_dir: Path | None = None
+    max_input_tokens: int = 712
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, adapter: Path | None = None, **overrides: Any
+    ) -> ModelSpec:
+        values: dict[str, Any] = {
+            "base": settings.model,
+            "adapter": adapter,
+            "device": settings.device,
+            "precision": settings.precision,
+            "cache_dir": settings.cache_dir,
+            "max_input_tokens": settings.max_input_tokens,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+# --- choices ------------------------------------------------------------------------------------
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def resolve_device(requested: str, *, has_cuda: bool | None = None) -> str:
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ModelLoadError(f"unknown device {requested!r} (auto, cpu or cuda)")
+    cuda = cuda_available() if has_cuda is None else has_cuda
+    if requested == "auto":
+        return "cuda" if cuda else "cpu"
+    if requested == "cuda" and not cuda:
+        raise ModelLoadError("DOPPELBOT_DEVICE=cuda, but torch sees no CUDA GPU")
+    return requested
+
+
+def apply_torch_threads(threads: int | None) -> None:
+    """``DOPPELBOT_TORCH_THREADS`` for the calling thread's torch work (None: torch's default,
+    all cores)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def select_runtime(device: str, precision: str) -> Runtime:
+    """``engine`` for the CPU (int8 = fbgemm dynamic int8), ``hf`` for CUDA (int8 =
+    bitsandbytes LLM.int8)."""
+    if precision not in ("int8", "bf16", "fp32"):
+        raise ModelLoadError(f"unknown precision {precision!r} (int8, bf16 or fp32)")
+    if device == "cpu":
+        return "engine"
+    if device == "cuda":
+        return "hf"
+    raise ModelLoadError(f"unknown device {device!r}")
+
+
+def hf_load_kwargs(device: str, precision: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments of the ``hf`` runtime."""
+    import torch
+
+    if device == "cuda" and precision == "int8":
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"int8 on CUDA needs bitsandbytes ({exc}); install it or set "
+                "DOPPELBOT_PRECISION=bf16"
+            ) from exc
+        return {
+            "quantization_config": BitsAndBytesConfig(load_in_8bit=True),
+            "device_map": {"": 0},
+        }
+    if precision == "int8":
+        raise ModelLoadError("the transformers runtime does int8 only on CUDA")
+    return {"dtype": torch.bfloat16 if precision == "bf16" else torch.float32}
+
+
+# --- checkpoint loading -------------------------------------------------------------------------
+def _declared_untied(base: str) -> bool:
+    path = Path(base).expanduser() / "config.json"
+    if not path.is_file():
+        try:
+            from transformers.utils import cached_file
+
+            found = cached_file(base, "config.json")
+        except (OSError, ValueError):
+            return False
+        if found is None:
+            return False
+        path = Path(found)
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("tie_word_embeddings") is False
+    except (OSError, ValueError):
+        return False
+
+
+def check_untied(model: Any, base: str) -> None:
+    """transformers 5 forces ``tie_word_embeddings=True`` on T5 and unties only when the
+    checkpoint holds both matrices with different values. A head that came out tied although the
+    checkpoint's config says separate would silently be a different model: refuse it."""
+    head, shared = getattr(model, "lm_head", None), getattr(model, "shared", None)
+    if head is None or shared is None:
+        return
+    if head.weight.data_ptr() == shared.weight.data_ptr() and _declared_untied(base):
+        raise ModelLoadError(
+            f"{base}: lm_head came out tied to the input embeddings although the checkpoint "
+            "declares them separate (tie_word_embeddings=false); refusing a different model"
+        )
+
+
+@contextmanager
+def _expected_noise() -> Iterator[None]:
+    """Loading FRED-T5 makes transformers/peft warn about exactly the untied head we want (and
+    show per-tensor progress bars); ``check_untied`` verifies the outcome instead."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*tie.*embeddings.*")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_hf_model(
+    base: str, adapter: Path | None, *, device: str, precision: str, merge: bool
+) -> Any:
+    """``T5ForConditionalGeneration`` with the adapter applied (merged when ``merge``)."""
+    from transformers import T5ForConditionalGeneration
+
+    # On the CPU the checkpoint is always read in fp32: the engine converts it afterwards.
+    kwargs = hf_load_kwargs(device, precision if device == "cuda" else "fp32")
+    with _expected_noise():
+        try:
+            model = T5ForConditionalGeneration.from_pretrained(base, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the base model {base}: {exc}") from exc
+        check_untied(model, base)
+        if adapter is not None:
+            model = apply_adapter(model, adapter, merge=merge)
+    if device == "cuda" and precision != "int8":
+        model.to("cuda")
+    return model.eval()
+
+
+def apply_adapter(model: Any, adapter: Path, *, merge: bool) -> Any:
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the adapter {adapter}: {exc}") from exc
+    return wrapped.merge_and_unload() if merge else wrapped
+
+
+def adapter_id(adapter: Path | None) -> str | None:
+    return None if adapter is None else adapter.name
+
+
+# --- the loaded model -----------------------------------------------------------------------------
+class EngineRuntime:
+    """CPU: ``T5Engine`` + the decoding loop of ``doppelbot.model.generate``."""
+
+    name = "engine"
+
+    def __init__(self, engine: T5Engine) -> None:
+        self.engine = engine
+        self.vocab_size = engine.config.vocab_size
+        self.pad_token_id = engine.config.pad_token_id
+        self.eos_token_id = engine.config.eos_token_id
+
+    def generate_ids(
+        self, ids: Sequence[int], options: GenerationOptions, stop_ids: Sequence[int], check: Check
+    ) -> list[int]:
+        from doppelbot.model.generate import generate_with_engine
+
+        return generate_with_engine(self.engine, ids, options, stop_ids=stop_ids, check=check)
+
+    def target_logits(self, ids: Sequence[int], target: Sequence[int]) -> torch.Tensor:
+        from doppelbot.model.generate import engine_target_logits
+
+        return engine_target_logits(self.engine, ids, target)
+
+
+class HFRuntime:
+    """CUDA (or any ``transformers`` model): ``generate()`` with a deadline-checking
+    ``StoppingCriteria``."""
+
+    name = "hf"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        config = model.config
+        self.vocab_size = int(config.vocab_size)
+        self.pad_token_id = int(config.pad_token_id or 0)
+        self.eos_token_id = int(config.eos_token_id if config.eos_token_id is not None else 1)
+        self.device = next(model.parameters()).device
+
+    def generate_ids(
+        self, ids: Sequence[int], options: GenerationOptions, stop_ids: Sequence[int], check: Check
+    ) -> list[int]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        from doppelbot.model.generate import hf_generate_kwargs
+
+        class _Deadline(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                check()  # raises GenerationTimeoutError: generate() unwinds, the thread is free
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        kwargs = hf_generate_kwargs(options, stop_ids=stop_ids, pad_token_id=self.pad_token_id)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                stopping_criteria=StoppingCriteriaList([_Deadline()]),
+                **kwargs,
+            )
+        tokens = out[0].tolist()[1:]  # drop the decoder start token
+        # generate() pads finished sequences; keep up to the first stop token.
+        stops = set(stop_ids)
+        for i, tok in enumerate(tokens):
+            if tok in stops:
+                return tokens[: i + 1]
+        return tokens
+
+    def target_logits(self, ids: Sequence[int], target: Sequence[int]) -> torch.Tensor:
+        import torch
+
+        with torch.inference_mode():
+            input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+            labels = torch.tensor([list(target)], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=input_ids, labels=labels)
+            return out.logits[0].float().cpu()
+
+
+@dataclass
+class ReplyModel:
+    """A loaded model as the worker thread uses it: text in, raw model text out."""
+
+    runtime: EngineRuntime | HFRuntime
+    tokenizer: Any
+    identity: ModelIdentity
+    device: str = "cpu"
+    precision: str = "fp32"
+    max_input_tokens: int = 712
+    info: dict[str, Any] = field(default_factory=dict)  # load stats: seconds, from_cache, …
+    _stop_ids: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        from doppelbot.model.generate import stop_token_ids
+
+        if not self._stop_ids:
+            self._stop_ids = stop_token_ids(
+                self.tokenizer, self.runtime.eos_token_id, self.runtime.vocab_size
+            )
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return list(self._stop_ids)
+
+    def encode(self, text: str, *, limit: int | None = None) -> list[int]:
+        """Token ids of ``text`` as the model may see them (no special tokens added, unknown
+        ids → pad). Over ``limit`` the *oldest* tokens go, but the first one (FRED's ``<SC1>``
+        mode token) stays: the newest turn and the answer cue are at the end."""
+        from doppelbot.model.tokenizer import safe_ids
+
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        ids = safe_ids(ids, self.runtime.vocab_size, self.runtime.pad_token_id)
+        if limit is not None and len(ids) > limit:
+            log.warning("prompt of %d tokens cut to the last %d", len(ids), limit)
+            ids = ids[:1] + ids[len(ids) - limit + 1 :]
+        return ids or [self.runtime.pad_token_id]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(
+            self.tokenizer.decode(
+                list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+        )
+
+    def generate(self, prompt: str, options: GenerationOptions, check: Check = lambda: None) -> str:
+        """The raw generated text (``<extra_id_0>…</s>``); ``prompt.decode_reply`` cleans it."""
+        ids = self.encode(prompt, limit=self.max_input_tokens)
+        out = self.runtime.generate_ids(ids, options, self._stop_ids, check)
+        return self.decode(out)
+
+    def target_logprobs(self, model_input: str, model_target: str) -> torch.Tensor:
+        """Log-probabilities ``[T, V]`` over the target's tokens (teacher forcing)."""
+        import torch
+
+        target = self.encode(model_target)
+        ids = self.encode(model_input, limit=self.max_input_tokens)
+        logits = self.runtime.target_logits(ids, target)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def target_ids(self, model_target: str) -> list[int]:
+        return self.encode(model_target)
+
+
+# --- loading ------------------------------------------------------------------------------------
+def load_reply_model(spec: ModelSpec, progress: Progress = _no_progress) -> ReplyModel:
+    """Load ``spec``; see the module docstring for what happens per device/precision."""
+    from doppelbot.model.tokenizer import load_tokenizer
+
+    started = time.perf_counter()
+    device = resolve_device(spec.device)
+    runtime_kind = select_runtime(device, spec.precision)
+    tokenizer = load_tokenizer(spec.base)
+    info: dict[str, Any] = {"runtime": runtime_kind, "device": device}
+    if runtime_kind == "engine":
+        runtime: EngineRuntime | HFRuntime = EngineRuntime(
+            load_engine(spec, progress=progress, info=info)
+        )
+    else:
+        progress("loading the model", 0, 1)
+        model = load_hf_model(
+            spec.base,
+            spec.adapter,
+            device=device,
+            precision=spec.precision,
+            merge=spec.precision != "int8",
+        )
+        progress("loading the model", 1, 1)
+        runtime = HFRuntime(model)
+    if runtime.vocab_size > len(tokenizer):
+        raise ModelLoadError(
+            f"{spec.base}: the model has {runtime.vocab_size} embeddings but the tokenizer only "
+            f"{len(tokenizer)} ids"
+        )
+    info["load_s"] = round(time.perf_counter() - started, 3)
+    return ReplyModel(
+        runtime=runtime,
+        tokenizer=tokenizer,
+        identity=ModelIdentity(spec.base, adapter_id(spec.adapter)),
+        device=device,
+        precision=spec.precision,
+        max_input_tokens=spec.max_input_tokens,
+        info=info,
+    )
+
+
+def load_engine(
+    spec: ModelSpec, *, progress: Progress = _no_progress, info: dict[str, Any] | None = None
+) -> T5Engine:
+    """The CPU engine for ``spec``: from the cache when there is one (int8), else built from
+    the checkpoint (and cached)."""
+    from doppelbot.model import cache
+    from doppelbot.model.engine import T5Engine, release_free_memory
+
+    info = {} if info is None else info
+    folder = None
+    if spec.cache_dir is not None and spec.precision == "int8":
+        key = cache.cache_key(spec.base, spec.adapter, spec.precision)
+        folder = cache.cache_folder(spec.cache_dir, key)
+        info["cache"] = str(folder)
+        if cache.is_complete(folder):
+            try:
+                engine = T5Engine.load(
+                    folder, progress=lambda d, t: progress("loading the int8 model", d, t)
+                )
+            except ModelLoadError as exc:
+                log.warning("discarding an unreadable model cache (%s); rebuilding it", exc)
+                cache.discard(folder)
+            else:
+                release_free_memory()
+                info["from_cache"] = True
+                return engine
+    info["from_cache"] = False
+    progress("loading the fp32 checkpoint", 0, 1)
+    model = load_hf_model(spec.base, spec.adapter, device="cpu", precision="fp32", merge=True)
+    progress("loading the fp32 checkpoint", 1, 1)
+    stage = "quantising to int8" if spec.precision == "int8" else f"converting to {spec.precision}"
+    engine = T5Engine.from_hf(
+        model, spec.precision, consume=True, progress=lambda d, t: progress(stage, d, t)
+    )
+    del model
+    release_free_memory()
+    engine.meta.update({"base": spec.base, "adapter": adapter_id(spec.adapter)})
+    if folder is not None:
+        progress("writing the model cache", 0, 1)
+        cache.save_engine(engine, folder)
+        progress("writing the model cache", 1, 1)
+    return engine
+
+
+async def serving_adapter(settings: Settings) -> Path | None:
+    """The adapter the bot serves: ``DOPPELBOT_ADAPTER_PATH`` when set, else the one chosen
+    with ``doppelbot adapter use`` (recorded in the database); None = the base model alone."""
+    if settings.adapter_path is not None:
+        return settings.adapter_path
+    if not settings.db_path.exists():
+        return None
+    from doppelbot.store.database import Database
+    from doppelbot.training.registry import current_adapter
+
+    db = await Database.open(settings.db_path)
+    try:
+        return await current_adapter(settings, db)
+    finally:
+        await db.close()
