@@ -138,6 +138,7 @@ API_ID = 12345
 API_HASH = "0123456789abcdef0123456789abcdef"
 _FAKE_DC = (2, "149.154.167.51", 443)
 _VECTOR = struct.pack("<I", 0x1CB5C415)
+_INT32 = struct.Struct("<i")
 # Telegram's well-known 2048-bit SRP prime (Telethon accepts it without factorising) with g=3.
 _SRP_P = bytes.fromhex(
     "C71CAEB9C6B1C9048E6C522F70F13F73980D40238E3E21C14934D037563D930F48198A0AA7C14058229493D22530"
@@ -258,6 +259,11 @@ class _Generated:
                 data[i_date + 4 : i_num],
                 data[i_num + len(num) :],
             )
+        # The same templates as %-formats: id, date (both packed) and the number in the text.
+        self._formats = tuple(
+            b"%b%%b%b%%b%b%%08d%b" % tuple(part.replace(b"%", b"%%") for part in self.templates[o])
+            for o in (False, True)
+        )
 
     @staticmethod
     def message(peer: Any, mid: int, date: int, text: str, out: bool) -> types.Message:
@@ -286,6 +292,22 @@ class _Generated:
                 d,
             )
         )
+
+    def raws(self, ids: Iterable[int]) -> list[_Raw]:
+        """``[_Raw(self.raw(id - first_id)) for id in ids]``, cheaper: one bytes formatting per
+        message (the fake's CPU counts against the benchmark's)."""
+        first, n, every = self.first_id, self.n, self.out_every
+        start, step = self.dates.start, self.dates.step
+        inc, outgoing = self._formats
+        pack2 = _INT32.pack
+        found = []
+        for mid in ids:
+            i = mid - first
+            if not 0 <= i < n:
+                raise IndexError(i)
+            fmt = outgoing if every > 0 and i % every == every - 1 else inc
+            found.append(_Raw(fmt % (pack2(mid), pack2(start + i * step), i)))
+        return found
 
 
 def _dtm(ts: int | float | None) -> _dt.datetime | None:
@@ -1158,8 +1180,7 @@ class FakeTelegram:
             sel = [i for i in sel if i > req.min_id]
         gen = chat.gen
         if gen is not None:
-            first = gen.first_id
-            out = [_Raw(gen.raw(i - first)) for i in sel]
+            out = gen.raws(sel)
             users, chats = self._page_entities(chat, [])
         else:
             msgs = chat.msgs

@@ -102,6 +102,13 @@ async def test_generated_history_bytes_equal_real_messages() -> None:
             gen.is_out(index),
         )
         assert gen.raw(index) == bytes(expected)
+    # The page builder agrees with the one-message form (a "%" in the text included).
+    assert [r.data for r in gen.raws(ids)] == [gen.raw(i) for i in range(120)]
+    pct = tg.add_user("Pct")
+    pct_ids = tg.add_generated_history(pct, 5, text="100% {i} %s")
+    pct_gen = tg._chat(pct).gen
+    assert pct_gen is not None
+    assert [r.data for r in pct_gen.raws(pct_ids)] == [pct_gen.raw(i) for i in range(5)]
     client = tg.client(receive_updates=False)
     await client.connect()
     try:

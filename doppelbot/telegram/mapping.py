@@ -111,14 +111,23 @@ def forwarded_from(fwd: Any, entities: dict[int, Any] | None = None) -> str | No
     return None
 
 
-def _fields(
-    msg: Any, owner_id: int, chat_id: int | None, entities: dict[int, Any] | None
+def message_row(
+    msg: Any,
+    owner_id: int,
+    chat_id: int | None = None,
+    entities: dict[int, Any] | None = None,
 ) -> tuple[Any, ...]:
-    """The mapped values in ``history.MESSAGE_COLUMNS`` order (shared by both entry points)."""
+    """A Telethon ``Message``/``MessageService`` as a ``messages`` row.
+
+    The same values as ``history.message_row(map_message(...))`` (in
+    ``history.MESSAGE_COLUMNS`` order, booleans as 0/1, the media kind as its value) without
+    the intermediate dataclass: the export's hot loop writes hundreds of thousands of rows.
+    ``tests/test_telegram_mapping.py`` checks the two paths agree.
+    """
     peer = msg.peer_id
     if chat_id is None:
         chat_id = utils.get_peer_id(peer)
-    out = bool(msg.out)
+    out = msg.out
     from_id = msg.from_id
     if from_id is not None:
         # PeerUser is by far the most common sender; skip the generic helper for it.
@@ -133,32 +142,38 @@ def _fields(
         sender_id = None
     reply = msg.reply_to
     reply_id = None
-    if isinstance(reply, types.MessageReplyHeader) and reply.reply_to_peer_id is None:
+    if type(reply) is types.MessageReplyHeader and reply.reply_to_peer_id is None:
         reply_id = reply.reply_to_msg_id
     fwd = msg.fwd_from
     if isinstance(msg, types.MessageService):
-        kind, emoji = None, None
-        action = action_name(msg.action)
+        kind = emoji = grouped = None
+        action: str | None = action_name(msg.action)
         text = ""
     else:
-        kind, emoji = (None, None) if msg.media is None else media_kind(msg.media)
+        media = msg.media
+        if media is None:
+            kind = emoji = None
+        else:
+            media_k, emoji = media_kind(media)
+            kind = None if media_k is None else media_k.value
         action = None
         text = msg.message or ""
+        grouped = msg.grouped_id
     edit = msg.edit_date
     return (
         chat_id,
         msg.id,
         sender_id,
-        out,
+        1 if out else 0,
         int(msg.date.timestamp()),
         None if edit is None else int(edit.timestamp()),
         text,
         reply_id,
-        fwd is not None,
-        forwarded_from(fwd, entities) if fwd is not None else None,
+        0 if fwd is None else 1,
+        None if fwd is None else forwarded_from(fwd, entities),
         kind,
         emoji,
-        getattr(msg, "grouped_id", None),
+        grouped,
         action,
     )
 
@@ -176,55 +191,22 @@ def map_message(
     without ``from_id``. ``entities`` (marked id → User/Chat/Channel) resolves the name of a
     forward's origin; without it the origin's marked id is stored.
     """
-    f = _fields(msg, owner_id, chat_id, entities)
+    f = message_row(msg, owner_id, chat_id, entities)
     return Message(
         chat_id=f[0],
         message_id=f[1],
         sender_id=f[2],
-        is_outgoing=f[3],
+        is_outgoing=bool(f[3]),
         date=f[4],
         edit_date=f[5],
         text=f[6],
         reply_to_message_id=f[7],
-        is_forwarded=f[8],
+        is_forwarded=bool(f[8]),
         forwarded_from=f[9],
-        media_kind=f[10],
+        media_kind=None if f[10] is None else MediaKind(f[10]),
         sticker_emoji=f[11],
         grouped_id=f[12],
         service_action=f[13],
-    )
-
-
-def message_row(
-    msg: Any,
-    *,
-    owner_id: int,
-    chat_id: int | None = None,
-    entities: dict[int, Any] | None = None,
-) -> tuple[Any, ...]:
-    """``history.message_row(map_message(...))`` without the intermediate dataclass.
-
-    The export's hot loop writes hundreds of thousands of rows; skipping one frozen dataclass
-    per message is a measurable share of its CPU. ``tests/test_telegram_mapping.py`` checks
-    the two paths agree.
-    """
-    f = _fields(msg, owner_id, chat_id, entities)
-    kind = f[10]
-    return (
-        f[0],
-        f[1],
-        f[2],
-        int(f[3]),
-        f[4],
-        f[5],
-        f[6],
-        f[7],
-        int(f[8]),
-        f[9],
-        None if kind is None else kind.value,
-        f[11],
-        f[12],
-        f[13],
     )
 
 
