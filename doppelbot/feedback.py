@@ -28,6 +28,18 @@ from doppelbot.store.feedback import FeedbackReply
 
 WEAK_WEIGHT = 0.3
 
+#: ``kind`` values of negatives.jsonl rows (texts the owner did not want): never imitated.
+NEGATIVE_KINDS = frozenset(
+    {
+        "negative",
+        "rejected",
+        "regenerated_away",
+        "corrected_away",
+        "taken_over",
+        "negative_reaction",
+    }
+)
+
 
 @dataclass
 class FeedbackExport:

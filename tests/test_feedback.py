@@ -125,3 +125,28 @@ def test_cli_export_and_stats(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_statuses_exist() -> None:  # the strings feedback export relies on
     assert ReplyStatus.SENT.value == "sent" and ReplyMode.AUTO.value == "auto"
+
+
+async def test_export_feeds_the_trainer_and_dpo(db: Database, tmp_path: Path) -> None:
+    """The files `feedback export` writes are exactly what `train --method feedback|dpo` reads."""
+    from doppelbot.dataset.jsonl import write_jsonl
+    from doppelbot.prompt import PromptFormat
+    from doppelbot.training.data import load_feedback
+    from doppelbot.training.dpo import load_pairs
+
+    await _scenario(db)
+    result = build_feedback(
+        await fstore.feedback_replies(db), positive_emoji=POS, negative_emoji=NEG
+    )
+    write_jsonl(tmp_path / "positives.jsonl", result.positives)
+    write_jsonl(tmp_path / "pairs.jsonl", result.pairs)
+    write_jsonl(tmp_path / "negatives.jsonl", result.negatives)
+    rows, _ = load_feedback(tmp_path / "positives.jsonl", PromptFormat(persona="x"))
+    assert sorted(r.reply for r in rows) == sorted(p["reply"] for p in result.positives)
+    assert all(r.model_target.startswith("<extra_id_0>") for r in rows)
+    negatives, _ = load_feedback(tmp_path / "negatives.jsonl", PromptFormat(persona="x"))
+    assert negatives == []  # nothing the owner rejected is ever imitated
+    pairs = load_pairs(tmp_path / "pairs.jsonl")
+    assert {(p.rejected, p.chosen) for p in pairs} == {
+        (p["rejected"], p["chosen"]) for p in result.pairs
+    }

@@ -14,14 +14,6 @@ from doppelbot.cli.common import open_db, run_async, state
 app = typer.Typer(no_args_is_help=True)
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 async def _collect(ctx: typer.Context):  # type: ignore[no-untyped-def]
     from doppelbot.feedback import build_feedback
     from doppelbot.store.feedback import feedback_replies
@@ -47,9 +39,11 @@ def export(
     result = run_async(_collect(ctx))
     folder = out or st.settings.data_dir / "feedback" / time.strftime("%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(folder / "positives.jsonl", result.positives)
-    _write_jsonl(folder / "pairs.jsonl", result.pairs)
-    _write_jsonl(folder / "negatives.jsonl", result.negatives)
+    from doppelbot.dataset.jsonl import write_jsonl
+
+    write_jsonl(folder / "positives.jsonl", result.positives)
+    write_jsonl(folder / "pairs.jsonl", result.pairs)
+    write_jsonl(folder / "negatives.jsonl", result.negatives)
     latest = st.settings.data_dir / "feedback" / "latest.txt"
     latest.parent.mkdir(parents=True, exist_ok=True)
     latest.write_text(str(folder.resolve()) + "\n", encoding="utf-8")

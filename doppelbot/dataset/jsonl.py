@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from doppelbot.domain import Role, Sample, Turn
-from doppelbot.errors import DatasetError
+from doppelbot.errors import DatasetError, DoppelbotError
 
 TRAIN_FILE = "train.jsonl"
 VALIDATION_FILE = "validation.jsonl"
@@ -98,21 +98,55 @@ def write_samples(path: Path | str, samples: Iterable[Sample]) -> int:
     return count
 
 
-def read_samples(path: Path | str) -> Iterator[Sample]:
-    """Stream the samples of a JSONL file; a malformed line raises ``DatasetError`` naming it."""
+def iter_json_objects(
+    path: Path | str, error: type[DoppelbotError], what: str = "JSONL file"
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream ``(where, object)`` for each non-empty line of a JSONL file.
+
+    ``where`` is ``path:line`` for error messages; an unreadable file, a line that is not JSON
+    or not a JSON object raises ``error`` naming the place. Every JSONL reader of the project
+    (dataset, feedback, preference pairs) goes through here.
+    """
     path = Path(path)
     try:
         fh = path.open(encoding="utf-8")
     except OSError as exc:
-        raise DatasetError(f"cannot read dataset file {path}: {exc}") from exc
+        raise error(f"cannot read {what} {path}: {exc}") from exc
     with fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
-                yield row_to_sample(json.loads(line))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DatasetError(f"{path}:{lineno}: not a dataset row ({exc})") from exc
+                raw = json.loads(line)
+            except ValueError as exc:
+                raise error(f"{where}: not JSON ({exc})") from None
+            if not isinstance(raw, dict):
+                raise error(f"{where}: expected a JSON object")
+            yield where, raw
+
+
+def read_samples(path: Path | str) -> Iterator[Sample]:
+    """Stream the samples of a JSONL file; a malformed line raises ``DatasetError`` naming it."""
+    for where, raw in iter_json_objects(path, DatasetError, "dataset file"):
+        try:
+            yield row_to_sample(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"{where}: not a dataset row ({exc})") from exc
+
+
+def write_jsonl(path: Path | str, rows: Iterable[dict[str, Any]]) -> int:
+    """Write plain JSON objects as JSONL (UTF-8, atomic). Returns the row count."""
+    count = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal count
+        for row in rows:
+            count += 1
+            yield json.dumps(row, ensure_ascii=False) + "\n"
+
+    atomic_write_text(Path(path), lines())
+    return count
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -10,15 +10,21 @@ callable).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppelbot.dataset.jsonl import TRAIN_FILE, VALIDATION_FILE, read_samples, resolve_dataset_dir
+from doppelbot.dataset.jsonl import (
+    TRAIN_FILE,
+    VALIDATION_FILE,
+    iter_json_objects,
+    read_samples,
+    resolve_dataset_dir,
+)
 from doppelbot.domain import Role, Turn
 from doppelbot.errors import DatasetError, EmptyReplyError, TrainingError
+from doppelbot.feedback import NEGATIVE_KINDS
 from doppelbot.prompt import PromptFormat, decode_reply
 
 FEEDBACK_SOURCE = "feedback"
@@ -153,26 +159,16 @@ def feedback_row(raw: dict[str, Any], prompt: PromptFormat, where: str) -> Train
 
 
 def load_feedback(path: Path, prompt: PromptFormat) -> tuple[list[TrainRow], str]:
-    """Feedback positives from a JSONL file, and the file's hash."""
+    """Feedback positives from a JSONL file, and the file's hash.
+
+    Rows of ``doppelbot feedback export``'s negatives (and any row marked as one) carry no
+    text to imitate and are skipped.
+    """
     rows: list[TrainRow] = []
-    try:
-        fh = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise TrainingError(f"cannot read feedback file {path}: {exc}") from exc
-    with fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                raw = json.loads(line)
-            except ValueError as exc:
-                raise TrainingError(f"{where}: not JSON ({exc})") from None
-            if not isinstance(raw, dict):
-                raise TrainingError(f"{where}: expected a JSON object")
-            if raw.get("kind") not in (None, "positive", "pair"):
-                continue  # e.g. a negative-only label: no text to imitate
-            rows.append(feedback_row(raw, prompt, where))
+    for where, raw in iter_json_objects(path, TrainingError, "feedback file"):
+        if raw.get("kind") in NEGATIVE_KINDS:
+            continue
+        rows.append(feedback_row(raw, prompt, where))
     return rows, file_sha256(path)
 
 

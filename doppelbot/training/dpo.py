@@ -24,12 +24,12 @@ moves an old one between the sides — is held out for the preference metrics (`
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from doppelbot.dataset.jsonl import iter_json_objects
 from doppelbot.errors import TrainingError
 from doppelbot.training.data import file_sha256, hash_strings, load_dataset
 from doppelbot.training.methods import (
@@ -80,23 +80,11 @@ def latest_pairs(data_dir: Path) -> Path:
 def load_pairs(path: Path) -> list[PairRow]:
     """Preference pairs from JSONL; rows without a prompt or with chosen == rejected are
     skipped (they teach nothing)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise TrainingError(f"cannot read preference pairs {path}: {exc}") from exc
     rows: list[PairRow] = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except ValueError as exc:
-            raise TrainingError(f"{path}:{lineno}: not JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise TrainingError(f"{path}:{lineno}: expected a JSON object")
+    for where, raw in iter_json_objects(path, TrainingError, "preference pairs"):
         prompt, chosen, rejected = raw.get("model_input"), raw.get("chosen"), raw.get("rejected")
         if not all(isinstance(x, str) for x in (prompt, chosen, rejected)):
-            raise TrainingError(f"{path}:{lineno}: a pair needs model_input, chosen and rejected")
+            raise TrainingError(f"{where}: a pair needs model_input, chosen and rejected")
         if not prompt.strip() or not chosen.strip() or chosen.strip() == rejected.strip():
             continue
         rows.append(PairRow(prompt, chosen, rejected, str(raw.get("kind", ""))))
