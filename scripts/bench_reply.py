@@ -24,7 +24,10 @@ loop lag p99 < 50 ms.
 
 Usage: ``flock /tmp/doppelbot-bench.lock .venv/bin/python scripts/bench_reply.py --config
 ../shared/fred-t5/config.json --tokenizer ../shared/fred-t5/tokenizer [--runs 5] [--threads 2]
-[--workdir DIR] [--keep] [--skip-fp32]``. Needs ~10 GB of free RAM (the fp32 phases) and ~4 GB
+[--workdir DIR] [--keep] [--skip-build] [--skip-fp32] [--reference-int8]``.
+``--reference-int8`` also times transformers + ``quantize_dynamic`` (the int8 path the issue
+measured at 1.74 s) in the same run: on a busy machine absolute figures drift, the ratio holds
+better. Needs ~10 GB of free RAM (the fp32 phases) and ~4 GB
 of disk in ``--workdir``. Prints a table; the last line is one JSON object.
 """
 
@@ -273,7 +276,11 @@ def phase_serve(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def phase_fp32(args: argparse.Namespace) -> dict[str, Any]:
-    """The baseline: transformers fp32 ``generate()`` on the same shape and prompt."""
+    """The baseline: transformers fp32 ``generate()`` on the same shape and prompt (with
+    ``--variant qdynamic``: the same after ``torch.ao.quantization.quantize_dynamic``, the int8
+    path the issue measured as the reference)."""
+    import warnings
+
     import torch
 
     from doppelbot.model.tokenizer import load_tokenizer
@@ -284,6 +291,12 @@ def phase_fp32(args: argparse.Namespace) -> dict[str, Any]:
     ids = load_tokenizer(args.tokenizer)(prompt, add_special_tokens=False).input_ids
     input_ids = torch.tensor([ids])
     model = random_model(Path(args.config), seed=0)
+    if args.variant == "qdynamic":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(
+                model, {torch.nn.Linear}, dtype=torch.qint8
+            )
 
     def run() -> float:
         t = time.perf_counter()
@@ -336,8 +349,18 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the workdir (caches) afterwards")
     ap.add_argument("--skip-build", action="store_true", help="reuse the caches in --workdir")
     ap.add_argument("--skip-fp32", action="store_true", help="no fp32 baseline")
+    ap.add_argument(
+        "--reference-int8",
+        action="store_true",
+        help="also time transformers + quantize_dynamic (the issue's reference int8 path)",
+    )
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
-    ap.add_argument("--variant", choices=["base", "lora"], default="lora", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--variant",
+        choices=["base", "lora", "fp32", "qdynamic"],
+        default="lora",
+        help=argparse.SUPPRESS,
+    )
     args = ap.parse_args()
     if args.phase:
         print(json.dumps(PHASES[args.phase](args)))
@@ -349,7 +372,8 @@ def main() -> None:
         build = {} if args.skip_build else child(args, "build")
         base = child(args, "serve", variant="base")
         lora = child(args, "serve", variant="lora")
-        fp32 = {} if args.skip_fp32 else child(args, "fp32")
+        fp32 = {} if args.skip_fp32 else child(args, "fp32", variant="fp32")
+        qdyn = child(args, "fp32", variant="qdynamic") if args.reference_int8 else {}
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
@@ -376,6 +400,7 @@ def main() -> None:
         "runs": args.runs,
         **build,
         "fp32_peak_rss_gb": fp32.get("fp32_peak_rss_gb"),
+        "qdynamic_latency_s_p50": qdyn.get("fp32_p50_s"),
         "greedy_runs_s": lora["greedy_runs_s"],
         "beams2_runs_s": lora["beams2_runs_s"],
         "fp32_runs_s": fp32.get("fp32_runs_s"),

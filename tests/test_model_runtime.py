@@ -213,3 +213,33 @@ async def test_serving_adapter_follows_settings(tmp_path: Path, adapter_dir: Pat
     fresh = load_settings(None, data_dir=tmp_path / "empty")
     assert await loader.serving_adapter(fresh) is None  # no database: the base model alone
     assert not fresh.db_path.exists()  # and none was created just to look
+
+
+def test_transformers_runtime_matches_the_engine(model_dir: Path) -> None:
+    """The CUDA path's ``generate()`` wrapper, run on the CPU with the same tiny weights."""
+    from doppelbot.errors import GenerationTimeoutError
+
+    engine_model = load_reply_model(spec(model_dir, precision="fp32"))
+    hf = loader.HFRuntime(
+        loader.load_hf_model(str(model_dir), None, device="cpu", precision="fp32", merge=True)
+    )
+    hf_model = loader.ReplyModel(hf, engine_model.tokenizer, engine_model.identity)
+    opts = GenerationOptions(max_new_tokens=10, do_sample=False)
+    assert hf_model.generate(PROMPT, opts) == engine_model.generate(PROMPT, opts)
+    target = "<extra_id_0>ага</s>"
+    assert torch.allclose(
+        hf_model.target_logprobs(PROMPT, target),
+        engine_model.target_logprobs(PROMPT, target),
+        atol=1e-3,
+    )
+    calls = 0
+
+    def deadline() -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            raise GenerationTimeoutError("too slow")
+
+    with pytest.raises(GenerationTimeoutError):
+        hf_model.generate(PROMPT, GenerationOptions(max_new_tokens=30, min_new_tokens=30), deadline)
+    assert calls == 3

@@ -142,7 +142,7 @@ def run_check(
         return target_logprobs(model, pairs, tick)
 
     candidate = load_reply_model(spec, report)
-    targets = [candidate.target_ids(p.model_target) for p in pairs]
+    targets = [candidate.encode(p.model_target) for p in pairs]
     cand = scored(candidate, spec.precision)
     del candidate
     gc.collect()

@@ -232,8 +232,6 @@ def adapter_id(adapter: Path | None) -> str | None:
 class EngineRuntime:
     """CPU: ``T5Engine`` + the decoding loop of ``doppelbot.model.generate``."""
 
-    name = "engine"
-
     def __init__(self, engine: T5Engine) -> None:
         self.engine = engine
         self.vocab_size = engine.config.vocab_size
@@ -256,8 +254,6 @@ class EngineRuntime:
 class HFRuntime:
     """CUDA (or any ``transformers`` model): ``generate()`` with a deadline-checking
     ``StoppingCriteria``."""
-
-    name = "hf"
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -320,19 +316,15 @@ class ReplyModel:
     precision: str = "fp32"
     max_input_tokens: int = 712
     info: dict[str, Any] = field(default_factory=dict)  # load stats: seconds, from_cache, …
-    _stop_ids: list[int] = field(default_factory=list, repr=False)
+    stop_ids: list[int] = field(default_factory=list)  # default: </s> and <extra_id_1…>
 
     def __post_init__(self) -> None:
         from doppelbot.model.generate import stop_token_ids
 
-        if not self._stop_ids:
-            self._stop_ids = stop_token_ids(
+        if not self.stop_ids:
+            self.stop_ids = stop_token_ids(
                 self.tokenizer, self.runtime.eos_token_id, self.runtime.vocab_size
             )
-
-    @property
-    def stop_ids(self) -> list[int]:
-        return list(self._stop_ids)
 
     def encode(self, text: str, *, limit: int | None = None) -> list[int]:
         """Token ids of ``text`` as the model may see them (no special tokens added, unknown
@@ -357,7 +349,7 @@ class ReplyModel:
     def generate(self, prompt: str, options: GenerationOptions, check: Check = lambda: None) -> str:
         """The raw generated text (``<extra_id_0>…</s>``); ``prompt.decode_reply`` cleans it."""
         ids = self.encode(prompt, limit=self.max_input_tokens)
-        out = self.runtime.generate_ids(ids, options, self._stop_ids, check)
+        out = self.runtime.generate_ids(ids, options, self.stop_ids, check)
         return self.decode(out)
 
     def target_logprobs(self, model_input: str, model_target: str) -> torch.Tensor:
@@ -368,9 +360,6 @@ class ReplyModel:
         ids = self.encode(model_input, limit=self.max_input_tokens)
         logits = self.runtime.target_logits(ids, target)
         return torch.log_softmax(logits.float(), dim=-1)
-
-    def target_ids(self, model_target: str) -> list[int]:
-        return self.encode(model_target)
 
 
 # --- loading ------------------------------------------------------------------------------------
