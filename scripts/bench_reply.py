@@ -29,6 +29,14 @@ Usage: ``flock /tmp/doppelbot-bench.lock .venv/bin/python scripts/bench_reply.py
 measured at 1.74 s) in the same run: on a busy machine absolute figures drift, the ratio holds
 better. Needs ~10 GB of free RAM (the fp32 phases) and ~4 GB
 of disk in ``--workdir``. Prints a table; the last line is one JSON object.
+
+``--device cuda`` measures the CUDA serving path instead (``transformers`` ``generate()``,
+see ``doppelbot.model.loader``): the random model is saved as a bf16 checkpoint + LoRA adapter
+(``build_hf``), then one ``serve`` process per ``--precisions`` entry (int8 = bitsandbytes
+LLM.int8 with the adapter unmerged, bf16/fp32 merged) loads it through the worker and times the
+same workload; int8 is also timed without the adapter (``--skip-base`` drops that). Reported per
+precision: ``cuda_<p>_latency_s_p50``, ``cuda_<p>_beams2_latency_s_p50``, ``..._encode_s_p50``,
+``..._load_s``, ``..._gpu_peak_gb`` (no CPU targets apply). Needs ~8 GB of disk and RAM.
 """
 
 from __future__ import annotations
@@ -193,8 +201,41 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def phase_build_hf(args: argparse.Namespace) -> dict[str, Any]:
+    """CUDA: the random model as a bf16 checkpoint folder (+ tokenizer) and a LoRA adapter."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    work = Path(args.workdir)
+    base_dir, adapter_dir = work / "base", work / "adapter"
+    started = time.perf_counter()
+    model = random_model(Path(args.config), seed=0).to(torch.bfloat16)
+    init_s = time.perf_counter() - started
+    started = time.perf_counter()
+    model.save_pretrained(base_dir)
+    for item in Path(args.tokenizer).iterdir():
+        shutil.copy(item, base_dir / item.name)
+    save_s = time.perf_counter() - started
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        target_modules=["q", "v"],
+        task_type=TaskType.SEQ_2_SEQ_LM,
+    )
+    peft_model = get_peft_model(model, lora)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+    peft_model.save_pretrained(adapter_dir)
+    return {"init_s": round(init_s, 2), "save_s": round(save_s, 2)}
+
+
 def phase_serve(args: argparse.Namespace) -> dict[str, Any]:
-    """Cold start from the cache in the worker, then timed generations with the loop watched."""
+    """Cold start from the cache in the worker, then timed generations with the loop watched.
+    On CUDA: the checkpoint read through the real loader, same workload."""
     import asyncio
 
     from doppelbot.config import load_settings
@@ -209,10 +250,11 @@ def phase_serve(args: argparse.Namespace) -> dict[str, Any]:
         data_dir=work,  # → settings.cache_dir = work / "cache", where the build phase wrote
         model=str(work / "base"),
         adapter_path=adapter,
-        device="cpu",
-        precision="int8",
+        device=args.device,
+        precision=args.precision,
         torch_threads=args.threads,
     )
+    cuda = args.device == "cuda"
     prompt = (work / "prompt.txt").read_text(encoding="utf-8")
 
     async def main() -> dict[str, Any]:
@@ -220,7 +262,9 @@ def phase_serve(args: argparse.Namespace) -> dict[str, Any]:
         await worker.start()
         cold = time.perf_counter() - PROC_START
         model = worker.model
-        assert model is not None and model.info.get("from_cache") is True, model.info
+        assert model is not None, "no model loaded"
+        assert cuda or model.info.get("from_cache") is True, model.info
+        assert model.info["device"] == args.device, model.info
         rss_loaded = peak_rss_gb()
 
         def produced(options: GenerationOptions) -> Any:
@@ -235,6 +279,14 @@ def phase_serve(args: argparse.Namespace) -> dict[str, Any]:
             import torch
 
             ids = torch.tensor([m.encode(prompt)])
+            if cuda:  # the transformers runtime: its encoder stack, synchronised
+                ids = ids.to(m.runtime.device)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    m.runtime.model.get_encoder()(input_ids=ids)
+                torch.cuda.synchronize()
+                return time.perf_counter() - t
             t = time.perf_counter()
             with torch.inference_mode():
                 m.runtime.engine.encode(ids)
@@ -268,6 +320,12 @@ def phase_serve(args: argparse.Namespace) -> dict[str, Any]:
         results["loop_lag_p99_ms"] = round(monitor.percentile(99) * 1000, 2)
         results["loop_lag_max_ms"] = round(monitor.max * 1000, 2)
         results["rss_after_load_gb"] = round(rss_loaded, 2)
+        results["load_s"] = model.info.get("load_s")
+        if cuda:
+            import torch
+
+            results["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+            results["gpu"] = torch.cuda.get_device_name()
         await worker.aclose()
         results["peak_rss_gb"] = round(peak_rss_gb(), 2)
         return results
@@ -321,12 +379,17 @@ def phase_fp32(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-PHASES = {"build": phase_build, "serve": phase_serve, "fp32": phase_fp32}
+PHASES = {
+    "build": phase_build,
+    "build_hf": phase_build_hf,
+    "serve": phase_serve,
+    "fp32": phase_fp32,
+}
 
 
 def child(args: argparse.Namespace, phase: str, **extra: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--phase", phase]
-    for key in ("config", "tokenizer", "workdir", "runs", "threads", "fp32_runs"):
+    for key in ("config", "tokenizer", "workdir", "runs", "threads", "fp32_runs", "device"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     for key, value in extra.items():
         cmd += [f"--{key}", value]
@@ -354,7 +417,18 @@ def main() -> None:
         action="store_true",
         help="also time transformers + quantize_dynamic (the issue's reference int8 path)",
     )
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: time the transformers runtime on the GPU (see the module docstring)",
+    )
+    ap.add_argument(
+        "--precisions", default="int8,bf16", help="with --device cuda: comma-separated precisions"
+    )
+    ap.add_argument("--skip-base", action="store_true", help="cuda: no int8 run without LoRA")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="int8", help=argparse.SUPPRESS)
     ap.add_argument(
         "--variant",
         choices=["base", "lora", "fp32", "qdynamic"],
@@ -368,6 +442,9 @@ def main() -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     (args.workdir / "prompt.txt").write_text(build_prompt(args.tokenizer), encoding="utf-8")
+    if args.device == "cuda":
+        main_cuda(args)
+        return
     try:
         build = {} if args.skip_build else child(args, "build")
         base = child(args, "serve", variant="base")
@@ -413,6 +490,45 @@ def main() -> None:
             "" if target is None else ("  ok" if value <= target else f"  MISSED (<= {target})")
         )
         print(f"{key:<{width}}  {value}{verdict}")
+    print(json.dumps(result))
+
+
+def main_cuda(args: argparse.Namespace) -> None:
+    """``--device cuda``: one checkpoint, then one serving process per precision (and int8
+    without the adapter), each through the real loader and worker."""
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    result: dict[str, Any] = {"device": "cuda"}
+    try:
+        if not args.skip_build:
+            result.update(child(args, "build_hf"))
+            print(json.dumps(result), file=sys.stderr, flush=True)
+        runs = [(p, "lora") for p in precisions]
+        if "int8" in precisions and not args.skip_base:
+            runs.append(("int8", "base"))
+        for precision, variant in runs:
+            out = child(args, "serve", variant=variant, precision=precision)
+            key = f"cuda_{precision}" + ("_no_lora" if variant == "base" else "")
+            result["gpu"] = out.get("gpu")
+            result[f"{key}_latency_s_p50"] = out["greedy_p50_s"]
+            result[f"{key}_beams2_latency_s_p50"] = out["beams2_p50_s"]
+            result[f"{key}_encode_s_p50"] = out["encode_s_p50"]
+            result[f"{key}_decode_ms_per_token"] = round(
+                (out["greedy_p50_s"] - out["encode_s_p50"]) / NEW_TOKENS * 1000, 1
+            )
+            result[f"{key}_load_s"] = out["load_s"]
+            result[f"{key}_cold_start_s"] = out["cold_start_s"]
+            result[f"{key}_gpu_peak_gb"] = out.get("gpu_peak_gb")
+            result[f"{key}_loop_lag_p99_ms"] = out["loop_lag_p99_ms"]
+            result[f"{key}_greedy_runs_s"] = out["greedy_runs_s"]
+            # Each figure as soon as it exists: a run cut short still reports what it measured.
+            print(json.dumps({key: out}), file=sys.stderr, flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    result.update(prompt_tokens=PROMPT_TOKENS, new_tokens=NEW_TOKENS, runs=args.runs)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
     print(json.dumps(result))
 
 

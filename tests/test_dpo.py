@@ -213,8 +213,13 @@ def dpo_run(world: World) -> tuple[TrainResult, str]:
 
 def _pref_eval(world: World, adapters: list[Path | None], pairs: list[PairRow]) -> list[dict]:
     comparison = evaluate_adapters(
-        EvalOptions(
-            model=str(world.model), limit=4, torch_threads=1, metrics=("preference",), batch_size=16
+        EvalOptions(  # on the CPU, like the runs whose figures it must reproduce
+            model=str(world.model),
+            device="cpu",
+            limit=4,
+            torch_threads=1,
+            metrics=("preference",),
+            batch_size=16,
         ),
         adapters,
         datasets_dir=world.datasets_dir,

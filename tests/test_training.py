@@ -79,7 +79,11 @@ def trained(world: World) -> TrainResult:
 
 
 def _eval_options(world: World, **kw: object) -> EvalOptions:
-    base = EvalOptions(model=str(world.model), limit=20, max_new_tokens=8, torch_threads=1)
+    # device pinned like the training runs: on a machine with a GPU, "auto" would evaluate in
+    # int8 on CUDA and no longer reproduce the CPU-trained run's figures.
+    base = EvalOptions(
+        model=str(world.model), device="cpu", limit=20, max_new_tokens=8, torch_threads=1
+    )
     return replace(base, **kw)
 
 

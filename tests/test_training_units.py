@@ -184,6 +184,24 @@ def test_rng_round_trip(tmp_path: Path) -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_each_run_gets_an_accelerator_on_its_own_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate keeps one device per process; a CPU run followed by a CUDA run in the same
+    process once left the CUDA int8 base fed with CPU batches (found on a GPU machine)."""
+    import torch
+    from accelerate.state import PartialState
+
+    from doppelbot.training.trainer import make_accelerator
+
+    assert make_accelerator("cpu").device.type == "cpu"
+    # What an earlier run on another device leaves behind (accelerate alone refuses cpu=True).
+    monkeypatch.setitem(PartialState._shared_state, "device", torch.device("meta"))
+    assert make_accelerator("cpu").device.type == "cpu"
+    if not torch.cuda.is_available():  # a CUDA run must not silently train on the CPU
+        with pytest.raises(TrainingError, match="planned on cuda"):
+            make_accelerator("cuda")
+    assert make_accelerator("cpu").device.type == "cpu"
+
+
 # --- pre-flight ---------------------------------------------------------------------------------
 
 FRED = ModelShape(

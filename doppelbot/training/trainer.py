@@ -401,12 +401,30 @@ class _Progress:
 
 # --- the run ----------------------------------------------------------------------------------
 def make_accelerator(device: str) -> Any:
+    """The run's ``Accelerator``, on ``device`` (``cpu``/``cuda``) or a ``TrainingError``.
+
+    accelerate keeps ONE device per process: after a CPU run, ``Accelerator(cpu=False)``
+    silently stays on the CPU (the CUDA int8 base then gets CPU batches, which bitsandbytes
+    answers with an illegal memory access that poisons the CUDA context), and after a CUDA run
+    ``cpu=True`` is refused. A single-process state on another device is therefore reset;
+    under ``accelerate launch`` (several processes) the launcher's state is kept."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
 
+    shared = PartialState._shared_state
+    previous = shared.get("device")
+    if previous is not None and previous.type != device and shared.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
     # LoRA on a frozen base: every trainable weight gets a gradient each step.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
-    return Accelerator(cpu=device == "cpu", kwargs_handlers=[ddp])
+    accelerator = Accelerator(cpu=device == "cpu", kwargs_handlers=[ddp])
+    if accelerator.device.type != device:
+        raise TrainingError(
+            f"the training run was planned on {device}, but accelerate runs this process on "
+            f"{accelerator.device} (ACCELERATE_* settings?)"
+        )
+    return accelerator
 
 
 def method_context(
