@@ -154,6 +154,37 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _timed_build(path: Path, options: DatasetOptions, workers: int | None) -> dict:
+    """One build: wall and CPU seconds (all processes), and the result."""
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    cpu_started = _cpu_seconds()
+    result = build_from_db(path, options, workers=workers)
+    seconds = time.perf_counter() - started
+    return {
+        "result": result,
+        "seconds": seconds,
+        "cpu": _cpu_seconds() - cpu_started,
+        "load": load,
+        "msgs_per_s": result.stats.messages_read / seconds,
+    }
+
+
+def _read_only(path: Path) -> float:
+    """Seconds to fetch every message row the builder reads, in this process and nothing else:
+    the machine's speed today, so figures from different days can be compared."""
+    from doppelbot.store.dataset_reads import chat_rows, chats_with_peers, open_readonly
+
+    conn = open_readonly(path)
+    try:
+        started = time.perf_counter()
+        for chat_id, _ in chats_with_peers(conn):
+            chat_rows(conn, chat_id)
+        return time.perf_counter() - started
+    finally:
+        conn.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=1_000_000)
@@ -161,6 +192,10 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="Database path to create/reuse (default: temp).")
     ap.add_argument(
         "--workers", type=int, default=None, help="Worker processes (default: the builder's)."
+    )
+    ap.add_argument("--repeat", type=int, default=3, help="Builds timed (the median counts).")
+    ap.add_argument(
+        "--no-baseline", action="store_true", help="Skip the in-process build and read-only runs."
     )
     ap.add_argument("--token-sample", type=int, default=3000, help="Inputs timed for tokens.")
     args = ap.parse_args()
@@ -172,27 +207,53 @@ def main() -> None:
             generate(path, args.messages, args.chats)
             print(f"generated {args.messages:,} messages in {time.perf_counter() - started:.1f}s")
         options = DatasetOptions()
-        started = time.perf_counter()
-        load = os.getloadavg()
-        cpu_started = _cpu_seconds()
-        result = build_from_db(path, options, workers=args.workers)
-        seconds = time.perf_counter() - started
-        cpu = _cpu_seconds() - cpu_started
-        rss = peak_rss_mb()
+        workers = args.workers or default_workers()
+        runs = []
+        for _ in range(max(1, args.repeat)):
+            runs.append(_timed_build(path, options, workers))
+            # every build gives the same samples: keep one, so the next build's RSS is its own
+            result = runs[-1].pop("result")
+            rss = peak_rss_mb()
+        ordered = sorted(runs, key=lambda r: r["seconds"])
+        median = ordered[(len(ordered) - 1) // 2]
+        child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         stats = result.stats
         messages = stats.messages_read
         samples = stats.samples
+        baseline = read_s = None
+        if not args.no_baseline:
+            baseline = _timed_build(path, options, 1)
+            del baseline["result"]
+            read_s = _read_only(path)
 
-        print(f"{'stage':<28}{'seconds':>10}")
+        print(f"{'stage (median run)':<28}{'seconds':>10}")
         for stage, sec in stats.seconds.items():
             print(f"{stage:<28}{sec:>10.3f}")
-        print(f"{'total':<28}{seconds:>10.3f}")
-        print(f"{'cpu (all processes)':<28}{cpu:>10.3f}")
         print(
             f"messages {messages:,}  kept {stats.messages_kept:,}  samples {samples:,} "
             f"(train {stats.train:,}, validation {stats.validation:,})"
         )
         print(f"dropped: {stats.messages_dropped}  samples dropped: {stats.samples_dropped}")
+        print()
+        print(f"{'run':<34}{'seconds':>9}{'cpu s':>9}{'msgs/s':>11}{'load':>6}")
+        for i, run in enumerate(runs, 1):
+            label = f"{workers} worker(s), build {i}" + (" (median)" if run is median else "")
+            print(
+                f"{label:<34}{run['seconds']:>9.2f}{run['cpu']:>9.2f}"
+                f"{run['msgs_per_s']:>11,.0f}{run['load']:>6.2f}"
+            )
+        if baseline is not None and read_s is not None:
+            print(
+                f"{'baseline: in-process build':<34}{baseline['seconds']:>9.2f}"
+                f"{baseline['cpu']:>9.2f}{baseline['msgs_per_s']:>11,.0f}{baseline['load']:>6.2f}"
+            )
+            reference = "reference: read the rows only"
+            print(f"{reference:<34}{read_s:>9.2f}{'':>9}{messages / read_s:>11,.0f}")
+            print(
+                f"ratios: median build {baseline['seconds'] / median['seconds']:.2f}x faster "
+                f"than in-process; {median['seconds'] / read_s:.2f}x the read-only time"
+            )
+        print(f"peak RSS: {rss:.0f} MB (this process), {child_rss:.0f} MB (largest worker)")
 
         # the token budget, measured apart: only inputs the byte bound cannot clear are counted
         everything = [*result.train, *result.validation]
@@ -220,21 +281,30 @@ def main() -> None:
                 f"token budget: {len(unsure):,} of {len(everything):,} inputs need counting; "
                 f"{per * 1e6:.0f} µs each → ~{per * len(unsure):.1f}s for all"
             )
-        print(
-            json.dumps(
+        report = {
+            "messages": messages,
+            "samples": samples,
+            "seconds": round(median["seconds"], 3),
+            "msgs_per_s": round(median["msgs_per_s"]),
+            "best_msgs_per_s": round(ordered[0]["msgs_per_s"]),
+            "runs_msgs_per_s": [round(r["msgs_per_s"]) for r in runs],
+            "cpu_seconds": round(median["cpu"], 3),
+            "workers": workers,
+            "load_avg_1m_before": round(median["load"], 2),
+            "peak_rss_mb": round(rss, 1),
+            "worker_peak_rss_mb": round(child_rss, 1),
+        }
+        if baseline is not None and read_s is not None:
+            report.update(
                 {
-                    "messages": messages,
-                    "samples": samples,
-                    "seconds": round(seconds, 3),
-                    "msgs_per_s": round(messages / seconds),
-                    "cpu_seconds": round(cpu, 3),
-                    "workers": args.workers or default_workers(),
-                    "load_avg_1m_before": round(load[0], 2),
-                    "peak_rss_mb": round(rss, 1),
-                    **token_json,
+                    "baseline_in_process_seconds": round(baseline["seconds"], 3),
+                    "baseline_in_process_msgs_per_s": round(baseline["msgs_per_s"]),
+                    "speedup_vs_in_process": round(baseline["seconds"] / median["seconds"], 2),
+                    "read_only_seconds": round(read_s, 3),
+                    "read_only_msgs_per_s": round(messages / read_s),
                 }
             )
-        )
+        print(json.dumps({**report, **token_json}))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from doppelbot.dataset import builder
 from doppelbot.dataset.builder import DatasetResult, build_from_db
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.render import prompt_frame
+from doppelbot.dataset.stats import summarize
 from doppelbot.domain import MediaKind, Message, Peer, PeerKind, Role, Turn
 from doppelbot.prompt import PromptFormat
 from doppelbot.store.database import Database
@@ -78,6 +79,21 @@ def _history(chats: int, per_chat: int, seed: int = 3) -> tuple[list[Peer], list
     return peers, messages
 
 
+def _stats_describe_the_samples(result: DatasetResult) -> None:
+    samples = [*result.train, *result.validation]
+    stats = result.stats
+    assert stats.samples == len(samples)
+    assert stats.context_chars == summarize(
+        [len("\n".join(t.text for t in s.context)) for s in samples]
+    )
+    assert stats.context_turns == summarize([len(s.context) for s in samples])
+    assert stats.reply_chars == summarize([len(s.reply) for s in samples])
+    for chat_id, chat in stats.per_chat.items():
+        assert chat.train == sum(1 for s in result.train if s.chat_id == chat_id)
+        assert chat.validation == sum(1 for s in result.validation if s.chat_id == chat_id)
+        assert chat.samples == chat.train + chat.validation
+
+
 def _same(a: DatasetResult, b: DatasetResult) -> None:
     assert a.train == b.train
     assert a.validation == b.validation
@@ -113,13 +129,15 @@ async def test_workers_build_the_same_dataset(
     tight = replace(options, max_input_tokens=60)
     for opts, count in ((options, None), (tight, counter)):
         single = build_from_db(db.path, opts, count_tokens=count, workers=1)
-        multi = build_from_db(db.path, opts, count_tokens=count, workers=2)
-        if builder._can_fork():
-            assert "chats_wall" in multi.stats.seconds  # the worker path really ran
         assert "chats_wall" not in single.stats.seconds
         assert single.train and single.validation
         assert single.stats.samples_dropped["duplicate_exact"] > 0
-        _same(single, multi)
+        _stats_describe_the_samples(single)
+        for workers in (2, 3):
+            multi = build_from_db(db.path, opts, count_tokens=count, workers=workers)
+            if builder._can_fork():
+                assert "chats_wall" in multi.stats.seconds  # the worker path really ran
+            _same(single, multi)
     assert single.stats.token_trimmed > 0 and single.stats.samples_dropped["input_too_long"] > 0
 
 

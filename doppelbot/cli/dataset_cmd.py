@@ -78,7 +78,7 @@ def dataset(
         None,
         "--workers",
         min=1,
-        help="Processes reading and segmenting chats (default: 2 with 3+ cores, else 1).",
+        help="Worker processes reading and segmenting chats (default: 2 with 2+ cores, else 1).",
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing dataset of the same --name."

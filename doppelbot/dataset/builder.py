@@ -23,18 +23,20 @@ import os
 import sqlite3
 import sys
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from operator import attrgetter
+from itertools import accumulate, chain, compress
+from operator import add, attrgetter, sub
 from pathlib import Path
 
 from doppelbot.dataset import quality
 from doppelbot.dataset.budget import CountTokens, count_many, surely_fits
 from doppelbot.dataset.options import DatasetOptions
-from doppelbot.dataset.render import MemoPromptFormat, prompt_frame
+from doppelbot.dataset.render import MemoPromptFormat, line_prefixes, prompt_frame, target_frame
 from doppelbot.dataset.rules import (
     DROP_REASONS,
     STICKER_EMOJI,
@@ -46,50 +48,63 @@ from doppelbot.dataset.rules import (
     new_counters,
 )
 from doppelbot.dataset.scrub import name_pattern
-from doppelbot.dataset.sessions import ROLES, pick_window, segment_chat, window_turns
+from doppelbot.dataset.sessions import ROLES, pick_window, segment_chat
 from doppelbot.dataset.split import split_by_time
 from doppelbot.dataset.stats import ChatStats, DatasetStats, summarize
 from doppelbot.domain import Sample, Turn
 from doppelbot.errors import DatasetError
+from doppelbot.prompt import sanitize
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages: "chats", "tokens"."""
 
-# One candidate sample of a chat, before deduplication (plain values: pickles cheaply between
-# processes). The context is turns ``lo:k`` of the chat, or ``explicit`` when it is not a run
-# of whole turns (a quoted message, or part of one long turn).
-_Candidate = tuple[
-    int,  # lo: first context turn
-    int,  # k: the reply turn
-    int,  # reply date
-    tuple[int, ...],  # source (context) message ids
-    tuple[int, ...],  # reply message ids
-    tuple[int, ...],  # messages per context turn
-    tuple[int, ...],  # first date per context turn
-    int,  # exact-duplicate key (a 64-bit hash; 0 when exact dedup is off)
-    int,  # near-duplicate key (0 when near dedup is off)
-    str,  # model input
-    "tuple[Turn, ...] | None",  # explicit context
+# One candidate sample of a chat, before deduplication: four int64s in ``_ChatPart.candidates``.
+# ``lo`` >= 0: the context is the whole turns ``lo:k``; ``lo`` < 0: it is not a run of whole
+# turns (a quoted message, or part of one long turn) and ``_ChatPart.explicit[-1 - lo]`` says
+# what it is. ``key``/``nkey`` are the exact/near-duplicate keys (64-bit hashes; 0 when off).
+_CANDIDATE_FIELDS = 4  # lo, k, key, nkey
+
+# An explicit context: leading (is_owner, text) turns, then whole turns ``lo:k`` (``lo`` = ``k``
+# when none), with the source message ids, messages per context turn and first date per turn.
+_Explicit = tuple[
+    tuple[tuple[int, str], ...], int, tuple[int, ...], tuple[int, ...], tuple[int, ...]
 ]
+
+
+def _ints(raw: bytes) -> array[int]:
+    values = array("q")
+    values.frombytes(raw)
+    return values
 
 
 @dataclass(frozen=True, slots=True)
 class _ChatPart:
-    """What stage 1 makes of one chat; built in a worker process or in-process, merged in chat
-    order by ``DatasetBuilder._merge`` (which alone deduplicates, so the order is all that
-    decides which duplicate survives)."""
+    """What stage 1 makes of one chat, in a compact form that crosses between processes
+    cheaply (arrays of int64 as bytes, texts joined into one string): made in a worker process
+    or in-process, merged in chat order by ``DatasetBuilder._merge`` (which alone deduplicates,
+    so the order is all that decides which duplicate survives)."""
 
     chat_id: int
     messages: int
     kept: int
     sessions: int
-    turn_outs: bytes  # 1 = the owner's turn
-    turn_texts: tuple[str, ...]
     context_too_long: int
-    candidates: list[_Candidate]
+    turn_outs: bytes  # 1 = the owner's turn
+    # every turn's dialog line (``PromptFormat.dialog_lines``: role prefix + sanitized text),
+    # joined by newlines as in a model input; UTF-16 bytes when packed for another process
+    # (a quarter of the cost of pickling the str). One slice of it is a context's dialog.
+    body: str | bytes
+    line_ends: bytes  # where each line ends in ``body`` (int64)
+    changed: tuple[tuple[int, str], ...]  # (turn, text) where sanitizing changed the text
+    ids: bytes  # kept message ids, time order (int64)
+    turn_starts: bytes  # index of each turn's first message in ``ids`` (int64)
+    turn_dates: bytes  # each turn's first date (int64)
+    candidates: bytes  # ``_CANDIDATE_FIELDS`` int64s per candidate
+    explicit: tuple[_Explicit, ...]
 
 
-# A kept candidate, deduplicated, with its model input (becomes a Sample in ``_materialize``).
+# A kept candidate whose model input the byte bound cannot clear: ``_materialize`` counts its
+# tokens (trimming or dropping it) and makes its Sample.
 _Kept = tuple[
     int,  # chat_id
     tuple[Turn, ...],  # context, oldest first
@@ -104,16 +119,21 @@ _Kept = tuple[
 
 TOKEN_BATCH = 512
 _TEXT = attrgetter("text")
+_CHAT_ID = attrgetter("chat_id")
+_CONTEXT = attrgetter("context")
+_REPLY = attrgetter("reply")
+_MINUS_ONE = (-1).__add__
+_PLUS_ONE = (1).__add__
 MIN_MESSAGES_PER_WORKER = 50_000
 """Below this many messages per worker process, building in-process is faster than forking."""
 
 
 def default_workers() -> int:
-    """Worker processes for ``build_from_db``: two when there are at least three cores, else
-    none (in-process). The parent is busy too (unpickling and merging the workers' chats, about
-    a third of the in-process work), so on two cores two workers only compete with it: measured
-    on this project's 2-core machine, 1M messages took as long or longer with them."""
-    return max(1, min(2, (os.cpu_count() or 1) - 1))
+    """Worker processes for ``build_from_db``: two whenever there are two cores or more, else
+    none (in-process). The parent merges the workers' chats (about a third of the work) while
+    they go on, so even on two cores two workers beat one process: measured on this project's
+    2-core machine, 1M messages took 1.6–1.9× less wall time than in-process."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,28 +165,32 @@ class _ChatMaker:
         self.counters = new_counters()
         self.scrubber = make_scrubber(options)
         self.clean = make_cleaner(options, self.counters, self.scrubber)
-        self.fmt = options.prompt_format
-        self.frame = prompt_frame(self.fmt)
+        self.labels = line_prefixes(options.prompt_format)
 
     @property
     def pii(self) -> dict[str, int]:
         return dict(self.scrubber.counts) if self.scrubber is not None else {}
 
     def part(
-        self, chat_id: int, rows: Sequence[Row], names: tuple[str | None, ...] = ()
+        self,
+        chat_id: int,
+        rows: Sequence[Row],
+        names: tuple[str | None, ...] = (),
+        *,
+        pack: bool = False,
     ) -> _ChatPart:
+        """One chat's part; ``pack`` joins its texts for the trip to another process."""
         opts = self.options
         clean = self.clean
         if self.scrubber is not None and not opts.keep_names:
             pattern = name_pattern(names)
             clean = make_cleaner(opts, self.counters, self.scrubber.with_names(pattern))
         tl = segment_chat(rows, opts, clean)
-        tl.finish(opts.dedup_near)
+        tl.finish(opts.dedup_near, with_turns=False)
 
         starts = tl.turn_starts
         n_turns = len(starts)
-        n_msgs = len(tl.ids)
-        ids = tuple(tl.ids)  # slices of a tuple are the id tuples the samples keep
+        ids = tuple(tl.ids)  # slices of a tuple are the id tuples an explicit context keeps
         dates, texts, norms = tl.dates, tl.texts, tl.norms
         turn_outs = tl.turn_outs
         turn_texts, turn_norms = tl.turn_texts, tl.turn_norms
@@ -174,14 +198,10 @@ class _ChatMaker:
         quote_turns = tl.quote_turns if opts.include_reply_to else set()
         max_chars = opts.context_max_chars
         dedup_exact, dedup_near = opts.dedup_exact, opts.dedup_near
-        build_input = self.fmt.build_input
-        # each turn's dialog line, made once; an input is one join (``prompt_frame``)
-        lines = self.fmt.dialog_lines(tl.turns)
-        prefix, suffix = self.frame
-        join = "\n".join
         too_long = 0
-        out: list[_Candidate] = []
-        append = out.append
+        cands = array("q")
+        push = cands.extend
+        explicit: list[_Explicit] = []
         session_starts = tl.session_starts
         across = opts.reply_to_across_sessions
         for s, first in enumerate(session_starts):
@@ -191,7 +211,6 @@ class _ChatMaker:
             for k in range(first + 1, end):
                 if not turn_outs[k]:
                     continue
-                rs = starts[k]
                 last = k - 1
                 quote_from: tuple[int, ...] = ()
                 if quote_turns and (k in quote_turns or last in quote_turns):
@@ -201,62 +220,62 @@ class _ChatMaker:
                     too_long += 1
                     continue
                 lo, j, quote = window
-                explicit: tuple[Turn, ...] | None = None
                 if j >= 0:  # only the newest messages of the last turn fit
-                    ctx = explicit = window_turns(tl, last, window)
-                    key_texts: tuple[object, ...] = (ctx[0].text,)
+                    rs = starts[k]
+                    head = ((turn_outs[last], "\n".join(texts[j:rs])),)
+                    key_texts: tuple[object, ...] = (head[0][1],)
                     key_norms: tuple[object, ...] = (" ".join(norms[j:rs]),)
-                    src = ids[j:rs]
-                    sizes: tuple[int, ...] = (rs - j,)
-                    first_dates: tuple[int, ...] = (dates[j],)
+                    explicit.append((head, k, ids[j:rs], (rs - j,), (dates[j],)))
+                    lo = -len(explicit)
                 else:
                     key_texts = turn_texts[lo:k]
                     key_norms = turn_norms[lo:k]
-                    src = ids[starts[lo] : rs]
-                    sizes = turn_sizes[lo:k]
-                    first_dates = turn_dates[lo:k]
                     if quote >= 0:
-                        ctx = explicit = window_turns(tl, last, window)
-                        q_out = ctx[0].role
-                        key_texts = ((q_out, texts[quote]), *key_texts)
-                        key_norms = ((q_out, norms[quote]), *key_norms)
-                        src = (ids[quote], *src)
-                        sizes = (1, *sizes)
-                        first_dates = (dates[quote], *first_dates)
-                reply = turn_texts[k]
+                        q_out = tl.out_of(quote)
+                        role = ROLES[q_out]
+                        key_texts = ((role, texts[quote]), *key_texts)
+                        key_norms = ((role, norms[quote]), *key_norms)
+                        explicit.append(
+                            (
+                                ((q_out, texts[quote]),),
+                                lo,
+                                (ids[quote], *ids[starts[lo] : starts[k]]),
+                                (1, *turn_sizes[lo:k]),
+                                (dates[quote], *turn_dates[lo:k]),
+                            )
+                        )
+                        lo = -len(explicit)
                 # hash() of str is salted per interpreter: the keys are only ever compared
                 # with keys from the same process or from forked children (same salt)
-                key = hash((key_texts, reply)) if dedup_exact else 0
+                key = hash((key_texts, turn_texts[k])) if dedup_exact else 0
                 nkey = hash((key_norms, turn_norms[k])) if dedup_near else 0
-                re_ = starts[k + 1] if k + 1 < n_turns else n_msgs
-                if explicit is None:
-                    text = prefix + join(lines[lo:k]) + suffix
-                else:
-                    text = build_input(explicit)
-                append(
-                    (
-                        lo,
-                        k,
-                        dates[rs],
-                        src,
-                        ids[rs:re_],
-                        sizes,
-                        first_dates,
-                        key,
-                        nkey,
-                        text,
-                        explicit,
-                    )
-                )
+                push((lo, k, key, nkey))
+        labels = self.labels
+        clean = list(map(sanitize, turn_texts))
+        changed = tuple(
+            (t, text)
+            for t, (text, same) in enumerate(zip(turn_texts, clean, strict=True))
+            if text is not same and text != same
+        )
+        lines = list(map(add, map(labels.__getitem__, turn_outs), clean))
+        body = "\n".join(lines)
+        # line t ends at the sum of the lengths (each + its newline) up to it, minus one
+        line_ends = array("q", map(_MINUS_ONE, accumulate(map(_PLUS_ONE, map(len, lines)))))
         return _ChatPart(
             chat_id=chat_id,
             messages=len(rows),
-            kept=n_msgs,
+            kept=len(ids),
             sessions=len(session_starts),
-            turn_outs=bytes(turn_outs),
-            turn_texts=turn_texts,
             context_too_long=too_long,
-            candidates=out,
+            turn_outs=bytes(turn_outs),
+            body=body.encode("utf-16-le") if pack else body,
+            line_ends=line_ends.tobytes(),
+            changed=changed,
+            ids=array("q", ids).tobytes(),
+            turn_starts=array("q", starts).tobytes(),
+            turn_dates=array("q", turn_dates).tobytes(),
+            candidates=cands.tobytes(),
+            explicit=tuple(explicit),
         )
 
 
@@ -275,9 +294,21 @@ class DatasetBuilder:
         self.progress = progress
         self.stats = DatasetStats()
         self._maker = _ChatMaker(options)
+        self._fmt = options.prompt_format
+        self._frame = prompt_frame(self._fmt)
         self._counters = new_counters()  # from other processes' makers (``add_counts``)
         self._pii: dict[str, int] = {}
-        self._candidates: list[_Kept] = []
+        # the samples in candidate order; ``None`` marks one whose input awaits token counting
+        # (``_unsure`` holds it): the order is what the contact cap thins by, so it must not
+        # depend on which inputs needed counting
+        self._samples: list[Sample | None] = []
+        self._unsure: list[tuple[int, _Kept]] = []
+        self._target_frame = target_frame(self._fmt)
+        self._prefix_lengths = tuple(map(len, line_prefixes(self._fmt)))  # other, owner
+        # per sample in ``_samples``: context chars and turns, for the stats (``_fill_stats``)
+        self._ctx_chars: list[int] = []
+        self._ctx_turns: list[int] = []  # -1: the sample was dropped (token budget)
+        self._reply_chars: list[int] = []
         # 64-bit hashes of the duplicate keys, not the keys: the texts behind the near-duplicate
         # keys are freed with their chat (a collision, ~n²/2⁶⁵, would drop one sample)
         self._seen_exact: set[int] = set()
@@ -324,26 +355,42 @@ class DatasetBuilder:
         if not part.candidates:
             return 0
 
-        texts = part.turn_texts
-        turns = tuple(map(Turn, map(ROLES.__getitem__, part.turn_outs), texts))
+        outs = part.turn_outs
+        body = part.body if isinstance(part.body, str) else part.body.decode("utf-16-le")
+        line_ends = _ints(part.line_ends).tolist()
+        if len(line_ends) != len(outs) or (line_ends and line_ends[-1] != len(body)):
+            raise DatasetError(f"chat {chat_id}: a worker's turns do not add up (a bug)")
+        line_starts = [0, *map(_PLUS_ONE, line_ends[:-1])]
+        # each turn's text is its line after the role prefix (sanitized), except ``changed``
+        text_starts = list(map(add, line_starts, map(self._prefix_lengths.__getitem__, outs)))
+        texts = list(map(body.__getitem__, map(slice, text_starts, line_ends)))
+        for t, text in part.changed:
+            texts[t] = text
+        turns = tuple(map(Turn, map(ROLES.__getitem__, outs), texts))
+        ids = tuple(_ints(part.ids))
+        starts = _ints(part.turn_starts).tolist()
+        turn_dates = tuple(_ints(part.turn_dates))
+        ends = [*starts[1:], len(ids)]
+        turn_sizes = tuple(map(sub, ends, starts))
+        explicit = part.explicit
+        prefix, suffix = self._frame
+        build_input = self._fmt.build_input
         dedup_exact, dedup_near = self.options.dedup_exact, self.options.dedup_near
         seen_exact, seen_near = self._seen_exact, self._seen_near
-        out = self._candidates
+        out = self._samples
         append = out.append
+        unsure = self._unsure
         before = len(out)
-        for (
-            lo,
-            k,
-            reply_date,
-            src,
-            reply_ids,
-            sizes,
-            first_dates,
-            key,
-            nkey,
-            text,
-            explicit,
-        ) in part.candidates:
+        max_tokens = self.options.max_input_tokens
+        budget = self.count_tokens is not None
+        # a reply turn is the owner's: its line is the owner's prefix + the sanitized text,
+        # which is what the target wraps
+        target_prefix, target_suffix = self._target_frame
+        running = [0, *accumulate(map(len, texts))]
+        ctx_chars, ctx_turns = self._ctx_chars, self._ctx_turns
+        reply_chars = self._reply_chars
+        fields = iter(_ints(part.candidates))
+        for lo, k, key, nkey in zip(fields, fields, fields, fields, strict=True):
             if dedup_exact:
                 if key in seen_exact:
                     dropped["duplicate_exact"] += 1
@@ -354,8 +401,45 @@ class DatasetBuilder:
                     dropped["duplicate_near"] += 1
                     continue
                 seen_near.add(nkey)
-            ctx = turns[lo:k] if explicit is None else explicit
-            append((chat_id, ctx, texts[k], reply_date, src, reply_ids, sizes, first_dates, text))
+            rs = starts[k]
+            plain = lo >= 0
+            if plain:
+                ctx = turns[lo:k]
+                src = ids[starts[lo] : rs]
+                text = f"{prefix}{body[line_starts[lo] : line_ends[k - 1]]}{suffix}"
+                ctx_chars.append(running[k] - running[lo] + k - lo - 1)
+                ctx_turns.append(k - lo)
+                first_date = turn_dates[lo]
+            else:
+                head, lo, src, sizes, first_dates = explicit[-1 - lo]
+                ctx = (*(Turn(ROLES[o], t) for o, t in head), *turns[lo:k])
+                text = build_input(ctx)
+                ctx_chars.append(sum(map(len, map(_TEXT, ctx))) + len(ctx) - 1)
+                ctx_turns.append(len(ctx))
+                first_date = first_dates[0]
+            reply = texts[k]
+            reply_chars.append(len(reply))
+            if budget and not surely_fits(text, max_tokens):
+                if plain:
+                    sizes, first_dates = turn_sizes[lo:k], turn_dates[lo:k]
+                kept = (chat_id, ctx, reply, turn_dates[k], src, ids[rs : ends[k]], sizes)
+                unsure.append((len(out), (*kept, first_dates, text)))
+                append(None)
+                continue
+            # positional: a third cheaper than keywords, for hundreds of thousands of samples
+            append(
+                Sample(
+                    chat_id,
+                    ctx,
+                    reply,
+                    turn_dates[k],
+                    first_date,
+                    src,
+                    ids[rs : ends[k]],
+                    text,
+                    f"{target_prefix}{body[text_starts[k] : line_ends[k]]}{target_suffix}",
+                )
+            )
         added = len(out) - before
         chat.candidates += added
         return added
@@ -364,7 +448,7 @@ class DatasetBuilder:
     def finish(self) -> DatasetResult:
         opts = self.options
         stats = self.stats
-        stats.candidates = len(self._candidates)
+        stats.candidates = len(self._samples)
         stats.seconds["samples"] = round(self._build_s, 3)
 
         started = time.perf_counter()
@@ -372,86 +456,76 @@ class DatasetBuilder:
         stats.seconds["prompts"] = round(time.perf_counter() - started, 3)
 
         started = time.perf_counter()
+        made = len(samples)
         samples = self._apply_cap(samples)
         train, validation = split_by_time(samples, opts.validation_share)
         stats.seconds["cap_split"] = round(time.perf_counter() - started, 3)
 
-        self._fill_stats(train, validation)
+        self._fill_stats(train, validation, all_made=len(samples) == made)
         return DatasetResult(train, validation, stats)
 
     def _materialize(self) -> list[Sample]:
-        """Candidates → Samples with the shared prompt format, inside the token budget."""
-        fmt = MemoPromptFormat.of(self.options.prompt_format)
-        build_input, build_target = fmt.build_input, fmt.build_target
+        """The samples, with the inputs the byte bound could not clear counted and, when over
+        ``max_input_tokens``, trimmed (oldest context turns first) or dropped."""
+        fmt = MemoPromptFormat.of(self._fmt)
+        build_input = fmt.build_input
         max_tokens = self.options.max_input_tokens
         count = self.count_tokens
-        cands = self._candidates
-        self._candidates = []
+        samples = self._samples
+        unsure = self._unsure
+        self._samples, self._unsure = [], []
+        ctx_chars, ctx_turns = self._ctx_chars, self._ctx_turns
         self._seen_exact.clear()
         self._seen_near.clear()
-        inputs = [cand[8] for cand in cands]
-        turns_of = [cand[1] for cand in cands]
-        unsure: list[int] = []
-        if count is not None:
-            unsure = [i for i, text in enumerate(inputs) if not surely_fits(text, max_tokens)]
 
-        keep = [True] * len(cands)
-        ctx_cut = [0] * len(cands)  # context turns removed from the front
         token_counts: list[int] = []
         if count is not None and unsure:
             started = time.perf_counter()
             self.stats.token_checked = len(unsure)
             for b in range(0, len(unsure), TOKEN_BATCH):
                 batch = unsure[b : b + TOKEN_BATCH]
-                counted = count_many(count, [inputs[i] for i in batch])
-                for i, n in zip(batch, counted, strict=True):
-                    if n <= max_tokens:
-                        token_counts.append(n)
-                        continue
-                    turns = turns_of[i][1:]
-                    cut = 1
-                    while turns:
-                        text = build_input(turns)
-                        n = count(text)
-                        if n <= max_tokens:
-                            break
-                        turns = turns[1:]
-                        cut += 1
-                    if not turns:
-                        keep[i] = False
-                        self._dropped["input_too_long"] += 1
-                        continue
+                counted = count_many(count, [kept[8] for _, kept in batch])
+                for (at, kept), n in zip(batch, counted, strict=True):
+                    chat_id, ctx, reply, reply_date, src, reply_ids, sizes, first_dates, text = kept
+                    if n > max_tokens:
+                        turns = ctx[1:]
+                        cut = 1
+                        while turns:
+                            text = build_input(turns)
+                            n = count(text)
+                            if n <= max_tokens:
+                                break
+                            turns = turns[1:]
+                            cut += 1
+                        if not turns:
+                            self._dropped["input_too_long"] += 1
+                            ctx_turns[at] = -1  # no sample
+                            continue
+                        ctx = turns
+                        ctx_chars[at] = sum(map(len, map(_TEXT, ctx))) + len(ctx) - 1
+                        ctx_turns[at] = len(ctx)
+                        src = src[sum(sizes[:cut]) :]
+                        first_dates = first_dates[cut:]
+                        self.stats.token_trimmed += 1
                     token_counts.append(n)
-                    inputs[i], turns_of[i], ctx_cut[i] = text, turns, cut
-                    self.stats.token_trimmed += 1
+                    samples[at] = Sample(
+                        chat_id,
+                        ctx,
+                        reply,
+                        reply_date,
+                        first_dates[0],
+                        src,
+                        reply_ids,
+                        text,
+                        fmt.build_target(reply),
+                    )
                 if self.progress is not None:
                     self.progress("tokens", min(b + TOKEN_BATCH, len(unsure)), len(unsure))
             self.stats.seconds["token_budget"] = round(time.perf_counter() - started, 3)
         self.stats.input_tokens_counted = summarize(token_counts)
-
-        samples: list[Sample] = []
-        for i, cand in enumerate(cands):
-            if not keep[i]:
-                continue
-            chat_id, _ctx, reply, reply_date, src, reply_ids, sizes, first_dates, _in = cand
-            cut = ctx_cut[i]
-            if cut:
-                src = src[sum(sizes[:cut]) :]
-                first_dates = first_dates[cut:]
-            samples.append(
-                Sample(
-                    chat_id=chat_id,
-                    context=turns_of[i],
-                    reply=reply,
-                    reply_date=reply_date,
-                    context_start_date=first_dates[0],
-                    source_message_ids=src,
-                    reply_message_ids=reply_ids,
-                    model_input=inputs[i],
-                    model_target=build_target(reply),
-                )
-            )
-        return samples
+        if unsure:
+            return [sample for sample in samples if sample is not None]
+        return samples  # type: ignore[return-value]  # no placeholders without unsure inputs
 
     def _apply_cap(self, samples: list[Sample]) -> list[Sample]:
         counts = Counter(map(attrgetter("chat_id"), samples))
@@ -473,7 +547,12 @@ class DatasetBuilder:
                 kept.extend(chat_samples)
         return kept
 
-    def _fill_stats(self, train: list[Sample], validation: list[Sample]) -> None:
+    def _fill_stats(
+        self, train: list[Sample], validation: list[Sample], *, all_made: bool = False
+    ) -> None:
+        """The stats of a finished build. ``all_made``: the cap dropped nothing, so the
+        samples are exactly those ``_merge`` and ``_materialize`` measured as they made them
+        (hundreds of thousands of samples need not be walked again)."""
         stats = self.stats
         c = [a + b for a, b in zip(self._counters, self._maker.counters, strict=True)]
         pii = self._maker.pii
@@ -488,17 +567,44 @@ class DatasetBuilder:
         stats.validation = len(validation)
         stats.samples = len(train) + len(validation)
         stats.validation_from_date = validation[0].reply_date if validation else None
-        for part, rows in (("train", train), ("validation", validation)):
-            for sample in rows:
-                chat = stats.per_chat[sample.chat_id]
-                chat.samples += 1
-                setattr(chat, part, getattr(chat, part) + 1)
+        per_chat = stats.per_chat
+        for chat_id, n in Counter(map(_CHAT_ID, validation)).items():
+            per_chat[chat_id].validation += n
+        ctx_chars, ctx_turns, reply_chars = self._ctx_chars, self._ctx_turns, self._reply_chars
+        self._ctx_chars, self._ctx_turns, self._reply_chars = [], [], []
+        if all_made:
+            if self._dropped["input_too_long"]:
+                made = [t >= 0 for t in ctx_turns]
+                ctx_chars = list(compress(ctx_chars, made))
+                ctx_turns = list(compress(ctx_turns, made))
+                reply_chars = list(compress(reply_chars, made))
+                for chat_id, n in Counter(map(_CHAT_ID, train)).items():
+                    per_chat[chat_id].train += n
+            else:
+                for chat in per_chat.values():
+                    chat.train = chat.candidates - chat.validation
+            for chat in per_chat.values():
+                chat.samples = chat.train + chat.validation
+            stats.context_chars = summarize(ctx_chars)
+            stats.context_turns = summarize(ctx_turns)
+            stats.reply_chars = summarize(reply_chars)
+            stats.chats_used = sum(1 for chat in per_chat.values() if chat.messages)
+            return
+        for chat_id, n in Counter(map(_CHAT_ID, train)).items():
+            per_chat[chat_id].train += n
+        for chat in per_chat.values():
+            chat.samples = chat.train + chat.validation
         everything = [*train, *validation]
-        stats.context_chars = summarize(
-            [sum(map(len, map(_TEXT, s.context))) + len(s.context) - 1 for s in everything]
-        )
-        stats.context_turns = summarize([len(s.context) for s in everything])
-        stats.reply_chars = summarize([len(s.reply) for s in everything])
+        # lengths over all samples' turns at once, in C-level passes: chars of sample i are the
+        # difference of running totals at its first and one-past-last turn, plus the newlines
+        contexts = list(map(_CONTEXT, everything))
+        n_turns = list(map(len, contexts))
+        running = [0, *accumulate(map(len, map(_TEXT, chain.from_iterable(contexts))))]
+        bounds = [0, *accumulate(n_turns)]
+        chars = map(sub, map(running.__getitem__, bounds[1:]), map(running.__getitem__, bounds))
+        stats.context_chars = summarize(list(map(add, chars, map(_MINUS_ONE, n_turns))))
+        stats.context_turns = summarize(n_turns)
+        stats.reply_chars = summarize(list(map(len, map(_REPLY, everything))))
         stats.chats_used = sum(1 for chat in stats.per_chat.values() if chat.messages)
 
 
@@ -506,13 +612,21 @@ class DatasetBuilder:
 def _gc_paused() -> Iterator[None]:
     """Pause the cyclic GC while building: the builder makes millions of small tuples and no
     reference cycles, and each full collection would walk all of them (about 7 % of a 1M-message
-    build). Restored afterwards; plain reference counting still frees everything."""
+    build). Restored afterwards; plain reference counting still frees everything.
+
+    While paused, every new object stays in the youngest generation, so the first collection
+    after a plain ``gc.enable()`` would walk all of them at once (about 0.4 s per million
+    messages). ``freeze``/``unfreeze`` first moves them to the oldest generation, which the
+    collector only walks again when enough new objects survive to warrant it.
+    """
     was_enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was_enabled:
+            gc.freeze()
+            gc.unfreeze()
             gc.enable()
 
 
@@ -544,9 +658,10 @@ def build_from_db(
 ) -> DatasetResult:
     """Build the dataset from the SQLite store (read-only; safe beside a running bot).
 
-    Chats are independent until deduplication, so with ``workers`` > 1 (default: one per core,
-    at most two) chunks of chats are read and segmented in forked worker processes, and their
-    candidates merged here in chat id order: the output is identical to a single-process build.
+    Chats are independent until deduplication, so with ``workers`` > 1 (default:
+    ``default_workers()``) chunks of chats are read and segmented in forked worker processes,
+    and their candidates merged here in chat id order: the output is identical to a
+    single-process build.
     Small histories (under ``MIN_MESSAGES_PER_WORKER`` messages per worker) and platforms
     without ``fork`` build in this process.
     """
@@ -646,8 +761,12 @@ def _build_in_process(
 def _build_in_workers(
     builder: DatasetBuilder, db_path: Path, chunks: list[list[_ChatSpec]], workers: int
 ) -> float:
-    """Stage 1 in forked worker processes, merged in chunk (= chat id) order; returns the
-    seconds the workers spent reading, summed."""
+    """Stage 1 in forked worker processes, merged here in chunk (= chat id) order while the
+    workers go on with later chunks; returns the seconds the workers spent reading, summed.
+
+    Tried on this project's 2-core machine: letting this process also build chunks whenever
+    the next one to merge was not ready was no faster than two workers and a merging parent
+    (the parent's merging is about a third of the work)."""
     progress = builder.progress
     total = sum(map(len, chunks))
     done = 0
@@ -676,10 +795,14 @@ def _build_in_workers(
     return read_s
 
 
+_ChunkResult = tuple[list[_ChatPart], list[int], dict[str, int], float, float]
+
+
 def _worker_chunk(
     db_path: Path, options: DatasetOptions, chats: list[tuple[int, tuple[str | None, ...]]]
-) -> tuple[list[_ChatPart], list[int], dict[str, int], float, float]:
-    """A worker process's job: read and segment some chats (``_ChatPart`` each, in order)."""
+) -> _ChunkResult:
+    """A worker process's job: read and segment some chats (a packed ``_ChatPart`` each, in
+    order), with the counters and the seconds spent reading and building."""
     from doppelbot.store.dataset_reads import chat_rows, open_readonly
 
     gc.disable()  # a short-lived process of acyclic tuples (see ``_gc_paused``)
@@ -692,7 +815,7 @@ def _worker_chunk(
             started = time.perf_counter()
             rows = chat_rows(conn, chat_id)
             read_s += time.perf_counter() - started
-            parts.append(maker.part(chat_id, rows, names))
+            parts.append(maker.part(chat_id, rows, names, pack=True))
             build_s += time.perf_counter() - started
     finally:
         conn.close()

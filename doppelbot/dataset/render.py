@@ -73,3 +73,32 @@ class MemoPromptFormat(PromptFormat):
                 hit = memo[id(turn)] = (turn, PromptFormat.dialog_lines(self, (turn,))[0])
             lines.append(hit[1])
         return lines
+
+
+def line_prefixes(fmt: PromptFormat) -> tuple[str, str]:
+    """``(other, owner)``: each role's dialog line is its prefix + ``sanitize(text)``
+    (derived from ``PromptFormat.dialog_lines`` itself and checked against it)."""
+    prefixes = []
+    for turn in _PROBE:
+        line = fmt.dialog_lines((turn,))[0]
+        if not line.endswith(turn.text):
+            raise DatasetError(
+                "a dialog line is no longer a prefix + the text: "
+                "update doppelbot.dataset.render.line_prefixes"
+            )
+        prefixes.append(line[: -len(turn.text)])
+    return prefixes[0], prefixes[1]
+
+
+def target_frame(fmt: PromptFormat) -> tuple[str, str]:
+    """``(prefix, suffix)`` with ``fmt.build_target(reply) == prefix + sanitize(reply) +
+    suffix`` (derived from ``PromptFormat.build_target`` itself and checked against it)."""
+    probe = _PROBE[1].text
+    full = fmt.build_target(probe)
+    at = full.find(probe)
+    if at < 0:
+        raise DatasetError(
+            "the target is no longer prefix + reply + suffix: "
+            "update doppelbot.dataset.render.target_frame"
+        )
+    return full[:at], full[at + len(probe) :]

@@ -166,13 +166,14 @@ def make_cleaner(
         if long and not truncate:
             c[TOO_LONG] += 1
             return None
+        if fast_ok and not long:
+            core = text.replace(" ", "")
+            if core.isalpha():  # words and spaces: no dot, no "://", so no link either
+                return text, core.lower()
         if drop_links and ("." in text or "://" in text) and has_link(text):
             c[LINK] += 1
             return None
         if fast_ok and not long:
-            core = text.replace(" ", "")
-            if core.isalpha():
-                return text, core.lower()
             # the punctuation of most chat lines; rarer symbols take the regex path below
             letters = core.replace(",", "").replace("?", "").replace("!", "").replace(")", "")
             if dot_fast:

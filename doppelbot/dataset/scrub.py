@@ -89,7 +89,11 @@ def has_link(text: str) -> bool:
     """
     if "://" in text or "www." in text or "WWW." in text:
         return URL_RE.search(text) is not None
-    if "." not in text or _DOT_LETTER_RE.search(text) is None:
+    if "." not in text:
+        return False
+    # dots that only end the text ("ну.", "да...") are followed by nothing
+    trimmed = text.rstrip(".")
+    if "." not in trimmed or _DOT_LETTER_RE.search(trimmed) is None:
         return False
     if _DOT_TLD_RE.search(text) is None:
         return False

@@ -97,15 +97,17 @@ class ChatTimeline:
             self._index = {mid: i for i, mid in enumerate(self.ids)}
         return self._index.get(message_id)
 
-    def finish(self, with_norms: bool = True) -> ChatTimeline:
-        """Per-turn texts, Turn objects, sizes and dates, made once for all samples."""
+    def finish(self, with_norms: bool = True, with_turns: bool = True) -> ChatTimeline:
+        """Per-turn texts, sizes and dates (and ``Turn`` objects and near-duplicate keys when
+        asked), made once for all samples."""
         texts, norms, starts, outs = self.texts, self.norms, self.turn_starts, self.turn_outs
         bounds = list(zip(starts, [*starts[1:], len(texts)][: len(starts)], strict=True))
         self.turn_texts = tt = tuple(
             [texts[s] if e - s == 1 else "\n".join(texts[s:e]) for s, e in bounds]
         )
-        roles = ROLES
-        self.turns = tuple([Turn(roles[o], t) for o, t in zip(outs, tt, strict=True)])
+        if with_turns:
+            roles = ROLES
+            self.turns = tuple([Turn(roles[o], t) for o, t in zip(outs, tt, strict=True)])
         self.turn_sizes = tuple([e - s for s, e in bounds])
         dates = self.dates
         self.turn_dates = tuple([dates[s] for s in starts])
