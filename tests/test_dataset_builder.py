@@ -379,3 +379,23 @@ def test_gc_state_is_restored() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_split_by_chat_order_equals_the_full_key() -> None:
+    import random
+
+    rng = random.Random(5)
+    samples = []
+    for chat_id in (3, 7, 9, 12):
+        date, mid = T0, 0
+        for _ in range(60):
+            date += rng.choice((0, 0, 1, 60))  # ties within and across chats
+            mid += rng.randint(1, 3)
+            samples.append(
+                Sample(chat_id, turns(("you", "а")), "б", date, date, (mid - 1,), (mid,))
+            )
+    for share in (0.0, 0.1, 0.5):
+        assert split_by_time(samples, share, by_chat=True) == split_by_time(samples, share)
+        shuffled = samples[:]
+        rng.shuffle(shuffled)
+        assert split_by_time(shuffled, share) == split_by_time(samples, share)

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import accumulate, chain, compress
-from operator import add, attrgetter, sub
+from itertools import accumulate, chain, compress, islice
+from operator import add, attrgetter, is_not, le, sub
 from pathlib import Path
 
 from doppelbot.dataset import quality
@@ -250,15 +250,23 @@ class _ChatMaker:
                 key = hash((key_texts, turn_texts[k])) if dedup_exact else 0
                 nkey = hash((key_norms, turn_norms[k])) if dedup_near else 0
                 push((lo, k, key, nkey))
-        labels = self.labels
-        clean = list(map(sanitize, turn_texts))
-        changed = tuple(
-            (t, text)
-            for t, (text, same) in enumerate(zip(turn_texts, clean, strict=True))
-            if text is not same and text != same
-        )
-        lines = list(map(add, map(labels.__getitem__, turn_outs), clean))
+        # ``sanitize`` is a strip for a text without "<", double spaces or tabs: strip them
+        # all, and sanitize properly only in the rare chat where the result shows one
+        labels = map(self.labels.__getitem__, turn_outs)
+        clean = list(map(str.strip, turn_texts))
+        lines = list(map(add, labels, clean))
         body = "\n".join(lines)
+        if "<" in body or "  " in body or "\t" in body:
+            clean = list(map(sanitize, turn_texts))
+            lines = list(map(add, map(self.labels.__getitem__, turn_outs), clean))
+            body = "\n".join(lines)
+        changed: tuple[tuple[int, str], ...] = ()
+        if any(map(is_not, turn_texts, clean)):
+            changed = tuple(
+                (t, text)
+                for t, (text, same) in enumerate(zip(turn_texts, clean, strict=True))
+                if text is not same and text != same
+            )
         # line t ends at the sum of the lengths (each + its newline) up to it, minus one
         line_ends = array("q", map(_MINUS_ONE, accumulate(map(_PLUS_ONE, map(len, lines)))))
         return _ChatPart(
@@ -458,7 +466,10 @@ class DatasetBuilder:
         started = time.perf_counter()
         made = len(samples)
         samples = self._apply_cap(samples)
-        train, validation = split_by_time(samples, opts.validation_share)
+        chats = list(map(_CHAT_ID, samples))
+        # merged in chat id order (``build_from_db``/``build_dataset``), each chat in time order
+        by_chat = all(map(le, chats, islice(chats, 1, None)))
+        train, validation = split_by_time(samples, opts.validation_share, by_chat=by_chat)
         stats.seconds["cap_split"] = round(time.perf_counter() - started, 3)
 
         self._fill_stats(train, validation, all_made=len(samples) == made)
@@ -726,17 +737,22 @@ def _can_fork() -> bool:
 
 
 def _chunks(chosen: list[_ChatSpec], sizes: list[int], workers: int) -> list[list[_ChatSpec]]:
-    """Consecutive runs of chats of about equal message counts, several per worker so the
-    workers stay busy while the parent merges finished ones."""
-    target = max(1, sum(sizes) // (workers * 8))
+    """Consecutive runs of chats, each about a quarter of what is left per worker (so at
+    least four per worker), shrinking towards the end: the workers stay busy while the parent
+    merges finished ones, and the parent's last merge, after the workers are done, is short."""
+    remaining = sum(sizes)
+    smallest = max(1, remaining // (workers * 32))
     chunks: list[list[_ChatSpec]] = [[]]
     filled = 0
+    target = max(smallest, remaining // (workers * 4))
     for spec, size in zip(chosen, sizes, strict=True):
         if filled >= target:
             chunks.append([])
             filled = 0
+            target = max(smallest, remaining // (workers * 4))
         chunks[-1].append(spec)
         filled += size
+        remaining -= size
     return chunks
 
 

@@ -24,10 +24,19 @@ def validation_count(n: int, share: float) -> int:
     return min(n - 1, max(1, math.ceil(n * share - 1e-9)))
 
 
-def split_by_time(samples: Sequence[Sample], share: float) -> tuple[list[Sample], list[Sample]]:
+_REPLY_DATE = attrgetter("reply_date")
+
+
+def split_by_time(
+    samples: Sequence[Sample], share: float, *, by_chat: bool = False
+) -> tuple[list[Sample], list[Sample]]:
     """(train, validation), each in time order; every validation reply is at least as late as
-    every training reply."""
-    ordered = sorted(samples, key=time_order_key)
+    every training reply.
+
+    ``by_chat``: the samples are already in ``(chat_id, reply time)`` order (as the builder
+    makes them), so a stable sort by reply date alone gives the same total order, faster.
+    """
+    ordered = sorted(samples, key=_REPLY_DATE if by_chat else time_order_key)
     n_val = validation_count(len(ordered), share)
     cut = len(ordered) - n_val
     return ordered[:cut], ordered[cut:]
