@@ -70,6 +70,8 @@ async def _child(messages: int, chats: int, batch_size: int) -> dict[str, object
             await client.disconnect()
     if stored != messages or report.fetched != messages:
         raise SystemExit(f"export stored {stored} / fetched {report.fetched}, want {messages}")
+    peak_rss = _peak_rss_mb()
+    parse_s = _parse_only(tg)
     return {
         "messages": messages,
         "chats": chats,
@@ -84,10 +86,41 @@ async def _child(messages: int, chats: int, batch_size: int) -> dict[str, object
         "loop_cpu_s": round(loop_cpu, 3),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "rss_before_export_mb": round(rss_before, 1),
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_mb": round(peak_rss, 1),
         "takeout": report.used_takeout,
         "requests": tg.calls["GetHistoryRequest"],
+        # the same-run baseline: Telethon parsing the same pages, and nothing else
+        "parse_only_s": round(parse_s, 3),
+        "parse_only_msgs_per_s": round(messages / parse_s),
+        "export_vs_parse_only": round(seconds / parse_s, 2),
     }
+
+
+def _parse_only(tg: object) -> float:
+    """Seconds Telethon's ``BinaryReader`` takes to parse every history page of this run (100
+    messages each, as serialised for the exporter), with no exporter, no event loop and no
+    SQLite: the floor any Telethon-based export pays, and a measure of this machine's speed
+    today, so figures from runs on different days can be compared."""
+    from telethon.extensions import BinaryReader
+    from telethon.tl import types
+
+    seconds = 0.0
+    for chat in tg._chats.values():  # type: ignore[attr-defined]
+        gen = getattr(chat, "gen", None)
+        if gen is None:
+            continue
+        user = tg._users[chat.peer.user_id]  # type: ignore[attr-defined]
+        ids = list(chat.ids)
+        for i in range(0, len(ids), 100):
+            page = gen.raws(ids[i : i + 100])
+            answer = types.messages.MessagesSlice(
+                count=len(ids), messages=page, topics=[], chats=[], users=[user]
+            )
+            data = bytes(answer)  # one page at a time: the peak RSS is measured before this
+            started = time.process_time()
+            BinaryReader(data).tgread_object()
+            seconds += time.process_time() - started
+    return seconds
 
 
 def main() -> None:
@@ -124,13 +157,19 @@ def main() -> None:
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     header = f"{'messages':>9} {'chats':>6} {'seconds':>8} {'msgs/s':>8} {'cpu s':>7} "
     header += f"{'msgs/cpu s':>10} {'RSS before':>10} {'peak RSS':>9} {'load':>5}"
+    header += f" {'parse only':>10} {'ratio':>6}"
     print(header)
     for r in runs:
         print(
             f"{r['messages']:>9} {r['chats']:>6} {r['seconds']:>8.2f} {r['msgs_per_s']:>8} "
             f"{r['cpu_s']:>7.2f} {r['msgs_per_cpu_s']:>10} {r['rss_before_export_mb']:>8.1f}MB "
-            f"{r['peak_rss_mb']:>7.1f}MB {r['load_avg_1m']:>5}"
+            f"{r['peak_rss_mb']:>7.1f}MB {r['load_avg_1m']:>5} "
+            f"{r['parse_only_msgs_per_s']:>10} {r['export_vs_parse_only']:>5}x"
         )
+    print(
+        "parse only: Telethon's BinaryReader alone on the same pages, msgs per CPU-second "
+        "(same run); ratio: export wall time / that parse time"
+    )
     last = dict(runs[-1])
     last["runs"] = runs
     if len(runs) > 1:
