@@ -2,9 +2,10 @@
 
 Writes N synthetic messages in C private chats into a temporary SQLite database with the real
 schema (migrations applied), then times ``build_from_db`` — reading, rules, sessions, samples,
-dedup, prompts, cap and split — without a tokenizer. The token budget with the real FRED-T5
-tokenizer is measured separately on a sample of the inputs that need counting and
-extrapolated. Last line: JSON with messages, samples, seconds, msgs_per_s, peak_rss_mb.
+dedup, prompts, cap and split — without a tokenizer, ``--repeat`` times (the median counts).
+Same-run baselines: the in-process build (``workers=1``) and reading the rows alone (the
+machine's speed today). The token budget with the real FRED-T5 tokenizer is timed in one more
+build. Last line: JSON with messages, samples, seconds, msgs_per_s, peak_rss_mb.
 
     flock /tmp/doppelbot-bench.lock .venv/bin/python scripts/bench_dataset.py
     .venv/bin/python scripts/bench_dataset.py --messages 100000 --chats 200 --keep /tmp/b.db
@@ -27,7 +28,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from doppelbot.dataset.budget import surely_fits  # noqa: E402
 from doppelbot.dataset.builder import build_from_db, default_workers  # noqa: E402
 from doppelbot.dataset.options import DatasetOptions  # noqa: E402
 from doppelbot.store.database import Database  # noqa: E402
@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument(
         "--no-baseline", action="store_true", help="Skip the in-process build and read-only runs."
     )
-    ap.add_argument("--token-sample", type=int, default=3000, help="Inputs timed for tokens.")
+    ap.add_argument("--no-tokens", action="store_true", help="Skip the build with the tokenizer.")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,32 +255,30 @@ def main() -> None:
             )
         print(f"peak RSS: {rss:.0f} MB (this process), {child_rss:.0f} MB (largest worker)")
 
-        # the token budget, measured apart: only inputs the byte bound cannot clear are counted
-        everything = [*result.train, *result.validation]
-        unsure = [s.model_input for s in everything if not surely_fits(s.model_input, 712)]
-        token_json: dict[str, float] = {"inputs_needing_count": len(unsure)}
-        if unsure:
+        # the token budget, measured apart: one more build with the real FRED-T5 counter
+        token_json: dict[str, float] = {}
+        if not args.no_tokens:
             from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
 
             counter = TokenCounter(load_tokenizer(ROOT / "tests/fixtures/fred-t5-tokenizer"))
-            probe = unsure[: args.token_sample]
             started = time.perf_counter()
-            counts = counter.count_many(probe)
-            tsec = time.perf_counter() - started
-            per = tsec / len(probe)
-            token_json.update(
-                {
-                    "token_sample": len(probe),
-                    "token_seconds_sample": round(tsec, 3),
-                    "token_us_per_input": round(per * 1e6, 1),
-                    "token_seconds_all_extrapolated": round(per * len(unsure), 1),
-                    "token_max_in_sample": max(counts),
-                }
-            )
+            counted = build_from_db(path, options, workers=workers, count_tokens=counter)
+            total_s = time.perf_counter() - started
+            tstats = counted.stats
+            budget_s = tstats.seconds.get("token_budget", 0.0)
+            token_json = {
+                "inputs_needing_count": tstats.token_checked,
+                "token_budget_seconds": budget_s,
+                "build_with_tokens_seconds": round(total_s, 3),
+                "token_trimmed": tstats.token_trimmed,
+                "input_too_long": tstats.samples_dropped["input_too_long"],
+            }
             print(
-                f"token budget: {len(unsure):,} of {len(everything):,} inputs need counting; "
-                f"{per * 1e6:.0f} µs each → ~{per * len(unsure):.1f}s for all"
+                f"token budget (FRED-T5 tokenizer): {tstats.token_checked:,} of "
+                f"{stats.samples:,} inputs over the byte bound, counted in {budget_s:.1f}s; "
+                f"the whole build with it {total_s:.1f}s"
             )
+            del counted
         report = {
             "messages": messages,
             "samples": samples,

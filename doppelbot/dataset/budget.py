@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from doppelbot.domain import Turn
+from doppelbot.domain import Role, Turn
 from doppelbot.prompt import PromptFormat
 
 CountTokens = Callable[[str], int]
@@ -55,3 +55,50 @@ def fit_turns(
             return kept, text, n
         kept = kept[1:]
     return None
+
+
+# Probe turns for ``calibrate``: line endings and starts of every kind a dialog line can have
+# (letters, punctuation, digits, emoji, a placeholder, an inner newline).
+_PROBES = (
+    (Role.OTHER, "привет"),
+    (Role.OWNER, "как дела?"),
+    (Role.OTHER, "норм, 12"),
+    (Role.OWNER, "ок 👍"),
+    (Role.OTHER, "звони <PHONE>"),
+    (Role.OWNER, "да\nнет..."),
+)
+
+
+def calibrate(
+    fmt: PromptFormat, count_many: Callable[[Sequence[str]], list[int]]
+) -> tuple[int, int] | None:
+    """``(first, per_line)`` such that a model input's tokens are ``first + per_line * (n - 1)``
+    plus the tokens of its ``n`` dialog lines counted one by one — or ``None`` when the
+    tokenizer does not split that way on the probes.
+
+    Byte-level BPE (FRED-T5's) splits text into words before merging, and a line break between
+    two dialog lines is always a word boundary, so a context's tokens add up line by line
+    (``tests/test_dataset_budget.py`` checks it on thousands of real inputs). Counting each
+    line once instead of every input that repeats it is what makes the budget cheap: a turn
+    sits in the context of several consecutive samples.
+    """
+    turns = [Turn(role, text) for role, text in _PROBES]
+    inputs, line_sets = [], []
+    for n in range(1, len(turns) + 1):
+        for start in range(len(turns) - n + 1):
+            chosen = turns[start : start + n]
+            inputs.append(fmt.build_input(chosen))
+            line_sets.append(fmt.dialog_lines(chosen))
+    lines = sorted({line for ls in line_sets for line in ls})
+    per_line = dict(zip(lines, count_many(lines), strict=True))
+    totals = count_many(inputs)
+    overheads = [t - sum(per_line[x] for x in ls) for t, ls in zip(totals, line_sets, strict=True)]
+    first = overheads[0]
+    singles = [o for o, ls in zip(overheads, line_sets, strict=True) if len(ls) == 1]
+    pairs = [o for o, ls in zip(overheads, line_sets, strict=True) if len(ls) == 2]
+    if len(set(singles)) != 1 or len(set(pairs)) != 1:
+        return None
+    step = pairs[0] - first
+    if any(o != first + step * (len(ls) - 1) for o, ls in zip(overheads, line_sets, strict=True)):
+        return None
+    return first, step

@@ -34,7 +34,7 @@ from operator import add, attrgetter, is_not, le, sub
 from pathlib import Path
 
 from doppelbot.dataset import quality
-from doppelbot.dataset.budget import CountTokens, count_many, surely_fits
+from doppelbot.dataset.budget import CountTokens, calibrate, count_many, surely_fits
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.render import MemoPromptFormat, line_prefixes, prompt_frame, target_frame
 from doppelbot.dataset.rules import (
@@ -118,6 +118,9 @@ _Kept = tuple[
 ]
 
 TOKEN_BATCH = 512
+LINE_BATCH = 4096
+LINE_SUM_MARGIN = 8
+"""Inputs whose line-by-line token sum is this close to the limit are also counted whole."""
 _TEXT = attrgetter("text")
 _CHAT_ID = attrgetter("chat_id")
 _CONTEXT = attrgetter("context")
@@ -478,65 +481,134 @@ class DatasetBuilder:
     def _materialize(self) -> list[Sample]:
         """The samples, with the inputs the byte bound could not clear counted and, when over
         ``max_input_tokens``, trimmed (oldest context turns first) or dropped."""
-        fmt = MemoPromptFormat.of(self._fmt)
-        build_input = fmt.build_input
-        max_tokens = self.options.max_input_tokens
         count = self.count_tokens
         samples = self._samples
         unsure = self._unsure
         self._samples, self._unsure = [], []
-        ctx_chars, ctx_turns = self._ctx_chars, self._ctx_turns
         self._seen_exact.clear()
         self._seen_near.clear()
-
         token_counts: list[int] = []
         if count is not None and unsure:
             started = time.perf_counter()
             self.stats.token_checked = len(unsure)
-            for b in range(0, len(unsure), TOKEN_BATCH):
-                batch = unsure[b : b + TOKEN_BATCH]
-                counted = count_many(count, [kept[8] for _, kept in batch])
-                for (at, kept), n in zip(batch, counted, strict=True):
-                    chat_id, ctx, reply, reply_date, src, reply_ids, sizes, first_dates, text = kept
-                    if n > max_tokens:
-                        turns = ctx[1:]
-                        cut = 1
-                        while turns:
-                            text = build_input(turns)
-                            n = count(text)
-                            if n <= max_tokens:
-                                break
-                            turns = turns[1:]
-                            cut += 1
-                        if not turns:
-                            self._dropped["input_too_long"] += 1
-                            ctx_turns[at] = -1  # no sample
-                            continue
-                        ctx = turns
-                        ctx_chars[at] = sum(map(len, map(_TEXT, ctx))) + len(ctx) - 1
-                        ctx_turns[at] = len(ctx)
-                        src = src[sum(sizes[:cut]) :]
-                        first_dates = first_dates[cut:]
-                        self.stats.token_trimmed += 1
-                    token_counts.append(n)
-                    samples[at] = Sample(
-                        chat_id,
-                        ctx,
-                        reply,
-                        reply_date,
-                        first_dates[0],
-                        src,
-                        reply_ids,
-                        text,
-                        fmt.build_target(reply),
-                    )
-                if self.progress is not None:
-                    self.progress("tokens", min(b + TOKEN_BATCH, len(unsure)), len(unsure))
+            fmt = MemoPromptFormat.of(self._fmt)
+            many = getattr(count, "count_many", None)
+            shape = calibrate(self._fmt, many) if many is not None else None
+            if many is not None and shape is not None:
+                fits = self._fit_by_lines(unsure, fmt, many, shape)
+            else:
+                fits = self._fit_by_inputs(unsure, fmt, count)
+            for (at, kept), (cut, n, text) in zip(unsure, fits, strict=True):
+                if n < 0:
+                    self._dropped["input_too_long"] += 1
+                    self._ctx_turns[at] = -1  # no sample
+                    continue
+                chat_id, ctx, reply, reply_date, src, reply_ids, sizes, first_dates, _ = kept
+                if cut:
+                    ctx = ctx[cut:]
+                    src = src[sum(sizes[:cut]) :]
+                    first_dates = first_dates[cut:]
+                    self._ctx_chars[at] = sum(map(len, map(_TEXT, ctx))) + len(ctx) - 1
+                    self._ctx_turns[at] = len(ctx)
+                    self.stats.token_trimmed += 1
+                token_counts.append(n)
+                samples[at] = Sample(
+                    chat_id,
+                    ctx,
+                    reply,
+                    reply_date,
+                    first_dates[0],
+                    src,
+                    reply_ids,
+                    text,
+                    fmt.build_target(reply),
+                )
             self.stats.seconds["token_budget"] = round(time.perf_counter() - started, 3)
         self.stats.input_tokens_counted = summarize(token_counts)
         if unsure:
             return [sample for sample in samples if sample is not None]
         return samples  # type: ignore[return-value]  # no placeholders without unsure inputs
+
+    def _fit_by_inputs(
+        self, unsure: list[tuple[int, _Kept]], fmt: MemoPromptFormat, count: CountTokens
+    ) -> list[tuple[int, int, str]]:
+        """``(turns cut from the front, tokens, model input)`` per candidate (tokens -1: not
+        even the newest turn fits), counting every input whole."""
+        fits: list[tuple[int, int, str]] = []
+        for b in range(0, len(unsure), TOKEN_BATCH):
+            batch = unsure[b : b + TOKEN_BATCH]
+            counted = count_many(count, [kept[8] for _, kept in batch])
+            for (_, kept), n in zip(batch, counted, strict=True):
+                fits.append(self._trim_exactly(kept[1], 0, n, kept[8], fmt, count))
+            if self.progress is not None:
+                self.progress("tokens", min(b + TOKEN_BATCH, len(unsure)), len(unsure))
+        return fits
+
+    def _fit_by_lines(
+        self,
+        unsure: list[tuple[int, _Kept]],
+        fmt: MemoPromptFormat,
+        count_many_: Callable[[Sequence[str]], list[int]],
+        shape: tuple[int, int],
+    ) -> list[tuple[int, int, str]]:
+        """``_fit_by_inputs``, but each distinct dialog line is counted once and an input's
+        tokens are added up from its lines (``budget.calibrate``). Inputs that end up within
+        ``LINE_SUM_MARGIN`` tokens of the limit are counted whole as well, so a tokenizer that
+        ever merged across a line break could not push one over it."""
+        max_tokens = self.options.max_input_tokens
+        first, step = shape
+        line_tokens: dict[str, int] = {}
+        pending: list[str] = []
+        for _, kept in unsure:
+            for line in fmt.dialog_lines(kept[1]):
+                if line not in line_tokens:
+                    line_tokens[line] = 0
+                    pending.append(line)
+        for b in range(0, len(pending), LINE_BATCH):
+            batch = pending[b : b + LINE_BATCH]
+            line_tokens.update(zip(batch, count_many_(batch), strict=True))
+            if self.progress is not None:
+                self.progress("tokens", min(b + LINE_BATCH, len(pending)), len(pending))
+        count = self.count_tokens
+        assert count is not None
+        fits: list[tuple[int, int, str]] = []
+        for _, kept in unsure:
+            ctx = kept[1]
+            counts = list(map(line_tokens.__getitem__, fmt.dialog_lines(ctx)))
+            total = first + sum(counts) + step * (len(counts) - 1)
+            cut = 0
+            while total > max_tokens and cut < len(counts) - 1:
+                total -= counts[cut] + step
+                cut += 1
+            if total > max_tokens + LINE_SUM_MARGIN:
+                fits.append((cut + 1, -1, ""))  # not even the newest turn fits
+                continue
+            text = kept[8] if not cut else fmt.build_input(ctx[cut:])
+            if total > max_tokens - LINE_SUM_MARGIN:
+                fits.append(self._trim_exactly(ctx, cut, count(text), text, fmt, count))
+            else:
+                fits.append((cut, total, text))
+        return fits
+
+    def _trim_exactly(
+        self,
+        ctx: tuple[Turn, ...],
+        cut: int,
+        n: int,
+        text: str,
+        fmt: MemoPromptFormat,
+        count: CountTokens,
+    ) -> tuple[int, int, str]:
+        """From ``ctx[cut:]`` (``n`` tokens, input ``text``), drop the oldest turns until the
+        input fits, counting each try whole."""
+        max_tokens = self.options.max_input_tokens
+        while n > max_tokens:
+            cut += 1
+            if cut >= len(ctx):
+                return cut, -1, ""
+            text = fmt.build_input(ctx[cut:])
+            n = count(text)
+        return cut, n, text
 
     def _apply_cap(self, samples: list[Sample]) -> list[Sample]:
         counts = Counter(map(attrgetter("chat_id"), samples))
