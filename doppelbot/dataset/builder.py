@@ -2,17 +2,21 @@
 
 Pipeline (each stage counted in ``DatasetStats``):
 
-1. per chat (streamed, chat id order): message rules, sessions and turns (``sessions.segment``);
-   one candidate per owner turn that answers the other person, with the context chosen by
-   ``sessions.pick_context``; exact and near duplicates are dropped on the fly;
-2. every candidate becomes a ``Sample`` whose ``model_input``/``model_target`` come from
-   ``doppelbot.prompt.PromptFormat`` (the format training and serving share); inputs over
-   ``max_input_tokens`` lose their oldest context turns (``budget``), or the sample goes;
-3. the per-contact cap thins chats that would contribute more than ``max_contact_share``;
-4. the time split: the most recent ``validation_share`` is validation.
+1. per chat (``_ChatMaker.part``; in forked worker processes for big histories): message
+   rules, sessions and turns (``sessions.segment``); one candidate per owner turn that answers
+   the other person, with the context chosen by ``sessions.pick_window``, and its duplicate
+   keys; the chat's dialog lines (the shared prompt format's) joined into one string;
+2. merge, strictly in chat id order (``DatasetBuilder._merge``): exact and near duplicates are
+   dropped, every other candidate becomes a ``Sample`` whose ``model_input``/``model_target``
+   are the ``doppelbot.prompt.PromptFormat`` ones (a slice of the chat's dialog string between
+   the format's fixed prefix and suffix); inputs the byte bound cannot clear wait for stage 3;
+3. the token budget: those inputs are counted (line by line, ``budget.calibrate``) and lose
+   their oldest context turns until they fit in ``max_input_tokens``, or the sample goes;
+4. the per-contact cap thins chats that would contribute more than ``max_contact_share``;
+5. the time split: the most recent ``validation_share`` is validation.
 
-The builder never imports a tokenizer: ``count_tokens`` is injected (``None`` skips stage 2's
-budget; the CLI always passes the real FRED-T5 counter).
+The builder never imports a tokenizer: ``count_tokens`` is injected (``None`` skips stage 3;
+the CLI always passes the real FRED-T5 counter).
 """
 
 from __future__ import annotations
@@ -62,7 +66,6 @@ Progress = Callable[[str, int, int], None]
 # ``lo`` >= 0: the context is the whole turns ``lo:k``; ``lo`` < 0: it is not a run of whole
 # turns (a quoted message, or part of one long turn) and ``_ChatPart.explicit[-1 - lo]`` says
 # what it is. ``key``/``nkey`` are the exact/near-duplicate keys (64-bit hashes; 0 when off).
-_CANDIDATE_FIELDS = 4  # lo, k, key, nkey
 
 # An explicit context: leading (is_owner, text) turns, then whole turns ``lo:k`` (``lo`` = ``k``
 # when none), with the source message ids, messages per context turn and first date per turn.
@@ -80,7 +83,7 @@ def _ints(raw: bytes) -> array[int]:
 @dataclass(frozen=True, slots=True)
 class _ChatPart:
     """What stage 1 makes of one chat, in a compact form that crosses between processes
-    cheaply (arrays of int64 as bytes, texts joined into one string): made in a worker process
+    cheaply (int64 arrays as bytes, the dialog lines as one string): made in a worker process
     or in-process, merged in chat order by ``DatasetBuilder._merge`` (which alone deduplicates,
     so the order is all that decides which duplicate survives)."""
 
@@ -99,7 +102,7 @@ class _ChatPart:
     ids: bytes  # kept message ids, time order (int64)
     turn_starts: bytes  # index of each turn's first message in ``ids`` (int64)
     turn_dates: bytes  # each turn's first date (int64)
-    candidates: bytes  # ``_CANDIDATE_FIELDS`` int64s per candidate
+    candidates: bytes  # four int64s per candidate: lo, k, key, nkey (see above)
     explicit: tuple[_Explicit, ...]
 
 
@@ -182,7 +185,8 @@ class _ChatMaker:
         *,
         pack: bool = False,
     ) -> _ChatPart:
-        """One chat's part; ``pack`` joins its texts for the trip to another process."""
+        """One chat's part; ``pack`` encodes its dialog string for the trip to another
+        process."""
         opts = self.options
         clean = self.clean
         if self.scrubber is not None and not opts.keep_names:
