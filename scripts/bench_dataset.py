@@ -209,14 +209,22 @@ def main() -> None:
         options = DatasetOptions()
         workers = args.workers or default_workers()
         runs = []
+        result = None
+        child_rss = 0.0
         for _ in range(max(1, args.repeat)):
+            # every build gives the same samples: keep one at a time, so the peak RSS is one
+            # build's
+            result = None
             runs.append(_timed_build(path, options, workers))
-            # every build gives the same samples: keep one, so the next build's RSS is its own
             result = runs[-1].pop("result")
-            rss = peak_rss_mb()
+            if not child_rss:
+                # the first build's workers: later ones are forked from a parent that has held
+                # a whole result, and count its (shared, copy-on-write) pages as their own
+                child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        rss = peak_rss_mb()
+        assert result is not None
         ordered = sorted(runs, key=lambda r: r["seconds"])
         median = ordered[(len(ordered) - 1) // 2]
-        child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         stats = result.stats
         messages = stats.messages_read
         samples = stats.samples
