@@ -145,7 +145,6 @@ def random_model(config_path: Path, seed: int) -> Any:
 def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     """Random fp32 model → int8 cache without adapter; + LoRA (merged) → int8 cache with it."""
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
 
     from doppelbot.model import cache
     from doppelbot.model.engine import T5Engine
@@ -171,20 +170,7 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     )
     del engine
 
-    lora = LoraConfig(
-        r=16,
-        lora_alpha=32,
-        lora_dropout=0.05,
-        target_modules=["q", "v"],
-        task_type=TaskType.SEQ_2_SEQ_LM,
-    )
-    peft_model = get_peft_model(model, lora)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero: make the adapter really change things
-                param.normal_(0.0, 0.01, generator=gen)
-    peft_model.save_pretrained(adapter_dir)
+    peft_model = _random_adapter(model, adapter_dir)
     merged = peft_model.merge_and_unload()
     started = time.perf_counter()
     engine = T5Engine.from_hf(merged, "int8", consume=True)
@@ -204,7 +190,6 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
 def phase_build_hf(args: argparse.Namespace) -> dict[str, Any]:
     """CUDA: the random model as a bf16 checkpoint folder (+ tokenizer) and a LoRA adapter."""
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
 
     work = Path(args.workdir)
     base_dir, adapter_dir = work / "base", work / "adapter"
@@ -216,6 +201,15 @@ def phase_build_hf(args: argparse.Namespace) -> dict[str, Any]:
     for item in Path(args.tokenizer).iterdir():
         shutil.copy(item, base_dir / item.name)
     save_s = time.perf_counter() - started
+    _random_adapter(model, adapter_dir)
+    return {"init_s": round(init_s, 2), "save_s": round(save_s, 2)}
+
+
+def _random_adapter(model: Any, adapter_dir: Path) -> Any:
+    """A LoRA (r=16 on q, v) with random B, saved to ``adapter_dir``; returns the peft model."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
     lora = LoraConfig(
         r=16,
         lora_alpha=32,
@@ -227,10 +221,10 @@ def phase_build_hf(args: argparse.Namespace) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+            if "lora_B" in name:  # peft starts B at zero: make the adapter really change things
+                param.copy_(torch.randn(param.shape, generator=gen).to(param.dtype) * 0.01)
     peft_model.save_pretrained(adapter_dir)
-    return {"init_s": round(init_s, 2), "save_s": round(save_s, 2)}
+    return peft_model
 
 
 def phase_serve(args: argparse.Namespace) -> dict[str, Any]:
