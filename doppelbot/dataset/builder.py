@@ -337,7 +337,7 @@ class DatasetBuilder:
         }
         self._build_s = 0.0
 
-    # --- stage 1 --------------------------------------------------------------------------------
+    # --- stages 1–2 ------------------------------------------------------------------------------
     def add_chat(self, source: ChatSource) -> int:
         """Segment one chat and collect its candidates; returns how many it added."""
         started = time.perf_counter()
@@ -459,7 +459,7 @@ class DatasetBuilder:
         chat.candidates += added
         return added
 
-    # --- stages 2–4 -----------------------------------------------------------------------------
+    # --- stages 3–5 -----------------------------------------------------------------------------
     def finish(self) -> DatasetResult:
         opts = self.options
         stats = self.stats
