@@ -337,7 +337,7 @@ class DatasetBuilder:
         }
         self._build_s = 0.0
 
-    # --- stages 1–2 ------------------------------------------------------------------------------
+    # --- stages 1–2 ----------------------------------------------------------------------------
     def add_chat(self, source: ChatSource) -> int:
         """Segment one chat and collect its candidates; returns how many it added."""
         started = time.perf_counter()
