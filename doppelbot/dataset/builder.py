@@ -144,7 +144,8 @@ def default_workers() -> int:
 
 @dataclass(frozen=True, slots=True)
 class ChatSource:
-    """One chat's history for the builder: rows in time order (see ``rules.Row``)."""
+    """One chat's history for the builder: rows in ``(date, message_id)`` order (see
+    ``rules.Row``)."""
 
     chat_id: int
     rows: Sequence[Row]
