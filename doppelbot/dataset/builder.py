@@ -138,7 +138,7 @@ def default_workers() -> int:
     """Worker processes for ``build_from_db``: two whenever there are two cores or more, else
     none (in-process). The parent merges the workers' chats (about a third of the work) while
     they go on, so even on two cores two workers beat one process: measured on this project's
-    2-core machine, 1M messages took 1.6–1.9× less wall time than in-process."""
+    2-core machine, 1M messages took 1.4–1.9× less wall time than in-process."""
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
