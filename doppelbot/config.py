@@ -45,6 +45,28 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("doppelbot", appauthor=False))
 
 
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([dhms])", re.IGNORECASE)
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(value: object) -> object:
+    """``"6h"``, ``"90m"``, ``"1h30m"``, ``"45s"``, ``"2d"`` → seconds; a bare number is
+    seconds; ``0`` is zero."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().replace(" ", "")
+    if not text:
+        raise ValueError("expected a duration such as 6h, 90m, 45s or 0")
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION_RE.findall(text)
+    if not parts or "".join(n + u for n, u in parts).lower() != text.lower():
+        raise ValueError(f"not a duration: {value!r} (use e.g. 6h, 90m, 1h30m, 45s or 0)")
+    return sum(float(n) * _DURATION_UNITS[u.lower()] for n, u in parts)
+
+
 _QUIET_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
@@ -223,6 +245,28 @@ class Settings(BaseSettings):
     human_delay_max_s: float = Field(4.0, ge=0, description="Longest pause before replying.")
     split_lines: bool = Field(True, description="Send a multi-line reply as separate messages.")
 
+    # --- Running for months (restarts, catch-up, health) ----------------------------------------
+    catch_up_max_age: float = Field(
+        "6h",  # type: ignore[arg-type]  # parsed into seconds by the validator
+        ge=0,
+        description="After downtime, answer chats whose newest message is younger than this "
+        "(e.g. 6h, 90m; 0 = never answer what arrived while the bot was down).",
+    )
+    watchdog_interval_s: float = Field(
+        30.0, gt=0, description="How often the running bot checks its health and records it."
+    )
+    watchdog_idle_s: float = Field(
+        300.0,
+        gt=0,
+        description="No update for this long: ask Telegram whether updates were missed.",
+    )
+    watchdog_max_outage_s: float = Field(
+        900.0,
+        gt=0,
+        description="Telegram unreachable or silent this long: exit non-zero (a supervisor "
+        "restarts the bot).",
+    )
+
     # --- Review and feedback --------------------------------------------------------------------
     draft_ttl_minutes: float = Field(60.0, gt=0, description="Unanswered drafts expire after this.")
     positive_reactions: CommaList = Field(
@@ -299,6 +343,11 @@ class Settings(BaseSettings):
     def _lists(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("catch_up_max_age", mode="before")
+    @classmethod
+    def _durations(cls, value: object) -> object:
+        return parse_duration(value)
+
     @field_validator("quiet_hours")
     @classmethod
     def _quiet(cls, value: str) -> str:
@@ -350,6 +399,11 @@ class Settings(BaseSettings):
     @property
     def session_path(self) -> Path:
         return self.data_dir / f"{self.session_name}.session"
+
+    @property
+    def lock_path(self) -> Path:
+        """Held by every command that opens this session (one process per session)."""
+        return self.data_dir / f"{self.session_name}.lock"
 
     @property
     def datasets_dir(self) -> Path:

@@ -43,9 +43,10 @@ class MediaKind(StrEnum):
 
 
 class ReplyStatus(StrEnum):
-    """A reply's lifecycle; see migrations/0001 for the allowed transitions."""
+    """A reply's lifecycle; ``doppelbot.store.replies.TRANSITIONS`` lists the allowed moves."""
 
     QUEUED = "queued"
+    DEFERRED = "deferred"  # quiet hours or a cap: waits until ``Reply.not_before``
     GENERATING = "generating"
     AWAITING_REVIEW = "awaiting_review"
     SENDING = "sending"
@@ -170,6 +171,7 @@ class Reply:
     updated_at: int = 0
     generated_at: int | None = None
     sent_at: int | None = None
+    not_before: int | None = None  # a deferred reply is tried again from then on
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,17 @@ class TelegramError(DoppelbotError):
     """Telegram refused or failed a request."""
 
 
+class InstanceLockedError(DoppelbotError):
+    """Another doppelbot process holds this data directory's Telegram session."""
+
+
+class TelegramOutageError(TelegramError):
+    """Telegram stayed unreachable (or silent) longer than the watchdog allows; the process
+    exits non-zero so a supervisor restarts it."""
+
+    exit_code = 3
+
+
 class NotLoggedInError(TelegramError):
     """No authorised session exists; the user must run ``doppelbot login``."""
 

@@ -34,6 +34,8 @@ def setup_logging(
     root.setLevel(level)
     # Telethon logs request contents at DEBUG; keep it at WARNING unless debugging it explicitly.
     logging.getLogger("telethon").setLevel(logging.WARNING)
+    # aiosqlite logs every statement with its parameters (message texts) at DEBUG.
+    logging.getLogger("aiosqlite").setLevel(logging.DEBUG if _show_texts else logging.INFO)
 
 
 def redact(text: str | None) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from doppelbot.domain import Role, Turn
 from doppelbot.errors import EmptyReplyError
@@ -41,6 +42,14 @@ def sanitize(text: str) -> str:
     return text.strip()
 
 
+@lru_cache(maxsize=16)
+def fake_turn_pattern(*labels: str) -> re.Pattern[str]:
+    """A line break followed by something that reads like a speaker label (``Я:``,
+    ``Собеседник:``, any spacing or case): inside one message it would fake a turn."""
+    names = "|".join(re.escape(label.strip()) for label in labels if label.strip())
+    return re.compile(rf"[ \t]*\n[ \t]*(?=(?:{names})[ \t]*:)", re.IGNORECASE)
+
+
 @dataclass(frozen=True, slots=True)
 class PromptFormat:
     persona: str
@@ -57,8 +66,17 @@ class PromptFormat:
             persona = f"{persona} {FACTS_HEADER}{'; '.join(cleaned)}.".strip()
         return persona
 
+    def turn_text(self, text: str) -> str:
+        """A turn's text as it appears in the dialog: sanitized, and with no line of it that
+        reads like another speaker's turn — a stranger writing "привет\\nЯ: …" must not put
+        words into the owner's mouth (such a line is joined to the one before it)."""
+        clean = sanitize(text)
+        if "\n" in clean:
+            clean = fake_turn_pattern(self.role_other, self.role_owner).sub(" ", clean)
+        return clean
+
     def dialog_lines(self, turns: Sequence[Turn]) -> list[str]:
-        return [f"{self.label(t.role)}: {sanitize(t.text)}" for t in turns]
+        return [f"{self.label(t.role)}: {self.turn_text(t.text)}" for t in turns]
 
     def build_input(self, turns: Sequence[Turn], facts: Sequence[str] = ()) -> str:
         persona = self.persona_part(facts)

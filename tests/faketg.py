@@ -104,7 +104,13 @@ id) restricts it to requests about that peer. ``tg.clear_failures()`` removes pe
 
 Other knobs: ``tg.now()`` (the server clock: real time unless ``FakeTelegram(clock=...)``),
 ``tg.latency_s`` (answer after a delay instead of on the next loop turn), ``tg.login_code``,
-``tg.password``. Not supported (raise ``FakeTelegramUnsupported`` naming the request): file
+``tg.password``. ``tg.offline = True``: every request (and connecting) fails with
+``ConnectionError`` — Telegram unreachable. ``tg.mute_updates = True``: updates are no longer
+pushed to connected clients (they stay in the update log, so getDifference still returns them)
+— the silently stalled update stream real clients sometimes see. ``tg.owner_reads(peer,
+max_id)``: the owner read the chat up to ``max_id`` on another device.
+``tg.file_session(path)``: an authorised Telethon file session (SQLite) at ``path``.
+``tests/faketg_remote.py`` serves a ``FakeTelegram`` to a ``doppelbot`` in another process. Not supported (raise ``FakeTelegramUnsupported`` naming the request): file
 up/downloads and anything not listed above — add handlers in ``_HANDLERS`` when you need more.
 
 Speed: stored messages are serialised once and the bytes are reused in every answer (they are
@@ -486,6 +492,8 @@ class FakeTelegram:
         self._msg_id = 0  # account-wide message ids (private chats and basic groups)
         self.pts = 1
         self._log: list[tuple[int, Any]] = []  # account updates (pts, update) for getDifference
+        self.offline = False
+        self.mute_updates = False
         self._authorized: set[bytes] = set()
         self._senders: list[FakeSender] = []
         self._failures: list[_Failure] = []
@@ -865,6 +873,22 @@ class FakeTelegram:
         self.install(client, authorized=authorized)
         return client
 
+    def file_session(self, path: Any) -> None:
+        """Write an authorised Telethon file session (SQLite) at ``path``."""
+        from telethon.sessions import SQLiteSession
+
+        session = SQLiteSession(str(path))
+        session.set_dc(*_FAKE_DC)
+        session.auth_key = AuthKey(os.urandom(256))
+        self._authorized.add(session.auth_key.key)
+        session.save()
+        session.close()
+
+    def owner_reads(self, peer: Any, max_id: int) -> None:
+        """The owner read ``peer``'s chat up to ``max_id`` on another device."""
+        chat = self._chat(peer)
+        chat.read_inbox_max_id = max(chat.read_inbox_max_id, max_id)
+
     def session_string(self) -> str:
         """A StringSession string whose auth key this fake considers logged in."""
         session = StringSession()
@@ -920,6 +944,8 @@ class FakeTelegram:
 
     # --- updates ----------------------------------------------------------------------------------
     def _deliver(self, updates: Any) -> None:
+        if self.mute_updates:
+            return
         data = bytes(updates)
         for sender in self._senders:
             if sender.connected:
@@ -1746,6 +1772,8 @@ class FakeSender:
     _store_own_updates = MTProtoSender._store_own_updates
 
     async def connect(self, connection: Any) -> bool:
+        if self.tg.offline:
+            raise ConnectionError("the fake Telegram is offline")
         if self.connected:
             return False
         if self.auth_key.key is None:
@@ -1756,6 +1784,12 @@ class FakeSender:
 
     def is_connected(self) -> bool:
         return self.connected
+
+    def _transport_connected(self) -> bool:  # Telethon's keepalive loop asks
+        return self.connected
+
+    def _keepalive_ping(self, ping_id: int) -> None:
+        pass
 
     async def disconnect(self) -> None:
         self.connected = False
@@ -1789,7 +1823,7 @@ class FakeSender:
     def _answer(self, future: asyncio.Future, data: bytes, request: TLRequest) -> None:
         if future.cancelled():
             return
-        if not self.connected:
+        if not self.connected or self.tg.offline:
             future.set_exception(ConnectionError("disconnected"))
             return
         try:

@@ -43,11 +43,14 @@ def test_chat_answers_and_keeps_context(env: dict[str, str]) -> None:
     result = _invoke(
         ["chat", "--greedy", "--show-prompt", "--turns", "3"],
         env,
-        "привет\nкак дела?\n/reset\nну что?\n/quit\n",
+        "привет\n/help\nкак дела?\n/oops\n/reset\nну что?\n/quit\n",
     )
     assert result.exit_code == 0, result.output
     out = result.output
-    assert out.count("Я>") == 3  # one answer per message
+    assert out.count("Я>") == 3  # one answer per message; /help and /oops never reach it
+    assert "/reset — forget the dialogue so far" in out
+    assert "unknown command /oops (see /help)" in out
+    assert "/help" not in out.split("Собеседник:", 1)[1].split("Твой ответ:")[0]
     assert "(dialogue cleared)" in out
     # the second prompt carries the first exchange as context, the one after /reset does not
     assert out.count("Твой ответ:") == 3

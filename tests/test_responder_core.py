@@ -16,6 +16,7 @@ from doppelbot.domain import Message, PeerKind, Reply, ReplyStatus
 from doppelbot.errors import GenerationError
 from doppelbot.ports import ScoredFact
 from doppelbot.responder.context import LiveContext
+from doppelbot.responder.service import Approval
 from doppelbot.responder.transport import Clock
 from doppelbot.store import bot_state, history, replies
 from doppelbot.store.database import Database
@@ -238,13 +239,16 @@ async def test_per_chat_and_global_caps(tmp_path: Path, db: Database) -> None:
     await h.incoming(ANN, "второе")
     await h.idle()
     assert h.transport.texts(ANN.peer_id) == ["ок, понял"]
-    assert (await _statuses(db, ANN.peer_id))[-1] == (S.DROPPED, "per_chat_cap")
+    # A full cap postpones the reply until its oldest counted send leaves the hour.
+    first, second = await replies.for_chat(db, ANN.peer_id)
+    assert (second.status, second.error) == (S.DEFERRED, "per_chat_cap")
+    assert second.not_before == first.sent_at + 3600  # type: ignore[operator]
     await h.incoming(bob, "привет")
     await h.idle()
     await h.incoming(carl, "привет")
     await h.idle()
     assert len(h.transport.sent) == 2
-    assert await _statuses(db, carl.peer_id) == [(S.DROPPED, "global_cap")]
+    assert await _statuses(db, carl.peer_id) == [(S.DEFERRED, "global_cap")]
     await h.responder.aclose()
 
 
@@ -257,12 +261,19 @@ async def test_caps_hold_under_concurrency(tmp_path: Path, db: Database) -> None
     await h.responder.aclose()
 
 
-async def test_quiet_hours_drop(tmp_path: Path, db: Database) -> None:
+async def test_quiet_hours_defer_the_reply(tmp_path: Path, db: Database) -> None:
     h = await _harness(tmp_path, db, quiet_hours="00:00-23:59", timezone="UTC")
     await h.incoming(ANN, "не спишь?")
     await h.idle()
     assert h.transport.sent == []
-    assert await _statuses(db, ANN.peer_id) == [(S.DROPPED, "quiet_hours")]
+    [reply] = await replies.for_chat(db, ANN.peer_id)
+    assert (reply.status, reply.error) == (S.DEFERRED, "quiet_hours")
+    assert reply.not_before is not None and reply.not_before > time.time()
+    await h.incoming(ANN, "ау")  # more messages extend the same deferred reply
+    await h.idle()
+    [same] = await replies.for_chat(db, ANN.peer_id)
+    assert same.reply_id == reply.reply_id and same.status is S.DEFERRED
+    assert same.trigger_message_id > reply.trigger_message_id
     await h.responder.aclose()
 
 
@@ -613,8 +624,8 @@ async def test_review_mode_drafts_then_sends_on_approval(tmp_path: Path, db: Dat
     h.generator.reply = "второй вариант"
     await h.responder.regenerate(reply.reply_id)
     assert drafts.got[-1][0].draft_text == "второй вариант"
-    assert await h.responder.send_approved(reply.reply_id, "исправлено") is True
-    assert await h.responder.send_approved(reply.reply_id) is False  # never twice
+    assert await h.responder.send_approved(reply.reply_id, "исправлено") is Approval.SENT
+    assert await h.responder.send_approved(reply.reply_id) is Approval.NOT_WAITING  # never twice
     assert h.transport.texts() == ["исправлено"]
     stored = await replies.get(db, reply.reply_id)
     assert stored is not None and stored.status is S.SENT and stored.final_text == "исправлено"

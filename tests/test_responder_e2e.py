@@ -287,7 +287,7 @@ async def test_caps_and_quiet_hours(tmp_path: Path, db: Database, model: ReplyGe
         await live.quiet()
         assert [(r.status, r.error) for r in await replies.for_chat(db, alice.id)] == [
             (S.SENT, None),
-            (S.DROPPED, "per_chat_cap"),
+            (S.DEFERRED, "per_chat_cap"),
         ]
         assert len({s.message_id for s in tg.sent}) == len(live.sent_to(alice))
     async with live_bot(
@@ -296,7 +296,9 @@ async def test_caps_and_quiet_hours(tmp_path: Path, db: Database, model: ReplyGe
         tg.push_incoming(bob, "не спишь?")
         await live.quiet()
         assert live.sent_to(bob) == []
-        assert [r.error for r in await replies.for_chat(db, bob.id)] == ["quiet_hours"]
+        assert [(r.status, r.error) for r in await replies.for_chat(db, bob.id)] == [
+            (S.DEFERRED, "quiet_hours")
+        ]
 
 
 async def test_pause_survives_restart(tmp_path: Path, db: Database, model: ReplyGenerator) -> None:

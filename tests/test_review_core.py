@@ -77,9 +77,15 @@ def test_commands(text: str, want: Command) -> None:
     assert parse_command(text) == want
 
 
-@pytest.mark.parametrize("text", ["pause", "hello /pause", "/unknown", "", "/"])
+@pytest.mark.parametrize("text", ["pause", "hello /pause", "", "ok"])
 def test_not_commands(text: str) -> None:
     assert parse_command(text) is None
+
+
+@pytest.mark.parametrize("text", ["/pasue", "/unknown arg", "/", " /Stop"])
+def test_any_slash_text_is_a_command_and_unknown_ones_say_so(text: str) -> None:
+    with pytest.raises(CommandError, match=r"unknown command .* \(see /help\)"):
+        parse_command(text)
 
 
 @pytest.mark.parametrize("text", ["/mode", "/mode @a loud", "/fact", "/mode a b c"])

@@ -174,9 +174,6 @@ async def test_draft_card_then_ok_sends_once(tmp_path: Path) -> None:
         ]
         assert "✍️ Draft: да, приду" in card.text and "Expires in 60 min" in card.text
 
-        tg.push_incoming(alice, "ok")  # the other person's "ok" approves nothing
-        await bot.quiet()
-        assert bot.sent_to(alice) == []
         status = await bot.owner_says("/status", reply_to=card.message_id)  # not a correction
         assert bot.sent_to(alice) == []
         assert bot.answers_to(status)[0].startswith("▶️ Active\nDefault mode: review")
@@ -194,6 +191,33 @@ async def test_draft_card_then_ok_sends_once(tmp_path: Path) -> None:
         again = await bot.owner_says("+", reply_to=card.message_id)
         assert bot.sent_to(alice) == ["да, приду"]  # never twice
         assert bot.answers_to(again) == ["Already sent."]
+
+
+async def test_a_draft_made_stale_by_newer_messages_is_refused_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    tg = FakeTelegram()
+    alice = tg.add_user("Alice")
+    async with review_bot(tmp_path, tg, Scripted("да, приду", "хорошо")) as bot:
+        tg.push_incoming(alice, "Придёшь завтра?")
+        await bot.quiet()
+        [old_card] = bot.cards()
+        tg.push_incoming(alice, "ok")  # the other person's "ok" approves nothing …
+        await bot.quiet()
+        assert bot.sent_to(alice) == []
+        old_reply, new_reply = await replies.for_chat(bot.db, alice.id)
+        assert new_reply.status is S.AWAITING_REVIEW  # … it is a new message: a new draft
+        await bot.owner_says("ok", reply_to=old_card.message_id)
+        assert bot.sent_to(alice) == []  # the old draft does not answer "ok": refused
+        after = await replies.get(bot.db, old_reply.reply_id)
+        assert after is not None and (after.status, after.error) == (S.DROPPED, "stale")
+        assert "wrote again after this draft" in bot.card_text(old_card.message_id)
+        [verdict] = await fstore.verdicts_for(bot.db, old_reply.reply_id)
+        assert verdict.verdict is Verdict.APPROVED  # the owner's judgement is still data
+        new_card = bot.cards()[-1]
+        assert new_card.message_id == new_reply.review_message_id
+        await bot.owner_says("ok", reply_to=new_card.message_id)
+        assert bot.sent_to(alice) == ["хорошо"]
 
 
 async def test_other_text_is_sent_instead_and_the_pair_recorded(tmp_path: Path) -> None:

@@ -26,6 +26,26 @@ log = logging.getLogger(__name__)
 
 QUIT = {"/quit", "/exit", "/q"}
 RESET = "/reset"
+HELP = "/help"
+CHAT_HELP = """Commands (a line starting with / is never sent to the model):
+/reset — forget the dialogue so far
+/quit, /exit, /q (or Ctrl+D) — leave
+/help — this text
+Anything else is a message from the other person; the model answers as you."""
+
+
+def chat_command(text: str) -> str | None:
+    """What a ``/…`` line does: "quit", "reset", "help" or an error line; None for a message."""
+    if not text.startswith("/"):
+        return None
+    word = text.split()[0].lower() if text.split() else "/"
+    if word in QUIT:
+        return "quit"
+    if word == RESET:
+        return "reset"
+    if word == HELP:
+        return "help"
+    return f"unknown command {word} (see {HELP})"
 
 
 def chat(
@@ -143,19 +163,28 @@ async def _chat(
             f"[dim]{ident.model_id} + {ident.adapter_id or 'no adapter'} · "
             f"{getattr(model, 'precision', '?')} on {info.get('device', '?')}"
             f"{' (from cache)' if info.get('from_cache') else ''} · "
-            f"facts: {'on' if kb else 'off'} · {RESET} clears the dialogue, /quit or Ctrl+D "
+            f"facts: {'on' if kb else 'off'} · {HELP} lists the commands, /quit or Ctrl+D "
             "ends it[/]"
         )
         count = TokenCounter(worker.tokenizer)
         history: list[Turn] = []
         while True:
             line = await asyncio.to_thread(_read_line, console)
-            if line is None or line.strip() in QUIT:
+            if line is None:
                 break
             text = line.strip()
-            if text == RESET:
+            command = chat_command(text)
+            if command == "quit":
+                break
+            if command == "reset":
                 history.clear()
                 console.print("[dim](dialogue cleared)[/]")
+                continue
+            if command == "help":
+                console.print(CHAT_HELP, markup=False, highlight=False)
+                continue
+            if command is not None:
+                console.print(f"[yellow]({escape(command)})[/]")
                 continue
             if not text:
                 continue

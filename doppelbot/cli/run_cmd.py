@@ -1,11 +1,13 @@
 """``doppelbot run`` (the userbot) and ``doppelbot status``.
 
-``run`` connects with the stored session, starts the model worker and the knowledge base, and
-hands over to ``doppelbot.telegram.live.run_live`` until SIGINT/SIGTERM; then it stops in order
-(events → replies in flight → knowledge base → model worker → Telegram → database), so a reply
-cut short stays recorded and the next start resumes it. ``status`` reads only the database: it
-works while the bot runs, and ``--pause``/``--resume`` flip the kill switch the running bot
-reads before every reply.
+``run`` takes the data directory's instance lock, connects with the stored session, starts the
+model worker and the knowledge base, and hands over to ``doppelbot.telegram.live.run_live``
+until SIGINT/SIGTERM; then it stops in order (events → replies in flight → knowledge base →
+model worker → Telegram → database), so a reply cut short stays recorded and the next start
+resumes it. It exits non-zero when Telegram stays unreachable past the watchdog's limit, so a
+supervisor restarts it. ``status`` reads only the database (and who holds the lock): it works
+while the bot runs, ``--pause``/``--resume`` flip the kill switch the running bot reads before
+every reply, and ``--health`` exits non-zero unless the bot runs and is healthy.
 
 Heavy modules (telethon, torch) are imported inside the functions only.
 """
@@ -164,8 +166,8 @@ async def serve(
     """The whole ``run``; tests pass a fake-Telegram ``client``, a small ``generator`` and
     their own ``stop`` event."""
     from doppelbot.errors import NotLoggedInError
-    from doppelbot.telegram.client import connected
-    from doppelbot.telegram.live import run_live
+    from doppelbot.telegram.client import connected, create_client
+    from doppelbot.telegram.live import LiveBot, run_live
 
     if client is None and settings.session_string is None and not settings.session_path.exists():
         raise NotLoggedInError("not logged in to Telegram: run `doppelbot login` first")
@@ -174,8 +176,24 @@ async def serve(
     worker: Any = None
     kb: Any = None
     responder_kwargs: dict[str, Any] = {}
+    bot: Any = None
+
+    def listen_early(tg: Any) -> None:
+        # Handlers go in before connecting: Telethon replays missed updates right away.
+        nonlocal bot
+        bot = LiveBot(tg, db, settings)
+        bot.install()
+
     try:
-        async with open_db(settings) as db, connected(settings, client=client) as tg:
+        async with (
+            open_db(settings) as db,
+            connected(
+                settings,
+                client=client,
+                make_client=lambda: create_client(settings, catch_up=True),
+                before_connect=listen_early,
+            ) as tg,
+        ):
             if generator is None:
                 from doppelbot.model.worker import ModelWorker
 
@@ -212,6 +230,7 @@ async def serve(
                     drafts=workflow,
                     on_ready=ready,
                     responder_kwargs=responder_kwargs,
+                    bot=bot,
                 )
             finally:
                 await workflow.aclose()
@@ -236,13 +255,38 @@ def status(
     texts: bool = typer.Option(
         False, "--texts", help="Also show reply texts (private: off by default)."
     ),
+    health: bool = typer.Option(
+        False,
+        "--health",
+        help="Only check health: one line, exit 0 when `doppelbot run` runs and is healthy, "
+        "1 otherwise (a Docker healthcheck).",
+    ),
 ) -> None:
-    """Pause state, reply counts and the last replies (reads only the database)."""
+    """Health, pause state, reply counts, deferred and last replies (reads the database)."""
     st = state(ctx)
     settings = st.settings
     if pause and resume:
         raise typer.BadParameter("--pause and --resume exclude each other")
+    if health:
+        healthy, line = run_async(_health(settings))
+        st.console.print(f"{'healthy' if healthy else 'unhealthy'}: {line}", markup=False)
+        raise typer.Exit(0 if healthy else 1)
     run_async(_status(settings, st.console, pause=pause, resume=resume, last=last, texts=texts))
+
+
+async def _health(settings: Settings) -> tuple[bool, str]:
+    import time
+
+    from doppelbot.health import Health, verdict
+    from doppelbot.instance import holder_of
+    from doppelbot.store import bot_state
+
+    holder = holder_of(settings.lock_path)
+    if not settings.db_path.exists():
+        return False, "not running: no database yet"
+    async with open_db(settings) as db:
+        record = Health.from_json(await bot_state.get_json(db, bot_state.HEALTH_KEY))
+    return verdict(record, holder, time.time())
 
 
 def _when(ts: int | None) -> str:
@@ -255,9 +299,13 @@ async def _status(
     settings: Settings, console: Console, *, pause: bool, resume: bool, last: int, texts: bool
 ) -> None:
     from doppelbot.domain import ReplyStatus
+    from doppelbot.health import Health, verdict
+    from doppelbot.health import when as when_ts
+    from doppelbot.instance import holder_of
     from doppelbot.store import bot_state, replies
     from doppelbot.store.database import now
 
+    holder = holder_of(settings.lock_path)
     async with open_db(settings) as db:
         if pause or resume:
             await bot_state.set_paused(db, pause)
@@ -268,6 +316,33 @@ async def _status(
         hour_ago = now() - 3600
         sent_hour = await replies.count_recent_sends(db, hour_ago)
         recent = await replies.last_replies(db, last)
+        deferred = await replies.deferred_replies(db)
+        health = Health.from_json(await bot_state.get_json(db, bot_state.HEALTH_KEY))
+        catch_up = await bot_state.get_json(db, bot_state.CATCH_UP_KEY)
+
+    healthy, line = verdict(health, holder, now())
+    colour = "green" if healthy else ("yellow" if holder else "red")
+    console.print(f"Health: [bold {colour}]{'healthy' if healthy else 'unhealthy'}[/] — {line}")
+    if health is not None:
+        console.print(
+            f"Started {when_ts(health.started_at)} (pid {health.pid}) · last update received "
+            f"{when_ts(health.last_update_at)} · last heartbeat {when_ts(health.heartbeat_at)}"
+            f" · reconnects {health.reconnects}"
+        )
+    if catch_up:
+        answered = catch_up.get("answered", 0)
+        old = sum(v for k, v in catch_up.items() if k.startswith("not_answered"))
+        reasons = ", ".join(
+            f"{k.removeprefix('not_answered:')} {v}"
+            for k, v in sorted(catch_up.items())
+            if k.startswith("not_answered")
+        )
+        console.print(
+            f"Last catch-up {when_ts(catch_up.get('at'))}: "
+            f"{catch_up.get('messages_stored', 0)} message(s) stored from "
+            f"{catch_up.get('chats_synced', 0)} chat(s), {answered} chat(s) answered, "
+            f"{old} stored only" + (f" ({reasons})" if reasons else "")
+        )
 
     state_line = (
         f"[bold red]PAUSED[/] since {_when(since)} (resume: doppelbot status --resume)"
@@ -291,6 +366,16 @@ async def _status(
     )
     summary = " · ".join(f"{s.value} {counts[s]}" for s in ReplyStatus if counts[s])
     console.print(f"Replies: {summary or 'none yet'}")
+    if deferred:
+        table = Table(title=f"Deferred replies ({len(deferred)})", title_justify="left")
+        for col in ("id", "chat", "why", "tries again at"):
+            table.add_column(col, justify="right" if col == "id" else "left")
+        for row in deferred:
+            r = row.reply
+            table.add_row(
+                str(r.reply_id), row.chat_name or str(r.chat_id), r.error or "", _when(r.not_before)
+            )
+        console.print(table)
     if not recent:
         return
     table = Table(title=f"Last {len(recent)} replies", title_justify="left")

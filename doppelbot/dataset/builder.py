@@ -57,7 +57,7 @@ from doppelbot.dataset.split import split_by_time
 from doppelbot.dataset.stats import ChatStats, DatasetStats, summarize
 from doppelbot.domain import Sample, Turn
 from doppelbot.errors import DatasetError
-from doppelbot.prompt import sanitize
+from doppelbot.prompt import fake_turn_pattern
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages: "chats", "tokens"."""
@@ -173,6 +173,9 @@ class _ChatMaker:
         self.scrubber = make_scrubber(options)
         self.clean = make_cleaner(options, self.counters, self.scrubber)
         self.labels = line_prefixes(options.prompt_format)
+        fmt = options.prompt_format
+        self.turn_text = fmt.turn_text
+        self.fake_turn = fake_turn_pattern(fmt.role_other, fmt.role_owner)
 
     @property
     def pii(self) -> dict[str, int]:
@@ -258,14 +261,21 @@ class _ChatMaker:
                 key = hash((key_texts, turn_texts[k])) if dedup_exact else 0
                 nkey = hash((key_norms, turn_norms[k])) if dedup_near else 0
                 push((lo, k, key, nkey))
-        # ``sanitize`` is a strip for a text without "<", double spaces or tabs: strip them
-        # all, and sanitize properly only in the rare chat where the result shows one
+        # ``turn_text`` is a strip for a text without "<", double spaces, tabs or a line that
+        # reads like a speaker label: strip them all, and do it properly only in the rare
+        # chat where the result shows one
         labels = map(self.labels.__getitem__, turn_outs)
         clean = list(map(str.strip, turn_texts))
         lines = list(map(add, labels, clean))
         body = "\n".join(lines)
-        if "<" in body or "  " in body or "\t" in body:
-            clean = list(map(sanitize, turn_texts))
+        joined = "\x00".join(clean)
+        if (
+            "<" in body
+            or "  " in body
+            or "\t" in body
+            or ("\n" in joined and self.fake_turn.search(joined))
+        ):
+            clean = list(map(self.turn_text, turn_texts))
             lines = list(map(add, map(self.labels.__getitem__, turn_outs), clean))
             body = "\n".join(lines)
         changed: tuple[tuple[int, str], ...] = ()

@@ -4,13 +4,16 @@ Pure functions over domain objects and plain numbers, so every safety rule is un
 without Telegram, a model or a clock. The responder asks twice: ``eligibility`` when a message
 arrives (cheap, static: the kind of chat, lists, contacts) and ``gate`` before spending a
 generation and again before sending (dynamic: pause, quiet hours, takeover, hourly caps).
-A rule that says no returns a short reason string, stored with the dropped reply.
+A rule that says no returns a short reason string, stored with the dropped reply. Quiet hours
+and the hourly caps say "not now" rather than "no": ``defer_until`` tells when to try again.
+After downtime, ``catch_up_skip`` decides which unanswered chats are still worth answering.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, time, tzinfo
+from datetime import datetime, time, timedelta, tzinfo
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
@@ -45,6 +48,13 @@ class Skip(StrEnum):
     NOTHING_TO_ANSWER = "nothing_to_answer"
     SUPERSEDED = "superseded"
     UNKNOWN_PEER = "unknown_peer"
+    TOO_OLD = "too_old"  # older than DOPPELBOT_CATCH_UP_MAX_AGE when it could be answered
+    READ_BY_OWNER = "read_by_owner"  # the owner read it on another device while we were down
+    BEFORE_FIRST_RUN = "before_first_run"  # arrived before the bot ever ran here
+
+
+#: Reasons that postpone a reply (until the window opens) instead of dropping it.
+DEFER_REASONS = frozenset({Skip.QUIET_HOURS, Skip.CHAT_CAP, Skip.GLOBAL_CAP})
 
 
 def _parse_list(entries: list[str]) -> tuple[frozenset[int], frozenset[str]]:
@@ -74,6 +84,7 @@ class PolicyConfig:
     quiet_hours: tuple[time, time] | None = None
     tz: tzinfo | None = None  # None = the system's local time
     takeover_s: float = 1800.0
+    catch_up_max_age_s: float = 6 * HOUR_S
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PolicyConfig:
@@ -91,6 +102,7 @@ class PolicyConfig:
             quiet_hours=settings.quiet_hours_range,
             tz=ZoneInfo(settings.timezone) if settings.timezone else None,
             takeover_s=settings.takeover_minutes * 60,
+            catch_up_max_age_s=settings.catch_up_max_age,
         )
 
     @property
@@ -184,6 +196,70 @@ def gate(inputs: GateInputs, cfg: PolicyConfig) -> Skip | None:
         return Skip.CHAT_CAP
     if inputs.global_sends_last_hour >= cfg.global_hourly_cap:
         return Skip.GLOBAL_CAP
+    return None
+
+
+def quiet_hours_end(now: float, cfg: PolicyConfig) -> float:
+    """When the quiet hours that ``now`` falls into end (UTC unix seconds); ``now`` itself
+    when it is not in quiet hours."""
+    if not in_quiet_hours(now, cfg) or cfg.quiet_hours is None:
+        return now
+    end = cfg.quiet_hours[1]
+    local = datetime.fromtimestamp(now, tz=cfg.tz) if cfg.tz else datetime.fromtimestamp(now)
+    candidate = local.replace(hour=end.hour, minute=end.minute, second=0, microsecond=0)
+    if candidate.timestamp() <= now:
+        candidate += timedelta(days=1)
+    return candidate.timestamp()
+
+
+def cap_frees_at(send_times: Sequence[float], cap: int, now: float) -> float:
+    """When a full hourly cap has a free slot again: an hour after the send that has to
+    leave the window (``send_times``: the counted sends of the last hour, oldest first)."""
+    recent = sorted(t for t in send_times if t > now - HOUR_S)
+    if cap <= 0:
+        return now + HOUR_S
+    if len(recent) < cap:
+        return now
+    return recent[len(recent) - cap] + HOUR_S
+
+
+def defer_until(
+    reason: Skip,
+    now: float,
+    cfg: PolicyConfig,
+    *,
+    chat_send_times: Sequence[float] = (),
+    global_send_times: Sequence[float] = (),
+) -> float:
+    """When to try a reply deferred for ``reason`` again (never earlier than a second on)."""
+    if reason is Skip.QUIET_HOURS:
+        at = quiet_hours_end(now, cfg)
+    elif reason is Skip.CHAT_CAP:
+        at = cap_frees_at(chat_send_times, cfg.per_chat_hourly_cap, now)
+    elif reason is Skip.GLOBAL_CAP:
+        at = cap_frees_at(global_send_times, cfg.global_hourly_cap, now)
+    else:
+        raise ValueError(f"{reason} does not defer a reply")
+    return max(at, now + 1.0)
+
+
+def catch_up_skip(
+    *,
+    message_date: float,
+    now: float,
+    first_run_at: float,
+    read_by_owner: bool,
+    cfg: PolicyConfig,
+) -> Skip | None:
+    """Whether an unanswered message that arrived while the bot was down is answered now:
+    not when the owner already read it elsewhere (they chose), not when it is older than
+    ``catch_up_max_age`` (0 = never), and never for what predates the bot's first run."""
+    if message_date < first_run_at:
+        return Skip.BEFORE_FIRST_RUN
+    if read_by_owner:
+        return Skip.READ_BY_OWNER
+    if cfg.catch_up_max_age_s <= 0 or now - message_date > cfg.catch_up_max_age_s:
+        return Skip.TOO_OLD
     return None
 
 

@@ -17,7 +17,14 @@ Why it is shaped like this:
   ``sending`` against the chat itself before sending anything, so nothing goes out twice;
   ``queued``/``generating`` replies are re-queued, so nothing pending is lost.
 - New messages during generation make the reply stale: it is dropped, and the reply queued
-  by the newer message covers everything.
+  by the newer message covers everything. The same holds for a reply resumed after a restart
+  and for a draft the owner approves: a reply never goes out once newer messages wait.
+- Quiet hours and the hourly caps postpone a reply (``deferred``) instead of dropping it; when
+  the window opens it is generated again from the history of that moment, unless it has grown
+  older than ``catch_up_max_age`` (then it is dropped, and ``doppelbot status`` says so).
+- A message is answered at most once: a reply that already covers it (same or newer trigger)
+  keeps a message seen again — a restart's catch-up, an update delivered twice — silent.
+- The owner's explicit approval of a draft wins over quiet hours, caps and the kill switch.
 - The owner writing in a chat (any device) is told apart from the bot's own sends by the
   recorded sent ids; it cancels what is pending there and silences the chat for a while.
 - Every error stays inside its reply: it is recorded and logged (never with message texts)
@@ -32,6 +39,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 from doppelbot.config import Settings
@@ -50,11 +58,14 @@ from doppelbot.responder.context import (
 )
 from doppelbot.responder.debounce import Debouncer
 from doppelbot.responder.policy import (
+    DEFER_REASONS,
     HOUR_S,
     GateInputs,
     PolicyConfig,
     Skip,
+    catch_up_skip,
     chat_eligibility,
+    defer_until,
     eligibility,
     gate,
     group_dice,
@@ -67,12 +78,17 @@ log = logging.getLogger("doppelbot.responder")
 
 S = ReplyStatus
 
+#: Replies deferred by quiet hours go out spread over this many seconds after they end.
+QUIET_END_SPREAD_S = 300.0
 #: Generations waiting on the worker at once. The worker runs one at a time; queueing more
 #: would only make their contexts older (and risk the worker's queue limit).
 MAX_PARALLEL_GENERATIONS = 4
 #: Telegram dates messages by its clock, replies are stamped by ours; lookups that compare
 #: the two allow this much difference.
 CLOCK_SKEW_S = 600
+#: A message dated up to this far in our future (a fast phone, a slow server clock) is
+#: still part of the conversation.
+FUTURE_SKEW_S = 300
 
 
 class DraftSink(Protocol):
@@ -82,9 +98,38 @@ class DraftSink(Protocol):
 
 
 SentHook = Callable[[Reply], Awaitable[None]]
+#: Runs inside the transaction that claims an approved draft for sending, with that
+#: transaction's connection and the final text (the review workflow records the owner's verdict
+#: there, so a crash can never separate the two).
+ClaimHook = Callable[[Any, str], Awaitable[None]]
+
+
+class Approval(StrEnum):
+    """What became of a draft the owner approved (or corrected)."""
+
+    SENT = "sent"
+    STALE = "stale"  # newer messages arrived after the draft: not sent
+    FAILED = "failed"  # sending failed (see the reply's error)
+    NOT_WAITING = "not_waiting"  # the draft was no longer awaiting review
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUpCandidate:
+    """A chat whose newest message arrived while the bot was down (from the start-up sync)."""
+
+    message: Message  # the chat's newest message, written by the other person
+    peer: Peer
+    read_by_owner: bool  # the owner read it on another device meanwhile
+
+
 #: The owner wrote in a chat themselves (not the bot): the review workflow records takeover
 #: corrections from it.
 OwnerMessageHook = Callable[[Message], Awaitable[None]]
+
+
+def _answers_up_to(reply: Reply) -> int:
+    """The newest incoming message a reply took into account."""
+    return max((reply.trigger_message_id, *reply.context_message_ids))
 
 
 def describe(exc: BaseException) -> str:
@@ -156,6 +201,8 @@ class Responder:
         self._options = settings.generation_options()
         self._context = context_builder or default_context_builder(settings)
         self._debouncer: Debouncer[int] = Debouncer(settings.debounce_s, self._schedule)
+        # Deferred replies wake up here when their window opens (one timer per chat).
+        self._wakeups: Debouncer[int] = Debouncer(0.0, self._wake)
         self._chats: dict[int, _Chat] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gen_slots = asyncio.Semaphore(
@@ -168,13 +215,21 @@ class Responder:
 
     # --- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
-        """Pick up what a previous run left open: re-queue unfinished generations and
-        reconcile interrupted sends (each chat's in its own runner)."""
-        open_rows = await replies.with_status(self.db, (S.QUEUED, S.GENERATING, S.SENDING))
+        """Pick up what a previous run left open: re-queue unfinished generations, re-arm
+        deferred replies and reconcile interrupted sends. Everything resumed waits a full
+        debounce first, so a burst still arriving after the restart is answered as one."""
+        open_rows = await replies.with_status(
+            self.db, (S.QUEUED, S.DEFERRED, S.GENERATING, S.SENDING)
+        )
         now = self._now()
         newest_queued: dict[int, Reply] = {}
+        resume: set[int] = set()
         for reply in open_rows:
             state = self._state(reply.chat_id)
+            if reply.status is S.DEFERRED:
+                self._arm_wakeup(reply.chat_id, reply.not_before)
+                continue
+            resume.add(reply.chat_id)
             if reply.status is S.SENDING:
                 state.recover = reply
                 continue
@@ -186,9 +241,40 @@ class Responder:
                     self.db, older.reply_id, S.QUEUED, S.DROPPED, now=now, error=Skip.SUPERSEDED
                 )
             newest_queued[reply.chat_id] = reply
-        for chat_id in {r.chat_id for r in open_rows}:
+        for chat_id in resume:
             log.info("responder: resuming open replies chat=%d", chat_id)
-            self._schedule(chat_id)
+            await self._sync_last_incoming(self._state(chat_id))
+            self._debouncer.touch(chat_id)
+
+    async def catch_up(
+        self,
+        candidates: Sequence[CatchUpCandidate],
+        *,
+        first_run_at: float,
+        down_since: float,
+    ) -> Counter[str]:
+        """Answer what arrived while the bot was down (from ``down_since``, the previous
+        run's last sign of life), within the catch-up rules (``policy.catch_up_skip``);
+        returns what became of those chats."""
+        outcome: Counter[str] = Counter()
+        now = self._now()
+        for c in candidates:
+            if c.message.date < down_since:
+                continue  # older than the downtime: the previous run saw it
+            skip = catch_up_skip(
+                message_date=c.message.date,
+                now=now,
+                first_run_at=first_run_at,
+                read_by_owner=c.read_by_owner,
+                cfg=self.policy,
+            )
+            if skip is not None:
+                outcome[f"not_answered:{skip}"] += 1
+                continue
+            queued = await self._on_incoming(c.message, c.peer, catch_up=True)
+            outcome["answered" if queued else "not_eligible_or_covered"] += 1
+        self.stats.update({f"catch_up:{k}": v for k, v in outcome.items()})
+        return outcome
 
     async def aclose(self) -> None:
         """Stop: no new work, cancel timers, let deliveries in progress finish (up to
@@ -196,6 +282,7 @@ class Responder:
         ``generating``/``sending`` in the store and are picked up by the next start."""
         self._closing = True
         self._debouncer.close()
+        self._wakeups.close()
         delivering = [
             s.runner
             for s in self._chats.values()
@@ -220,6 +307,8 @@ class Responder:
 
     @property
     def busy(self) -> bool:
+        """A debounce timer is armed or a task runs (deferred replies waiting for their
+        window do not count: they may wait for hours)."""
         return bool(len(self._debouncer) or self._tasks)
 
     # --- input from the Telegram adapter ----------------------------------------------------
@@ -241,27 +330,41 @@ class Responder:
                 describe(exc),
             )
 
-    async def _on_incoming(self, message: Message, peer: Peer) -> None:
+    async def _on_incoming(self, message: Message, peer: Peer, *, catch_up: bool = False) -> bool:
+        """Queue (or extend) the chat's reply for ``message``; True when it did."""
         reason = eligibility(message, peer, self.owner_id, self.policy)
         if reason is not None:
             log.debug("responder: ignored chat=%d reason=%s", message.chat_id, reason)
-            return
+            return False
+        if not catch_up and self._now() - message.date > max(
+            self.policy.catch_up_max_age_s, CLOCK_SKEW_S
+        ):
+            # An old message delivered as if new (an update replayed late): the start-up
+            # catch-up decides about those, never the live path.
+            log.info("responder: not answering an old message chat=%d", message.chat_id)
+            return False
         chat_id = message.chat_id
         mode = await self._mode(chat_id)
         if mode is ReplyMode.OFF:
-            return
+            return False
         state = self._state(chat_id)
         state.peer = peer
         state.last_incoming_id = max(state.last_incoming_id, message.message_id)
         state.last_arrival = self.clock.monotonic()
-        await replies.queue_for_chat(
+        queued = await replies.queue_for_chat(
             self.db,
             chat_id=chat_id,
             mode=mode,
             trigger_message_id=message.message_id,
             now=self._now(),
+            unless_covered=True,
         )
-        self._debouncer.touch(chat_id)
+        if queued is None:
+            log.debug("responder: already answered chat=%d msg=%d", chat_id, message.message_id)
+            return False
+        if await replies.deferred_for_chat(self.db, chat_id) is None:
+            self._debouncer.touch(chat_id)
+        return True
 
     async def _on_outgoing(self, message: Message) -> None:
         if message.chat_id == self.owner_id:
@@ -368,6 +471,9 @@ class Responder:
             reason = await self._gate(chat_id)
         if reason is None and peer.kind is PeerKind.GROUP:
             reason = group_dice(peer, self.policy, self.rng.random())
+        if reason in DEFER_REASONS:
+            await self._defer(reply.reply_id, S.QUEUED, reason, chat_id)
+            return
         if reason is not None:
             await self._drop(reply.reply_id, S.QUEUED, reason, chat_id)
             return
@@ -385,7 +491,7 @@ class Responder:
             peer = state.peer or await history.get_peer(self.db, chat_id)
             peer = peer or Peer(chat_id, PeerKind.USER)
             try:
-                context = self._context(messages, int(self._now()), peer)
+                context = self._context(messages, int(self._now()) + FUTURE_SKEW_S, peer)
             except Exception as exc:  # a context bug must not leave the reply queued forever
                 await replies.transition(
                     self.db, reply_id, frm, S.FAILED, now=self._now(), error=describe(exc)
@@ -547,6 +653,21 @@ class Responder:
                     conn, reply_id, frm, S.SENDING, now=int(now), **fields
                 )
             fields.pop("final_text", None)
+            if reason in DEFER_REASONS:
+                not_before = await self._defer_time(reason, chat_id)
+                moved = await replies.transition_in(
+                    conn,
+                    reply_id,
+                    frm,
+                    S.DEFERRED,
+                    now=int(now),
+                    error=str(reason),
+                    not_before=int(not_before),
+                    **fields,
+                )
+                if moved:
+                    self._count_defer(reason, chat_id, reply_id, not_before)
+                return False
             moved = await replies.transition_in(
                 conn, reply_id, frm, S.DROPPED, now=int(now), error=str(reason), **fields
             )
@@ -573,9 +694,94 @@ class Responder:
             mode=mode,
             trigger_message_id=state.last_incoming_id,
             now=int(self._now()),
+            unless_covered=True,
         )
         if not self._debouncer.pending(state.chat_id):
             state.pending = True
+
+    # --- deferral ---------------------------------------------------------------------------
+    async def _defer_time(self, reason: Skip, chat_id: int) -> float:
+        now = self._now()
+        since = int(now) - HOUR_S
+        chat_times: list[int] = []
+        global_times: list[int] = []
+        if reason is Skip.CHAT_CAP:
+            chat_times = await replies.recent_send_times(self.db, since, chat_id)
+        elif reason is Skip.GLOBAL_CAP:
+            global_times = await replies.recent_send_times(self.db, since)
+        at = defer_until(
+            reason,
+            now,
+            self.policy,
+            chat_send_times=chat_times,
+            global_send_times=global_times,
+        )
+        if reason is Skip.QUIET_HOURS:
+            # Not everyone at the very minute the quiet hours end: that looks like a robot.
+            at += self.rng.uniform(0, QUIET_END_SPREAD_S)
+        return at
+
+    async def _defer(
+        self, reply_id: int, frm: ReplyStatus, reason: Skip, chat_id: int, **fields: Any
+    ) -> bool:
+        not_before = await self._defer_time(reason, chat_id)
+        moved = await replies.transition(
+            self.db,
+            reply_id,
+            frm,
+            S.DEFERRED,
+            now=self._now(),
+            error=str(reason),
+            not_before=int(not_before),
+            **fields,
+        )
+        if moved:
+            self._count_defer(reason, chat_id, reply_id, not_before)
+        return moved
+
+    def _count_defer(self, reason: Skip, chat_id: int, reply_id: int, not_before: float) -> None:
+        self.stats[f"deferred:{reason}"] += 1
+        log.info(
+            "responder: reply deferred chat=%d reply=%d reason=%s for %.0fs",
+            chat_id,
+            reply_id,
+            reason,
+            not_before - self._now(),
+        )
+        self._arm_wakeup(chat_id, not_before)
+
+    def _arm_wakeup(self, chat_id: int, not_before: float | None) -> None:
+        if self._closing:
+            return
+        delay = max(0.0, (not_before or 0) - self._now())
+        self._wakeups.touch(chat_id, delay)
+
+    def _wake(self, chat_id: int) -> None:
+        if not self._closing:
+            self._spawn(self._resume_deferred(chat_id))
+
+    async def _resume_deferred(self, chat_id: int) -> None:
+        """A deferred reply's window opened: queue it again (it is generated from the history
+        of now), or drop it when what it answers has grown too old."""
+        state = self._state(chat_id)
+        async with state.lock:
+            reply = await replies.deferred_for_chat(self.db, chat_id)
+            if reply is None:
+                return
+            now = self._now()
+            if reply.not_before is not None and reply.not_before > now + 0.5:
+                self._arm_wakeup(chat_id, reply.not_before)  # woken early (clock change)
+                return
+            max_age = self.policy.catch_up_max_age_s
+            trigger = await history.get_message(self.db, chat_id, reply.trigger_message_id)
+            if max_age > 0 and trigger is not None and now - trigger.date > max_age:
+                await self._drop(reply.reply_id, S.DEFERRED, Skip.TOO_OLD, chat_id)
+                return
+            await replies.transition(
+                self.db, reply.reply_id, S.DEFERRED, S.QUEUED, now=now, error=None, not_before=None
+            )
+            log.info("responder: deferred reply=%d is due chat=%d", reply.reply_id, chat_id)
+        self._schedule(chat_id)
 
     def _count_drop(self, reason: Skip, chat_id: int, reply_id: int) -> None:
         self.stats[f"dropped:{reason}"] += 1
@@ -591,10 +797,13 @@ class Responder:
         snapshot: int | None,
         start: int = 0,
         pause: bool = True,
+        approved: bool = False,
     ) -> bool:
         """Send ``parts[start:]`` of a reply that is in 'sending'. ``snapshot``: the newest
         incoming message the reply answers — a newer one before the first part makes it
-        stale (None: do not check). Returns whether everything was sent."""
+        stale (None: do not check). ``approved``: the owner said so explicitly, so only
+        staleness can still stop it (not the kill switch, quiet hours or takeover). Returns
+        whether everything was sent."""
         chat_id = state.chat_id
         delays = 0.0
         sent_any = start > 0
@@ -612,7 +821,10 @@ class Responder:
                 if not sent_any:
                     # Last look before anything goes out: the owner may have taken over, the
                     # kill switch may be on, or newer messages made the reply stale.
-                    reason = await self._last_look(state, snapshot)
+                    reason = await self._last_look(state, snapshot, gated=not approved)
+                    if reason in DEFER_REASONS:
+                        await self._defer(reply_id, S.SENDING, reason, chat_id)
+                        return False
                     if reason is not None:
                         dropped = await self._drop(reply_id, S.SENDING, reason, chat_id)
                         if dropped and reason is Skip.STALE:
@@ -649,11 +861,13 @@ class Responder:
         await self._notify_sent(reply_id)
         return True
 
-    async def _last_look(self, state: _Chat, snapshot: int | None) -> Skip | None:
+    async def _last_look(
+        self, state: _Chat, snapshot: int | None, *, gated: bool = True
+    ) -> Skip | None:
         """Right before the first part goes out: still wanted?"""
         if snapshot is not None and state.last_incoming_id > snapshot:
             return Skip.STALE
-        return await self._gate(state.chat_id, with_caps=False)
+        return await self._gate(state.chat_id, with_caps=False) if gated else None
 
     async def _type(self, chat_id: int, text: str) -> float:
         seconds = delivery.typing_seconds(
@@ -750,23 +964,13 @@ class Responder:
             self.stats["reconciled"] += 1
             log.info("responder: reply=%d was already sent chat=%d", reply.reply_id, chat_id)
             return
-        if index == 0:
-            newest = await self.db.scalar(
-                "SELECT max(message_id) FROM messages WHERE chat_id = ? AND is_outgoing = 0"
-                " AND service_action IS NULL",
-                (chat_id,),
-            )
-            if newest is not None and newest > max(reply.context_message_ids, default=0):
-                await self._drop(reply.reply_id, S.SENDING, Skip.STALE, chat_id)
-                await replies.queue_for_chat(
-                    self.db,
-                    chat_id=chat_id,
-                    mode=reply.mode,
-                    trigger_message_id=int(newest),
-                    now=now,
-                )
-                state.pending = True
-                return
+        snapshot = _answers_up_to(reply)
+        await self._sync_last_incoming(state)
+        if index == 0 and state.last_incoming_id > snapshot:
+            # Newer messages arrived while we were down: this reply answers too little.
+            await self._drop(reply.reply_id, S.SENDING, Skip.STALE, chat_id)
+            await self._requeue(state, reply.mode)
+            return
         log.info(
             "responder: resuming interrupted send chat=%d reply=%d parts=%d/%d",
             chat_id,
@@ -775,31 +979,75 @@ class Responder:
             len(parts),
         )
         state.last_arrival = self.clock.monotonic()
-        await self._deliver(state, reply.reply_id, parts, snapshot=None, start=index, pause=False)
+        # A review reply in 'sending' was approved by the owner: their word still stands.
+        await self._deliver(
+            state,
+            reply.reply_id,
+            parts,
+            snapshot=snapshot if index == 0 else None,
+            start=index,
+            pause=False,
+            approved=reply.mode is ReplyMode.REVIEW,
+        )
 
-    # --- for the review workflow (issue 8) --------------------------------------------------
-    async def send_approved(self, reply_id: int, text: str | None = None) -> bool:
+    # --- for the review workflow ------------------------------------------------------------
+    async def send_approved(
+        self, reply_id: int, text: str | None = None, *, on_claim: ClaimHook | None = None
+    ) -> Approval:
         """Send a reviewed draft (``text`` replaces it: a correction). The owner's explicit
-        approval bypasses the caps and quiet hours; the chat's order is kept."""
+        approval wins over the caps, quiet hours and the kill switch; a draft that newer
+        messages made stale is still refused. ``on_claim`` runs inside the transaction that
+        moves the draft on (to 'sending', or 'dropped' when stale): the owner's verdict is
+        recorded there, so no crash can lose it. The chat's order is kept."""
         reply = await replies.get(self.db, reply_id)
         if reply is None:
-            return False
+            return Approval.NOT_WAITING
         final = text if text is not None else (reply.draft_text or "")
         parts = delivery.split_reply(final, split_lines=self.settings.split_lines)
         state = self._state(reply.chat_id)
         async with state.lock:
-            moved = await replies.transition(
-                self.db,
-                reply_id,
-                S.AWAITING_REVIEW,
-                S.SENDING,
-                now=self._now(),
-                final_text="\n".join(parts),
-            )
+            await self._sync_last_incoming(state)
+            snapshot = _answers_up_to(reply)
+            stale = state.last_incoming_id > snapshot
+            now = self._now()
+            async with self.db.transaction() as conn:
+                if stale:
+                    moved = await replies.transition_in(
+                        conn,
+                        reply_id,
+                        S.AWAITING_REVIEW,
+                        S.DROPPED,
+                        now=int(now),
+                        error=str(Skip.STALE),
+                        final_text="\n".join(parts),
+                    )
+                else:
+                    moved = await replies.transition_in(
+                        conn,
+                        reply_id,
+                        S.AWAITING_REVIEW,
+                        S.SENDING,
+                        now=int(now),
+                        final_text="\n".join(parts),
+                    )
+                if moved and on_claim is not None:
+                    await on_claim(conn, "\n".join(parts))
             if not moved:
-                return False
+                return Approval.NOT_WAITING
+            if stale:
+                self._count_drop(Skip.STALE, reply.chat_id, reply_id)
+                await self._requeue(state, ReplyMode.REVIEW)
+                return Approval.STALE
             state.last_arrival = self.clock.monotonic()
-            return await self._deliver(state, reply_id, parts, snapshot=None, pause=False)
+            sent = await self._deliver(
+                state, reply_id, parts, snapshot=snapshot, pause=False, approved=True
+            )
+        if sent:
+            return Approval.SENT
+        after = await replies.get(self.db, reply_id)
+        if after is not None and after.error == Skip.STALE:
+            return Approval.STALE
+        return Approval.FAILED
 
     async def regenerate(self, reply_id: int) -> None:
         """Generate a new draft for a reply awaiting review (the owner said "again")."""
@@ -813,6 +1061,13 @@ class Responder:
     # --- helpers ----------------------------------------------------------------------------
     def _now(self) -> float:
         return self.clock.time()
+
+    async def _sync_last_incoming(self, state: _Chat) -> None:
+        """What the store knows is the newest incoming message (after a restart the memory
+        starts empty; the catch-up has stored what arrived meanwhile)."""
+        newest = await history.newest_incoming_id(self.db, state.chat_id)
+        if newest is not None:
+            state.last_incoming_id = max(state.last_incoming_id, newest)
 
     async def _mode(self, chat_id: int) -> ReplyMode:
         override = await bot_state.chat_reply_mode(self.db, chat_id)

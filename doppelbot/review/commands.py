@@ -47,7 +47,10 @@ class Command:
 
 
 def parse_command(text: str) -> Command | None:
-    """``None`` when the text is not a command at all; ``CommandError`` when it is malformed."""
+    """``None`` when the text is not a command at all; ``CommandError`` when it is malformed.
+
+    Any text starting with "/" is a command: a mistyped one ("/pasue") is an error to show
+    the owner, never a note — and never a correction that would be sent to a contact."""
     stripped = text.strip()
     if not stripped.startswith("/"):
         return None
@@ -57,7 +60,8 @@ def parse_command(text: str) -> Command | None:
     try:
         cmd = CommandName(name)
     except ValueError:
-        return None
+        shown = head if len(head) <= 32 else head[:31] + "…"
+        raise CommandError(f"unknown command {shown} (see /help)") from None
     if cmd in (CommandName.PAUSE, CommandName.RESUME, CommandName.STATUS, CommandName.HELP):
         return Command(cmd)
     if cmd is CommandName.FACT:

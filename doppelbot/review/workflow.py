@@ -7,9 +7,13 @@ Why it is shaped like this:
   responder through its public review API (``send_approved``, ``regenerate``, hooks), so the
   Telegram side (``doppelbot.telegram.review``) only maps events and posts text.
 - Everything it decides is in SQLite: a card is found again by ``replies.review_message_id``
-  (a restart loses no draft), verdicts are written in the same transaction as the reply's move,
-  and every move is the replies store's compare-and-set — an ``ok`` twice, an ``ok`` racing the
-  expiry, or a reaction plus a reply send the draft at most once.
+  (a restart loses no draft), verdicts are written in the same transaction as the reply's move
+  (for an approval: the claim that starts the send), and every move is the replies store's
+  compare-and-set — an ``ok`` twice, an ``ok`` racing the expiry, or a reaction plus a reply
+  send the draft at most once.
+- Nothing the owner writes while the bot is down is lost: the notes written meanwhile are
+  applied at start, in order, once (the newest note acted on is kept in the store), and an
+  approval judged against the draft's lifetime at the moment it was written.
 - Only the owner can command: a message counts only when it is in the owner's own Saved
   Messages chat, outgoing, written by the owner and not forwarded. Nothing a stranger writes is
   ever read as a command; the bot's own posts there are recognised and skipped.
@@ -23,11 +27,21 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from doppelbot.config import Settings
-from doppelbot.domain import Message, Peer, Reaction, Reply, ReplyMode, ReplyStatus, Verdict
+from doppelbot.domain import (
+    Message,
+    Peer,
+    PeerKind,
+    Reaction,
+    Reply,
+    ReplyMode,
+    ReplyStatus,
+    Verdict,
+)
 from doppelbot.errors import DoppelbotError
+from doppelbot.responder.service import Approval
 from doppelbot.responder.transport import Clock
 from doppelbot.review.cards import (
     CardAction,
@@ -60,6 +74,11 @@ OUTCOME_REGENERATED = "🔄 Replaced by a new draft (below)."
 OUTCOME_AUTO_CORRECTED = "✏️ Correction recorded (the sent reply stays)."
 OUTCOME_AUTO_GOOD = "👍 Noted as a good reply."
 OUTCOME_AUTO_BAD = "👎 Noted as a bad reply."
+OUTCOME_STALE = "⚠️ Not sent: {name} wrote again after this draft; a new draft answers everything."
+OUTCOME_TOO_LATE = (
+    "⌛ Not sent: your answer was written {hours:.0f} h ago while the bot was down "
+    "(more than DOPPELBOT_CATCH_UP_MAX_AGE)."
+)
 
 
 class SavedMessages(Protocol):
@@ -102,6 +121,12 @@ class ReviewWorkflow:
         self._reply_locks: dict[int, asyncio.Lock] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = False
+        # The owner's notes are acted on one at a time, in order, each once: the newest one
+        # acted on is remembered (also in the store, for the next start). Live notes wait
+        # until the notes written while the bot was down have been applied.
+        self._saved_lock = asyncio.Lock()
+        self._saved_seen: int | None = None
+        self._backlog_applied = asyncio.Event()
 
     # --- wiring -----------------------------------------------------------------------------
     def attach(self, *, responder: Responder, saved: SavedMessages, owner_id: int) -> None:
@@ -112,9 +137,15 @@ class ReviewWorkflow:
         responder.on_sent.append(self._on_sent)
         responder.on_owner_message.append(self.on_owner_message)
 
-    async def start(self) -> None:
-        """Catch up with what happened while the bot was down: expire old drafts, post cards
-        for drafts that have none, then keep expiring on a timer."""
+    async def start(self, backlog: Sequence[Message] = (), *, saved_top_id: int = 0) -> None:
+        """Catch up with what happened while the bot was down: record verdicts a crash may
+        have lost, apply the owner's notes written meanwhile (``backlog``, oldest first; on
+        the very first start nothing older than ``saved_top_id`` is read), expire old drafts,
+        post cards for drafts that have none, then keep expiring on a timer."""
+        repaired = await feedback.repair_missing_verdicts(self.db, int(self.clock.time()))
+        if repaired:
+            log.info("review: recorded %d verdict(s) a crash had left unwritten", repaired)
+        await self.apply_backlog(backlog, saved_top_id=saved_top_id)
         await self.expire_due()
         for reply in await replies.with_status(self.db, [S.AWAITING_REVIEW]):
             if reply.review_message_id is None:
@@ -226,9 +257,22 @@ class ReviewWorkflow:
         await self._post_card(reply)
 
     async def _on_sent(self, reply: Reply) -> None:
-        """Auto mode: a copy of what was sent, so the owner can correct it afterwards."""
+        """Auto mode: a copy of what was sent, so the owner can correct it afterwards. Review
+        mode: the card shows that it went out (also for a send resumed after a restart)."""
         if reply.mode is ReplyMode.AUTO and reply.review_message_id is None:
             await self._post_card(reply)
+        elif reply.mode is ReplyMode.REVIEW and reply.review_message_id is not None:
+            await self._edit(
+                reply.review_message_id,
+                await self._card_text(reply, outcome=self._sent_outcome(reply)),
+            )
+
+    @staticmethod
+    def _sent_outcome(reply: Reply) -> str:
+        final = reply.final_text or ""
+        if final == (reply.draft_text or ""):
+            return OUTCOME_SENT
+        return f"{OUTCOME_CORRECTED}\n{final}"
 
     async def on_owner_message(self, message: Message) -> None:
         """The owner wrote in a chat right after an auto reply: (bot reply, owner text) is a
@@ -347,6 +391,46 @@ class ReviewWorkflow:
             pass
         if message.message_id in self._own_posts:
             return
+        await self._backlog_applied.wait()
+        async with self._saved_lock:
+            await self._note_once(message)
+
+    async def apply_backlog(self, backlog: Sequence[Message], *, saved_top_id: int = 0) -> int:
+        """The owner's notes written while the bot was down, applied in order; returns how
+        many were new. On the very first start there is nothing to catch up: older notes
+        are the owner's own business."""
+        applied = 0
+        async with self._saved_lock:
+            self._saved_seen = await bot_state.get_int(self.db, bot_state.SAVED_SEEN_KEY)
+            if self._saved_seen is None:
+                self._saved_seen = max([saved_top_id, *(m.message_id for m in backlog)])
+                await bot_state.set_int(self.db, bot_state.SAVED_SEEN_KEY, self._saved_seen)
+            else:
+                owner = self.owner_id
+                for message in sorted(backlog, key=lambda m: m.message_id):
+                    note = Peer(owner, PeerKind.USER, is_self=True) if owner else None
+                    if note is None or not self._is_owner_note(message, note):
+                        continue
+                    if message.message_id in self._own_posts:
+                        continue
+                    if await self._note_once(message):
+                        applied += 1
+        self._backlog_applied.set()
+        if applied:
+            log.info("review: applied %d note(s) written while the bot was down", applied)
+        self.stats["backlog_notes"] += applied
+        return applied
+
+    async def _note_once(self, message: Message) -> bool:
+        """Act on one owner note unless it was acted on already (call with the lock held)."""
+        if self._saved_seen is not None and message.message_id <= self._saved_seen:
+            return False
+        await self._handle_note(message)
+        self._saved_seen = message.message_id
+        await bot_state.set_int(self.db, bot_state.SAVED_SEEN_KEY, message.message_id)
+        return True
+
+    async def _handle_note(self, message: Message) -> None:
         text = message.text or ""
         target = message.reply_to_message_id
         if _is_command(text):
@@ -395,7 +479,7 @@ class ReviewWorkflow:
         action = parse_card_answer(text)
         if action is None:
             return True
-        await self._act(reply, action, answer_id=message.message_id)
+        await self._act(reply, action, answer_id=message.message_id, answered_at=message.date)
         return True
 
     async def on_reactions(
@@ -424,14 +508,28 @@ class ReviewWorkflow:
             self.stats["reaction_updates"] += 1
 
     # --- acting on a card -------------------------------------------------------------------
-    async def _act(self, reply: Reply, action: CardAction, *, answer_id: int | None) -> None:
+    async def _act(
+        self,
+        reply: Reply,
+        action: CardAction,
+        *,
+        answer_id: int | None,
+        answered_at: int | None = None,
+    ) -> None:
         lock = self._reply_locks.setdefault(reply.reply_id, asyncio.Lock())
         async with lock:
             fresh = await replies.get(self.db, reply.reply_id)
             if fresh is not None:
-                await self._act_locked(fresh, action, answer_id=answer_id)
+                await self._act_locked(fresh, action, answer_id=answer_id, answered_at=answered_at)
 
-    async def _act_locked(self, reply: Reply, action: CardAction, *, answer_id: int | None) -> None:
+    async def _act_locked(
+        self,
+        reply: Reply,
+        action: CardAction,
+        *,
+        answer_id: int | None,
+        answered_at: int | None = None,
+    ) -> None:
         if reply.mode is ReplyMode.AUTO:
             await self._act_on_copy(reply, action, answer_id=answer_id)
             return
@@ -439,6 +537,10 @@ class ReviewWorkflow:
             await self._late(reply, answer_id)
             return
         kind = action.kind
+        if answered_at is not None and await self._answered_too_late(
+            reply, kind, answered_at, answer_id
+        ):
+            return
         if kind is CardActionKind.REJECT:
             if await self._finish(reply, S.DROPPED, Verdict.REJECTED, None, error="rejected"):
                 self.stats["rejected"] += 1
@@ -453,28 +555,63 @@ class ReviewWorkflow:
             return
         await self._send(reply, action.text if kind is CardActionKind.CORRECT else None, answer_id)
 
+    async def _answered_too_late(
+        self, reply: Reply, kind: CardActionKind, answered_at: int, answer_id: int | None
+    ) -> bool:
+        """An answer applied after a restart is judged by when it was written: after the
+        draft's lifetime it finds the draft expired; an approval older than the catch-up age
+        is not carried out any more (the conversation has moved on)."""
+        since = reply.generated_at or reply.updated_at
+        if answered_at - since >= self.settings.draft_ttl_minutes * 60:
+            if await self._finish(reply, S.EXPIRED, Verdict.EXPIRED, None, error="expired"):
+                self.stats["expired"] += 1
+                await self._edit(
+                    reply.review_message_id,
+                    await self._card_text(reply, outcome=OUTCOME_EXPIRED, auto=False),
+                )
+            await self._late(await replies.get(self.db, reply.reply_id), answer_id)
+            return True
+        age = self.clock.time() - answered_at
+        max_age = self.settings.catch_up_max_age
+        if kind in (CardActionKind.APPROVE, CardActionKind.CORRECT) and 0 < max_age < age:
+            if await self._finish(reply, S.EXPIRED, Verdict.EXPIRED, None, error="too_old"):
+                self.stats["expired"] += 1
+                await self._edit(
+                    reply.review_message_id,
+                    await self._card_text(
+                        reply, outcome=OUTCOME_TOO_LATE.format(hours=age / 3600), auto=False
+                    ),
+                )
+            return True
+        return False
+
     async def _send(self, reply: Reply, text: str | None, answer_id: int | None) -> None:
         assert self.responder is not None
-        sent = await self.responder.send_approved(reply.reply_id, text)
+        verdict = Verdict.APPROVED if text is None else Verdict.CORRECTED
+        draft = reply.draft_text or ""
+        now = int(self.clock.time())
+
+        async def record(conn: Any, final_text: str) -> None:
+            # The owner's word is training data whatever happens to the send afterwards.
+            final = final_text if text is not None else draft
+            await feedback.record_verdict_in(conn, reply.reply_id, verdict, draft, final, now)
+
+        result = await self.responder.send_approved(reply.reply_id, text, on_claim=record)
         after = await replies.get(self.db, reply.reply_id)
         if after is None:
             return
-        if not sent and after.status is not S.FAILED:
+        if result is Approval.NOT_WAITING:
             if after.status is not S.SENDING:  # SENDING: the other answer is sending it now
                 await self._late(after, answer_id)
             return
-        if sent:
-            verdict = Verdict.APPROVED if text is None else Verdict.CORRECTED
-            await feedback.record_verdict(
-                self.db,
-                reply.reply_id,
-                verdict,
-                reply.draft_text or "",
-                after.final_text,
-                int(self.clock.time()),
-            )
-            self.stats[verdict.value] += 1
-            outcome = OUTCOME_SENT if text is None else f"{OUTCOME_CORRECTED}\n{after.final_text}"
+        self.stats[verdict.value] += 1
+        if result is Approval.SENT:
+            outcome = self._sent_outcome(after)
+        elif result is Approval.STALE:
+            self.stats["stale_approvals"] += 1
+            peer = await history.get_peer(self.db, reply.chat_id)
+            name = peer.display_name if peer is not None else "they"
+            outcome = OUTCOME_STALE.format(name=name)
         else:
             outcome = f"⚠️ Sending failed ({after.error or 'error'})."
         await self._edit(reply.review_message_id, await self._card_text(after, outcome=outcome))

@@ -3,15 +3,27 @@
 Both live in SQLite rather than in memory so they survive restarts and so another process —
 ``doppelbot status --pause`` in a second terminal, or an owner command in Saved Messages — can
 flip them while the bot runs: the responder reads them again before every reply.
+
+The running bot also records here what ``doppelbot status`` shows and a restart needs: its
+health (a heartbeat), the last catch-up, when it first ran (nothing older is ever answered
+after a restart) and the newest Saved Messages note it has acted on (so the owner's answers
+written while it was down are applied once, in order).
 """
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 from doppelbot.domain import ReplyMode
 from doppelbot.store.database import Database, now
 
 PAUSED_KEY = "paused"
 REPLY_MODE_KEY = "reply_mode"  # the runtime default set by ``/mode MODE``; overrides settings
+HEALTH_KEY = "health"
+CATCH_UP_KEY = "catch_up"
+FIRST_RUN_KEY = "first_run_at"
+SAVED_SEEN_KEY = "saved_seen_id"
 
 
 async def get_value(db: Database, key: str) -> str | None:
@@ -72,3 +84,39 @@ async def chat_mode_overrides(db: Database) -> dict[int, ReplyMode]:
         "SELECT chat_id, reply_mode FROM chat_settings WHERE reply_mode IS NOT NULL"
     )
     return {int(r[0]): ReplyMode(r[1]) for r in rows}
+
+
+async def get_json(db: Database, key: str) -> dict[str, Any] | None:
+    value = await get_value(db, key)
+    if not value:
+        return None
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+async def set_json(db: Database, key: str, value: dict[str, Any]) -> None:
+    await set_value(db, key, json.dumps(value, sort_keys=True))
+
+
+async def get_int(db: Database, key: str) -> int | None:
+    value = await get_value(db, key)
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
+async def set_int(db: Database, key: str, value: int) -> None:
+    await set_value(db, key, str(int(value)))
+
+
+async def first_run_at(db: Database, at: int) -> int:
+    """When the bot first ran in this data directory (recorded as ``at`` the first time)."""
+    known = await get_int(db, FIRST_RUN_KEY)
+    if known is None:
+        await set_int(db, FIRST_RUN_KEY, at)
+        return at
+    return known

@@ -5,14 +5,23 @@ matters goes through ``transaction()``, which serialises writers on an ``asyncio
 connection is shared by all tasks of the event loop, and without the lock two tasks' statements
 would interleave inside one SQLite transaction.
 
+Another process (``doppelbot status --pause``, ``dataset``, a second reader) may hold SQLite's
+write lock for a moment: a write transaction waits for it with a short busy timeout and retries
+with backoff (``busy_retry_s`` in all), so a busy database delays a write instead of losing it.
+
 Migrations are the ``NNNN_name.sql`` files of ``migrations/``; each is applied in one transaction
 together with its row in ``schema_migrations``, so a failing migration leaves the database at
-the previous level.
+the previous level. A migration whose first line is ``-- foreign_keys: off`` rebuilds tables:
+it runs with foreign-key enforcement off (so dropping the old table cascades nothing) and is
+committed only when ``PRAGMA foreign_key_check`` finds no broken reference.
+
+The database is the owner's private history: its folder is created 0700 and its files 0600.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
 import time
@@ -25,8 +34,26 @@ from typing import Any
 import aiosqlite
 
 from doppelbot.errors import MigrationError, StoreError
+from doppelbot.files import private_dir, private_file
 
 _MIGRATION_RE = re.compile(r"^(\d{4})_([A-Za-z0-9_]+)\.sql$")
+_FK_OFF_MARK = "-- foreign_keys: off"
+
+log = logging.getLogger("doppelbot.store")
+
+#: SQLite waits this long for another connection's write lock before reporting busy; the
+#: transaction then retries with backoff (short waits keep reads on this connection flowing).
+BUSY_TIMEOUT_MS = 2000
+#: How long a write keeps retrying a busy database before it gives up with ``StoreError``.
+BUSY_RETRY_S = 120.0
+
+
+def is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another connection holds the lock; worth retrying."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
 
 
 def default_migrations_dir() -> Path:
@@ -80,10 +107,18 @@ def now() -> int:
 class Database:
     """An open store. Use ``await Database.open(path)`` (applies pending migrations)."""
 
-    def __init__(self, conn: aiosqlite.Connection, path: Path, migrations_dir: Path) -> None:
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        path: Path,
+        migrations_dir: Path,
+        *,
+        busy_retry_s: float = BUSY_RETRY_S,
+    ) -> None:
         self.conn = conn
         self.path = path
         self.migrations_dir = migrations_dir
+        self.busy_retry_s = busy_retry_s
         self._write_lock = asyncio.Lock()
         self._in_transaction = False
 
@@ -94,20 +129,22 @@ class Database:
         *,
         migrate: bool = True,
         migrations_dir: Path | None = None,
+        busy_retry_s: float = BUSY_RETRY_S,
     ) -> Database:
         path = Path(path)
         try:
             if str(path) != ":memory:":
-                path.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(path.parent)
+                private_file(path)
             conn = await aiosqlite.connect(str(path), isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
-        db = cls(conn, path, migrations_dir or default_migrations_dir())
+        db = cls(conn, path, migrations_dir or default_migrations_dir(), busy_retry_s=busy_retry_s)
         try:
-            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            await db._retrying(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             await conn.execute("PRAGMA foreign_keys=ON")
-            await conn.execute("PRAGMA busy_timeout=10000")
             await conn.execute("PRAGMA synchronous=NORMAL")
             if migrate:
                 await db.migrate()
@@ -126,11 +163,35 @@ class Database:
         await self.close()
 
     # --- transactions ---------------------------------------------------------------------------
+    async def _retrying(self, start: Any) -> Any:
+        """Run ``start()`` (a statement that takes SQLite's write lock) until it is not busy,
+        with backoff, for up to ``busy_retry_s``."""
+        deadline = time.monotonic() + self.busy_retry_s
+        delay = 0.05
+        warned = False
+        while True:
+            try:
+                return await start()
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise StoreError(f"database {self.path}: {exc}") from exc
+                if time.monotonic() >= deadline:
+                    raise StoreError(
+                        f"database {self.path} stayed locked by another program for "
+                        f"{self.busy_retry_s:.0f}s; is something holding a write transaction?"
+                    ) from exc
+                if not warned:
+                    warned = True
+                    log.warning("store: database busy (another process writes); retrying")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; commits on success, rolls back on any exception."""
+        """One write transaction; commits on success, rolls back on any exception. Waits (with
+        retries) while another process holds the write lock."""
         async with self._write_lock:
-            await self.conn.execute("BEGIN IMMEDIATE")
+            await self._retrying(lambda: self.conn.execute("BEGIN IMMEDIATE"))
             self._in_transaction = True
             try:
                 yield self.conn
@@ -201,19 +262,34 @@ class Database:
     async def _apply(self, migration: Migration) -> None:
         # executescript runs statement by statement; on an error the explicit transaction is
         # still open and is rolled back, leaving the previous level intact.
+        sql = migration.sql
+        rebuild = sql.lstrip().startswith(_FK_OFF_MARK)
         script = (
             "BEGIN IMMEDIATE;\n"
-            + migration.sql
+            + sql
             + f"\n;INSERT INTO schema_migrations (version, name, applied_at) "
-            f"VALUES ({migration.version}, '{migration.name}', {now()});\nCOMMIT;"
+            f"VALUES ({migration.version}, '{migration.name}', {now()});"
         )
         async with self._write_lock:
             try:
-                await self.conn.executescript(script)
-            except sqlite3.Error as exc:
+                if rebuild:  # only outside a transaction does this pragma take effect
+                    await self.conn.execute("PRAGMA foreign_keys=OFF")
+                await self._retrying(lambda: self.conn.executescript(script))
+                if rebuild:
+                    broken = await (await self.conn.execute("PRAGMA foreign_key_check")).fetchall()
+                    if broken:
+                        raise sqlite3.IntegrityError(
+                            f"{len(broken)} broken foreign key reference(s), e.g. "
+                            f"{tuple(broken[0])}"
+                        )
+                await self.conn.execute("COMMIT")
+            except (sqlite3.Error, StoreError) as exc:
                 if self.conn.in_transaction:
                     await self.conn.execute("ROLLBACK")
                 raise MigrationError(
                     f"migration {migration.path.name} failed: {exc}; database left at its "
                     "previous level"
                 ) from exc
+            finally:
+                if rebuild:
+                    await self.conn.execute("PRAGMA foreign_keys=ON")

@@ -43,6 +43,28 @@ async def record_verdict(
         await record_verdict_in(conn, reply_id, verdict, draft_text, final_text, at)
 
 
+async def repair_missing_verdicts(db: Database, at: int) -> int:
+    """Record the verdict of every reviewed reply that went out (or started to) without one:
+    only the owner's approval moves a review draft to 'sending', so a reply there with no
+    approval on record lost it to a crash (older versions wrote it after the send). Returns
+    how many were recorded."""
+    async with db.transaction() as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT reply_id, draft_text, final_text FROM replies r"
+                " WHERE r.mode = 'review' AND r.status IN ('sending', 'sent')"
+                " AND NOT EXISTS (SELECT 1 FROM review_verdicts v WHERE v.reply_id = r.reply_id"
+                " AND v.verdict IN ('approved', 'corrected'))"
+            )
+        ).fetchall()
+        for r in rows:
+            draft = r["draft_text"] or ""
+            final = r["final_text"] or draft
+            verdict = Verdict.APPROVED if final == draft else Verdict.CORRECTED
+            await record_verdict_in(conn, r["reply_id"], verdict, draft, final, at)
+    return len(rows)
+
+
 async def verdicts_for(db: Database, reply_id: int) -> list[ReviewVerdict]:
     rows = await db.fetchall(
         "SELECT reply_id, verdict, draft_text, final_text, created_at, verdict_id"

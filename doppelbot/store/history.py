@@ -263,3 +263,19 @@ async def iter_chat_messages(
         while rows := await cursor.fetchmany(batch):
             for r in rows:
                 yield row_message(r)
+
+
+async def newest_incoming_id(db: Database, chat_id: int) -> int | None:
+    """The newest message the other side wrote in ``chat_id`` (service messages aside)."""
+    value = await db.scalar(
+        "SELECT max(message_id) FROM messages WHERE chat_id = ? AND is_outgoing = 0"
+        " AND service_action IS NULL",
+        (chat_id,),
+    )
+    return None if value is None else int(value)
+
+
+async def newest_message_id(db: Database, chat_id: int) -> int:
+    """The newest message of ``chat_id`` in the store (0: none)."""
+    value = await db.scalar("SELECT max(message_id) FROM messages WHERE chat_id = ?", (chat_id,))
+    return 0 if value is None else int(value)

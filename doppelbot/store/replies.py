@@ -1,11 +1,13 @@
 """Replies in the store: the lifecycle of every answer the bot produces.
 
 A reply moves ``queued → generating → sending → sent`` (or ``awaiting_review`` in review mode,
-or ends ``dropped`` / ``failed`` / ``expired``). Every move is a guarded compare-and-set on the
-status (``transition``), so two tasks — or a task and a restart — can never both move the same
-reply: the one that loses sees ``False`` and backs off. That is what makes "never send twice"
-hold: a reply is only ever sent by whoever moved it into ``sending``, and after a crash a reply
-still in ``sending`` is reconciled against the chat before anything is sent again.
+or ends ``dropped`` / ``failed`` / ``expired``). Quiet hours and the hourly caps move it to
+``deferred`` instead of dropping it: it goes back to ``queued`` when the window opens. Every
+move is a guarded compare-and-set on the status (``transition``), so two tasks — or a task and
+a restart — can never both move the same reply: the one that loses sees ``False`` and backs
+off. That is what makes "never send twice" hold: a reply is only ever sent by whoever moved it
+into ``sending``, and after a crash a reply still in ``sending`` is reconciled against the chat
+before anything is sent again.
 
 The sent message ids are recorded after every part, so the bot can tell its own messages from
 the owner's (human takeover) and a restart knows which parts already went out.
@@ -27,12 +29,18 @@ S = ReplyStatus
 
 #: The moves a reply may make. Terminal states have none.
 TRANSITIONS: dict[ReplyStatus, frozenset[ReplyStatus]] = {
-    S.QUEUED: frozenset({S.GENERATING, S.DROPPED, S.FAILED}),
+    S.QUEUED: frozenset({S.GENERATING, S.DEFERRED, S.DROPPED, S.FAILED}),
+    # DEFERRED → QUEUED: the window opened; the reply is generated from the history then.
+    S.DEFERRED: frozenset({S.QUEUED, S.DROPPED, S.FAILED}),
     # GENERATING → QUEUED: re-queued after a restart interrupted the generation.
-    S.GENERATING: frozenset({S.QUEUED, S.SENDING, S.AWAITING_REVIEW, S.DROPPED, S.FAILED}),
+    # GENERATING → DEFERRED: a cap filled up while generating (the text is not kept).
+    S.GENERATING: frozenset(
+        {S.QUEUED, S.DEFERRED, S.SENDING, S.AWAITING_REVIEW, S.DROPPED, S.FAILED}
+    ),
     # AWAITING_REVIEW → GENERATING: the owner asked for another draft.
     S.AWAITING_REVIEW: frozenset({S.SENDING, S.GENERATING, S.DROPPED, S.EXPIRED, S.FAILED}),
-    S.SENDING: frozenset({S.SENT, S.DROPPED, S.FAILED}),
+    # SENDING → DEFERRED: quiet hours began before the first part went out.
+    S.SENDING: frozenset({S.SENT, S.DEFERRED, S.DROPPED, S.FAILED}),
     S.SENT: frozenset(),
     S.DROPPED: frozenset(),
     S.FAILED: frozenset(),
@@ -40,12 +48,14 @@ TRANSITIONS: dict[ReplyStatus, frozenset[ReplyStatus]] = {
 }
 
 #: Not finished yet: what a restart must pick up again.
-OPEN_STATUSES = (S.QUEUED, S.GENERATING, S.AWAITING_REVIEW, S.SENDING)
+OPEN_STATUSES = (S.QUEUED, S.DEFERRED, S.GENERATING, S.AWAITING_REVIEW, S.SENDING)
+#: The chat's one pending reply (a new message points it at itself instead of adding one).
+PENDING_STATUSES = (S.QUEUED, S.DEFERRED)
 
 _COLUMNS = (
     "reply_id, chat_id, status, mode, trigger_message_id, context_message_ids, draft_text,"
     " final_text, error, model_id, adapter_id, review_message_id, sent_message_ids, created_at,"
-    " updated_at, generated_at, sent_at"
+    " updated_at, generated_at, sent_at, not_before"
 )
 _UPDATABLE = frozenset(
     {
@@ -63,6 +73,7 @@ _UPDATABLE = frozenset(
         "sent_at",
         "generation_ms",
         "mode",
+        "not_before",
     }
 )
 
@@ -71,25 +82,27 @@ def _ids(value: str | None) -> tuple[int, ...]:
     return tuple(int(x) for x in json.loads(value or "[]"))
 
 
-def row_reply(r: Sequence[Any]) -> Reply:
+def row_reply(r: Any) -> Reply:
+    """A ``sqlite3.Row`` (read by column name) → ``Reply``."""
     return Reply(
-        reply_id=r[0],
-        chat_id=r[1],
-        status=ReplyStatus(r[2]),
-        mode=ReplyMode(r[3]),
-        trigger_message_id=r[4],
-        context_message_ids=_ids(r[5]),
-        draft_text=r[6],
-        final_text=r[7],
-        error=r[8],
-        model_id=r[9],
-        adapter_id=r[10],
-        review_message_id=r[11],
-        sent_message_ids=_ids(r[12]),
-        created_at=r[13],
-        updated_at=r[14],
-        generated_at=r[15],
-        sent_at=r[16],
+        reply_id=r["reply_id"],
+        chat_id=r["chat_id"],
+        status=ReplyStatus(r["status"]),
+        mode=ReplyMode(r["mode"]),
+        trigger_message_id=r["trigger_message_id"],
+        context_message_ids=_ids(r["context_message_ids"]),
+        draft_text=r["draft_text"],
+        final_text=r["final_text"],
+        error=r["error"],
+        model_id=r["model_id"],
+        adapter_id=r["adapter_id"],
+        review_message_id=r["review_message_id"],
+        sent_message_ids=_ids(r["sent_message_ids"]),
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        generated_at=r["generated_at"],
+        sent_at=r["sent_at"],
+        not_before=r["not_before"],
     )
 
 
@@ -172,7 +185,7 @@ async def add_sent_id_in(
     row = await (
         await conn.execute("SELECT sent_message_ids FROM replies WHERE reply_id = ?", (reply_id,))
     ).fetchone()
-    ids = list(_ids(row[0] if row else None))
+    ids = list(_ids(row["sent_message_ids"] if row else None))
     if message_id not in ids:
         ids.append(message_id)
     await conn.execute(
@@ -221,25 +234,47 @@ async def transition(
 
 
 async def queue_for_chat(
-    db: Database, *, chat_id: int, mode: ReplyMode, trigger_message_id: int, now: int
-) -> int:
-    """The chat's one queued reply, created or pointed at the newest incoming message: a
-    burst of messages is one reply."""
+    db: Database,
+    *,
+    chat_id: int,
+    mode: ReplyMode,
+    trigger_message_id: int,
+    now: int,
+    unless_covered: bool = False,
+) -> int | None:
+    """The chat's one pending (queued or deferred) reply, created or pointed at the newest
+    incoming message: a burst of messages is one reply. ``unless_covered``: do nothing (None)
+    when a reply already answers this message or a newer one — a message seen twice (a
+    restart's catch-up, an update delivered again) is answered at most once."""
     async with db.transaction() as conn:
+        marks = ",".join("?" * len(PENDING_STATUSES))
         row = await (
             await conn.execute(
                 "SELECT reply_id, trigger_message_id FROM replies"
-                " WHERE chat_id = ? AND status = 'queued' ORDER BY reply_id DESC LIMIT 1",
-                (chat_id,),
+                f" WHERE chat_id = ? AND status IN ({marks}) ORDER BY reply_id DESC LIMIT 1",
+                (chat_id, *(s.value for s in PENDING_STATUSES)),
             )
         ).fetchone()
         if row is None:
+            if unless_covered:
+                covered = await (
+                    await conn.execute(
+                        "SELECT 1 FROM replies WHERE chat_id = ? AND trigger_message_id >= ?"
+                        " LIMIT 1",
+                        (chat_id, trigger_message_id),
+                    )
+                ).fetchone()
+                if covered is not None:
+                    return None
             return await create_in(
                 conn, chat_id=chat_id, mode=mode, trigger_message_id=trigger_message_id, now=now
             )
-        if trigger_message_id > row[1]:
-            await update_in(conn, row[0], now=now, trigger_message_id=trigger_message_id, mode=mode)
-        return int(row[0])
+        reply_id, trigger = int(row["reply_id"]), int(row["trigger_message_id"])
+        if trigger_message_id > trigger:
+            await update_in(
+                conn, reply_id, now=now, trigger_message_id=trigger_message_id, mode=mode
+            )
+        return reply_id
 
 
 async def get(db: Database, reply_id: int) -> Reply | None:
@@ -263,6 +298,30 @@ async def queued_for_chat(db: Database, chat_id: int) -> Reply | None:
         (chat_id,),
     )
     return row_reply(r) if r else None
+
+
+async def deferred_for_chat(db: Database, chat_id: int) -> Reply | None:
+    r = await db.fetchone(
+        f"SELECT {_COLUMNS} FROM replies WHERE chat_id = ? AND status = 'deferred'"
+        " ORDER BY reply_id DESC LIMIT 1",
+        (chat_id,),
+    )
+    return row_reply(r) if r else None
+
+
+async def recent_send_times(db: Database, since: int, chat_id: int | None = None) -> list[int]:
+    """When each reply counted by the hourly caps went out (or started to), oldest first:
+    a cap frees a slot an hour after its oldest send."""
+    sql = (
+        "SELECT CASE status WHEN 'sent' THEN sent_at ELSE updated_at END AS at FROM replies"
+        " WHERE ((status = 'sent' AND sent_at >= ?) OR (status = 'sending' AND updated_at >= ?))"
+    )
+    params: list[object] = [since, since]
+    if chat_id is not None:
+        sql += " AND chat_id = ?"
+        params.append(chat_id)
+    rows = await db.fetchall(sql + " ORDER BY at", params)
+    return [int(r["at"]) for r in rows]
 
 
 async def with_status(
@@ -297,15 +356,15 @@ async def bot_message_ids(db: Database, chat_id: int) -> set[int]:
     )
     found: set[int] = set()
     for r in rows:
-        found.update(_ids(r[0]))
+        found.update(_ids(r["sent_message_ids"]))
     return found
 
 
 async def count_by_status(db: Database) -> dict[ReplyStatus, int]:
-    rows = await db.fetchall("SELECT status, count(*) FROM replies GROUP BY status")
+    rows = await db.fetchall("SELECT status, count(*) AS n FROM replies GROUP BY status")
     counts = {s: 0 for s in ReplyStatus}
-    for status, n in rows:
-        counts[ReplyStatus(status)] = int(n)
+    for r in rows:
+        counts[ReplyStatus(r["status"])] = int(r["n"])
     return counts
 
 
@@ -319,17 +378,28 @@ class ReplySummary:
 
 
 async def last_replies(db: Database, limit: int = 10) -> list[ReplySummary]:
+    return await _summaries(db, "ORDER BY r.reply_id DESC LIMIT ?", (limit,))
+
+
+async def deferred_replies(db: Database) -> list[ReplySummary]:
+    """Every deferred reply, soonest first (``doppelbot status`` lists them)."""
+    return await _summaries(db, "WHERE r.status = 'deferred' ORDER BY r.not_before, r.reply_id", ())
+
+
+async def _summaries(db: Database, tail: str, params: Sequence[object]) -> list[ReplySummary]:
     cols = ", ".join(f"r.{c.strip()}" for c in _COLUMNS.split(","))
     rows = await db.fetchall(
         f"SELECT {cols}, r.generation_ms, p.first_name, p.last_name, p.title, p.username"
-        " FROM replies r LEFT JOIN peers p ON p.peer_id = r.chat_id"
-        " ORDER BY r.reply_id DESC LIMIT ?",
-        (limit,),
+        f" FROM replies r LEFT JOIN peers p ON p.peer_id = r.chat_id {tail}",
+        params,
     )
     out = []
     for r in rows:
-        reply = row_reply(r[:17])
-        parts = [x for x in (r[18], r[19]) if x]
-        name = r[20] or (" ".join(parts) if parts else None) or (f"@{r[21]}" if r[21] else None)
-        out.append(ReplySummary(reply, r[17], name))
+        parts = [x for x in (r["first_name"], r["last_name"]) if x]
+        name = (
+            r["title"]
+            or (" ".join(parts) if parts else None)
+            or (f"@{r['username']}" if r["username"] else None)
+        )
+        out.append(ReplySummary(row_reply(r), r["generation_ms"], name))
     return out

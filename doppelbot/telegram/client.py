@@ -4,12 +4,16 @@ The session is the owner's Telegram login: whoever holds it reads every chat. It
 in a file under the data directory, created with mode 0600 *before* Telethon opens it (so it
 is never world-readable, not even for a moment), or in ``DOPPELBOT_SESSION_STRING`` for
 containers. Neither is ever logged.
+
+Only one process may use a session at a time (two clients on one auth key can get it revoked,
+two bots on one database answer twice): ``connected`` holds the data directory's instance
+lock (``doppelbot.instance``) for as long as the client is open.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,15 +24,16 @@ from telethon.sessions import SQLiteSession, StringSession
 from doppelbot import __version__
 from doppelbot.config import Settings
 from doppelbot.errors import ConfigError, NotLoggedInError
-from doppelbot.telegram.errors import telegram_errors
+from doppelbot.files import private_dir
+from doppelbot.instance import InstanceLock
+from doppelbot.telegram.errors import session_errors
 
 SESSION_MODE = 0o600
 
 
 def secure_session_file(path: Path) -> Path:
-    """Create (or tighten) the session file with mode 0600; its folder 0700 when we create it."""
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o700)
+    """Create (or tighten) the session file with mode 0600; its folder 0700."""
+    private_dir(path.parent)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, SESSION_MODE)
     os.close(fd)
     os.chmod(path, SESSION_MODE)
@@ -60,12 +65,18 @@ def make_session(settings: Settings, *, fresh_string: bool = False) -> Any:
 
 
 def create_client(
-    settings: Settings, *, receive_updates: bool = True, fresh_string_session: bool = False
+    settings: Settings,
+    *,
+    receive_updates: bool = True,
+    fresh_string_session: bool = False,
+    catch_up: bool = False,
 ) -> TelegramClient:
     """A configured, not yet connected client.
 
     ``flood_sleep_threshold=0``: Telethon must not sleep on FloodWait by itself; our callers
     wait with a visible countdown up to ``flood_wait_max_s`` and stop cleanly beyond it.
+    ``catch_up``: replay the updates missed since the session last saved its update state
+    (the running bot; a string session keeps no such state).
     """
     api_id, api_hash = _credentials(settings)
     session = make_session(settings, fresh_string=fresh_string_session)
@@ -75,6 +86,7 @@ def create_client(
         api_hash,
         flood_sleep_threshold=0,
         receive_updates=receive_updates,
+        catch_up=catch_up,
         device_model="doppelbot",
         app_version=__version__,
         base_logger="telethon",
@@ -83,17 +95,32 @@ def create_client(
 
 @asynccontextmanager
 async def connected(
-    settings: Settings, *, receive_updates: bool = True, client: TelegramClient | None = None
+    settings: Settings,
+    *,
+    receive_updates: bool = True,
+    client: TelegramClient | None = None,
+    make_client: Callable[[], TelegramClient] | None = None,
+    before_connect: Callable[[TelegramClient], Awaitable[None] | None] | None = None,
 ) -> AsyncIterator[TelegramClient]:
-    """A connected, logged-in client; ``NotLoggedInError`` when the session is not authorised."""
-    client = client or create_client(settings, receive_updates=receive_updates)
-    with telegram_errors():
-        await client.connect()
-    try:
-        with telegram_errors():
-            authorised = await client.is_user_authorized()
-        if not authorised:
-            raise NotLoggedInError("not logged in to Telegram: run `doppelbot login` first")
-        yield client
-    finally:
-        await client.disconnect()
+    """A connected, logged-in client, with this session's instance lock held until it is
+    closed; ``NotLoggedInError`` when the session is not authorised, ``InstanceLockedError``
+    when another process uses the session. ``make_client`` builds the client once the lock is
+    held; ``before_connect`` runs on it before connecting (to install event handlers)."""
+    with InstanceLock(settings.lock_path):
+        if client is None:
+            client = make_client() if make_client else None
+        client = client or create_client(settings, receive_updates=receive_updates)
+        if before_connect is not None:
+            result = before_connect(client)
+            if result is not None:
+                await result
+        with session_errors():
+            await client.connect()
+        try:
+            with session_errors():
+                authorised = await client.is_user_authorized()
+            if not authorised:
+                raise NotLoggedInError("not logged in to Telegram: run `doppelbot login` first")
+            yield client
+        finally:
+            await client.disconnect()

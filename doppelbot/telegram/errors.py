@@ -6,6 +6,7 @@ Telethon's. ``translate`` maps one exception, ``telegram_errors()`` wraps a bloc
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -70,6 +71,12 @@ def translate(exc: BaseException, *, flood_bound: int | None = None) -> Doppelbo
         return TelegramError(f"Telegram refused {_what(exc)}: {exc.message} (code {exc.code})")
     if isinstance(exc, ConnectionError | OSError | TimeoutError):
         return TelegramError(f"cannot reach Telegram: {exc or type(exc).__name__}")
+    if isinstance(exc, sqlite3.Error):
+        # Telethon keeps a file session in SQLite; only another program can lock it now.
+        return TelegramError(
+            f"the Telegram session file cannot be used ({exc}); is another program using "
+            "the same session file?"
+        )
     return TelegramError(f"Telegram client failed: {type(exc).__name__}: {exc}")
 
 
@@ -82,3 +89,14 @@ def telegram_errors(*, flood_bound: int | None = None) -> Iterator[None]:
         raise
     except (tg_errors.RPCError, ConnectionError, OSError, TimeoutError) as exc:
         raise translate(exc, flood_bound=flood_bound) from exc
+
+
+@contextmanager
+def session_errors() -> Iterator[None]:
+    """Like ``telegram_errors``, and Telethon's own session database failing too (only
+    around calls that touch nothing but Telegram and the session)."""
+    try:
+        with telegram_errors():
+            yield
+    except sqlite3.Error as exc:
+        raise translate(exc) from exc

@@ -6,7 +6,8 @@ decides how long to wait). ``LiveBot`` turns Telethon's update events into domai
 writes every private message it sees (incoming and outgoing, from any device) into SQLite —
 so the reply context is always the real recent history — and hands new ones to the responder.
 ``run_live`` wires it all for ``doppelbot run`` with the model and the knowledge base passed in,
-so this module never imports torch.
+so this module never imports torch: it catches up with what happened while the bot was down
+(``doppelbot.telegram.catchup``) and keeps the connection honest (``...watchdog``).
 """
 
 from __future__ import annotations
@@ -26,19 +27,22 @@ from telethon.tl import functions, types
 from doppelbot.config import Settings
 from doppelbot.domain import Message, Peer, PeerKind, Reaction
 from doppelbot.errors import DoppelbotError, FloodWaitError
+from doppelbot.health import Health, State
 from doppelbot.ports import FactRetriever, ReplyGenerator
 from doppelbot.responder.loopmon import LoopLagMonitor
 from doppelbot.responder.service import DraftSink, Responder, describe
-from doppelbot.store import history
+from doppelbot.responder.transport import Clock
+from doppelbot.store import bot_state, history
 from doppelbot.store.database import Database
+from doppelbot.telegram.catchup import CatchUpReport, sync_after_downtime
 from doppelbot.telegram.errors import translate
 from doppelbot.telegram.mapping import map_account, map_message, map_peer
+from doppelbot.telegram.watchdog import Watchdog
 
 log = logging.getLogger("doppelbot.live")
 
-#: Dialogs read at start so Telethon knows the access hashes of recent chats (a string
-#: session keeps no entity cache between runs).
-WARM_DIALOGS = 200
+#: A message dated this much before the start still counts as arriving live (clocks differ).
+LIVE_GRACE_S = 5.0
 
 MessageListener = Callable[[Message, Peer], Awaitable[None]]
 #: (chat id, message id, the message's current reactions): from UpdateMessageReactions and from
@@ -112,7 +116,13 @@ class TelethonTransport:
 
 
 class LiveBot:
-    """Telethon update events → the store → the responder (and any extra listeners)."""
+    """Telethon update events → the store → the responder (and any extra listeners).
+
+    Installed before the client connects, so nothing Telethon's catch-up replays right after
+    connecting is missed: events that arrive before ``start`` are kept and handled then.
+    Incoming messages older than the start are stored but not handed to the responder — what
+    arrived while the bot was down is the start-up catch-up's to decide (``run_live``).
+    """
 
     def __init__(
         self,
@@ -120,32 +130,56 @@ class LiveBot:
         db: Database,
         settings: Settings,
         *,
-        owner_id: int,
-        responder: Responder | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.client = client
         self.db = db
         self.settings = settings
-        self.owner_id = owner_id
-        self.responder = responder
+        self.clock = clock or Clock()
+        self.owner_id: int | None = None
+        self.responder: Responder | None = None
         #: Called for every new message the bot sees, Saved Messages included (the review
         #: workflow reads owner commands there).
         self.listeners: list[MessageListener] = []
         #: Called with the current reactions of a message, in any chat (feedback capture,
         #: reactions on review cards).
         self.reaction_listeners: list[ReactionListener] = []
+        #: When the newest update of any kind arrived, and Telegram's account-wide sequence
+        #: number (pts) of the newest one that carries it: the watchdog compares both.
+        self.last_update_at = self.clock.time()
+        self.last_pts: int | None = None
+        self.online_since = self.clock.time()
         self._peers: dict[int, Peer] = {}
         self._inflight: set[asyncio.Task[Any]] = set()
+        self._early: list[tuple[Callable[[Any], Awaitable[None]], Any]] = []
+        self._started = False
         self._closing = False
+        self._installed = False
+        self._unsaved: dict[tuple[int, int], tuple[Message, Peer]] = {}
+        self._retrier: asyncio.Task[None] | None = None
         self._handlers: list[tuple[Callable[..., Any], Any]] = [
             (self._on_new, events.NewMessage()),
             (self._on_edit, events.MessageEdited()),
             (self._on_reactions, events.Raw(types.UpdateMessageReactions)),
+            (self._on_any, events.Raw()),
         ]
 
     def install(self) -> None:
+        if self._installed:
+            return
+        self._installed = True
         for callback, event in self._handlers:
             self.client.add_event_handler(callback, event)
+
+    async def start(self, owner_id: int, responder: Responder | None) -> None:
+        """Begin handling events as ``owner_id`` (those that came early are handled now)."""
+        self.owner_id = owner_id
+        self.responder = responder
+        self.online_since = self.clock.time()
+        self._started = True
+        early, self._early = self._early, []
+        for handler, event in early:
+            await handler(event)
 
     async def aclose(self) -> None:
         """Stop taking events and wait for the handlers already running."""
@@ -154,8 +188,13 @@ class LiveBot:
             self.client.remove_event_handler(callback, event)
         if self._inflight:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        if self._retrier is not None:
+            self._retrier.cancel()
+            await asyncio.gather(self._retrier, return_exceptions=True)
+        if self._unsaved:
+            await self._retry_unsaved(once=True)
 
-    def _stores(self, peer: Peer) -> bool:
+    def stores(self, peer: Peer) -> bool:
         """Which chats are kept current in the store: private chats with people, and groups
         when group replies are switched on (their context is needed then)."""
         if peer.is_self or peer.kind in (PeerKind.BOT, PeerKind.CHANNEL):
@@ -171,11 +210,43 @@ class LiveBot:
         return map_peer(entity)
 
     async def _save(self, message: Message, peer: Peer) -> None:
+        """Store the message; when the store fails even after its retries, keep it and try
+        again in the background — the responder is told about the message either way."""
+        try:
+            await self._write(message, peer)
+        except Exception as exc:
+            log.error(
+                "live: message not stored yet chat=%d msg=%d (%s); retrying in the background",
+                message.chat_id,
+                message.message_id,
+                describe(exc),
+            )
+            self._unsaved[(message.chat_id, message.message_id)] = (message, peer)
+            if self._retrier is None or self._retrier.done():
+                self._retrier = asyncio.get_running_loop().create_task(self._retry_unsaved())
+
+    async def _write(self, message: Message, peer: Peer) -> None:
         async with self.db.transaction() as conn:
             if self._peers.get(peer.peer_id) != peer:
                 await history.upsert_peers_in(conn, [peer])
             await history.upsert_messages_in(conn, [message])
         self._peers[peer.peer_id] = peer
+
+    async def _retry_unsaved(self, *, once: bool = False) -> None:
+        delay = 1.0
+        while self._unsaved:
+            for key, (message, peer) in list(self._unsaved.items()):
+                try:
+                    await self._write(message, peer)
+                except Exception as exc:
+                    log.debug("live: store retry failed: %s", describe(exc))
+                    continue
+                self._unsaved.pop(key, None)
+            if once or not self._unsaved:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+        log.info("live: the messages that could not be stored are stored now")
 
     @contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -189,18 +260,40 @@ class LiveBot:
             if task is not None:
                 self._inflight.discard(task)
 
+    def _defer(self, handler: Callable[[Any], Awaitable[None]], event: Any) -> bool:
+        """Before ``start``: keep the event for later. True when kept."""
+        if self._started:
+            return False
+        self._early.append((handler, event))
+        return True
+
+    async def _on_any(self, update: Any) -> None:
+        self.last_update_at = self.clock.time()
+        pts = getattr(update, "pts", None)
+        if isinstance(pts, int) and not _is_channel_update(update):
+            self.last_pts = pts if self.last_pts is None else max(self.last_pts, pts)
+
+    def _is_live(self, message: Message) -> bool:
+        """Sent while this run was up (not replayed from the downtime)."""
+        return message.date >= self.online_since - LIVE_GRACE_S
+
     async def _on_new(self, event: Any) -> None:
-        if self._closing:
+        if self._closing or self._defer(self._on_new, event):
             return
         with self._tracked():
             try:
+                assert self.owner_id is not None
                 peer = await self._peer(event)
                 if peer is None:
                     return
                 message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
-                if self._stores(peer):
+                if self.stores(peer):
                     await self._save(message, peer)
-                if self.responder is not None and not peer.is_self:
+                if (
+                    self.responder is not None
+                    and not peer.is_self
+                    and (message.is_outgoing or self._is_live(message))
+                ):
                     await self.responder.on_message(message, peer)
                 for listener in self.listeners:
                     await listener(message, peer)
@@ -208,14 +301,15 @@ class LiveBot:
                 log.error("live: update not handled: %s", describe(exc))
 
     async def _on_edit(self, event: Any) -> None:
-        if self._closing:
+        if self._closing or self._defer(self._on_edit, event):
             return
         with self._tracked():
             try:
+                assert self.owner_id is not None
                 peer = await self._peer(event)
                 if peer is None:
                     return
-                if self._stores(peer):
+                if self.stores(peer):
                     message = map_message(
                         event.message, owner_id=self.owner_id, chat_id=peer.peer_id
                     )
@@ -229,7 +323,7 @@ class LiveBot:
                 log.error("live: edit not handled: %s", describe(exc))
 
     async def _on_reactions(self, update: Any) -> None:
-        if self._closing:
+        if self._closing or self._defer(self._on_reactions, update):
             return
         with self._tracked():
             try:
@@ -244,6 +338,14 @@ class LiveBot:
             await listener(chat_id, message_id, current)
 
 
+def _is_channel_update(update: Any) -> bool:
+    """Channel updates count their own pts; only the account's sequence is compared."""
+    if hasattr(update, "channel_id"):
+        return True
+    message = getattr(update, "message", None)
+    return isinstance(getattr(message, "peer_id", None), types.PeerChannel)
+
+
 @dataclass
 class LiveSession:
     """What ``run_live`` built; passed to ``on_ready`` (tests, the review workflow)."""
@@ -255,6 +357,8 @@ class LiveSession:
     responder: Responder
     bot: LiveBot
     monitor: LoopLagMonitor
+    catch_up: CatchUpReport = field(default_factory=CatchUpReport)
+    watchdog: Watchdog | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -269,18 +373,23 @@ async def run_live(
     drafts: DraftSink | None = None,
     on_ready: Callable[[LiveSession], Awaitable[None]] | None = None,
     responder_kwargs: dict[str, Any] | None = None,
+    bot: LiveBot | None = None,
 ) -> LiveSession:
-    """Run the bot on a connected, authorised ``client`` until ``stop`` is set or Telegram
-    disconnects for good; then stop in order: events → responder → (caller closes the rest)."""
+    """Run the bot on a connected, authorised ``client`` until ``stop`` is set; then stop in
+    order: events → responder → (caller closes the rest). Raises ``TelegramOutageError`` when
+    Telegram stays unreachable past the watchdog's limit (the caller exits non-zero).
+
+    Start-up order matters: the store learns what happened while the bot was down before the
+    responder resumes anything (so a resumed reply is checked against the real history), and
+    the owner's notes written meanwhile are applied before any draft can expire."""
+    bot = bot or LiveBot(client, db, settings)
+    bot.install()
     me = await client.get_me()
     if me is None:
         raise DoppelbotError("Telegram did not return the logged-in account")
     owner_id = int(me.id)
     await history.save_account(db, map_account(me))
-    try:
-        await client.get_dialogs(limit=WARM_DIALOGS)
-    except (tg_errors.RPCError, ConnectionError, OSError) as exc:
-        log.warning("live: could not read dialogs at start: %s", describe(translate(exc)))
+    previous = Health.from_json(await bot_state.get_json(db, bot_state.HEALTH_KEY))
     transport = TelethonTransport(client, owner_id)
     responder = Responder(
         settings,
@@ -292,35 +401,72 @@ async def run_live(
         drafts=drafts,
         **(responder_kwargs or {}),
     )
-    bot = LiveBot(client, db, settings, owner_id=owner_id, responder=responder)
     monitor = LoopLagMonitor(interval_s=0.05)
+    watchdog = Watchdog(
+        client,
+        bot,
+        interval_s=settings.watchdog_interval_s,
+        idle_s=settings.watchdog_idle_s,
+        max_outage_s=settings.watchdog_max_outage_s,
+        record=lambda h: bot_state.set_json(db, bot_state.HEALTH_KEY, h.to_json()),
+    )
     session = LiveSession(client, db, owner_id, transport, responder, bot, monitor)
-    bot.install()
+    session.watchdog = watchdog
+    await watchdog.beat()
+    first_run = await bot_state.first_run_at(db, int(bot.clock.time()))
+    await bot.start(owner_id, responder)
     monitor.start()
+    checker: asyncio.Task[None] | None = None
     try:
+        saved_seen = await bot_state.get_int(db, bot_state.SAVED_SEEN_KEY)
+        session.catch_up = await sync_after_downtime(
+            client, db, owner_id=owner_id, stores=bot.stores, saved_seen=saved_seen
+        )
         await responder.start()
+        if on_ready is not None:
+            await on_ready(session)
+        # The previous run's last sign of life (a crash happens after its last heartbeat):
+        # what arrived since then is what this start has to catch up with.
+        down_since = (
+            previous.heartbeat_at - 2 * previous.interval_s if previous else float(first_run)
+        )
+        outcome = await responder.catch_up(
+            session.catch_up.candidates, first_run_at=first_run, down_since=down_since
+        )
+        summary = {**session.catch_up.summary(), **outcome, "at": int(bot.clock.time())}
+        await bot_state.set_json(db, bot_state.CATCH_UP_KEY, summary)
+        log.info(
+            "live: caught up: %d chat(s) synced, %d message(s) stored, %d chat(s) answered, "
+            "%d not (too old or read elsewhere)",
+            session.catch_up.chats_synced,
+            session.catch_up.messages_stored,
+            outcome.get("answered", 0),
+            sum(v for k, v in outcome.items() if k.startswith("not_answered")),
+        )
         log.info(
             "live: running as user %d, mode=%s, debounce=%.1fs",
             owner_id,
             settings.reply_mode,
             settings.debounce_s,
         )
-        if on_ready is not None:
-            await on_ready(session)
-        disconnected = asyncio.ensure_future(client.disconnected)
+        checker = asyncio.ensure_future(watchdog.run())
         stopped = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({checker, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for fut in (disconnected, stopped):
-                fut.cancel()
-            await asyncio.gather(disconnected, stopped, return_exceptions=True)
-        if not stop.is_set():
-            log.warning("live: Telegram disconnected; stopping")
+            stopped.cancel()
+            await asyncio.gather(stopped, return_exceptions=True)
+        if checker.done() and not checker.cancelled() and checker.exception() is not None:
+            raise checker.exception()  # type: ignore[misc]
     finally:
+        if checker is not None and not checker.done():
+            checker.cancel()
+            await asyncio.gather(checker, return_exceptions=True)
         await bot.aclose()
         await responder.aclose()
         await monitor.stop()
+        if watchdog.health.state is not State.FAILED:
+            await watchdog.beat(State.STOPPED, detail="stopped")
         log.info(
             "live: stopped (sent=%d, loop lag p99=%.0f ms)",
             responder.stats["sent"],

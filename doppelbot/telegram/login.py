@@ -19,8 +19,9 @@ from telethon import errors as tg_errors
 from doppelbot.config import Settings
 from doppelbot.domain import Account
 from doppelbot.errors import TelegramError
+from doppelbot.instance import InstanceLock
 from doppelbot.telegram import client as client_mod
-from doppelbot.telegram.errors import telegram_errors, translate
+from doppelbot.telegram.errors import session_errors, telegram_errors, translate
 from doppelbot.telegram.mapping import map_account
 
 Prompt = Callable[[], str | Awaitable[str]]
@@ -91,21 +92,23 @@ async def login_interactive(
     print_session_string: bool = False,
     client: TelegramClient | None = None,
 ) -> LoginResult:
-    """Log in (if not already) and return who we are; the session is saved by Telethon."""
-    client = client or client_mod.create_client(
-        settings, receive_updates=False, fresh_string_session=print_session_string
-    )
-    with telegram_errors():
-        await client.connect()
-    try:
-        with telegram_errors():
-            me = await client.get_me()
-        already = me is not None
-        if me is None:
-            me = await sign_in(client, prompts)
-        session_string = None
-        if print_session_string or (settings.session_string is not None and not already):
-            session_string = client.session.save()
-        return LoginResult(map_account(me), already, session_string)
-    finally:
-        await client.disconnect()
+    """Log in (if not already) and return who we are; the session is saved by Telethon. The
+    session's instance lock is held throughout (a running bot must not share the login)."""
+    with InstanceLock(settings.lock_path):
+        client = client or client_mod.create_client(
+            settings, receive_updates=False, fresh_string_session=print_session_string
+        )
+        with session_errors():
+            await client.connect()
+        try:
+            with session_errors():
+                me = await client.get_me()
+            already = me is not None
+            if me is None:
+                me = await sign_in(client, prompts)
+            session_string = None
+            if print_session_string or (settings.session_string is not None and not already):
+                session_string = client.session.save()
+            return LoginResult(map_account(me), already, session_string)
+        finally:
+            await client.disconnect()
