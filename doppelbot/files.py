@@ -28,10 +28,17 @@ def private_dir(path: Path) -> None:
 
 
 def private_file(path: Path) -> None:
-    """Create ``path`` 0600 if missing; tighten it when it is open to others."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, PRIVATE_FILE)
+    """Create ``path`` 0600 if missing; tighten it when it is open to others.
+
+    An existing file is never opened: SQLite's POSIX locks belong to the process and vanish
+    when *any* descriptor of the file is closed, so opening and closing a database file that
+    a connection of this process holds would silently drop that connection's locks."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            with contextlib.suppress(OSError):  # not ours to change
+                os.chmod(path, PRIVATE_FILE)
+        return
     os.close(fd)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        with contextlib.suppress(OSError):  # not ours to change
-            os.chmod(path, PRIVATE_FILE)

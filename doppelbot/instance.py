@@ -45,9 +45,18 @@ class LockHolder:
         return f"`{self.command}` (pid {self.pid}, since {when})"
 
 
+_invoked: list[str] | None = None
+
+
+def invoked_with(argv: list[str]) -> None:
+    """The CLI records its arguments here (the process may have been started another way)."""
+    global _invoked
+    _invoked = list(argv)
+
+
 def current_command(argv: list[str] | None = None) -> str:
     """``doppelbot run``, ``doppelbot ssa collect``…: the subcommand words of this process."""
-    args = sys.argv[1:] if argv is None else argv
+    args = argv if argv is not None else (_invoked if _invoked is not None else sys.argv[1:])
     words: list[str] = []
     skip = False
     for arg in args:

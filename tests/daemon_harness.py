@@ -61,12 +61,14 @@ class Daemon:
         db = self.data_dir / "doppelbot.sqlite3"
         if not db.exists():
             return []
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        conn = sqlite3.connect(db, timeout=30)
         conn.row_factory = sqlite3.Row
         try:
             return list(conn.execute(sql, params))
-        except sqlite3.OperationalError:  # not migrated yet
-            return []
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # not migrated yet
+                return []
+            raise
         finally:
             conn.close()
 
@@ -74,19 +76,19 @@ class Daemon:
         rows = self.query("SELECT value FROM bot_state WHERE key = 'health'")
         return json.loads(rows[0]["value"]) if rows else None
 
-    async def ready(self, proc: Any, timeout: float = 90.0) -> None:
+    async def ready(self, proc: Any, limit_s: float = 90.0) -> None:
         """Until ``proc`` has caught up and recorded a healthy heartbeat."""
 
         def up() -> bool:
             h = self.health()
             return bool(h and h.get("pid") == proc.pid and h.get("state") == "ok")
 
-        await self.until(up, timeout, proc)
+        await self.until(up, limit_s, proc)
 
     async def until(
-        self, predicate: Callable[[], Any], timeout: float = 30.0, proc: Any = None
+        self, predicate: Callable[[], Any], limit_s: float = 30.0, proc: Any = None
     ) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit_s
         while not predicate():
             if proc is not None and proc.returncode is not None:
                 raise AssertionError(
@@ -94,7 +96,7 @@ class Daemon:
                 )
             if time.monotonic() > deadline:
                 detail = f"\n{self.output(proc)[-3000:]}" if proc is not None else ""
-                raise AssertionError(f"timed out after {timeout}s{detail}")
+                raise AssertionError(f"timed out after {limit_s}s{detail}")
             await asyncio.sleep(0.05)
 
     async def kill(self, proc: Any) -> None:
@@ -102,10 +104,10 @@ class Daemon:
             proc.send_signal(signal.SIGKILL)
         await proc.wait()
 
-    async def stop(self, proc: Any, timeout: float = 30.0) -> int:
+    async def stop(self, proc: Any, limit_s: float = 30.0) -> int:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit_s):
             return await proc.wait()
 
     def sent_to(self, peer: Any) -> list[str]:

@@ -110,7 +110,8 @@ pushed to connected clients (they stay in the update log, so getDifference still
 — the silently stalled update stream real clients sometimes see. ``tg.owner_reads(peer,
 max_id)``: the owner read the chat up to ``max_id`` on another device.
 ``tg.file_session(path)``: an authorised Telethon file session (SQLite) at ``path``.
-``tests/faketg_remote.py`` serves a ``FakeTelegram`` to a ``doppelbot`` in another process. Not supported (raise ``FakeTelegramUnsupported`` naming the request): file
+``tests/faketg_remote.py`` serves a ``FakeTelegram`` to a ``doppelbot`` in another process.
+Not supported (raise ``FakeTelegramUnsupported`` naming the request): file
 up/downloads and anything not listed above — add handlers in ``_HANDLERS`` when you need more.
 
 Speed: stored messages are serialised once and the bytes are reused in every answer (they are

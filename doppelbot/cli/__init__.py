@@ -105,8 +105,11 @@ app.add_typer(db_cmd.config_app, name="config", help="Show the effective setting
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: typed errors become one line and a non-zero exit."""
+    from doppelbot.instance import invoked_with
+
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
+    invoked_with(args)
     debug = "--debug" in args
     try:
         command.main(args=args, prog_name="doppelbot", standalone_mode=False)

@@ -12,7 +12,6 @@ lock (``doppelbot.instance``) for as long as the client is open.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +23,7 @@ from telethon.sessions import SQLiteSession, StringSession
 from doppelbot import __version__
 from doppelbot.config import Settings
 from doppelbot.errors import ConfigError, NotLoggedInError
-from doppelbot.files import private_dir
+from doppelbot.files import private_dir, private_file
 from doppelbot.instance import InstanceLock
 from doppelbot.telegram.errors import session_errors
 
@@ -34,9 +33,7 @@ SESSION_MODE = 0o600
 def secure_session_file(path: Path) -> Path:
     """Create (or tighten) the session file with mode 0600; its folder 0700."""
     private_dir(path.parent)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, SESSION_MODE)
-    os.close(fd)
-    os.chmod(path, SESSION_MODE)
+    private_file(path)
     return path
 
 

@@ -1,0 +1,87 @@
+"""``doppelbot run`` as the separate, long-lived process it is in production: the real console
+entry point in a subprocess (``tests/fakebot.py``) against a fake Telegram served from this
+test process (``tests/faketg_remote.py``), which survives kill -9 of the bot and keeps
+receiving messages while the bot is down. Counts what reached each chat.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_harness import daemon
+from tests.tiny_model import make_tiny_model_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("daemon-model") / "model", seed=11)
+
+
+def _replies(d, chat_id: int) -> list[tuple[str, str | None]]:  # type: ignore[no-untyped-def]
+    return [
+        (r["status"], r["error"])
+        for r in d.query(
+            "SELECT status, error FROM replies WHERE chat_id = ? ORDER BY reply_id", (chat_id,)
+        )
+    ]
+
+
+async def test_a_second_process_refuses_and_nothing_is_sent_twice(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    async with daemon(tmp_path, model_dir) as d:
+        alice = d.tg.add_user("Alice")
+        first = await d.start()
+        await d.ready(first)
+        second = await d.start()
+        assert await second.wait() != 0
+        out = d.output(second)
+        assert "`doppelbot run` (pid" in out and str(first.pid) in out
+        assert "Traceback" not in out and len(out.strip().splitlines()) <= 3
+        exporter = await d.start("export")
+        assert await exporter.wait() != 0
+        assert "is using this data directory" in d.output(exporter)
+        d.tg.push_incoming(alice, "привет, ты тут?")
+        await d.until(lambda: d.sent_to(alice), 60, first)
+        await d.until(lambda: _replies(d, alice.id) == [("sent", None)], 30, first)
+        assert first.returncode is None  # the first bot never noticed
+        assert await d.stop(first) == 0
+        sent = d.sent_to(alice)
+        assert len(sent) == len(d.query("SELECT * FROM messages WHERE is_outgoing = 1"))
+        assert len(set(sent)) == len(sent) or len(_replies(d, alice.id)) == 1
+
+
+async def test_messages_sent_while_the_bot_is_down_are_caught_up(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    async with daemon(tmp_path, model_dir, catch_up_max_age="1h") as d:
+        alice, bob, carol = d.tg.add_user("Alice"), d.tg.add_user("Bob"), d.tg.add_user("Carol")
+        bot = await d.start()
+        await d.ready(bot)
+        d.tg.push_incoming(alice, "первое")
+        await d.until(lambda: d.sent_to(alice), 60, bot)
+        await d.kill(bot)  # kill -9: no clean-up, no goodbye
+        # While it is down: Alice and Bob write; Carol's message is two hours old by the time
+        # the bot is back (older than DOPPELBOT_CATCH_UP_MAX_AGE).
+        d.tg.push_incoming(alice, "а ты где?")
+        d.tg.push_incoming(alice, "ау")
+        d.tg.push_incoming(bob, "привет!")
+        d.tg.push_incoming(carol, "давно не виделись", date=int(time.time()) - 7200)
+        bot = await d.start()
+        await d.ready(bot)
+        await d.until(lambda: len(d.sent_to(alice)) >= 2 and d.sent_to(bob), 60, bot)
+        await d.until(
+            lambda: len(_replies(d, alice.id)) == 2 and _replies(d, bob.id) == [("sent", None)],
+            30,
+            bot,
+        )
+        stored = {r["text"] for r in d.query("SELECT text FROM messages WHERE is_outgoing = 0")}
+        assert {"первое", "а ты где?", "ау", "привет!", "давно не виделись"} <= stored
+        assert d.sent_to(carol) == [] and _replies(d, carol.id) == []
+        assert all(status == "sent" for status, _ in _replies(d, alice.id))
+        assert await d.stop(bot) == 0
