@@ -47,3 +47,7 @@ ALTER TABLE replies_new RENAME TO replies;
 CREATE INDEX replies_chat_status ON replies (chat_id, status);
 CREATE INDEX replies_review_message ON replies (review_message_id);
 CREATE INDEX replies_status_sent_at ON replies (status, sent_at);
+
+-- The owner's message that gave a verdict (a reply to a card), so an answer seen again after a
+-- restart is recognised as already acted on.
+ALTER TABLE review_verdicts ADD COLUMN source_message_id INTEGER;

@@ -6,12 +6,15 @@ receiving messages while the bot is down. Counts what reached each chat.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.daemon_harness import daemon
+from tests.faketg import OWNER_ID
 from tests.tiny_model import make_tiny_model_dir
 
 pytestmark = pytest.mark.slow
@@ -85,3 +88,48 @@ async def test_messages_sent_while_the_bot_is_down_are_caught_up(
         assert d.sent_to(carol) == [] and _replies(d, carol.id) == []
         assert all(status == "sent" for status, _ in _replies(d, alice.id))
         assert await d.stop(bot) == 0
+
+
+def _card_for(d, peer) -> int | None:  # type: ignore[no-untyped-def]
+    """The id of the newest draft card for ``peer``'s chat (None: none yet)."""
+    rows = d.query(
+        "SELECT review_message_id FROM replies WHERE chat_id = ? AND review_message_id IS NOT"
+        " NULL ORDER BY reply_id DESC LIMIT 1",
+        (peer.id,),
+    )
+    return int(rows[0]["review_message_id"]) if rows else None
+
+
+@pytest.mark.parametrize("crash_at", ["approve", "claim", "send", "record", "sent", "while_down"])
+async def test_kill_9_anywhere_in_send_and_verdict_loses_nothing_and_sends_once(
+    tmp_path: Path, model_dir: Path, crash_at: str
+) -> None:
+    """The owner answers "ok" to a draft card; the bot dies by SIGKILL at one step of acting on
+    it (``while_down``: it was already dead when the owner answered). After a restart the
+    contact has exactly one copy of the reply and the owner's verdict exactly once."""
+    async with daemon(tmp_path, model_dir, reply_mode="review") as d:
+        alice = d.tg.add_user("Alice")
+        bot = await d.start(crash_at=None if crash_at == "while_down" else crash_at)
+        await d.ready(bot)
+        d.tg.push_incoming(alice, "Придёшь завтра?")
+        await d.until(lambda: _card_for(d, alice) is not None, 60, bot)
+        card = _card_for(d, alice)
+        if crash_at == "while_down":
+            await d.kill(bot)
+        d.tg.push_outgoing(d.tg.me, "ok", reply_to=card)
+        async with asyncio.timeout(60):
+            assert await bot.wait() == -signal.SIGKILL
+        restarted = await d.start()
+        await d.ready(restarted)
+        await d.until(
+            lambda: d.query("SELECT status FROM replies WHERE status = 'sent'"), 60, restarted
+        )
+        await d.until(lambda: "✅ Sent" in d.tg._chat(OWNER_ID).msgs[card].message, 30)
+        assert await d.stop(restarted) == 0
+        [reply] = d.query("SELECT reply_id, status, final_text FROM replies")
+        assert reply["status"] == "sent"
+        assert d.sent_to(alice) == reply["final_text"].split("\n")  # once, every part
+        verdicts = d.query("SELECT verdict FROM review_verdicts")
+        assert [v["verdict"] for v in verdicts] == ["approved"]
+        notes = [s.text for s in d.tg.sent if s.chat_id == OWNER_ID and s.reply_to is not None]
+        assert notes == []  # no "Already sent." for an answer seen again after the restart

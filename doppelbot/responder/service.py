@@ -963,6 +963,7 @@ class Responder:
             )
             self.stats["reconciled"] += 1
             log.info("responder: reply=%d was already sent chat=%d", reply.reply_id, chat_id)
+            await self._notify_sent(reply.reply_id)
             return
         snapshot = _answers_up_to(reply)
         await self._sync_last_incoming(state)

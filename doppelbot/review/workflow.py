@@ -137,14 +137,24 @@ class ReviewWorkflow:
         responder.on_sent.append(self._on_sent)
         responder.on_owner_message.append(self.on_owner_message)
 
-    async def start(self, backlog: Sequence[Message] = (), *, saved_top_id: int = 0) -> None:
+    async def start(
+        self,
+        backlog: Sequence[Message] = (),
+        *,
+        saved_top_id: int = 0,
+        refresh_since: float | None = None,
+    ) -> None:
         """Catch up with what happened while the bot was down: record verdicts a crash may
-        have lost, apply the owner's notes written meanwhile (``backlog``, oldest first; on
-        the very first start nothing older than ``saved_top_id`` is read), expire old drafts,
-        post cards for drafts that have none, then keep expiring on a timer."""
+        have lost, show the outcome on cards of drafts finished since ``refresh_since`` (a
+        crash may have come between the two), apply the owner's notes written meanwhile
+        (``backlog``, oldest first; on the very first start nothing older than
+        ``saved_top_id`` is read), expire old drafts, post cards for drafts that have none,
+        then keep expiring on a timer."""
         repaired = await feedback.repair_missing_verdicts(self.db, int(self.clock.time()))
         if repaired:
             log.info("review: recorded %d verdict(s) a crash had left unwritten", repaired)
+        if refresh_since is not None:
+            await self._refresh_cards(int(refresh_since))
         await self.apply_backlog(backlog, saved_top_id=saved_top_id)
         await self.expire_due()
         for reply in await replies.with_status(self.db, [S.AWAITING_REVIEW]):
@@ -267,6 +277,30 @@ class ReviewWorkflow:
                 await self._card_text(reply, outcome=self._sent_outcome(reply)),
             )
 
+    async def _refresh_cards(self, since: int) -> None:
+        """Cards of review drafts that finished since ``since``: show their outcome (editing
+        a card that already shows it changes nothing)."""
+        for reply in await replies.finished_reviews_since(self.db, since):
+            outcome = await self._outcome(reply)
+            if outcome is not None:
+                await self._edit(
+                    reply.review_message_id, await self._card_text(reply, outcome=outcome)
+                )
+
+    async def _outcome(self, reply: Reply) -> str | None:
+        if reply.status is S.SENT:
+            return self._sent_outcome(reply)
+        if reply.status is S.EXPIRED:
+            return OUTCOME_EXPIRED
+        if reply.status is S.FAILED:
+            return f"⚠️ Sending failed ({reply.error or 'error'})."
+        if reply.status is S.DROPPED and reply.error == "stale":
+            peer = await history.get_peer(self.db, reply.chat_id)
+            return OUTCOME_STALE.format(name=peer.display_name if peer is not None else "they")
+        if reply.status is S.DROPPED and reply.error == "rejected":
+            return OUTCOME_DROPPED
+        return None
+
     @staticmethod
     def _sent_outcome(reply: Reply) -> str:
         final = reply.final_text or ""
@@ -357,6 +391,7 @@ class ReviewWorkflow:
         final_text: str | None,
         *,
         error: str,
+        source_message_id: int | None = None,
     ) -> bool:
         """Move an awaiting draft to ``to`` and record the verdict, atomically."""
         now = int(self.clock.time())
@@ -366,7 +401,13 @@ class ReviewWorkflow:
             )
             if moved:
                 await feedback.record_verdict_in(
-                    conn, reply.reply_id, verdict, reply.draft_text or "", final_text, now
+                    conn,
+                    reply.reply_id,
+                    verdict,
+                    reply.draft_text or "",
+                    final_text,
+                    now,
+                    source_message_id=source_message_id,
                 )
         return moved
 
@@ -542,7 +583,14 @@ class ReviewWorkflow:
         ):
             return
         if kind is CardActionKind.REJECT:
-            if await self._finish(reply, S.DROPPED, Verdict.REJECTED, None, error="rejected"):
+            if await self._finish(
+                reply,
+                S.DROPPED,
+                Verdict.REJECTED,
+                None,
+                error="rejected",
+                source_message_id=answer_id,
+            ):
                 self.stats["rejected"] += 1
                 await self._edit(
                     reply.review_message_id, await self._card_text(reply, outcome=OUTCOME_DROPPED)
@@ -594,7 +642,9 @@ class ReviewWorkflow:
         async def record(conn: Any, final_text: str) -> None:
             # The owner's word is training data whatever happens to the send afterwards.
             final = final_text if text is not None else draft
-            await feedback.record_verdict_in(conn, reply.reply_id, verdict, draft, final, now)
+            await feedback.record_verdict_in(
+                conn, reply.reply_id, verdict, draft, final, now, source_message_id=answer_id
+            )
 
         result = await self.responder.send_approved(reply.reply_id, text, on_claim=record)
         after = await replies.get(self.db, reply.reply_id)
@@ -668,6 +718,8 @@ class ReviewWorkflow:
         repeated reaction stays silent)."""
         if reply is None or answer_id is None:
             return
+        if await feedback.answered_by(self.db, reply.reply_id, answer_id):
+            return  # this very answer was acted on before a restart: nothing new to say
         notes = {
             S.EXPIRED: "⌛ This draft expired — nothing was sent.",
             S.SENT: "Already sent.",

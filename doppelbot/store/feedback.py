@@ -23,11 +23,21 @@ async def record_verdict_in(
     draft_text: str,
     final_text: str | None,
     at: int | None = None,
+    *,
+    source_message_id: int | None = None,
 ) -> None:
+    """``source_message_id``: the owner's answer that gave the verdict, when there is one."""
     await conn.execute(
-        "INSERT INTO review_verdicts (reply_id, verdict, draft_text, final_text, created_at)"
-        " VALUES (?,?,?,?,?)",
-        (reply_id, verdict.value, draft_text, final_text, at if at is not None else now()),
+        "INSERT INTO review_verdicts (reply_id, verdict, draft_text, final_text, created_at,"
+        " source_message_id) VALUES (?,?,?,?,?,?)",
+        (
+            reply_id,
+            verdict.value,
+            draft_text,
+            final_text,
+            at if at is not None else now(),
+            source_message_id,
+        ),
     )
 
 
@@ -63,6 +73,15 @@ async def repair_missing_verdicts(db: Database, at: int) -> int:
             verdict = Verdict.APPROVED if final == draft else Verdict.CORRECTED
             await record_verdict_in(conn, r["reply_id"], verdict, draft, final, at)
     return len(rows)
+
+
+async def answered_by(db: Database, reply_id: int, message_id: int) -> bool:
+    """Whether the owner's message ``message_id`` already gave ``reply_id`` a verdict."""
+    found = await db.scalar(
+        "SELECT 1 FROM review_verdicts WHERE reply_id = ? AND source_message_id = ?",
+        (reply_id, message_id),
+    )
+    return found is not None
 
 
 async def verdicts_for(db: Database, reply_id: int) -> list[ReviewVerdict]:

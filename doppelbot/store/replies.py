@@ -300,6 +300,17 @@ async def queued_for_chat(db: Database, chat_id: int) -> Reply | None:
     return row_reply(r) if r else None
 
 
+async def finished_reviews_since(db: Database, since: int) -> list[Reply]:
+    """Review drafts with a card that reached an end state since ``since``."""
+    rows = await db.fetchall(
+        f"SELECT {_COLUMNS} FROM replies WHERE mode = 'review' AND review_message_id IS NOT NULL"
+        " AND status IN ('sent', 'dropped', 'failed', 'expired') AND updated_at >= ?"
+        " ORDER BY reply_id",
+        (since,),
+    )
+    return [row_reply(r) for r in rows]
+
+
 async def deferred_for_chat(db: Database, chat_id: int) -> Reply | None:
     r = await db.fetchone(
         f"SELECT {_COLUMNS} FROM replies WHERE chat_id = ? AND status = 'deferred'"

@@ -358,6 +358,8 @@ class LiveSession:
     bot: LiveBot
     monitor: LoopLagMonitor
     catch_up: CatchUpReport = field(default_factory=CatchUpReport)
+    #: The previous run's last sign of life (None: the first run here).
+    down_since: float | None = None
     watchdog: Watchdog | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -422,16 +424,17 @@ async def run_live(
         session.catch_up = await sync_after_downtime(
             client, db, owner_id=owner_id, stores=bot.stores, saved_seen=saved_seen
         )
+        # The previous run's last sign of life (a crash happens after its last heartbeat):
+        # what arrived since then is what this start has to catch up with.
+        if previous is not None:
+            session.down_since = previous.heartbeat_at - 2 * previous.interval_s
         await responder.start()
         if on_ready is not None:
             await on_ready(session)
-        # The previous run's last sign of life (a crash happens after its last heartbeat):
-        # what arrived since then is what this start has to catch up with.
-        down_since = (
-            previous.heartbeat_at - 2 * previous.interval_s if previous else float(first_run)
-        )
         outcome = await responder.catch_up(
-            session.catch_up.candidates, first_run_at=first_run, down_since=down_since
+            session.catch_up.candidates,
+            first_run_at=first_run,
+            down_since=session.down_since if previous is not None else float(first_run),
         )
         summary = {**session.catch_up.summary(), **outcome, "at": int(bot.clock.time())}
         await bot_state.set_json(db, bot_state.CATCH_UP_KEY, summary)

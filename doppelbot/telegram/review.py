@@ -56,4 +56,8 @@ async def attach_review(session: LiveSession, workflow: ReviewWorkflow) -> None:
     session.bot.listeners.append(workflow.on_saved_message)
     session.bot.reaction_listeners.append(workflow.on_reactions)
     session.extras["review"] = workflow
-    await workflow.start(session.catch_up.saved_backlog, saved_top_id=session.catch_up.saved_top_id)
+    await workflow.start(
+        session.catch_up.saved_backlog,
+        saved_top_id=session.catch_up.saved_top_id,
+        refresh_since=session.down_since,
+    )
