@@ -133,3 +133,23 @@ async def test_kill_9_anywhere_in_send_and_verdict_loses_nothing_and_sends_once(
         assert [v["verdict"] for v in verdicts] == ["approved"]
         notes = [s.text for s in d.tg.sent if s.chat_id == OWNER_ID and s.reply_to is not None]
         assert notes == []  # no "Already sent." for an answer seen again after the restart
+
+
+async def test_a_stalled_stream_is_recovered_and_an_outage_exits_non_zero(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    async with daemon(tmp_path, model_dir, watchdog_idle_s=1, watchdog_max_outage_s=3) as d:
+        alice = d.tg.add_user("Alice")
+        bot = await d.start()
+        await d.ready(bot)
+        d.tg.mute_updates = True  # connected, requests work, but no update arrives any more
+        d.tg.push_incoming(alice, "алло?")
+        await d.until(lambda: d.sent_to(alice), 60, bot)  # noticed, reconnected, answered
+        assert (d.health() or {}).get("reconnects", 0) >= 1
+        d.tg.offline = True  # and now Telegram is gone for good
+        async with asyncio.timeout(60):
+            code = await bot.wait()
+        assert code == 3
+        out = d.output(bot)
+        assert "error: Telegram unreachable or silent for" in out and "Traceback" not in out
+        assert (d.health() or {}).get("state") == "failed"

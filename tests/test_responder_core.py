@@ -698,3 +698,90 @@ async def test_shutdown_lets_a_send_in_progress_finish(tmp_path: Path, db: Datab
     await responder.aclose()
     assert len(transport.sent) == 1
     assert [r.status for r in await replies.for_chat(db, ANN.peer_id)] == [S.SENT]
+
+
+class ShiftedClock(Clock):
+    """Wall time moved by ``offset`` seconds (sleeping is real)."""
+
+    def __init__(self, offset: float) -> None:
+        object.__setattr__(self, "offset", offset)
+
+    def time(self) -> float:
+        return time.time() + self.offset  # type: ignore[attr-defined]
+
+
+class NoSpread:
+    """An rng whose random pause is always its lower bound (deterministic timing)."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+    def random(self) -> float:
+        return 0.0
+
+
+async def test_a_reply_deferred_by_quiet_hours_goes_out_when_they_end(
+    tmp_path: Path, db: Database
+) -> None:
+    import datetime as dt
+
+    # Pretend it is 07:59:59 UTC, quiet hours end at 08:00.
+    now = dt.datetime.now(dt.UTC)
+    target = now.replace(hour=7, minute=59, second=59, microsecond=0)
+    clock = ShiftedClock(target.timestamp() - now.timestamp())
+    h = await _harness(
+        tmp_path,
+        db,
+        quiet_hours="22:00-08:00",
+        timezone="UTC",
+        clock=clock,
+        rng=NoSpread(),
+    )
+    await h.incoming(ANN, "ты спишь?", date=int(clock.time()))
+    await h.idle()
+    [reply] = await replies.for_chat(db, ANN.peer_id)
+    assert (reply.status, reply.error) == (S.DEFERRED, "quiet_hours")
+    assert reply.not_before is not None and 0 < reply.not_before - clock.time() <= 1.5
+    assert h.transport.sent == [] and h.generator.prompts == []
+    await wait_for(lambda: h.transport.sent, 5)  # the window opened: generated and sent now
+    await h.idle()
+    assert h.transport.texts() == ["ок, понял"]
+    assert await _statuses(db, ANN.peer_id) == [(S.SENT, None)]
+    await h.responder.aclose()
+
+
+async def test_a_deferred_reply_older_than_the_catch_up_age_is_dropped_visibly(
+    tmp_path: Path, db: Database
+) -> None:
+    h = await _harness(tmp_path, db, per_chat_hourly_cap=0, catch_up_max_age="1s")
+    await h.incoming(ANN, "привет")
+    await h.idle()
+    [reply] = await replies.for_chat(db, ANN.peer_id)
+    assert reply.status is S.DEFERRED
+    await asyncio.sleep(1.2)
+    # The window "opens" (forced here: the cap of 0 would keep it closed for an hour).
+    await h.responder._resume_deferred(ANN.peer_id, force=True)
+    assert await _statuses(db, ANN.peer_id) == [(S.DROPPED, "too_old")]
+    assert h.transport.sent == []
+    await h.responder.aclose()
+
+
+async def test_deferred_replies_are_rearmed_after_a_restart(tmp_path: Path, db: Database) -> None:
+    h = await _harness(tmp_path, db, per_chat_hourly_cap=0)
+    await h.incoming(ANN, "привет")
+    await h.idle()
+    await h.responder.aclose()
+    h2 = await _harness(tmp_path, db, per_chat_hourly_cap=0)
+    assert h2.responder._wakeups.pending(ANN.peer_id)
+    [reply] = await replies.for_chat(db, ANN.peer_id)
+    assert reply.status is S.DEFERRED and reply.not_before is not None
+    await h2.responder.aclose()
+
+
+async def test_a_message_seen_twice_is_answered_once(h: Harness) -> None:
+    msg = await h.incoming(ANN, "привет")
+    await h.idle()
+    await h.responder.on_message(msg, ANN)  # an update delivered again after a restart
+    await h.idle()
+    assert len(h.transport.sent) == 1
+    assert await _statuses(h.db, ANN.peer_id) == [(S.SENT, None)]

@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     invoked_with(args)
     debug = "--debug" in args
     try:
-        command.main(args=args, prog_name="doppelbot", standalone_mode=False)
+        code = command.main(args=args, prog_name="doppelbot", standalone_mode=False)
+        if isinstance(code, int) and code != 0:  # typer.Exit(code) comes back as a value
+            raise SystemExit(code)
     except DoppelbotError as exc:
         if debug:
             raise

@@ -162,9 +162,10 @@ async def serve(
     facts: FactRetriever | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Any = None,
+    responder_kwargs: dict[str, Any] | None = None,
 ) -> LiveSession:
-    """The whole ``run``; tests pass a fake-Telegram ``client``, a small ``generator`` and
-    their own ``stop`` event."""
+    """The whole ``run``; tests pass a fake-Telegram ``client``, a small ``generator``, their
+    own ``stop`` event and responder options."""
     from doppelbot.errors import NotLoggedInError
     from doppelbot.telegram.client import connected, create_client
     from doppelbot.telegram.live import LiveBot, run_live
@@ -175,7 +176,7 @@ async def serve(
     signals = _install_signals(stop)
     worker: Any = None
     kb: Any = None
-    responder_kwargs: dict[str, Any] = {}
+    responder_kwargs = dict(responder_kwargs or {})
     bot: Any = None
 
     def listen_early(tg: Any) -> None:

@@ -760,7 +760,7 @@ class Responder:
         if not self._closing:
             self._spawn(self._resume_deferred(chat_id))
 
-    async def _resume_deferred(self, chat_id: int) -> None:
+    async def _resume_deferred(self, chat_id: int, *, force: bool = False) -> None:
         """A deferred reply's window opened: queue it again (it is generated from the history
         of now), or drop it when what it answers has grown too old."""
         state = self._state(chat_id)
@@ -769,7 +769,7 @@ class Responder:
             if reply is None:
                 return
             now = self._now()
-            if reply.not_before is not None and reply.not_before > now + 0.5:
+            if not force and reply.not_before is not None and reply.not_before > now + 0.5:
                 self._arm_wakeup(chat_id, reply.not_before)  # woken early (clock change)
                 return
             max_age = self.policy.catch_up_max_age_s

@@ -48,6 +48,8 @@ class CatchUpReport:
     candidates: list[CatchUpCandidate] = field(default_factory=list)
     saved_backlog: list[Message] = field(default_factory=list)
     saved_top_id: int = 0
+    #: Per chat, the newest message id the sync saw: what is newer arrived live.
+    tops: dict[int, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, int]:
         return {
@@ -89,6 +91,7 @@ async def sync_after_downtime(
         if peer.is_self or peer.peer_id == owner_id:
             report.saved_top_id = top_id
             continue
+        report.tops[peer.peer_id] = top_id
         if not stores(peer) or peer.kind.value != "user" or peer.is_deleted:
             continue
         try:

@@ -41,8 +41,6 @@ from doppelbot.telegram.watchdog import Watchdog
 
 log = logging.getLogger("doppelbot.live")
 
-#: A message dated this much before the start still counts as arriving live (clocks differ).
-LIVE_GRACE_S = 5.0
 
 MessageListener = Callable[[Message, Peer], Awaitable[None]]
 #: (chat id, message id, the message's current reactions): from UpdateMessageReactions and from
@@ -120,8 +118,10 @@ class LiveBot:
 
     Installed before the client connects, so nothing Telethon's catch-up replays right after
     connecting is missed: events that arrive before ``start`` are kept and handled then.
-    Incoming messages older than the start are stored but not handed to the responder — what
-    arrived while the bot was down is the start-up catch-up's to decide (``run_live``).
+    Every message is stored at once, but incoming ones reach the responder only after the
+    start-up sync (``caught_up``), and only when newer than what the sync saw in that chat —
+    what arrived while the bot was down is the catch-up's to decide (``run_live``), however
+    it is delivered (Telethon replays it as updates too).
     """
 
     def __init__(
@@ -148,7 +148,6 @@ class LiveBot:
         #: number (pts) of the newest one that carries it: the watchdog compares both.
         self.last_update_at = self.clock.time()
         self.last_pts: int | None = None
-        self.online_since = self.clock.time()
         self._peers: dict[int, Peer] = {}
         self._inflight: set[asyncio.Task[Any]] = set()
         self._early: list[tuple[Callable[[Any], Awaitable[None]], Any]] = []
@@ -156,6 +155,8 @@ class LiveBot:
         self._closing = False
         self._installed = False
         self._unsaved: dict[tuple[int, int], tuple[Message, Peer]] = {}
+        self._synced: dict[int, int] | None = None  # None until the start-up sync is done
+        self._held: list[tuple[Message, Peer]] = []
         self._retrier: asyncio.Task[None] | None = None
         self._handlers: list[tuple[Callable[..., Any], Any]] = [
             (self._on_new, events.NewMessage()),
@@ -175,11 +176,29 @@ class LiveBot:
         """Begin handling events as ``owner_id`` (those that came early are handled now)."""
         self.owner_id = owner_id
         self.responder = responder
-        self.online_since = self.clock.time()
         self._started = True
         early, self._early = self._early, []
         for handler, event in early:
             await handler(event)
+
+    async def caught_up(self, tops: dict[int, int]) -> None:
+        """The start-up sync saw each chat up to ``tops[chat]``: incoming messages held until
+        now reach the responder when they are newer than that, and so do later ones."""
+        self._synced = dict(tops)
+        held, self._held = self._held, []
+        for message, peer in held:
+            await self._to_responder(message, peer)
+
+    async def _to_responder(self, message: Message, peer: Peer) -> None:
+        if self.responder is None or peer.is_self:
+            return
+        if not message.is_outgoing:
+            if self._synced is None:
+                self._held.append((message, peer))
+                return
+            if message.message_id <= self._synced.get(message.chat_id, 0):
+                return  # the catch-up already decided about it
+        await self.responder.on_message(message, peer)
 
     async def aclose(self) -> None:
         """Stop taking events and wait for the handlers already running."""
@@ -267,15 +286,23 @@ class LiveBot:
         self._early.append((handler, event))
         return True
 
+    def known_pts(self) -> int | None:
+        """The account's update sequence number this client has processed: Telethon's own
+        count (it includes updates about our own sends), else the newest one we saw."""
+        box = getattr(self.client, "_message_box", None)
+        try:
+            pts = box.session_state()[0]["pts"] if box is not None else None
+        except Exception:  # Telethon internals moved: fall back to what we saw ourselves
+            pts = None
+        if isinstance(pts, int) and pts > 0:
+            return pts
+        return self.last_pts
+
     async def _on_any(self, update: Any) -> None:
         self.last_update_at = self.clock.time()
         pts = getattr(update, "pts", None)
         if isinstance(pts, int) and not _is_channel_update(update):
             self.last_pts = pts if self.last_pts is None else max(self.last_pts, pts)
-
-    def _is_live(self, message: Message) -> bool:
-        """Sent while this run was up (not replayed from the downtime)."""
-        return message.date >= self.online_since - LIVE_GRACE_S
 
     async def _on_new(self, event: Any) -> None:
         if self._closing or self._defer(self._on_new, event):
@@ -289,12 +316,7 @@ class LiveBot:
                 message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
                 if self.stores(peer):
                     await self._save(message, peer)
-                if (
-                    self.responder is not None
-                    and not peer.is_self
-                    and (message.is_outgoing or self._is_live(message))
-                ):
-                    await self.responder.on_message(message, peer)
+                await self._to_responder(message, peer)
                 for listener in self.listeners:
                     await listener(message, peer)
             except Exception as exc:  # an update must never take the bot down
@@ -436,6 +458,7 @@ async def run_live(
             first_run_at=first_run,
             down_since=session.down_since if previous is not None else float(first_run),
         )
+        await bot.caught_up(session.catch_up.tops)
         summary = {**session.catch_up.summary(), **outcome, "at": int(bot.clock.time())}
         await bot_state.set_json(db, bot_state.CATCH_UP_KEY, summary)
         log.info(

@@ -46,7 +46,10 @@ class UpdateSource(Protocol):
     """What the watchdog reads off the live bot."""
 
     last_update_at: float
-    last_pts: int | None
+
+    def known_pts(self) -> int | None:
+        """The account's update sequence number processed so far (None: unknown)."""
+        ...
 
 
 class Watchdog:
@@ -139,7 +142,7 @@ class Watchdog:
             log.warning("watchdog: Telegram does not answer (%s)", describe(translate(exc)))
             return await self._reconnect(now, "no answer", force=not in_outage)
         self.health = self.health.beat(now, last_probe_at=now)
-        known = self.source.last_pts
+        known = self.source.known_pts()
         if known is not None and state.pts > known:
             log.warning(
                 "watchdog: no update for %.0fs but Telegram is %d update(s) ahead: the update "
@@ -147,10 +150,7 @@ class Watchdog:
                 idle,
                 state.pts - known,
             )
-            ok = await self._reconnect(now, "update stream stalled", force=True)
-            self.source.last_pts = max(known, state.pts)
-            return ok
-        self.source.last_pts = state.pts
+            return await self._reconnect(now, "update stream stalled", force=True)
         return True
 
     async def _reconnect(self, now: float, why: str, *, force: bool = False) -> bool:
