@@ -13,6 +13,13 @@ fires, sampled during the whole run) and ``p50_reply_latency_s`` (newest message
 its last part sent, minus the configured debounce/human delay/typing time).
 Targets: replies_sent == chats, duplicates == 0, loop_lag_p99_ms < 50.
 
+Then a downtime phase: the bot stops; while it is down, ``--down-old`` chats send a burst,
+the downtime goes on past the catch-up age (``--down-age`` seconds, the bench's
+``DOPPELBOT_CATCH_UP_MAX_AGE``), and ``--down-fresh`` more chats send a burst. The bot starts
+again (the same file session, so Telethon's own catch-up replays the missed updates too) and
+must answer exactly the fresh bursts, once each: ``caught_up_answered`` == ``down_fresh``,
+``caught_up_stored_only`` == ``down_old``, ``duplicates`` 0 over both phases.
+
 Usage: ``flock /tmp/doppelbot-bench.lock .venv/bin/python scripts/bench_responder.py
 [--chats 50] [--messages 10] [--debounce 1.0] [--generator tiny|echo]``. ``echo`` replaces the
 model by an instant fake (isolates the pipeline's own cost). Prints a table; the last line is
@@ -67,6 +74,8 @@ async def _tiny_worker(settings_kw: dict[str, Any], workdir: Path) -> Any:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    from telethon.sessions import SQLiteSession
+
     from doppelbot.config import load_settings
     from doppelbot.domain import ReplyStatus
     from doppelbot.responder.loopmon import LoopLagMonitor
@@ -89,6 +98,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens,
         "do_sample": False,
         "split_lines": False,
+        "catch_up_max_age": args.down_age,
     }
     settings = load_settings(env_file=None, **settings_kw)
     if args.generator == "tiny":
@@ -98,18 +108,42 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     db = await Database.open(settings.db_path)
     tg = FakeTelegram()
     users = [tg.add_user(f"Contact{i}", username=f"contact{i}") for i in range(args.chats)]
-    client = tg.client(flood_sleep_threshold=0)
-    await client.connect()
-    stop = asyncio.Event()
-    ready: asyncio.Future[LiveSession] = asyncio.get_running_loop().create_future()
+    session_file = workdir / "data" / "bench.session"
+    tg.file_session(session_file)
 
-    async def on_ready(session: LiveSession) -> None:
-        ready.set_result(session)
+    async def start() -> tuple[Any, asyncio.Event, asyncio.Task[Any], LiveSession]:
+        client = tg.client(
+            session=SQLiteSession(str(session_file)), flood_sleep_threshold=0, catch_up=True
+        )
+        await client.connect()
+        stop = asyncio.Event()
+        ready: asyncio.Future[LiveSession] = asyncio.get_running_loop().create_future()
 
-    task = asyncio.create_task(
-        run_live(settings, db, client, generator=generator, stop=stop, on_ready=on_ready)
-    )
-    session = await ready
+        async def on_ready(session: LiveSession) -> None:
+            ready.set_result(session)
+
+        task = asyncio.create_task(
+            run_live(settings, db, client, generator=generator, stop=stop, on_ready=on_ready)
+        )
+        return client, stop, task, await ready
+
+    async def settle(client: Any, session: LiveSession) -> None:
+        async def calm() -> bool:
+            await tg.settle()
+            return (
+                session.bot._synced is not None
+                and not client._event_handler_tasks
+                and not session.bot._inflight
+                and not session.responder.busy
+            )
+
+        async with asyncio.timeout(args.limit_s):
+            while True:
+                if await calm() and await calm():
+                    break
+                await asyncio.sleep(0.02)
+
+    client, stop, task, session = await start()
     monitor = LoopLagMonitor(interval_s=0.01)
     monitor.start()
     started = time.perf_counter()
@@ -120,28 +154,35 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(gap)
     arrived = time.perf_counter() - started
 
-    async def calm() -> bool:
-        await tg.settle()
-        return (
-            not client._event_handler_tasks
-            and not session.bot._inflight
-            and not session.responder.busy
-        )
-
-    async with asyncio.timeout(args.limit_s):
-        while True:
-            if await calm() and await calm():
-                break
-            await asyncio.sleep(0.02)
+    await settle(client, session)
     total = time.perf_counter() - started
     await monitor.stop()
+    stop.set()
+    await task
+    await client.disconnect()
+    latencies = [r.latency_s for r in session.responder.sent_log]
+
+    # --- downtime -----------------------------------------------------------------------------
+    old = [tg.add_user(f"Old{i}") for i in range(args.down_old)]
+    fresh = [tg.add_user(f"Fresh{i}") for i in range(args.down_fresh)]
+    for user in old:
+        for i in range(3):
+            tg.push_incoming(user, f"пока тебя не было {i}")
+    await asyncio.sleep(args.down_age + 0.5)  # the downtime outlasts the catch-up age
+    for user in fresh:
+        for i in range(3):
+            tg.push_incoming(user, f"ты где? {i}")
+    restarted = time.perf_counter()
+    client, stop, task, session = await start()
+    await settle(client, session)
+    catch_up_s = time.perf_counter() - restarted
     stop.set()
     await task
     await client.disconnect()
 
     per_chat_sent: dict[int, int] = {}
     accounted: set[int] = set()
-    for user in users:
+    for user in [*users, *old, *fresh]:
         rows = await replies.for_chat(db, user.id)
         sent_rows = [r for r in rows if r.status is ReplyStatus.SENT]
         per_chat_sent[user.id] = len(sent_rows)
@@ -153,12 +194,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         await generator.aclose()
     stray = sum(1 for s in tg.sent if s.message_id not in accounted)
     duplicates = sum(n - 1 for n in per_chat_sent.values() if n > 1) + stray
-    latencies = [r.latency_s for r in session.responder.sent_log]
     return {
         "chats": args.chats,
         "messages_per_chat": args.messages,
         "generator": args.generator,
-        "replies_sent": sum(1 for n in per_chat_sent.values() if n >= 1),
+        "replies_sent": sum(1 for u in users if per_chat_sent[u.id] >= 1),
         "duplicates": duplicates,
         "messages_sent": len(tg.sent),
         "dropped": statuses[ReplyStatus.DROPPED],
@@ -171,6 +211,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "arrival_window_s": round(arrived, 3),
         "total_s": round(total, 2),
         "debounce_s": args.debounce,
+        "down_fresh": args.down_fresh,
+        "down_old": args.down_old,
+        "caught_up_answered": sum(1 for u in fresh if per_chat_sent[u.id] >= 1),
+        "caught_up_stored_only": sum(1 for u in old if per_chat_sent[u.id] == 0),
+        "catch_up_s": round(catch_up_s, 2),
     }
 
 
@@ -182,6 +227,9 @@ def main() -> None:
     parser.add_argument("--generator", choices=("tiny", "echo"), default="tiny")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--limit-s", type=float, default=300.0)
+    parser.add_argument("--down-fresh", type=int, default=20, help="Bursts within the age.")
+    parser.add_argument("--down-old", type=int, default=10, help="Bursts older than the age.")
+    parser.add_argument("--down-age", type=float, default=3.0, help="Catch-up age, seconds.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     result = asyncio.run(bench(args))
@@ -196,6 +244,8 @@ def main() -> None:
         "replies_sent": f"== {args.chats}",
         "duplicates": "== 0",
         "loop_lag_p99_ms": "< 50",
+        "caught_up_answered": f"== {args.down_fresh}",
+        "caught_up_stored_only": f"== {args.down_old}",
     }
     for key, value in result.items():
         label = f"{key} (target {targets[key]})" if key in targets else key
