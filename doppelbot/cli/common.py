@@ -27,6 +27,7 @@ T = TypeVar("T")
 @dataclass
 class AppState:
     env_file: Path | None = Path(".env")
+    env_file_required: bool = False  # named with --env-file: a missing file is an error
     debug: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     _settings: Settings | None = None
@@ -36,11 +37,21 @@ class AppState:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            from doppelbot.config import load_settings
+            from rich.markup import escape
+
+            from doppelbot.config import load_settings, unknown_settings
+            from doppelbot.errors import ConfigError
             from doppelbot.logs import setup_logging
 
+            if self.env_file_required and self.env_file is not None:
+                if not self.env_file.exists():
+                    raise ConfigError(f"--env-file {self.env_file}: no such file")
+                if self.env_file.is_dir():
+                    raise ConfigError(f"--env-file {self.env_file}: a folder, not a file")
             self._settings = load_settings(self.env_file, **self.overrides)
             setup_logging(self._settings, debug=self.debug, console=self.err_console)
+            for line in unknown_settings(self.env_file):
+                self.err_console.print(f"[yellow]warning:[/] {escape(line)}")
         return self._settings
 
 
