@@ -19,7 +19,7 @@ from telethon.sessions import SQLiteSession, StringSession
 
 from doppelbot import __version__
 from doppelbot.config import Settings
-from doppelbot.errors import ConfigError, NotLoggedInError
+from doppelbot.errors import ConfigError, NotLoggedInError, StoreError
 from doppelbot.telegram.errors import telegram_errors
 
 SESSION_MODE = 0o600
@@ -27,11 +27,17 @@ SESSION_MODE = 0o600
 
 def secure_session_file(path: Path) -> Path:
     """Create (or tighten) the session file with mode 0600; its folder 0700 when we create it."""
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o700)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, SESSION_MODE)
-    os.close(fd)
-    os.chmod(path, SESSION_MODE)
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, mode=0o700)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, SESSION_MODE)
+        os.close(fd)
+        os.chmod(path, SESSION_MODE)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the session file {path}: {exc.strerror or exc} "
+            "(DOPPELBOT_DATA_DIR or --data-dir must be a folder doppelbot can write)"
+        ) from None
     return path
 
 
