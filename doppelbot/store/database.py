@@ -13,6 +13,7 @@ the previous level.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sqlite3
 import time
@@ -73,6 +74,27 @@ def discover_migrations(directory: Path) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
+def _check_writable(path: Path) -> None:
+    """SQLite in WAL mode writes next to the database (``-wal``, ``-shm``) even to read: a
+    read-only folder or file would fail later with a bare "unable to open database file"."""
+    if not os.access(path.parent, os.W_OK):
+        raise StoreError(
+            f"cannot open database {path}: the folder {path.parent} is not writable "
+            "(DOPPELBOT_DATA_DIR or --data-dir must be a folder doppelbot can write)"
+        )
+    if path.exists() and not os.access(path, os.W_OK):
+        raise StoreError(f"cannot open database {path}: the file is read-only")
+
+
+async def _worker_stopped(connecting: Any) -> None:
+    """After a failed ``aiosqlite.connect``, wait for its worker thread to finish: it reports
+    its shutdown to the event loop, and doing that after ``asyncio.run`` closed the loop
+    printed an "Event loop is closed" traceback under the one-line error."""
+    thread = getattr(connecting, "_thread", None)
+    if thread is not None and thread.is_alive():
+        await asyncio.to_thread(thread.join, 5)
+
+
 def now() -> int:
     return int(time.time())
 
@@ -96,11 +118,15 @@ class Database:
         migrations_dir: Path | None = None,
     ) -> Database:
         path = Path(path)
+        connecting = None
         try:
             if str(path) != ":memory:":
                 path.parent.mkdir(parents=True, exist_ok=True)
-            conn = await aiosqlite.connect(str(path), isolation_level=None)
+                _check_writable(path)
+            connecting = aiosqlite.connect(str(path), isolation_level=None)
+            conn = await connecting
         except (OSError, sqlite3.Error) as exc:
+            await _worker_stopped(connecting)
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
         db = cls(conn, path, migrations_dir or default_migrations_dir())
@@ -111,6 +137,9 @@ class Database:
             await conn.execute("PRAGMA synchronous=NORMAL")
             if migrate:
                 await db.migrate()
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
         except BaseException:
             await conn.close()
             raise
