@@ -397,3 +397,16 @@ def test_a_non_mtproto_answer_is_one_line_and_login_leaves_no_session(
         assert len(text.strip().splitlines()) <= 2, text
         assert "did not answer in Telegram's protocol" in " ".join(text.split()), text
     assert (data / "doppelbot.session").exists()  # a session that existed before is kept
+
+
+def test_suggested_commands_are_spelled_as_the_user_runs_doppelbot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After scripts/run.sh, `doppelbot` is .venv/bin/doppelbot, not on PATH: hints say so."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / ".venv" / "bin" / "doppelbot")])
+    with pytest.raises(SystemExit):
+        main(["--env-file", "/dev/null", "--data-dir", str(tmp_path / "data"), "chat"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert "run `.venv/bin/doppelbot model download`" in err

@@ -137,6 +137,28 @@ _ABORTS = (typer.Abort, *_click_classes("Abort"))
 _EXITS = (typer.Exit, *_click_classes("Exit"))
 
 
+def _invoked_as() -> str:
+    """How the user runs doppelbot, for the commands our messages suggest: ``doppelbot`` when
+    that is on PATH, else the path they typed (``.venv/bin/doppelbot`` after scripts/run.sh)."""
+    import os
+    import shutil
+
+    typed = sys.argv[0] if sys.argv else ""
+    if Path(typed).name != "doppelbot":
+        return "doppelbot"  # python -m doppelbot, tests
+    on_path = shutil.which("doppelbot")
+    if on_path and Path(on_path).resolve() == Path(typed).resolve():
+        return "doppelbot"
+    relative = os.path.relpath(typed)
+    return relative if len(relative) < len(typed) and not relative.startswith("..") else typed
+
+
+def with_invocation(text: str) -> str:
+    """``text`` with every suggested `` `doppelbot …` `` command spelled as it can be run."""
+    name = _invoked_as()
+    return text if name == "doppelbot" else text.replace("`doppelbot ", f"`{name} ")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every failure becomes one line (or click's short usage
     block) and a non-zero exit; a traceback only with ``--debug``."""
@@ -149,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         colour = "red" if exc.prefix == "error" else "yellow"
-        typer.secho(f"{exc.prefix}: {exc}", err=True, fg=colour)
+        typer.secho(f"{exc.prefix}: {with_invocation(str(exc))}", err=True, fg=colour)
         raise SystemExit(exc.exit_code) from None
     except _ABORTS:
         typer.echo("Aborted.", err=True)
