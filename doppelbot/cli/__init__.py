@@ -28,7 +28,7 @@ from doppelbot.cli import (
     ssa_cmd,
     train_cmd,
 )
-from doppelbot.cli.common import AppState
+from doppelbot.cli.common import AppState, with_invocation
 from doppelbot.errors import DoppelbotError
 
 app = typer.Typer(
@@ -135,28 +135,6 @@ def _click_classes(name: str) -> tuple[type[BaseException], ...]:
 _CLICK_ERRORS = _click_classes("ClickException")
 _ABORTS = (typer.Abort, *_click_classes("Abort"))
 _EXITS = (typer.Exit, *_click_classes("Exit"))
-
-
-def _invoked_as() -> str:
-    """How the user runs doppelbot, for the commands our messages suggest: ``doppelbot`` when
-    that is on PATH, else the path they typed (``.venv/bin/doppelbot`` after scripts/run.sh)."""
-    import os
-    import shutil
-
-    typed = sys.argv[0] if sys.argv else ""
-    if Path(typed).name != "doppelbot":
-        return "doppelbot"  # python -m doppelbot, tests
-    on_path = shutil.which("doppelbot")
-    if on_path and Path(on_path).resolve() == Path(typed).resolve():
-        return "doppelbot"
-    relative = os.path.relpath(typed)
-    return relative if len(relative) < len(typed) and not relative.startswith("..") else typed
-
-
-def with_invocation(text: str) -> str:
-    """``text`` with every suggested `` `doppelbot …` `` command spelled as it can be run."""
-    name = _invoked_as()
-    return text if name == "doppelbot" else text.replace("`doppelbot ", f"`{name} ")
 
 
 def main(argv: list[str] | None = None) -> None:

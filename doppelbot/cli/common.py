@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import sys
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -61,6 +64,25 @@ def state(ctx: typer.Context) -> AppState:
         obj = AppState()
         ctx.find_root().obj = obj
     return obj
+
+
+def invoked_as() -> str:
+    """How the user runs doppelbot, for the commands our messages suggest: ``doppelbot`` when
+    that is on PATH, else the path they typed (``.venv/bin/doppelbot`` after scripts/run.sh)."""
+    typed = sys.argv[0] if sys.argv else ""
+    if Path(typed).name != "doppelbot":
+        return "doppelbot"  # python -m doppelbot, tests
+    on_path = shutil.which("doppelbot")
+    if on_path and Path(on_path).resolve() == Path(typed).resolve():
+        return "doppelbot"
+    relative = os.path.relpath(typed)
+    return relative if len(relative) < len(typed) and not relative.startswith("..") else typed
+
+
+def with_invocation(text: str) -> str:
+    """``text`` with every suggested `` `doppelbot …` `` command spelled as it can be run."""
+    name = invoked_as()
+    return text if name == "doppelbot" else text.replace("`doppelbot ", f"`{name} ")
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

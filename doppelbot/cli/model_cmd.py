@@ -205,7 +205,8 @@ def download(
         if report.repaired:
             parts.append(f"{len(report.repaired)} did not verify and were fetched again")
         console.print(
-            f"  verified → {report.model.folder} ({', '.join(parts)}; {report.seconds:.0f}s)"
+            f"  verified → {report.model.folder} ({', '.join(parts)}; {report.seconds:.0f}s)",
+            soft_wrap=True,
         )
         done.append((role, name))
     for role, name in done:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from doppelbot.cli.common import open_db, run_async, state
+from doppelbot.cli.common import invoked_as, open_db, run_async, state
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
@@ -228,9 +228,11 @@ def train(
     console.print(f"loss curve and log: {result.run_dir}")
     # Compare with what is served; on a first run nothing is, so with the base model.
     against = "current" if _current(settings) is not None else "base"
+    doppelbot = invoked_as()
     console.print(
-        f"next: doppelbot eval {result.adapter_dir.name} --against {against}; "
-        f"doppelbot adapter use {result.adapter_dir.name}"
+        f"next: {doppelbot} eval {result.adapter_dir.name} --against {against}; "
+        f"{doppelbot} adapter use {result.adapter_dir.name}",
+        soft_wrap=True,
     )
 
 
