@@ -132,3 +132,29 @@ def test_a_requested_stop_is_not_an_error(
     assert code == 130
     assert "stopped: stopped at step 1/3" in err and "run the same command again" in err
     assert "error" not in err.lower()
+
+
+def test_a_library_message_is_printed_once(settings: object) -> None:
+    """huggingface_hub attaches its own stderr handler *and* propagates to the root logger: the
+    root's Rich handler must not print the same record a second time."""
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from doppelbot.logs import setup_logging
+
+    rich_out = io.StringIO()
+    setup_logging(settings, console=Console(file=rich_out, width=200))  # type: ignore[arg-type]
+    library = logging.getLogger("somelib")
+    own_out = io.StringIO()
+    own = logging.StreamHandler(own_out)
+    library.addHandler(own)
+    try:
+        library.warning("only once, please")
+        logging.getLogger("doppelbot.test").warning("ours")
+    finally:
+        library.removeHandler(own)
+    assert own_out.getvalue().count("only once, please") == 1
+    assert "only once, please" not in rich_out.getvalue()
+    assert "ours" in rich_out.getvalue()
