@@ -8,7 +8,10 @@ and ``tests/test_config.py`` checks the two never drift apart.
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+from collections.abc import Mapping
 from datetime import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -91,6 +94,9 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
+        # inf/nan pass every bound check (`inf >= 0`) and then break timers and sampling:
+        # refused for every float setting at once.
+        allow_inf_nan=False,
     )
 
     # --- Telegram -------------------------------------------------------------------------------
@@ -200,6 +206,12 @@ class Settings(BaseSettings):
     # --- Export ---------------------------------------------------------------------------------
     flood_wait_max_s: int = Field(
         300, ge=0, description="Wait out FloodWait up to this; longer stops that chat."
+    )
+    flood_wait_total_s: int = Field(
+        900,
+        ge=0,
+        description="Export: FloodWait waited out per run in total; once spent, a chat that "
+        "is asked to wait stops (run the export again later).",
     )
     export_use_takeout: bool = Field(True, description="Export inside a takeout session.")
     export_batch_size: int = Field(
@@ -429,6 +441,61 @@ class Settings(BaseSettings):
 def _env_name(loc: tuple[object, ...]) -> str:
     field = str(loc[0]) if loc else "?"
     return ENV_PREFIX + field.upper()
+
+
+def _closest_setting(name: str) -> str | None:
+    fields = [f.upper() for f in Settings.model_fields]
+    match = difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX), fields, n=1)
+    return ENV_PREFIX + match[0] if match else None
+
+
+def unknown_settings(
+    env_file: str | Path | None = ".env", environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """One warning line per ``DOPPELBOT_*`` variable that is no setting (a typo such as
+    ``DOPPELBOT_DENYLIST`` would otherwise silently leave a safety rule off), in the
+    environment or in ``env_file``; also a ``.env`` line naming a setting without the prefix."""
+    known = {ENV_PREFIX + f.upper() for f in Settings.model_fields}
+    found: list[tuple[str, str]] = []
+    env = os.environ if environ is None else environ
+    found += [(key, "environment") for key in env if key.upper().startswith(ENV_PREFIX)]
+    lines: list[str] = []
+    if env_file is not None and Path(env_file).is_file():
+        from dotenv import dotenv_values
+
+        for key in dotenv_values(env_file):
+            upper = key.upper()
+            if upper.startswith(ENV_PREFIX):
+                found.append((key, str(env_file)))
+            elif ENV_PREFIX + upper in known:
+                lines.append(
+                    f"{key} in {env_file} is ignored: settings need the prefix "
+                    f"({ENV_PREFIX}{upper})"
+                )
+    for key, where in found:
+        if key.upper() in known:
+            continue
+        guess = _closest_setting(key)
+        hint = f"did you mean {guess}?" if guess else "see .env.example for the settings"
+        lines.append(f"{key} ({where}) is not a doppelbot setting and is ignored; {hint}")
+    return lines
+
+
+def set_library_environment(values: Mapping[str, str], *, override: bool = False) -> None:
+    """Environment variables that third-party libraries read when they are imported (their
+    verbosity, offline mode). Kept here so that every touch of the environment is in this
+    module; ``override`` False leaves a value the user set alone."""
+    for key, value in values.items():
+        if override:
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
+
+
+def hub_endpoint() -> str | None:
+    """``HF_ENDPOINT`` (a Hugging Face hub mirror) as it is now; huggingface_hub reads it only
+    once, when it is imported."""
+    return os.environ.get("HF_ENDPOINT") or None
 
 
 def load_settings(env_file: str | Path | None = ".env", **overrides: object) -> Settings:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 
 class DoppelbotError(Exception):
-    """Base class. ``str(err)`` is the one line the CLI prints."""
+    """Base class. ``str(err)`` is the one line the CLI prints, after ``prefix``."""
 
     exit_code: int = 1
+    prefix: str = "error"  # what the CLI's line starts with; not every stop is an error
 
 
 class ConfigError(DoppelbotError):
@@ -54,13 +55,28 @@ class NotLoggedInError(TelegramError):
 class FloodWaitTooLongError(TelegramError):
     """Telegram asked us to wait longer than the configured bound."""
 
-    def __init__(self, seconds: int, bound: int, what: str = "request") -> None:
-        super().__init__(
-            f"Telegram asked to wait {seconds}s before the next {what}, "
-            f"more than the configured bound of {bound}s"
-        )
+    def __init__(
+        self, seconds: int, bound: int, what: str = "request", *, total: int | None = None
+    ) -> None:
+        if total is None:
+            text = (
+                f"Telegram asked to wait {seconds}s before the next {what}, "
+                f"more than the configured bound of {bound}s"
+            )
+        else:  # the run's total budget, not one wait, is what ran out
+            text = (
+                f"Telegram asked to wait {seconds}s before the next {what}, but only {bound}s "
+                f"are left of the {total}s of waiting allowed per run "
+                "(DOPPELBOT_FLOOD_WAIT_TOTAL_S)"
+            )
+        super().__init__(text)
         self.seconds = seconds
         self.bound = bound
+
+
+class ExportIncompleteError(TelegramError):
+    """Some chats of an export failed or stopped; everything fetched is kept, and running the
+    export again continues where they stopped."""
 
 
 class TakeoutDelayError(TelegramError):
@@ -81,6 +97,14 @@ class ModelError(DoppelbotError):
 
 class ModelLoadError(ModelError):
     """The base model, adapter or quantised cache cannot be loaded."""
+
+
+class ModelMissingError(ModelLoadError):
+    """A configured model's files are not on this machine (``doppelbot model download``)."""
+
+
+class ModelDownloadError(ModelError):
+    """``doppelbot model download`` failed (network, hub, disk, a file that does not verify)."""
 
 
 class GenerationError(ModelError):
@@ -125,6 +149,9 @@ class AdapterRejectedError(TrainingError):
 
 
 class TrainingInterruptedError(TrainingError):
-    """A training run stopped before its last step; it resumes from its latest checkpoint."""
+    """A training run stopped before its last step; it resumes from its latest checkpoint.
+
+    Usually the owner asked for it (Ctrl-C), so the CLI says "stopped", not "error"."""
 
     exit_code = 130
+    prefix = "stopped"

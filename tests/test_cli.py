@@ -52,10 +52,10 @@ def test_python_m_works(tmp_path: Path) -> None:
 
 
 def test_db_migrate_and_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main(["--env-file", str(tmp_path / "none.env"), "--data-dir", str(tmp_path), "db", "migrate"])
+    main(["--env-file", "/dev/null", "--data-dir", str(tmp_path), "db", "migrate"])
     out = capsys.readouterr().out
     assert "applied 0001_initial" in out and "up to date" in out
-    main(["--env-file", str(tmp_path / "none.env"), "--data-dir", str(tmp_path), "db", "status"])
+    main(["--env-file", "/dev/null", "--data-dir", str(tmp_path), "db", "status"])
     assert "initial" in capsys.readouterr().out
 
 

@@ -96,3 +96,47 @@ def test_env_example_loads(tmp_path: Path) -> None:
     defaults = load_settings(env_file=None, data_dir=tmp_path)
     from_file = load_settings(env_file=env, data_dir=tmp_path)
     assert from_file == defaults
+
+
+def _float_fields() -> list[str]:
+    from doppelbot.config import Settings
+
+    return [
+        name
+        for name, info in Settings.model_fields.items()
+        if "float" in str(info.annotation) and "list" not in str(info.annotation)
+    ]
+
+
+def test_every_float_setting_refuses_non_finite_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = _float_fields()
+    assert {"debounce_s", "temperature", "generation_timeout_s"} <= set(names)
+    for name in names:
+        for value in ("inf", "-inf", "nan", "Infinity"):
+            with monkeypatch.context() as patch:
+                patch.setenv(f"DOPPELBOT_{name.upper()}", value)
+                with pytest.raises(ConfigError, match=f"DOPPELBOT_{name.upper()}: .*finite"):
+                    load_settings(env_file=None)
+
+
+def test_unknown_variables_are_named_with_the_closest_setting(tmp_path: Path) -> None:
+    from doppelbot.config import unknown_settings
+
+    env = tmp_path / ".env"
+    env.write_text(
+        "DOPPELBOT_TOPP=0.5\nDOPPELBOT_TOP_K=3\nREPLY_MODE=auto\nOTHER_TOOL=1\n", encoding="utf-8"
+    )
+    lines = unknown_settings(
+        env,
+        environ={"DOPPELBOT_DENYLIST": "@boss", "DOPPELBOT_ZZZZZZ": "1", "PATH": "/bin"},
+    )
+    text = "\n".join(lines)
+    assert "DOPPELBOT_DENYLIST (environment) is not a doppelbot setting" in text
+    assert "did you mean DOPPELBOT_DENY_LIST?" in text
+    assert f"DOPPELBOT_TOPP ({env}) is not a doppelbot setting" in text
+    assert "did you mean DOPPELBOT_TOP_P?" in text
+    assert "DOPPELBOT_ZZZZZZ (environment)" in text and "see .env.example" in text
+    assert f"REPLY_MODE in {env} is ignored: settings need the prefix" in text
+    assert "TOP_K" not in text and "OTHER_TOOL" not in text and "PATH" not in text
+    assert len(lines) == 4
+    assert unknown_settings(None, environ={"doppelbot_top_p": "0.5"}) == []  # case-insensitive

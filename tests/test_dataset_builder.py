@@ -399,3 +399,20 @@ def test_split_by_chat_order_equals_the_full_key() -> None:
         shuffled = samples[:]
         rng.shuffle(shuffled)
         assert split_by_time(shuffled, share) == split_by_time(samples, share)
+
+
+def test_a_speaker_label_inside_a_message_never_becomes_a_turn() -> None:
+    chat = conv(
+        12,
+        ("you", "привет\nЯ: я отдам тебе всё\n собеседник : правда?"),
+        ("me", "привет"),
+        ("you", "ну\nи как"),  # an ordinary multi-line turn keeps its line break
+        ("me", "нормально"),
+    )
+    first, second = build(chat)
+    fmt = OPTS.prompt_format
+    dialog = first.model_input.split("Ваш прошлый диалог: \n", 1)[1]
+    assert dialog.count("\n") == 0 and dialog.startswith("Собеседник: привет Я: я отдам")
+    assert first.model_input == fmt.build_input(first.context)
+    assert "Собеседник: ну\nи как" in second.model_input
+    assert second.model_input == fmt.build_input(second.context)

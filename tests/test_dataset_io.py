@@ -146,7 +146,7 @@ def test_cli_dataset(
             await _fill(db)
 
     asyncio.run(fill())
-    base = ["--env-file", str(tmp_path / "none.env"), "--data-dir", str(data), "dataset"]
+    base = ["--env-file", "/dev/null", "--data-dir", str(data), "dataset"]
     main([*base, "--name", "first", "--tokenizer", str(tokenizer_dir), "--max-contact-share", "1"])
     out = capsys.readouterr().out
     assert "samples" in out and "wrote" in out
@@ -171,4 +171,16 @@ def test_cli_dataset(
 
     with pytest.raises(SystemExit):
         main([*base, "--tokenizer", str(tmp_path / "no-tokenizer")])
-    assert "--tokenizer PATH" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no such folder" in err and "--no-token-budget" in err
+    # An empty folder "loads" as a one-token tokenizer: refused, not a silent 0-token budget.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main([*base, "--tokenizer", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert "does not hold FRED-T5's tokenizer" in err and "--tokenizer PATH" in err
+    # No --tokenizer: DOPPELBOT_MODEL's hub id, not downloaded here.
+    with pytest.raises(SystemExit):
+        main([*base])
+    err = capsys.readouterr().err
+    assert "not downloaded" in err and "doppelbot model download" in err

@@ -307,7 +307,7 @@ def test_eval_cli_adds_preference_metrics(world: World, dpo_run) -> None:  # typ
         "DOPPELBOT_MAX_NEW_TOKENS": "3",
         "DOPPELBOT_PREF_HELDOUT_SHARE": "0.25",
     }
-    args = ["--env-file", "/nonexistent.env", "--data-dir", str(world.root), "eval"]
+    args = ["--env-file", "/dev/null", "--data-dir", str(world.root), "eval"]
     out = CliRunner().invoke(
         app, [*args, str(result.adapter_dir), "--pairs", str(world.pairs), "--json"], env=env
     )
@@ -324,7 +324,7 @@ def test_train_cli_dpo_needs_a_feedback_export(tmp_path: Path) -> None:
 
     from doppelbot.cli import app
 
-    args = ["--env-file", "/nonexistent.env", "--data-dir", str(tmp_path), "train"]
+    args = ["--env-file", "/dev/null", "--data-dir", str(tmp_path), "train"]
     out = CliRunner().invoke(app, [*args, "--method", "dpo"])
     assert out.exit_code != 0 and "feedback export" in str(out.exception)
     out = CliRunner().invoke(app, [*args, "--pairs", str(tmp_path / "p.jsonl")])

@@ -215,7 +215,7 @@ async def test_failure_while_writing_rolls_back_the_whole_file(
 
 # --- CLI (no embedder needed) -------------------------------------------------------------------
 def _cli(tmp_path: Path, *args: str) -> list[str]:
-    return ["--env-file", str(tmp_path / "none.env"), "--data-dir", str(tmp_path), *args]
+    return ["--env-file", "/dev/null", "--data-dir", str(tmp_path), *args]
 
 
 def test_cli_add_list_remove_import(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -112,7 +112,7 @@ def test_cli_export_and_stats(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     asyncio.run(setup())
     out = tmp_path / "fb"
-    base = ["--env-file", str(tmp_path / "none"), "--data-dir", str(data)]
+    base = ["--env-file", "/dev/null", "--data-dir", str(data)]
     main([*base, "feedback", "export", "--out", str(out)])
     assert "5 positives, 3 preference pairs" in capsys.readouterr().out
     rows = [json.loads(x) for x in (out / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]

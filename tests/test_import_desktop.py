@@ -155,14 +155,71 @@ async def test_group_export_without_an_owner_id_is_refused(db: Database, tmp_pat
     assert (await history.get_message(db, -1000000000077, 1)).is_outgoing  # type: ignore[union-attr]
 
 
+def _big_export(path: Path, n: int) -> Path:
+    messages = [
+        {
+            "id": i + 1,
+            "type": "message",
+            "date_unixtime": str(1_600_000_000 + 60 * i),
+            "from_id": "user1000" if i % 2 else f"user{OWNER}",
+            "text": f"message {i}",
+        }
+        for i in range(n)
+    ]
+    chat = {"name": "Alice", "type": "personal_chat", "id": ALICE, "messages": messages}
+    path.write_text(json.dumps(chat), encoding="utf-8")
+    return path
+
+
+async def test_big_files_are_written_in_bounded_transactions_and_counted(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _big_export(tmp_path / "result.json", 2_500)
+    sizes: list[int] = []
+    original = db.transaction
+
+    def counting() -> object:
+        sizes.append(0)
+        return original()
+
+    monkeypatch.setattr(db, "transaction", counting)
+    result = await import_desktop_export(db, path, chunk_rows=1_000)
+    assert len(sizes) == 3  # 1,000 + 1,000 + 500 messages: never one long transaction
+    assert (result.messages, result.new, result.already) == (2_500, 2_500, 0)
+    again = await import_desktop_export(db, path, chunk_rows=1_000)
+    assert (again.messages, again.new, again.already) == (2_500, 0, 2_500)
+    assert await history.count_messages(db, ALICE) == 2_500
+
+
+async def test_an_import_killed_between_transactions_completes_on_the_next_run(
+    db: Database, tmp_path: Path
+) -> None:
+    path = _big_export(tmp_path / "result.json", 2_500)
+
+    def killed(done: int, total: int) -> None:
+        if done >= 1_000:
+            raise KeyboardInterrupt  # as if the process died after the first commit
+
+    with pytest.raises(KeyboardInterrupt):
+        await import_desktop_export(db, path, chunk_rows=1_000, progress=killed)
+    assert await history.count_messages(db, ALICE) == 1_000  # the first chunk, whole
+    result = await import_desktop_export(db, path, chunk_rows=1_000)
+    assert (result.new, result.already) == (1_500, 1_000)
+    assert await history.count_messages(db, ALICE) == 2_500
+
+
 def test_import_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "DataExport_2023"
     shutil.copytree(DESKTOP, folder)
     (folder / "single_chat.json").unlink()
-    args = ["--env-file", str(tmp_path / "none.env"), "--data-dir", str(tmp_path / "data")]
+    args = ["--env-file", "/dev/null", "--data-dir", str(tmp_path / "data")]
     main([*args, "import", str(folder), "--groups"])
-    out = capsys.readouterr().out
-    assert "imported 13 messages from 4 chat(s)" in out and "skipped" in out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "imported 13 messages from 4 chat(s): 13 new, 0 already stored" in out
+    assert "skipped" in out
+    main([*args, "import", str(folder), "--groups"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "imported 13 messages from 4 chat(s): 0 new, 13 already stored" in out
     (folder / "result.json").write_text('{"chats": {"list": [', encoding="utf-8")
     with pytest.raises(SystemExit) as info:
         main([*args, "import", str(folder / "result.json")])

@@ -387,7 +387,7 @@ def test_cli_search_shows_scores(
     monkeypatch.setenv("DOPPELBOT_EMBEDDER_MODEL", MODEL_PATH)
     facts = tmp_path / "facts.txt"
     facts.write_text("\n".join(FACTS), encoding="utf-8")
-    base = ["--env-file", str(tmp_path / "none.env"), "--data-dir", str(tmp_path)]
+    base = ["--env-file", "/dev/null", "--data-dir", str(tmp_path)]
     main([*base, "facts", "import", str(facts)])
     capsys.readouterr()
     main([*base, "facts", "search", "Do you have any pets?", "--top-k", "2"])

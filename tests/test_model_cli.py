@@ -36,7 +36,7 @@ def env(model_dir: Path, tmp_path: Path) -> dict[str, str]:
 
 
 def _invoke(args: list[str], env: dict[str, str], stdin: str | None = None):  # type: ignore[no-untyped-def]
-    return CliRunner().invoke(app, ["--env-file", "/nonexistent.env", *args], input=stdin, env=env)
+    return CliRunner().invoke(app, ["--env-file", "/dev/null", *args], input=stdin, env=env)
 
 
 def test_chat_answers_and_keeps_context(env: dict[str, str]) -> None:

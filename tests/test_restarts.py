@@ -263,3 +263,31 @@ async def test_a_database_busy_for_15_s_delays_the_answer_but_loses_nothing(
         assert run.sent_to(alice) == ["ок"]
         assert await run.db.scalar("SELECT count(*) FROM messages WHERE text = 'ты тут?'") == 1
         assert await _statuses(run.db, alice.id) == [(S.SENT, None)]
+
+
+async def test_a_message_that_cannot_be_stored_is_still_answered_and_stored_later(
+    tmp_path: Path,
+) -> None:
+    from doppelbot.errors import StoreError
+
+    life = Life(tmp_path)
+    alice = life.tg.add_user("Alice")
+    async with life.run() as run:
+        bot = run.session.bot
+        write = bot._write
+        failures = [1, 1]  # the write and its first background retry fail
+
+        async def flaky(message: Any, peer: Any) -> None:
+            if failures:
+                failures.pop()
+                raise StoreError("database is locked (simulated)")
+            await write(message, peer)
+
+        bot._write = flaky  # type: ignore[method-assign]
+        life.tg.push_incoming(alice, "ты тут?")
+        await run.quiet()
+        assert run.sent_to(alice) == ["ок"]  # answered while the message is not stored yet
+        assert "ты тут?" in run.gen.prompts[0]
+        assert await run.db.scalar("SELECT count(*) FROM messages WHERE text = 'ты тут?'") == 0
+        await asyncio.sleep(1.5)  # the background retry
+        assert await run.db.scalar("SELECT count(*) FROM messages WHERE text = 'ты тут?'") == 1

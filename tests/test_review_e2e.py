@@ -502,7 +502,7 @@ async def test_feedback_export_from_a_review_session(
         await bot.quiet()
         settings = bot.settings
     out = tmp_path / "fb"
-    base = ["--env-file", str(tmp_path / "none"), "--data-dir", str(settings.data_dir)]
+    base = ["--env-file", "/dev/null", "--data-dir", str(settings.data_dir)]
     # The CLI runs its own event loop: a thread, as from a second terminal.
     await asyncio.to_thread(main, [*base, "feedback", "export", "--out", str(out)])
 

@@ -29,7 +29,7 @@ def test_run_without_login_says_what_to_do(
     tmp_path: Path, capsys: object, monkeypatch: object
 ) -> None:
     try:
-        main(["--env-file", str(tmp_path / "none.env"), "--data-dir", str(tmp_path), "run"])
+        main(["--env-file", "/dev/null", "--data-dir", str(tmp_path), "run"])
     except SystemExit as exc:
         assert exc.code == 1
     else:

@@ -57,7 +57,7 @@ def tg(monkeypatch: pytest.MonkeyPatch) -> FakeTelegram:
 
 
 def _invoke(env: dict[str, str], *args: str) -> Any:
-    return CliRunner().invoke(app, ["--env-file", "/nonexistent.env", *args], env=env)
+    return CliRunner().invoke(app, ["--env-file", "/dev/null", *args], env=env)
 
 
 def _items(env: dict[str, str]) -> dict[int, store.SsaItem]:

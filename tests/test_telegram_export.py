@@ -325,6 +325,63 @@ async def test_flood_wait_on_dialogs_above_the_bound_is_one_clear_error(
         await export_history(client, db, OPTS)
 
 
+async def test_flood_waits_have_a_total_budget_per_run(db: Database, client_for: Any) -> None:
+    """Thirty short waits add up: past the run's budget the chat that is asked to wait stops."""
+    tg = FakeTelegram()
+    alice, bob = tg.add_user("Alice"), tg.add_user("Bob")
+    tg.add_history(alice, 350)
+    tg.add_history(bob, 120)
+    client = await client_for(tg)
+    tg.fail_next("GetHistoryRequest", "FLOOD_WAIT_9", times=30, peer=alice.id)
+    sleep = FakeSleep()
+    options = dataclasses.replace(OPTS, flood_wait_total_s=20)
+    report = await export_history(client, db, options, sleep=sleep)
+    assert sum(sleep.slept) == 18  # two waits of 9 s; the third would pass 20 s
+    by_id = {c.chat_id: c for c in report.chats}
+    stopped = by_id[alice.id]
+    assert stopped.status is ChatStatus.FLOOD_STOPPED
+    assert "only 2s are left of the 20s" in stopped.note
+    assert "DOPPELBOT_FLOOD_WAIT_TOTAL_S" in stopped.note
+    assert by_id[bob.id].status is ChatStatus.COMPLETE
+    assert report.incomplete == [stopped]
+
+
+async def test_a_refused_chat_reports_telegrams_own_error(db: Database, client_for: Any) -> None:
+    tg = FakeTelegram()
+    alice, bob = tg.add_user("Alice"), tg.add_user("Bob")
+    tg.add_history(alice, 30)
+    tg.add_history(bob, 30)
+    client = await client_for(tg)
+    tg.fail_next("GetHistoryRequest", "CHANNEL_PRIVATE", peer=alice.id)
+    report = await export_history(client, db, OPTS, sleep=FakeSleep())
+    failed = {c.chat_id: c for c in report.chats}[alice.id]
+    assert failed.status is ChatStatus.FAILED and report.incomplete == [failed]
+    # Telegram's name for the error and the request, not Telethon's wrapper and error class.
+    assert "GetHistory: CHANNEL_PRIVATE (code 400)" in failed.note
+    assert "InvokeWith" not in failed.note and "BAD_REQUEST" not in failed.note
+
+
+async def test_export_cli_exits_non_zero_when_a_chat_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from doppelbot.cli import main
+    from tests.test_telegram_login import _env, _wire
+
+    tg = FakeTelegram()
+    alice, bob = tg.add_user("Alice"), tg.add_user("Bob")
+    tg.add_history(alice, 30)
+    tg.add_history(bob, 30)
+    tg.fail_next("GetHistoryRequest", "CHANNEL_PRIVATE", peer=alice.id)
+    _wire(monkeypatch, tg, authorized=True)
+    args = _env(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        await asyncio.to_thread(main, [*args, "export", "--no-takeout"])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert "CHANNEL_PRIVATE" in captured.out  # in the summary table
+    assert "1 of 2 chat(s) failed or stopped" in " ".join(captured.err.split())
+
+
 async def test_selection_skips_bots_deleted_saved_and_groups_by_default(
     db: Database, client_for: Any
 ) -> None:

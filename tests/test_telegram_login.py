@@ -131,7 +131,7 @@ async def test_connected_refuses_a_session_that_is_not_logged_in(
 def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
     monkeypatch.setenv("DOPPELBOT_API_ID", str(API_ID))
     monkeypatch.setenv("DOPPELBOT_API_HASH", API_HASH)
-    return ["--env-file", str(tmp_path / "none.env"), "--data-dir", str(tmp_path / "data")]
+    return ["--env-file", "/dev/null", "--data-dir", str(tmp_path / "data")]
 
 
 def test_cli_login_print_session_string(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

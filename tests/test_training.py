@@ -233,7 +233,7 @@ def test_eval_cli_produces_every_metric(
     out = tmp_path / "eval.json"
     main(
         [
-            "--env-file", str(tmp_path / "none.env"), "--data-dir", str(world.data_dir),
+            "--env-file", "/dev/null", "--data-dir", str(world.data_dir),
             "eval", trained.adapter_dir.name, "--against", "base", "--model", str(world.model),
             "--limit", "8", "--output", str(out),
         ]
@@ -289,7 +289,7 @@ def test_adapter_use_refuses_a_worse_adapter_and_rolls_back(
     bad = _fresh_lora(world, data_dir / "adapters" / "bad")
     monkeypatch.setenv("DOPPELBOT_MODEL", str(world.model))
     monkeypatch.setenv("DOPPELBOT_TORCH_THREADS", "1")
-    cli = ["--env-file", str(tmp_path / "none.env"), "--data-dir", str(data_dir)]
+    cli = ["--env-file", "/dev/null", "--data-dir", str(data_dir)]
     settings = load_settings(None, data_dir=data_dir, model=str(world.model))
 
     async def served() -> Path | None:
@@ -419,7 +419,7 @@ def test_train_cli_records_the_run(
     (data_dir / "datasets").symlink_to(world.datasets_dir)
     monkeypatch.setenv("DOPPELBOT_PERSONA", PERSONA)
     monkeypatch.setenv("DOPPELBOT_TORCH_THREADS", "1")
-    cli = ["--env-file", str(tmp_path / "none.env"), "--data-dir", str(data_dir), "train"]
+    cli = ["--env-file", "/dev/null", "--data-dir", str(data_dir), "train"]
     args = [*cli, "--model", str(world.model), "--max-steps", "2", "--batch-size", "6"]
     args += ["--grad-accum", "1", "--lr", "0.005", "--run-name", "cli"]
     main([*args, "--dry-run"])

@@ -8,10 +8,10 @@ Command modules import heavy libraries (torch, telethon) inside the command bodi
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
-import click
 import typer
 
 from doppelbot import __version__
@@ -28,7 +28,7 @@ from doppelbot.cli import (
     ssa_cmd,
     train_cmd,
 )
-from doppelbot.cli.common import AppState
+from doppelbot.cli.common import AppState, with_invocation
 from doppelbot.errors import DoppelbotError
 
 app = typer.Typer(
@@ -52,10 +52,11 @@ def _version(value: bool) -> None:
 def root(
     ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and DEBUG logs."),
-    env_file: Path = typer.Option(
-        Path(".env"),
+    env_file: Path | None = typer.Option(
+        None,
         "--env-file",
-        help="Settings file read before the environment.",
+        help="Settings file read before the environment (default: ./.env when it exists; "
+        "a file named here must exist).",
     ),
     data_dir: Path | None = typer.Option(
         None, "--data-dir", help="Override DOPPELBOT_DATA_DIR for this command."
@@ -66,7 +67,12 @@ def root(
 ) -> None:
     """Global options."""
     overrides = {"data_dir": data_dir} if data_dir else {}
-    ctx.obj = AppState(env_file=env_file, debug=debug, overrides=overrides)
+    ctx.obj = AppState(
+        env_file=env_file or Path(".env"),
+        env_file_required=env_file is not None,
+        debug=debug,
+        overrides=overrides,
+    )
 
 
 app.command("login", help="Log in to Telegram (phone, code, 2FA) and store the session.")(
@@ -82,7 +88,11 @@ app.command("dataset", help="Build the fine-tuning set (context → my reply) as
     dataset_cmd.dataset
 )
 app.add_typer(facts_cmd.app, name="facts", help="Manage facts about you (the knowledge base).")
-app.add_typer(model_cmd.app, name="model", help="Inspect the reply model (quantisation check).")
+app.add_typer(
+    model_cmd.app,
+    name="model",
+    help="Get the models (download, list) and inspect the reply model (quantisation check).",
+)
 app.command("chat", help="Talk to your doppelganger in the terminal.")(chat_cmd.chat)
 app.command("train", help="Fine-tune a LoRA adapter on your dataset (SFT, feedback or DPO).")(
     train_cmd.train
@@ -103,8 +113,33 @@ app.add_typer(db_cmd.app, name="db", help="Database schema: migrate and status."
 app.add_typer(db_cmd.config_app, name="config", help="Show the effective settings.")
 
 
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    """Click's exception class ``name`` as the installed typer raises it.
+
+    Recent typer bundles its own copy of click (``typer._click``), whose exceptions are not
+    ``click``'s; older typer raises ``click``'s own. Both are caught, found through the classes
+    typer exports rather than through a private module path.
+    """
+    found: list[type[BaseException]] = []
+    for exported in (typer.BadParameter, typer.Exit, typer.Abort):
+        found += [c for c in exported.__mro__ if c.__name__ == name]
+    try:
+        import click
+
+        found.append(getattr(click.exceptions, name))
+    except (ImportError, AttributeError):
+        pass
+    return tuple(dict.fromkeys(found))
+
+
+_CLICK_ERRORS = _click_classes("ClickException")
+_ABORTS = (typer.Abort, *_click_classes("Abort"))
+_EXITS = (typer.Exit, *_click_classes("Exit"))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: typed errors become one line and a non-zero exit."""
+    """Console-script entry point: every failure becomes one line (or click's short usage
+    block) and a non-zero exit; a traceback only with ``--debug``."""
     from doppelbot.instance import invoked_with
 
     command = typer.main.get_command(app)
@@ -118,16 +153,29 @@ def main(argv: list[str] | None = None) -> None:
     except DoppelbotError as exc:
         if debug:
             raise
-        typer.secho(f"error: {exc}", err=True, fg="red")
+        colour = "red" if exc.prefix == "error" else "yellow"
+        typer.secho(f"{exc.prefix}: {with_invocation(str(exc))}", err=True, fg=colour)
         raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Abort:
+    except _ABORTS:
         typer.echo("Aborted.", err=True)
         raise SystemExit(130) from None
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except click.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
+    except _EXITS as exc:
+        raise SystemExit(getattr(exc, "exit_code", 0)) from None
+    except _CLICK_ERRORS as exc:  # usage errors: click's own short message, exit 2
+        exc.show()  # type: ignore[attr-defined]
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
         raise SystemExit(130) from None
+    except Exception as exc:
+        # A failure no layer translated is a bug, but the user still gets one line; the
+        # traceback is one --debug away.
+        if debug:
+            raise
+        logging.getLogger("doppelbot.cli").debug("unexpected failure", exc_info=True)
+        typer.secho(
+            f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            err=True,
+            fg="red",
+        )
+        raise SystemExit(1) from None

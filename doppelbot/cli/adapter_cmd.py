@@ -72,6 +72,7 @@ def use(
 
         options = EvalOptions(
             model=settings.model,
+            data_dir=settings.data_dir,
             dataset=dataset,
             limit=settings.eval_max_samples,
             device=settings.device,

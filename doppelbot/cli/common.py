@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import sys
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ T = TypeVar("T")
 @dataclass
 class AppState:
     env_file: Path | None = Path(".env")
+    env_file_required: bool = False  # named with --env-file: a missing file is an error
     debug: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     _settings: Settings | None = None
@@ -36,11 +40,21 @@ class AppState:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            from doppelbot.config import load_settings
+            from rich.markup import escape
+
+            from doppelbot.config import load_settings, unknown_settings
+            from doppelbot.errors import ConfigError
             from doppelbot.logs import setup_logging
 
+            if self.env_file_required and self.env_file is not None:
+                if not self.env_file.exists():
+                    raise ConfigError(f"--env-file {self.env_file}: no such file")
+                if self.env_file.is_dir():
+                    raise ConfigError(f"--env-file {self.env_file}: a folder, not a file")
             self._settings = load_settings(self.env_file, **self.overrides)
             setup_logging(self._settings, debug=self.debug, console=self.err_console)
+            for line in unknown_settings(self.env_file):
+                self.err_console.print(f"[yellow]warning:[/] {escape(line)}")
         return self._settings
 
 
@@ -50,6 +64,25 @@ def state(ctx: typer.Context) -> AppState:
         obj = AppState()
         ctx.find_root().obj = obj
     return obj
+
+
+def invoked_as() -> str:
+    """How the user runs doppelbot, for the commands our messages suggest: ``doppelbot`` when
+    that is on PATH, else the path they typed (``.venv/bin/doppelbot`` after scripts/run.sh)."""
+    typed = sys.argv[0] if sys.argv else ""
+    if Path(typed).name != "doppelbot":
+        return "doppelbot"  # python -m doppelbot, tests
+    on_path = shutil.which("doppelbot")
+    if on_path and Path(on_path).resolve() == Path(typed).resolve():
+        return "doppelbot"
+    relative = os.path.relpath(typed)
+    return relative if len(relative) < len(typed) and not relative.startswith("..") else typed
+
+
+def with_invocation(text: str) -> str:
+    """``text`` with every suggested `` `doppelbot …` `` command spelled as it can be run."""
+    name = invoked_as()
+    return text if name == "doppelbot" else text.replace("`doppelbot ", f"`{name} ")
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

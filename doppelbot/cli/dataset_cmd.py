@@ -18,18 +18,26 @@ import typer
 from doppelbot.cli.common import open_db, run_async, state
 
 
-def _load_counter(model: str, tokenizer: Path | None) -> Any:
+def _load_counter(settings: Any, tokenizer: Path | None) -> Any:
+    """The token counter: the ``--tokenizer`` folder, else DOPPELBOT_MODEL's (a folder or a
+    downloaded hub model); it must be FRED-T5's tokenizer, or the budget would count wrong."""
     from doppelbot.errors import DatasetError, ModelLoadError
+    from doppelbot.model.local import model_source
     from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
 
-    source = str(tokenizer) if tokenizer else model
+    skip = "or pass --no-token-budget to skip the token limit"
     try:
+        if tokenizer is not None:
+            if not tokenizer.expanduser().is_dir():
+                raise DatasetError(f"--tokenizer {tokenizer}: no such folder; {skip}")
+            source = str(tokenizer.expanduser())
+        else:
+            source = model_source(settings.model, settings.data_dir)
         return TokenCounter(load_tokenizer(source))
     except ModelLoadError as exc:
         raise DatasetError(
-            f"cannot load the tokenizer from {source!r} ({exc}); pass --tokenizer PATH "
-            "(a folder with vocab.json and merges.txt), or --no-token-budget to skip the "
-            "token limit"
+            f"{exc}; pass --tokenizer PATH (a folder with FRED-T5's vocab.json and "
+            f"merges.txt), {skip}"
         ) from None
 
 
@@ -126,7 +134,7 @@ def dataset(
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise DatasetError(f"dataset {target} already exists: choose another --name or --overwrite")
 
-    counter = None if no_token_budget else _load_counter(settings.model, tokenizer)
+    counter = None if no_token_budget else _load_counter(settings, tokenizer)
 
     async def migrate() -> None:  # the schema must be current before reading it directly
         async with open_db(settings):

@@ -230,8 +230,9 @@ def export(
 
     Incremental and resumable: re-running fetches only new messages (plus the newest few again,
     for edits) and continues older history where an interrupted run stopped. FloodWait is
-    waited out up to DOPPELBOT_FLOOD_WAIT_MAX_S with a countdown; a longer wait stops that chat
-    and keeps what it has.
+    waited out up to DOPPELBOT_FLOOD_WAIT_MAX_S with a countdown (and up to
+    DOPPELBOT_FLOOD_WAIT_TOTAL_S per run in all); a longer wait stops that chat and keeps what
+    it has. Exits with 1 when a chat failed or stopped.
     """
     st = state(ctx)
     settings = st.settings
@@ -268,10 +269,19 @@ def export(
         + (" (takeout)" if report.used_takeout else " (normal API, paced)")
         + (f"; skipped: {skipped}" if skipped else "")
     )
-    if report.problems:
+    gaps = len(report.problems) - len(report.incomplete)
+    if gaps:
         st.console.print(
-            f"[yellow]{len(report.problems)} chat(s) incomplete — run `doppelbot export` again "
-            "later to continue where it stopped.[/]"
+            f"[yellow]{gaps} chat(s) have gaps — run `doppelbot export` again later to fill "
+            "them.[/]"
+        )
+    if report.incomplete:
+        from doppelbot.errors import ExportIncompleteError
+
+        raise ExportIncompleteError(
+            f"{len(report.incomplete)} of {len(report.chats)} chat(s) failed or stopped (see "
+            "the summary); what was fetched is kept — run `doppelbot export` again later to "
+            "continue where they stopped"
         )
 
 
@@ -296,8 +306,9 @@ def import_desktop(
     """Import a Telegram Desktop JSON export into the same tables as `export`.
 
     Private chats by default (like `export`). Idempotent: importing the same file again
-    changes nothing. A malformed or truncated file stops with the position of the problem
-    (line/column, or chat and message index) and writes nothing.
+    stores nothing new (the summary says how many messages were new and how many were already
+    stored). A malformed or truncated file stops with the position of the problem (line/column,
+    or chat and message index) and writes nothing. Needs no Telegram API id and no login.
     """
     st = state(ctx)
     settings = st.settings
@@ -312,9 +323,25 @@ def import_desktop(
     )
 
     async def go() -> None:
-        async with open_db(settings) as db:
-            result = await import_desktop_export(db, path, options)
-        line = f"imported {result.messages} messages from {result.chats} chat(s)"
+        with Progress(
+            TextColumn("writing messages"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=st.err_console,
+            transient=True,
+            disable=not st.err_console.is_terminal,
+        ) as bar:
+            task = bar.add_task("import", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            async with open_db(settings) as db:
+                result = await import_desktop_export(db, path, options, progress=progress)
+        line = (
+            f"imported {result.messages} messages from {result.chats} chat(s): "
+            f"{result.new} new, {result.already} already stored"
+        )
         if result.skipped:
             parts = ", ".join(f"{n} {what}" for what, n in sorted(result.skipped.items()))
             line += f"; skipped {parts} (see --help to include them)"

@@ -1,6 +1,6 @@
 """``doppelbot facts``: the knowledge base of facts about the owner.
 
-``add``/``list``/``remove``/``import`` only touch SQLite; ``search`` is the one command that
+``add``/``list``/``remove``/``import`` only touch SQLite; of these commands ``search`` alone
 loads the embedder (lazily, inside its body), so managing facts stays instant.
 """
 

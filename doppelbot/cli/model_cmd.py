@@ -1,7 +1,9 @@
-"""``doppelbot model``: inspect the reply model (what int8 quantisation costs).
+"""``doppelbot model``: get the models (``download``, ``download --list``) and inspect the reply
+model (``check``: what int8 quantisation costs).
 
 Also home of the helpers ``chat`` shares with it: the Rich progress shown while the model loads
-and the ``--adapter`` resolution. torch is imported inside the command bodies only.
+and the ``--adapter`` resolution. torch and huggingface_hub are imported inside the command
+bodies only.
 """
 
 from __future__ import annotations
@@ -122,3 +124,163 @@ def check(
     table.add_row(f"loss {report.candidate}", f"{report.loss_candidate:.4f}")
     table.add_row("loss delta", f"{report.loss_delta:+.4f}")
     console.print(table)
+
+
+WHAT_CHOICES = ("model", "embedder")
+
+
+@app.command(
+    "download",
+    help="Download the reply model (FRED-T5-1.7B + tokenizer) and the embedder into the data "
+    "directory: resumable, verified against the hub's checksums; later commands use these "
+    "copies and never the network.",
+)
+def download(
+    ctx: typer.Context,
+    what: list[str] | None = typer.Argument(
+        None, help="model, embedder, or both (default: both).", show_default=False
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Hub id of the reply model (default: DOPPELBOT_MODEL)."
+    ),
+    embedder: str | None = typer.Option(
+        None, "--embedder", help="Hub id of the embedder (default: DOPPELBOT_EMBEDDER_MODEL)."
+    ),
+    revision: str = typer.Option(
+        "main", "--revision", help="Branch, tag or commit to download (default: main)."
+    ),
+    verify: bool = typer.Option(
+        False, "--verify", help="Hash every file already downloaded again, even unchanged ones."
+    ),
+    list_: bool = typer.Option(
+        False, "--list", help="Show what is downloaded (sizes, paths) and download nothing."
+    ),
+) -> None:
+    app_state = state(ctx)
+    settings = app_state.settings
+    from doppelbot.errors import ModelDownloadError
+
+    chosen = list(dict.fromkeys(what or WHAT_CHOICES))
+    for item in chosen:
+        if item not in WHAT_CHOICES:
+            raise typer.BadParameter(f"{item!r}: choose model or embedder", param_hint="WHAT")
+    if list_:
+        _print_downloads(app_state.console, settings)
+        return
+    targets = {
+        "model": model or settings.model,
+        "embedder": embedder or settings.embedder_model,
+    }
+    from doppelbot.model.download import download_model, fetch_info, human_size
+    from doppelbot.model.local import SETTING, WHAT, is_hub_id
+
+    console, err = app_state.console, app_state.err_console
+    done: list[tuple[str, str]] = []
+    for role in chosen:
+        name = targets[role]
+        if Path(name).expanduser().is_dir():
+            console.print(f"{WHAT[role]}: {name} is a local folder; nothing to download")
+            continue
+        if not is_hub_id(name):
+            raise ModelDownloadError(f"{name!r} is neither a hub id nor an existing folder")
+        with err.status(f"asking the hub about {name}…"):
+            plan = fetch_info(name, revision=revision)
+        console.print(
+            f"{WHAT[role]} [bold]{name}[/] @ {plan.revision[:12]}: {len(plan.files)} files, "
+            f"{human_size(plan.size)}"
+        )
+        with _byte_progress(err) as progress:
+            report = download_model(
+                name,
+                settings.data_dir,
+                role,  # type: ignore[arg-type]
+                revision=revision,
+                verify=verify,
+                progress=progress,
+                plan=plan,
+            )
+        parts = [f"{len(report.fetched)} fetched ({human_size(report.bytes_fetched)})"]
+        if report.kept:
+            parts.append(f"{len(report.kept)} already there")
+        if report.repaired:
+            parts.append(f"{len(report.repaired)} did not verify and were fetched again")
+        console.print(
+            f"  verified → {report.model.folder} ({', '.join(parts)}; {report.seconds:.0f}s)",
+            soft_wrap=True,
+        )
+        done.append((role, name))
+    for role, name in done:
+        configured = settings.model if role == "model" else settings.embedder_model
+        if name != configured:
+            console.print(
+                f"[yellow]note:[/] {SETTING[role]} is {configured}; set {SETTING[role]}={name} "
+                "to use this download"
+            )
+    if done:
+        console.print("Commands now load these copies from the data directory, offline.")
+
+
+@contextmanager
+def _byte_progress(console: Console) -> Iterator[Any]:
+    """Per-file byte bars for the download's ``(stage, done, total)`` callbacks."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                label = stage if len(stage) <= 40 else "…" + stage[-39:]
+                tasks[stage] = bar.add_task(label, total=max(total, 1))
+            bar.update(tasks[stage], completed=done, total=max(total, 1))
+
+        yield update
+
+
+def _print_downloads(console: Console, settings: Settings) -> None:
+    """One block per model: what it is, whether it is whole, its size and folder."""
+    from rich.markup import escape
+
+    from doppelbot.model.download import human_size
+    from doppelbot.model.local import SETTING, WHAT, models_dir, read_manifest
+
+    found = read_manifest(settings.data_dir)
+    configured = {"model": settings.model, "embedder": settings.embedder_model}
+    console.print(f"models in {models_dir(settings.data_dir)}:")
+    for repo_id, entry in sorted(found.items(), key=lambda kv: (kv[1].role, kv[0])):
+        problems = entry.problems()
+        state_text = f"[red]incomplete: {escape(problems[0])}[/]" if problems else "complete"
+        mark = f" ({SETTING[entry.role]})" if configured.get(entry.role) == repo_id else ""
+        console.print(
+            f"  {WHAT[entry.role]} [bold]{escape(repo_id)}[/]{mark} @ {entry.revision[:12]}: "
+            f"{len(entry.files)} files, {human_size(entry.size)}, {state_text}"
+        )
+        console.print(f"    {entry.folder}", highlight=False, soft_wrap=True)
+    if not found:
+        console.print("  none")
+    for role, name in configured.items():
+        if name in found:
+            continue
+        if Path(name).expanduser().is_dir():
+            console.print(f"{SETTING[role]} is the local folder {name}")
+        else:
+            console.print(
+                f"[yellow]{SETTING[role]}={escape(name)} is not downloaded:[/] run "
+                f"`doppelbot model download {role}`"
+            )

@@ -135,11 +135,14 @@ def _token_counter(settings: Settings, worker: Any) -> Any:
     """Counts prompt tokens so contexts are trimmed to ``max_input_tokens`` (oldest turns
     first) exactly as in the dataset; None when no tokenizer is at hand."""
     from doppelbot.errors import DoppelbotError
+    from doppelbot.model.local import model_source
     from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
 
     tokenizer = getattr(worker, "tokenizer", None)
     try:
-        return TokenCounter(tokenizer or load_tokenizer(settings.model))
+        return TokenCounter(
+            tokenizer or load_tokenizer(model_source(settings.model, settings.data_dir))
+        )
     except DoppelbotError as exc:
         log.warning("run: no tokenizer for the prompt budget (%s)", exc)
         return None
@@ -172,6 +175,11 @@ async def serve(
 
     if client is None and settings.session_string is None and not settings.session_path.exists():
         raise NotLoggedInError("not logged in to Telegram: run `doppelbot login` first")
+    if generator is None:
+        from doppelbot.model.local import model_source
+
+        # Without the model files, say so before touching Telegram (one line, at once).
+        model_source(settings.model, settings.data_dir)
     stop = stop or asyncio.Event()
     signals = _install_signals(stop)
     worker: Any = None

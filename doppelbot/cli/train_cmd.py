@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from doppelbot.cli.common import open_db, run_async, state
+from doppelbot.cli.common import invoked_as, open_db, run_async, state
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
@@ -226,9 +226,13 @@ def train(
             else f"held-out loss {m['val_loss']:.4f}"
         )
     console.print(f"loss curve and log: {result.run_dir}")
+    # Compare with what is served; on a first run nothing is, so with the base model.
+    against = "current" if _current(settings) is not None else "base"
+    doppelbot = invoked_as()
     console.print(
-        f"next: doppelbot eval {result.adapter_dir.name} --against current; "
-        f"doppelbot adapter use {result.adapter_dir.name}"
+        f"next: {doppelbot} eval {result.adapter_dir.name} --against {against}; "
+        f"{doppelbot} adapter use {result.adapter_dir.name}",
+        soft_wrap=True,
     )
 
 
@@ -303,6 +307,7 @@ def evaluate(
     paths = [resolve_spec(settings, s) for s in specs]
     options = EvalOptions(
         model=model or settings.model,
+        data_dir=settings.data_dir,
         dataset=dataset,
         limit=limit or settings.eval_max_samples,
         device=device or settings.device,

@@ -7,10 +7,17 @@ message ids), so the two sources merge: re-importing or exporting the same chat 
 the same rows instead of duplicating them.
 
 Both layouts are read: the single-chat export (``{"name", "type", "id", "messages"}``) and the
-full-account export (``{"personal_information", "chats": {"list": [...]}}``). The whole file is
-validated while rows are built and written in ONE transaction, so a malformed or truncated file
-raises ``ImportFormatError`` naming the position (``line 12 column 5`` for broken JSON,
-``chats.list[3].messages[17]`` for a bad message) and leaves the database untouched.
+full-account export (``{"personal_information", "chats": {"list": [...]}}``).
+
+All or nothing, in bounded transactions: the whole file is parsed and validated into rows
+*before* the first write (it is in memory anyway: JSON is parsed whole), so a malformed or
+truncated file raises ``ImportFormatError`` naming the position (``line 12 column 5`` for broken
+JSON, ``chats.list[3].messages[17]`` for a bad message) and writes nothing. The rows are then
+written in transactions of at most ``CHUNK_ROWS`` messages (well under a second each), not one
+transaction for the whole file: a running bot writing to the same database never waits long for
+the lock. A kill between two of them leaves some chats partly imported; since every write is an
+upsert keyed on (chat id, message id), importing the file again completes it, and the counts
+say how many messages were new and how many were already stored.
 
 Dates: ``date_unixtime`` when present (Desktop ≥ 2.x); older files only have a local-time
 ``date`` string, read as this machine's local time.
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +35,14 @@ from typing import Any
 from doppelbot.domain import MediaKind, Message, Peer, PeerKind
 from doppelbot.errors import ImportFormatError
 from doppelbot.store import history
-from doppelbot.store.database import Database, now
+from doppelbot.store.database import Database
 
 CHANNEL_OFFSET = 10**12  # Telethon marks channel ids as -(10**12 + id)
+CHUNK_ROWS = 5_000  # messages per write transaction
+# Telegram's ids fit in 53 bits; anything larger is not from Telegram (and would not fit
+# SQLite's 64-bit integers once marked).
+MAX_ID = 2**53
+MAX_UNIX_TIME = 253_402_300_799  # 9999-12-31: a later "date" is not a date
 
 _USER_CHATS = {"personal_chat", "saved_messages", "bot_chat"}
 _GROUP_CHATS = {"private_group", "private_supergroup", "public_supergroup"}
@@ -45,12 +57,6 @@ _MEDIA_TYPES = {
     "audio_file": MediaKind.AUDIO,
 }
 
-INSERT_PEER_IF_NEW_SQL = (
-    "INSERT INTO peers (peer_id, kind, first_name, last_name, title, username, is_bot,"
-    " is_deleted, is_contact, is_self, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-    " ON CONFLICT (peer_id) DO NOTHING"
-)
-
 
 @dataclass(frozen=True, slots=True)
 class ImportOptions:
@@ -64,21 +70,40 @@ class ImportOptions:
 @dataclass(frozen=True, slots=True)
 class ImportResult:
     chats: int
-    messages: int
+    messages: int  # messages read from the file (of the chats imported)
     skipped_chats: int
     skipped: dict[str, int]
+    new: int = 0  # not stored before this import
+    already: int = 0  # stored before (an earlier import or export of the same chat)
+
+
+Progress = Callable[[int, int], None]  # (messages written, messages to write)
 
 
 def _fail(where: str, problem: str) -> ImportFormatError:
     return ImportFormatError(f"not a valid Telegram Desktop export at {where}: {problem}")
 
 
+HTML_HELP = (
+    "doppelbot reads the JSON export: in Telegram Desktop export again with Settings → "
+    "Advanced → Export Telegram data, Format: 'Machine-readable JSON'"
+)
+
+
 def resolve_path(path: Path) -> Path:
     if path.is_dir():
+        if not (path / "result.json").is_file() and (path / "messages.html").is_file():
+            raise ImportFormatError(f"{path} holds an HTML export; {HTML_HELP}")
         path = path / "result.json"
     if not path.is_file():
         raise ImportFormatError(f"no Telegram Desktop export at {path} (expected result.json)")
     return path
+
+
+def _not_json_number(name: str) -> Any:
+    raise ImportFormatError(
+        f"{name} is not a JSON number (Telegram never writes it: is this a Telegram export?)"
+    )
 
 
 def load_export(path: Path) -> Any:
@@ -90,8 +115,17 @@ def load_export(path: Path) -> Any:
         raise ImportFormatError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ImportFormatError(f"{path}: cannot read: {exc.strerror}") from None
+    text = text.removeprefix("\ufeff")
+    if text.lstrip()[:15].lower().startswith(("<!doctype html", "<html")):
+        raise ImportFormatError(f"{path} is an HTML export; {HTML_HELP}")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_json_number)
+    except ImportFormatError as exc:
+        raise ImportFormatError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise ImportFormatError(
+            f"{path}: the JSON is nested too deeply (not a Telegram Desktop export)"
+        ) from None
     except json.JSONDecodeError as exc:
         # At the end of the input, or inside a string that never closes: the file was cut off.
         cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
@@ -99,6 +133,15 @@ def load_export(path: Path) -> Any:
         raise ImportFormatError(
             f"{path}: broken JSON at line {exc.lineno} column {exc.colno}: {what}"
         ) from None
+
+
+def _checked_id(value: Any, where: str, what: str) -> int:
+    """An integer id as Telegram makes them (positive, 53 bits at most)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(where, f"{what} is missing or not an integer")
+    if not 0 < value < MAX_ID:
+        raise _fail(where, f"{what} {value} is out of range for a Telegram id")
+    return value
 
 
 def marked_chat_id(chat_type: str, raw_id: int) -> int:
@@ -115,12 +158,14 @@ def parse_from_id(value: Any, where: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
+        if not -MAX_ID - CHANNEL_OFFSET < value < MAX_ID:
+            raise _fail(where, f"from_id {value} is out of range for a Telegram id")
         return value
     if not isinstance(value, str):
-        raise _fail(where, f"from_id must be a string like 'user123', got {value!r}")
+        raise _fail(where, f"from_id must be a string like 'user123', got {value!r:.60}")
     for prefix, mark in (("user", 1), ("channel", -1), ("chat", 0)):
         if value.startswith(prefix) and value[len(prefix) :].isdigit():
-            n = int(value[len(prefix) :])
+            n = _checked_id(int(value[len(prefix) :]), where, "from_id")
             if mark == 1:
                 return n
             return -(CHANNEL_OFFSET + n) if mark == -1 else -n
@@ -150,9 +195,12 @@ def _unix(msg: dict[str, Any], key: str, where: str, *, required: bool) -> int |
     raw_unix = msg.get(f"{key}_unixtime")
     if raw_unix is not None:
         try:
-            return int(raw_unix)
-        except (TypeError, ValueError):
-            raise _fail(f"{where}.{key}_unixtime", f"not a number: {raw_unix!r}") from None
+            value = int(raw_unix)
+        except (TypeError, ValueError, OverflowError):
+            raise _fail(f"{where}.{key}_unixtime", f"not a number: {raw_unix!r:.60}") from None
+        if not 0 <= value <= MAX_UNIX_TIME:
+            raise _fail(f"{where}.{key}_unixtime", f"not a date: {value}")
+        return value
     raw = msg.get(key)
     if raw is None:
         if required:
@@ -160,8 +208,8 @@ def _unix(msg: dict[str, Any], key: str, where: str, *, required: bool) -> int |
         return None
     try:
         return int(dt.datetime.fromisoformat(str(raw)).timestamp())
-    except ValueError:
-        raise _fail(f"{where}.{key}", f"not a date: {raw!r}") from None
+    except (ValueError, OverflowError):
+        raise _fail(f"{where}.{key}", f"not a date: {raw!r:.60}") from None
 
 
 def _media(msg: dict[str, Any]) -> MediaKind | None:
@@ -189,9 +237,7 @@ def map_desktop_message(
     """One Desktop message object → ``domain.Message`` (``where`` names it in errors)."""
     if not isinstance(msg, dict):
         raise _fail(where, f"a message must be an object, got {type(msg).__name__}")
-    mid = msg.get("id")
-    if not isinstance(mid, int) or isinstance(mid, bool):
-        raise _fail(where, "'id' is missing or not an integer")
+    mid = _checked_id(msg.get("id"), where, "'id'")
     kind = msg.get("type", "message")
     service = kind == "service"
     if kind not in ("message", "service"):
@@ -204,8 +250,8 @@ def map_desktop_message(
     else:
         outgoing = False
     reply = msg.get("reply_to_message_id")
-    if reply is not None and (not isinstance(reply, int) or isinstance(reply, bool)):
-        raise _fail(f"{where}.reply_to_message_id", f"not an integer: {reply!r}")
+    if reply is not None:
+        reply = _checked_id(reply, f"{where}.reply_to_message_id", "the replied-to id")
     if msg.get("reply_to_peer_id") is not None:
         reply = None  # a reply to a message in another chat
     forwarded = "forwarded_from" in msg
@@ -245,8 +291,8 @@ def _chats(data: Any) -> tuple[list[tuple[str, Any]], int | None, dict[str, Any]
         )
     owner = None
     me = data.get("personal_information")
-    if isinstance(me, dict) and isinstance(me.get("user_id"), int):
-        owner = me["user_id"]
+    if isinstance(me, dict) and me.get("user_id") is not None:
+        owner = _checked_id(me["user_id"], "personal_information", "user_id")
     pairs = [(f"chats.list[{i}]", chat) for i, chat in enumerate(chats["list"])]
     left = data.get("left_chats")
     if isinstance(left, dict) and isinstance(left.get("list"), list):
@@ -284,9 +330,7 @@ def _chat_rows(
     chat_type = chat.get("type")
     if not isinstance(chat_type, str):
         raise _fail(where, "'type' is missing")
-    raw_id = chat.get("id")
-    if not isinstance(raw_id, int) or isinstance(raw_id, bool):
-        raise _fail(where, "'id' is missing or not an integer")
+    raw_id = _checked_id(chat.get("id"), where, "'id'")
     messages = chat.get("messages")
     if not isinstance(messages, list):
         raise _fail(where, "'messages' is missing or not a list")
@@ -341,9 +385,15 @@ def _sender_peers(senders: dict[int, str], owner_id: int | None) -> Iterator[Pee
 
 
 async def import_desktop_export(
-    db: Database, path: Path, options: ImportOptions | None = None
+    db: Database,
+    path: Path,
+    options: ImportOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> ImportResult:
-    """Import ``path`` (result.json or its folder); all or nothing, idempotent."""
+    """Import ``path`` (result.json or its folder): validated whole before anything is written,
+    then written in transactions of ``chunk_rows`` messages; idempotent."""
     options = options or ImportOptions()
     data = load_export(path)
     pairs, file_owner, _ = _chats(data)
@@ -351,6 +401,8 @@ async def import_desktop_export(
     if owner_id is None:
         account = await history.get_account(db)
         owner_id = account.user_id if account else None
+    if owner_id is not None:
+        _checked_id(owner_id, "--owner-id", "the owner id")
     built: list[_ChatRows] = []
     skipped: dict[str, int] = {}
     for where, chat in pairs:
@@ -359,17 +411,31 @@ async def import_desktop_export(
             skipped[result] = skipped.get(result, 0) + 1
         else:
             built.append(result)
-    ts = now()
-    messages = 0
-    async with db.transaction() as conn:
-        for chat in built:
-            peers = [chat.peer, *_sender_peers(chat.senders, owner_id)]
-            await conn.executemany(INSERT_PEER_IF_NEW_SQL, [history.peer_row(p, ts) for p in peers])
-            await conn.executemany(history.UPSERT_MESSAGE_SQL, chat.rows)
-            messages += len(chat.rows)
+    # Everything is valid: from here on the file only gets written.
+    total = sum(len(chat.rows) for chat in built)
+    written = new = distinct = 0
+    for chat in built:
+        peers = [chat.peer, *_sender_peers(chat.senders, owner_id)]
+        rows = chat.rows
+        for start in range(0, max(len(rows), 1), chunk_rows):
+            chunk = rows[start : start + chunk_rows]
+            ids = list({row[1]: None for row in chunk})
+            async with db.transaction() as conn:
+                if start == 0:
+                    await history.insert_peers_if_new_in(conn, peers)
+                if chunk:
+                    stored = await history.count_stored_in(conn, chat.peer.peer_id, ids)
+                    await history.upsert_message_rows_in(conn, chunk)
+                    new += len(ids) - stored
+            distinct += len(ids)
+            written += len(chunk)
+            if progress is not None:
+                progress(written, total)
     return ImportResult(
         chats=len(built),
-        messages=messages,
+        messages=total,
         skipped_chats=sum(skipped.values()),
         skipped=skipped,
+        new=new,
+        already=distinct - new,
     )

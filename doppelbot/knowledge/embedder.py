@@ -80,8 +80,12 @@ class Embedder:
         self._device = getattr(model, "device", None)  # the property walks all parameters
 
     @classmethod
-    def load(cls, name_or_path: str, *, device: str | None = None) -> Embedder:
-        """Load a model by hub id or local folder (blocking; call from a worker thread)."""
+    def load(
+        cls, name_or_path: str, *, device: str | None = None, model_id: str | None = None
+    ) -> Embedder:
+        """Load a model from a local folder (blocking; call from a worker thread).
+        ``model_id``: the configured name it was resolved from (a hub id whose download is in
+        ``name_or_path``), which keys the embedding cache."""
         try:
             from sentence_transformers import SentenceTransformer
 
@@ -89,11 +93,12 @@ class Embedder:
             model.eval()
         except Exception as exc:  # torch/HF raise many types; the CLI needs one clear line
             raise KnowledgeError(
-                f"cannot load the embedder {name_or_path!r}: {exc}. Set DOPPELBOT_EMBEDDER_MODEL "
-                "to a local folder, or allow a download (HF_HUB_OFFLINE unset)"
+                f"cannot load the embedder {model_id or name_or_path!r} from {name_or_path}: "
+                f"{exc}. Run `doppelbot model download embedder`, or set "
+                "DOPPELBOT_EMBEDDER_MODEL to a folder holding a sentence-transformers model"
             ) from exc
-        log.info("embedder %s loaded on %s", name_or_path, model.device)
-        return cls(model, model_key(name_or_path))
+        log.info("embedder %s loaded on %s", model_id or name_or_path, model.device)
+        return cls(model, model_key(model_id or name_or_path))
 
     def encode_query(self, text: str) -> np.ndarray:
         """One unit-length float32 vector for one short text (blocking); the same vector

@@ -103,10 +103,17 @@ class KnowledgeBase:
         )
         try:
             if embedder is None:
+                from doppelbot.errors import ModelMissingError
+                from doppelbot.model.local import model_source
+
                 loop = asyncio.get_running_loop()
                 name, device = settings.embedder_model, _device(settings.device)
+                try:  # a hub id must have been downloaded: no fetching (and waiting) here
+                    folder = model_source(name, settings.data_dir, "embedder")
+                except ModelMissingError as exc:
+                    raise KnowledgeError(str(exc)) from None
                 embedder = await loop.run_in_executor(
-                    executor, lambda: Embedder.load(name, device=device)
+                    executor, lambda: Embedder.load(folder, device=device, model_id=name)
                 )
             kb = cls(
                 db,

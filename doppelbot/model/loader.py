@@ -51,7 +51,9 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """What to load. ``cache_dir`` None disables the quantised-model cache."""
+    """What to load. ``cache_dir`` None disables the quantised-model cache. ``base`` is the
+    model's name (a hub id or a folder, as configured); ``source`` the local folder its files
+    are read from when that differs (a downloaded hub model, ``doppelbot.model.local``)."""
 
     base: str
     adapter: Path | None = None
@@ -59,11 +61,19 @@ class ModelSpec:
     precision: str = "int8"
     cache_dir: Path | None = None
     max_input_tokens: int = 712
+    source: str | None = None
+
+    @property
+    def files(self) -> str:
+        """Where the base model's files are read from."""
+        return self.source or self.base
 
     @classmethod
     def from_settings(
         cls, settings: Settings, *, adapter: Path | None = None, **overrides: Any
     ) -> ModelSpec:
+        from doppelbot.model.local import model_source
+
         values: dict[str, Any] = {
             "base": settings.model,
             "adapter": adapter,
@@ -73,6 +83,8 @@ class ModelSpec:
             "max_input_tokens": settings.max_input_tokens,
         }
         values.update(overrides)
+        if "source" not in overrides:
+            values["source"] = model_source(values["base"], settings.data_dir)
         return cls(**values)
 
 
@@ -370,7 +382,7 @@ def load_reply_model(spec: ModelSpec, progress: Progress = _no_progress) -> Repl
     started = time.perf_counter()
     device = resolve_device(spec.device)
     runtime_kind = select_runtime(device, spec.precision)
-    tokenizer = load_tokenizer(spec.base)
+    tokenizer = load_tokenizer(spec.files)
     info: dict[str, Any] = {"runtime": runtime_kind, "device": device}
     if runtime_kind == "engine":
         runtime: EngineRuntime | HFRuntime = EngineRuntime(
@@ -379,7 +391,7 @@ def load_reply_model(spec: ModelSpec, progress: Progress = _no_progress) -> Repl
     else:
         progress("loading the model", 0, 1)
         model = load_hf_model(
-            spec.base,
+            spec.files,
             spec.adapter,
             device=device,
             precision=spec.precision,
@@ -415,7 +427,7 @@ def load_engine(
     info = {} if info is None else info
     folder = None
     if spec.cache_dir is not None and spec.precision == "int8":
-        key = cache.cache_key(spec.base, spec.adapter, spec.precision)
+        key = cache.cache_key(spec.files, spec.adapter, spec.precision)
         folder = cache.cache_folder(spec.cache_dir, key)
         info["cache"] = str(folder)
         if cache.is_complete(folder):
@@ -432,7 +444,7 @@ def load_engine(
                 return engine
     info["from_cache"] = False
     progress("loading the fp32 checkpoint", 0, 1)
-    model = load_hf_model(spec.base, spec.adapter, device="cpu", precision="fp32", merge=True)
+    model = load_hf_model(spec.files, spec.adapter, device="cpu", precision="fp32", merge=True)
     progress("loading the fp32 checkpoint", 1, 1)
     stage = "quantising to int8" if spec.precision == "int8" else f"converting to {spec.precision}"
     engine = T5Engine.from_hf(

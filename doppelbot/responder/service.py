@@ -182,6 +182,7 @@ class Responder:
         drafts: DraftSink | None = None,
         count_tokens: CountTokens | None = None,
         shutdown_grace_s: float = 5.0,
+        unsaved: Callable[[int], Sequence[Message]] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -194,6 +195,8 @@ class Responder:
         self.drafts = drafts
         self.count_tokens = count_tokens  # None: no token budget check (tests, fakes)
         self.shutdown_grace_s = shutdown_grace_s
+        # Messages the adapter could not store yet (the database was busy): still context.
+        self._unsaved = unsaved
         self.on_sent: list[SentHook] = []
         self.on_owner_message: list[OwnerMessageHook] = []
         self.policy = PolicyConfig.from_settings(settings)
@@ -485,6 +488,9 @@ class Responder:
         chat_id = state.chat_id
         async with self._gen_slots:
             messages = await history.recent_messages(self.db, chat_id, HISTORY_WINDOW)
+            if self._unsaved is not None:
+                known = {m.message_id for m in messages}
+                messages += [m for m in self._unsaved(chat_id) if m.message_id not in known]
             newest_incoming = max((m.message_id for m in messages if not m.is_outgoing), default=0)
             state.last_incoming_id = max(state.last_incoming_id, newest_incoming)
             snapshot = state.last_incoming_id

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -100,6 +101,27 @@ def discover_migrations(directory: Path) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
+def _check_writable(path: Path) -> None:
+    """SQLite in WAL mode writes next to the database (``-wal``, ``-shm``) even to read: a
+    read-only folder or file would fail later with a bare "unable to open database file"."""
+    if not os.access(path.parent, os.W_OK):
+        raise StoreError(
+            f"cannot open database {path}: the folder {path.parent} is not writable "
+            "(DOPPELBOT_DATA_DIR or --data-dir must be a folder doppelbot can write)"
+        )
+    if path.exists() and not os.access(path, os.W_OK):
+        raise StoreError(f"cannot open database {path}: the file is read-only")
+
+
+async def _worker_stopped(connecting: Any) -> None:
+    """After a failed ``aiosqlite.connect``, wait for its worker thread to finish: it reports
+    its shutdown to the event loop, and doing that after ``asyncio.run`` closed the loop
+    printed an "Event loop is closed" traceback under the one-line error."""
+    thread = getattr(connecting, "_thread", None)
+    if thread is not None and thread.is_alive():
+        await asyncio.to_thread(thread.join, 5)
+
+
 def now() -> int:
     return int(time.time())
 
@@ -132,12 +154,16 @@ class Database:
         busy_retry_s: float = BUSY_RETRY_S,
     ) -> Database:
         path = Path(path)
+        connecting = None
         try:
             if str(path) != ":memory:":
                 private_dir(path.parent)
+                _check_writable(path)
                 private_file(path)
-            conn = await aiosqlite.connect(str(path), isolation_level=None)
+            connecting = aiosqlite.connect(str(path), isolation_level=None)
+            conn = await connecting
         except (OSError, sqlite3.Error) as exc:
+            await _worker_stopped(connecting)
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
         db = cls(conn, path, migrations_dir or default_migrations_dir(), busy_retry_s=busy_retry_s)
@@ -148,6 +174,9 @@ class Database:
             await conn.execute("PRAGMA synchronous=NORMAL")
             if migrate:
                 await db.migrate()
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
         except BaseException:
             await conn.close()
             raise

@@ -154,6 +154,41 @@ async def save_cursor_in(conn: aiosqlite.Connection, c: ExportCursor) -> None:
     )
 
 
+INSERT_PEER_IF_NEW_SQL = (
+    "INSERT INTO peers (peer_id, kind, first_name, last_name, title, username, is_bot,"
+    " is_deleted, is_contact, is_self, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (peer_id) DO NOTHING"
+)
+
+
+async def insert_peers_if_new_in(conn: aiosqlite.Connection, peers: Iterable[Peer]) -> None:
+    """Peers not stored yet (a file's names never overwrite what a live export knows)."""
+    ts = now()
+    await conn.executemany(INSERT_PEER_IF_NEW_SQL, [peer_row(p, ts) for p in peers])
+
+
+async def upsert_message_rows_in(
+    conn: aiosqlite.Connection, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """Rows made by ``message_row`` (or an importer's equivalent)."""
+    await conn.executemany(UPSERT_MESSAGE_SQL, rows)
+
+
+async def count_stored_in(
+    conn: aiosqlite.Connection, chat_id: int, message_ids: Sequence[int]
+) -> int:
+    """How many of ``message_ids`` of the chat are stored (index lookups only: cheap in a chat
+    of millions; json_each: no limit on the number of ids)."""
+    import json
+
+    (row,) = await conn.execute_fetchall(
+        "SELECT count(*) FROM messages WHERE chat_id = ?"
+        " AND message_id IN (SELECT value FROM json_each(?))",
+        (chat_id, json.dumps(list(message_ids))),
+    )
+    return int(row[0])
+
+
 # --- convenience wrappers (each its own transaction) -------------------------------------------
 async def upsert_messages(db: Database, messages: Iterable[Message]) -> None:
     async with db.transaction() as conn:

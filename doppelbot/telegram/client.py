@@ -22,7 +22,7 @@ from telethon.sessions import SQLiteSession, StringSession
 
 from doppelbot import __version__
 from doppelbot.config import Settings
-from doppelbot.errors import ConfigError, NotLoggedInError
+from doppelbot.errors import ConfigError, NotLoggedInError, StoreError
 from doppelbot.files import private_dir, private_file
 from doppelbot.instance import InstanceLock
 from doppelbot.telegram.errors import session_errors
@@ -32,8 +32,14 @@ SESSION_MODE = 0o600
 
 def secure_session_file(path: Path) -> Path:
     """Create (or tighten) the session file with mode 0600; its folder 0700."""
-    private_dir(path.parent)
-    private_file(path)
+    try:
+        private_dir(path.parent)
+        private_file(path)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the session file {path}: {exc.strerror or exc} "
+            "(DOPPELBOT_DATA_DIR or --data-dir must be a folder doppelbot can write)"
+        ) from None
     return path
 
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 from telethon import errors as tg_errors
+from telethon.errors import common as tg_common
+from telethon.errors import rpcerrorlist
 
 from doppelbot.errors import (
     DoppelbotError,
@@ -27,9 +30,62 @@ TAKEOUT_HELP = (
 )
 
 
+# What a connection raises when the other end does not speak MTProto (a proxy, a captive
+# portal, a filter answering in plain HTTP): the stream ends early or holds garbage.
+PROTOCOL_ERRORS: tuple[type[BaseException], ...] = (
+    EOFError,  # asyncio.IncompleteReadError
+    tg_common.InvalidBufferError,
+    tg_common.InvalidChecksumError,
+    tg_common.SecurityError,
+    tg_common.TypeNotFoundError,
+)
+
+# Everything ``translate`` turns into one clear line.
+TRANSLATED: tuple[type[BaseException], ...] = (
+    tg_errors.RPCError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+    *PROTOCOL_ERRORS,
+)
+
+NOT_TELEGRAM_HELP = (
+    "the server did not answer in Telegram's protocol ({detail}); something on this network "
+    "(a proxy, captive portal or firewall) is in the way — try another network or a VPN"
+)
+
+
 def _what(exc: tg_errors.RPCError) -> str:
+    """The request Telegram refused, without Telethon's wrappers (``InvokeWithoutUpdates``,
+    ``InvokeWithTakeout``, …) around it."""
     request = getattr(exc, "request", None)
+    while (
+        request is not None
+        and hasattr(request, "query")
+        and type(request).__name__.startswith(("Invoke", "InitConnection"))
+    ):
+        request = request.query
     return type(request).__name__.removesuffix("Request") if request is not None else "request"
+
+
+@cache
+def _names() -> dict[type, str]:
+    names: dict[type, str] = {cls: name for name, cls in rpcerrorlist.rpc_errors_dict.items()}
+    for pattern, cls in rpcerrorlist.rpc_errors_re:
+        names.setdefault(cls, pattern.replace("(\\d+)", "N"))
+    return names
+
+
+def rpc_error_name(exc: tg_errors.RPCError) -> str:
+    """Telegram's own error name (``CHANNEL_PRIVATE``), not the HTTP-like class of the error
+    (``BAD_REQUEST``) that Telethon keeps in ``message`` for the errors it knows by name."""
+    return _names().get(type(exc)) or str(exc.message or type(exc).__name__)
+
+
+def _description(exc: tg_errors.RPCError) -> str:
+    """Telethon's sentence for a known error, without its "(caused by …)" tail."""
+    text = str(exc).split(" (caused by ", 1)[0].strip()
+    return "" if text.startswith("RPCError") else text
 
 
 def translate(exc: BaseException, *, flood_bound: int | None = None) -> DoppelbotError:
@@ -68,7 +124,14 @@ def translate(exc: BaseException, *, flood_bound: int | None = None) -> Doppelbo
             "Telegram rejected DOPPELBOT_API_ID / DOPPELBOT_API_HASH (check my.telegram.org)"
         )
     if isinstance(exc, tg_errors.RPCError):
-        return TelegramError(f"Telegram refused {_what(exc)}: {exc.message} (code {exc.code})")
+        about = _description(exc)
+        return TelegramError(
+            f"Telegram refused {_what(exc)}: {rpc_error_name(exc)} (code {exc.code})"
+            + (f" — {about}" if about else "")
+        )
+    if isinstance(exc, PROTOCOL_ERRORS):
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return TelegramError(NOT_TELEGRAM_HELP.format(detail=detail))
     if isinstance(exc, ConnectionError | OSError | TimeoutError):
         return TelegramError(f"cannot reach Telegram: {exc or type(exc).__name__}")
     if isinstance(exc, sqlite3.Error):
@@ -87,7 +150,7 @@ def telegram_errors(*, flood_bound: int | None = None) -> Iterator[None]:
         yield
     except DoppelbotError:
         raise
-    except (tg_errors.RPCError, ConnectionError, OSError, TimeoutError) as exc:
+    except TRANSLATED as exc:
         raise translate(exc, flood_bound=flood_bound) from exc
 
 

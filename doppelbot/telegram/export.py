@@ -15,8 +15,9 @@ Why it is shaped like this:
 - **Takeout.** Runs inside a takeout session (lower flood limits for exports). When Telegram
   wants the export confirmed first (``TakeoutInitDelayError``) we explain what to do and go on
   with the normal API, paced. A takeout id left in the session by a crash is finished first.
-- **FloodWait.** Waited out with a visible countdown up to ``flood_wait_max_s``; beyond that the
-  chat stops cleanly, keeping every committed batch, and the report says so.
+- **FloodWait.** Waited out with a visible countdown up to ``flood_wait_max_s`` per wait and
+  ``flood_wait_total_s`` per run (thirty short waits add up too); beyond either the chat stops
+  cleanly, keeping every committed batch, and the report says so.
 - **Flat memory.** Messages stream page by page into batches of ``batch_size`` and are
   dropped after commit; nothing grows with the history's length.
 - **Speed.** Pages are raw ``messages.getHistory`` calls paged exactly like Telethon's
@@ -47,7 +48,7 @@ from doppelbot.domain import Peer, PeerKind
 from doppelbot.errors import DoppelbotError, FloodWaitTooLongError
 from doppelbot.store import history
 from doppelbot.store.database import Database, now
-from doppelbot.telegram.errors import TAKEOUT_HELP, translate
+from doppelbot.telegram.errors import TAKEOUT_HELP, TRANSLATED, translate
 from doppelbot.telegram.mapping import map_account, map_peer, message_row
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class ExportOptions:
     batch_size: int = 500
     refetch_recent: int = 100
     flood_wait_max_s: int = 300
+    flood_wait_total_s: int = 900
     fallback_wait_s: float = 1.0
 
     @classmethod
@@ -77,6 +79,7 @@ class ExportOptions:
             batch_size=settings.export_batch_size,
             refetch_recent=settings.export_refetch_recent,
             flood_wait_max_s=settings.flood_wait_max_s,
+            flood_wait_total_s=settings.flood_wait_total_s,
             fallback_wait_s=settings.export_fallback_wait_s,
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -121,6 +124,11 @@ class ExportReport:
     @property
     def fetched(self) -> int:
         return sum(c.fetched for c in self.chats)
+
+    @property
+    def incomplete(self) -> list[ChatReport]:
+        """Chats that failed or stopped: the export did not do what was asked."""
+        return [c for c in self.chats if c.status in (ChatStatus.FLOOD_STOPPED, ChatStatus.FAILED)]
 
     @property
     def problems(self) -> list[ChatReport]:
@@ -183,9 +191,17 @@ class _Run:
 
 
 class _FloodTooLong(Exception):
-    def __init__(self, seconds: int) -> None:
+    def __init__(self, seconds: int, *, budget_left: int | None = None) -> None:
         super().__init__(seconds)
         self.seconds = seconds
+        self.budget_left = budget_left  # set when the run's total budget is what ran out
+
+    def error(self, options: ExportOptions, what: str) -> DoppelbotError:
+        if self.budget_left is None:
+            return FloodWaitTooLongError(self.seconds, options.flood_wait_max_s, what)
+        return FloodWaitTooLongError(
+            self.seconds, self.budget_left, what, total=options.flood_wait_total_s
+        )
 
 
 @dataclass(slots=True)
@@ -345,6 +361,7 @@ class Exporter:
         self._owner_id = 0
         self._seen_peers: set[int] = set()
         self._paced = False
+        self._flood_waited = 0  # seconds of FloodWait waited out in this run
         self._last_request = 0.0
         self._upsert_sql: dict[int, str] = {}
         self._writing: asyncio.Future[None] | None = None
@@ -507,13 +524,13 @@ class Exporter:
                 if not run.cursor.history_complete:
                     await self._walk(api, run, _BACK)
         except _FloodTooLong as exc:
-            err = FloodWaitTooLongError(exc.seconds, self.options.flood_wait_max_s, "history page")
+            err = exc.error(self.options, "history page")
             error = str(err)
             chat_report.status = ChatStatus.FLOOD_STOPPED
             chat_report.note = f"{err}; kept what was fetched, run the export again later"
             self.progress.note(f"{target.name}: {chat_report.note}")
         except (tg_errors.RPCError, ConnectionError) as exc:
-            err2 = translate(exc)
+            err2 = translate(exc, flood_bound=self.options.flood_wait_max_s)
             error = str(err2)
             chat_report.status = ChatStatus.FAILED
             chat_report.note = f"{err2}; kept what was fetched"
@@ -685,6 +702,10 @@ class Exporter:
         seconds = int(exc.seconds)
         if seconds > self.options.flood_wait_max_s:
             raise _FloodTooLong(seconds)
+        left = self.options.flood_wait_total_s - self._flood_waited
+        if seconds > left:
+            raise _FloodTooLong(seconds, budget_left=max(left, 0))
+        self._flood_waited += seconds
         for remaining in range(seconds, 0, -1):
             if chat_id is not None:
                 self.progress.waiting(chat_id, remaining)
@@ -703,10 +724,8 @@ class Exporter:
             except tg_errors.FloodWaitError as exc:
                 try:
                     await self._wait_flood(exc, None)
-                except _FloodTooLong:
-                    raise FloodWaitTooLongError(
-                        exc.seconds, self.options.flood_wait_max_s, "dialog list"
-                    ) from None
+                except _FloodTooLong as too_long:
+                    raise too_long.error(self.options, "dialog list") from None
 
     async def _commit(
         self, run: _Run, batch: _Batch, direction: str, total: int | None, *, final: bool
@@ -811,5 +830,5 @@ async def export_history(
         return await Exporter(client, db, options, progress=progress, sleep=sleep).run()
     except DoppelbotError:
         raise
-    except (tg_errors.RPCError, ConnectionError, OSError) as exc:
+    except TRANSLATED as exc:
         raise translate(exc, flood_bound=options.flood_wait_max_s) from exc

@@ -244,6 +244,10 @@ class LiveBot:
             if self._retrier is None or self._retrier.done():
                 self._retrier = asyncio.get_running_loop().create_task(self._retry_unsaved())
 
+    def unsaved_in(self, chat_id: int) -> list[Message]:
+        """Messages of ``chat_id`` not stored yet (the responder adds them to the context)."""
+        return [m for (chat, _), (m, _) in self._unsaved.items() if chat == chat_id]
+
     async def _write(self, message: Message, peer: Peer) -> None:
         async with self.db.transaction() as conn:
             if self._peers.get(peer.peer_id) != peer:
@@ -423,6 +427,7 @@ async def run_live(
         generator=generator,
         facts=facts,
         drafts=drafts,
+        unsaved=bot.unsaved_in,
         **(responder_kwargs or {}),
     )
     monitor = LoopLagMonitor(interval_s=0.05)

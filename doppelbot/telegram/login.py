@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from telethon import TelegramClient
@@ -21,7 +22,7 @@ from doppelbot.domain import Account
 from doppelbot.errors import TelegramError
 from doppelbot.instance import InstanceLock
 from doppelbot.telegram import client as client_mod
-from doppelbot.telegram.errors import session_errors, telegram_errors, translate
+from doppelbot.telegram.errors import TRANSLATED, session_errors, telegram_errors, translate
 from doppelbot.telegram.mapping import map_account
 
 Prompt = Callable[[], str | Awaitable[str]]
@@ -68,7 +69,7 @@ async def sign_in(client: TelegramClient, prompts: LoginPrompts, *, attempts: in
             if attempt == attempts - 1:
                 raise translate(exc) from exc
             prompts.notice("That code is not right; try again.")
-        except (tg_errors.RPCError, ConnectionError, OSError) as exc:
+        except TRANSLATED as exc:
             raise translate(exc) from exc
     if not needs_password:
         raise TelegramError("login failed")
@@ -80,7 +81,7 @@ async def sign_in(client: TelegramClient, prompts: LoginPrompts, *, attempts: in
             if attempt == attempts - 1:
                 raise translate(exc) from exc
             prompts.notice("That password is not right; try again.")
-        except (tg_errors.RPCError, ConnectionError, OSError) as exc:
+        except TRANSLATED as exc:
             raise translate(exc) from exc
     raise TelegramError("login failed")
 
@@ -93,22 +94,36 @@ async def login_interactive(
     client: TelegramClient | None = None,
 ) -> LoginResult:
     """Log in (if not already) and return who we are; the session is saved by Telethon. The
-    session's instance lock is held throughout (a running bot must not share the login)."""
+    session's instance lock is held throughout (a running bot must not share the login).
+
+    A login that fails before it succeeds (wrong code, no network, a proxy answering instead
+    of Telegram, Ctrl-C) removes the session file it created: a half-made session would make
+    the next command try to use it instead of saying "run `doppelbot login`".
+    """
     with InstanceLock(settings.lock_path):
+        fresh_file: Path | None = None
+        if client is None and not print_session_string and settings.session_string is None:
+            fresh_file = None if settings.session_path.exists() else settings.session_path
         client = client or client_mod.create_client(
             settings, receive_updates=False, fresh_string_session=print_session_string
         )
-        with session_errors():
-            await client.connect()
+        signed_in = False
         try:
+            with session_errors():
+                await client.connect()
             with session_errors():
                 me = await client.get_me()
             already = me is not None
             if me is None:
                 me = await sign_in(client, prompts)
+            signed_in = True
             session_string = None
             if print_session_string or (settings.session_string is not None and not already):
                 session_string = client.session.save()
             return LoginResult(map_account(me), already, session_string)
         finally:
             await client.disconnect()
+            if fresh_file is not None and not signed_in:
+                client.session.close()
+                for leftover in (fresh_file, fresh_file.with_name(fresh_file.name + "-journal")):
+                    leftover.unlink(missing_ok=True)

@@ -203,7 +203,7 @@ def register_metric(spec: MetricSpec) -> None:
 # --- evaluation runs ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EvalOptions:
-    model: str
+    model: str  # as configured (a hub id or a folder)
     dataset: str | Path | None = None
     limit: int = 200
     device: str = "auto"
@@ -215,6 +215,18 @@ class EvalOptions:
     metrics: tuple[str, ...] | None = None  # None = all registered
     torch_threads: int | None = None
     use_cache: bool = True
+    # Set: ``model`` may be a hub id downloaded into this data directory. Resolved only when
+    # the model is loaded (cached evaluations need no model).
+    data_dir: Path | None = None
+
+    @property
+    def files(self) -> str:
+        """Where the base model's files are read from."""
+        if self.data_dir is None:
+            return self.model
+        from doppelbot.model.local import model_source
+
+        return model_source(self.model, self.data_dir)
 
 
 @dataclass
@@ -307,8 +319,8 @@ def evaluate_adapters(
         torch.set_num_threads(options.torch_threads)
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
-    tokenizer = load_tokenizer(options.model)
-    config = load_config(options.model)
+    tokenizer = load_tokenizer(options.files)
+    config = load_config(options.files)
     examples, kept = encode_rows(
         tokenizer,
         rows,
@@ -319,7 +331,7 @@ def evaluate_adapters(
     if not examples:
         raise TrainingError("no validation example fits the input budget")
     references = [r.reply for r in kept]
-    base = load_base_model(options.model, device=device, precision=precision)
+    base = load_base_model(options.files, device=device, precision=precision)
     real = [a for a in adapters if a is not None]
     model, names = load_adapter_for_eval(base, real)
     name_of = dict(zip([str(a) for a in real], names, strict=True))

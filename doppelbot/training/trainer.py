@@ -59,7 +59,7 @@ LOCK_FILE = ".lock"
 class TrainOptions:
     """Everything one training run depends on (built from Settings + CLI overrides)."""
 
-    model: str
+    model: str  # as configured: a hub id or a folder (recorded with the adapter)
     method: str = "sft"
     dataset: str | None = None
     feedback: Path | None = None
@@ -95,9 +95,19 @@ class TrainOptions:
     role_other: str = "Собеседник"
     role_owner: str = "Я"
     torch_threads: int | None = None
+    model_files: str | None = None  # the local folder of ``model`` when that is a hub id
+
+    @property
+    def files(self) -> str:
+        """Where the base model's files are read from."""
+        return self.model_files or self.model
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> TrainOptions:
+        """Options from ``settings`` and the CLI; the base model must be on this machine
+        (``doppelbot model download``), which is checked here, before anything loads."""
+        from doppelbot.model.local import model_source
+
         base = cls(
             model=settings.model,
             device=settings.device,
@@ -126,7 +136,10 @@ class TrainOptions:
             role_owner=settings.role_owner,
             torch_threads=settings.torch_threads,
         )
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        options = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        if options.model_files is None:
+            options = replace(options, model_files=model_source(options.model, settings.data_dir))
+        return options
 
     def trajectory(self) -> dict[str, Any]:
         """The settings that decide every step's numbers. A run resumes only under the same
@@ -477,8 +490,8 @@ def plan_training(
 
     device = device or resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
-    tokenizer = load_tokenizer(options.model)
-    config = load_config(options.model)
+    tokenizer = load_tokenizer(options.files)
+    config = load_config(options.files)
     method = get_method(options.method)
     ctx = method_context(
         options, datasets_dir=datasets_dir, tokenizer=tokenizer, vocab_size=int(config.vocab_size)
@@ -610,7 +623,7 @@ def _train_in(
     random.seed(options.seed)
     device_index = accelerator.local_process_index if plan.device == "cuda" else 0
     base = load_base_model(
-        options.model, device=plan.device, precision=plan.precision, device_index=device_index
+        options.files, device=plan.device, precision=plan.precision, device_index=device_index
     )
     model = prepare_for_training(
         base,
