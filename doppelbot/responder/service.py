@@ -640,7 +640,8 @@ class Responder:
 
     async def _claim(self, chat_id: int, reply_id: int, frm: ReplyStatus, **fields: Any) -> bool:
         """Move the reply to 'sending' if the gate still allows it. The hourly caps are
-        counted in the same transaction, so concurrent chats can never overshoot them."""
+        counted in the same transaction, so concurrent chats can never overshoot them; a reply
+        the gate stops is deferred or dropped (compare-and-set: whoever moves it first wins)."""
         reason = await self._gate(chat_id, with_caps=False)
         now = self._now()
         async with self.db.transaction() as conn:
@@ -658,27 +659,11 @@ class Responder:
                 return await replies.transition_in(
                     conn, reply_id, frm, S.SENDING, now=int(now), **fields
                 )
-            fields.pop("final_text", None)
-            if reason in DEFER_REASONS:
-                not_before = await self._defer_time(reason, chat_id)
-                moved = await replies.transition_in(
-                    conn,
-                    reply_id,
-                    frm,
-                    S.DEFERRED,
-                    now=int(now),
-                    error=str(reason),
-                    not_before=int(not_before),
-                    **fields,
-                )
-                if moved:
-                    self._count_defer(reason, chat_id, reply_id, not_before)
-                return False
-            moved = await replies.transition_in(
-                conn, reply_id, frm, S.DROPPED, now=int(now), error=str(reason), **fields
-            )
-        if moved:
-            self._count_drop(reason, chat_id, reply_id)
+        fields.pop("final_text", None)
+        if reason in DEFER_REASONS:
+            await self._defer(reply_id, frm, reason, chat_id, **fields)
+        else:
+            await self._drop(reply_id, frm, reason, chat_id, **fields)
         return False
 
     async def _drop(

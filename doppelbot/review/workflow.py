@@ -371,14 +371,8 @@ class ReviewWorkflow:
             since = reply.generated_at or reply.updated_at
             if now - since < ttl_s:
                 continue
-            if not await self._finish(reply, S.EXPIRED, Verdict.EXPIRED, None, error="expired"):
-                continue
-            expired += 1
-            self.stats["expired"] += 1
-            await self._edit(
-                reply.review_message_id,
-                await self._card_text(reply, outcome=OUTCOME_EXPIRED, auto=False),
-            )
+            if await self._expire(reply, "expired", OUTCOME_EXPIRED):
+                expired += 1
         if expired:
             log.info("review: %d draft(s) expired", expired)
         return expired
@@ -611,27 +605,25 @@ class ReviewWorkflow:
         is not carried out any more (the conversation has moved on)."""
         since = reply.generated_at or reply.updated_at
         if answered_at - since >= self.settings.draft_ttl_minutes * 60:
-            if await self._finish(reply, S.EXPIRED, Verdict.EXPIRED, None, error="expired"):
-                self.stats["expired"] += 1
-                await self._edit(
-                    reply.review_message_id,
-                    await self._card_text(reply, outcome=OUTCOME_EXPIRED, auto=False),
-                )
+            await self._expire(reply, "expired", OUTCOME_EXPIRED)
             await self._late(await replies.get(self.db, reply.reply_id), answer_id)
             return True
         age = self.clock.time() - answered_at
         max_age = self.settings.catch_up_max_age
         if kind in (CardActionKind.APPROVE, CardActionKind.CORRECT) and 0 < max_age < age:
-            if await self._finish(reply, S.EXPIRED, Verdict.EXPIRED, None, error="too_old"):
-                self.stats["expired"] += 1
-                await self._edit(
-                    reply.review_message_id,
-                    await self._card_text(
-                        reply, outcome=OUTCOME_TOO_LATE.format(hours=age / 3600), auto=False
-                    ),
-                )
+            await self._expire(reply, "too_old", OUTCOME_TOO_LATE.format(hours=age / 3600))
             return True
         return False
+
+    async def _expire(self, reply: Reply, error: str, outcome: str) -> bool:
+        """Expire an awaiting draft (verdict ``expired``) and show ``outcome`` on its card."""
+        if not await self._finish(reply, S.EXPIRED, Verdict.EXPIRED, None, error=error):
+            return False
+        self.stats["expired"] += 1
+        await self._edit(
+            reply.review_message_id, await self._card_text(reply, outcome=outcome, auto=False)
+        )
+        return True
 
     async def _send(self, reply: Reply, text: str | None, answer_id: int | None) -> None:
         assert self.responder is not None

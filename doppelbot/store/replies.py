@@ -194,19 +194,22 @@ async def add_sent_id_in(
     )
 
 
-async def count_recent_sends_in(
-    conn: aiosqlite.Connection, since: int, chat_id: int | None = None
-) -> int:
-    """Replies sent (or being sent) since ``since``: what the hourly caps count."""
-    sql = (
-        "SELECT count(*) FROM replies WHERE"
-        " ((status = 'sent' AND sent_at >= ?) OR (status = 'sending' AND updated_at >= ?))"
-    )
+def _counted_sends(since: int, chat_id: int | None) -> tuple[str, list[object]]:
+    """The WHERE clause of what the hourly caps count: replies sent (or being sent) since."""
+    sql = " WHERE ((status = 'sent' AND sent_at >= ?) OR (status = 'sending' AND updated_at >= ?))"
     params: list[object] = [since, since]
     if chat_id is not None:
         sql += " AND chat_id = ?"
         params.append(chat_id)
-    row = await (await conn.execute(sql, params)).fetchone()
+    return sql, params
+
+
+async def count_recent_sends_in(
+    conn: aiosqlite.Connection, since: int, chat_id: int | None = None
+) -> int:
+    """Replies sent (or being sent) since ``since``: what the hourly caps count."""
+    where, params = _counted_sends(since, chat_id)
+    row = await (await conn.execute("SELECT count(*) FROM replies" + where, params)).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -323,15 +326,13 @@ async def deferred_for_chat(db: Database, chat_id: int) -> Reply | None:
 async def recent_send_times(db: Database, since: int, chat_id: int | None = None) -> list[int]:
     """When each reply counted by the hourly caps went out (or started to), oldest first:
     a cap frees a slot an hour after its oldest send."""
-    sql = (
+    where, params = _counted_sends(since, chat_id)
+    rows = await db.fetchall(
         "SELECT CASE status WHEN 'sent' THEN sent_at ELSE updated_at END AS at FROM replies"
-        " WHERE ((status = 'sent' AND sent_at >= ?) OR (status = 'sending' AND updated_at >= ?))"
+        + where
+        + " ORDER BY at",
+        params,
     )
-    params: list[object] = [since, since]
-    if chat_id is not None:
-        sql += " AND chat_id = ?"
-        params.append(chat_id)
-    rows = await db.fetchall(sql + " ORDER BY at", params)
     return [int(r["at"]) for r in rows]
 
 
