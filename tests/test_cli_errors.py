@@ -387,6 +387,8 @@ def test_a_non_mtproto_answer_is_one_line_and_login_leaves_no_session(
     from telethon.sessions import SQLiteSession
 
     session = SQLiteSession(str(data / "doppelbot"))
+    (tmp_path / "model").mkdir()  # `run` checks the model is there before connecting
+    monkeypatch.setenv("DOPPELBOT_MODEL", str(tmp_path / "model"))
     session.set_dc(2, "127.0.0.1", not_telegram.port)
     session.save()
     session.close()

@@ -170,16 +170,42 @@ async def serve(
     """The whole ``run``; tests pass a fake-Telegram ``client``, a small ``generator``, their
     own ``stop`` event and responder options."""
     from doppelbot.errors import NotLoggedInError
-    from doppelbot.telegram.client import connected, create_client
-    from doppelbot.telegram.live import LiveBot, run_live
+    from doppelbot.instance import InstanceLock
 
     if client is None and settings.session_string is None and not settings.session_path.exists():
         raise NotLoggedInError("not logged in to Telegram: run `doppelbot login` first")
-    if generator is None:
-        from doppelbot.model.local import model_source
+    with InstanceLock(settings.lock_path):
+        if generator is None:
+            from doppelbot.model.local import model_source
 
-        # Without the model files, say so before touching Telegram (one line, at once).
-        model_source(settings.model, settings.data_dir)
+            # Without the model files, say so before touching Telegram (one line, at once).
+            model_source(settings.model, settings.data_dir)
+        return await _serve(
+            settings,
+            console,
+            client=client,
+            generator=generator,
+            facts=facts,
+            stop=stop,
+            on_ready=on_ready,
+            responder_kwargs=responder_kwargs,
+        )
+
+
+async def _serve(
+    settings: Settings,
+    console: Console,
+    *,
+    client: Any,
+    generator: ReplyGenerator | None,
+    facts: FactRetriever | None,
+    stop: asyncio.Event | None,
+    on_ready: Any,
+    responder_kwargs: dict[str, Any] | None,
+) -> LiveSession:
+    from doppelbot.telegram.client import connected, create_client
+    from doppelbot.telegram.live import LiveBot, run_live
+
     stop = stop or asyncio.Event()
     signals = _install_signals(stop)
     worker: Any = None
@@ -201,6 +227,7 @@ async def serve(
                 client=client,
                 make_client=lambda: create_client(settings, catch_up=True),
                 before_connect=listen_early,
+                locked=True,
             ) as tg,
         ):
             if generator is None:

@@ -13,7 +13,7 @@ lock (``doppelbot.instance``) for as long as the client is open.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +104,14 @@ async def connected(
     client: TelegramClient | None = None,
     make_client: Callable[[], TelegramClient] | None = None,
     before_connect: Callable[[TelegramClient], Awaitable[None] | None] | None = None,
+    locked: bool = False,
 ) -> AsyncIterator[TelegramClient]:
     """A connected, logged-in client, with this session's instance lock held until it is
     closed; ``NotLoggedInError`` when the session is not authorised, ``InstanceLockedError``
     when another process uses the session. ``make_client`` builds the client once the lock is
-    held; ``before_connect`` runs on it before connecting (to install event handlers)."""
-    with InstanceLock(settings.lock_path):
+    held; ``before_connect`` runs on it before connecting (to install event handlers).
+    ``locked``: the caller already holds the lock."""
+    with nullcontext() if locked else InstanceLock(settings.lock_path):
         if client is None:
             client = make_client() if make_client else None
         client = client or create_client(settings, receive_updates=receive_updates)
