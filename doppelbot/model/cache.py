@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from doppelbot.model.engine import ENGINE_FORMAT, T5Engine
+from doppelbot.model.engine import ENGINE_FORMAT, T5Engine, int8_weight_limit
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,17 @@ def base_fingerprint(base: str) -> str:
 def cache_key(base: str, adapter: Path | None, precision: str) -> str:
     import torch
 
-    material = {
+    material: dict[str, object] = {
         "engine_format": ENGINE_FORMAT,
         "base": base_fingerprint(base),
         "adapter": adapter_fingerprint(adapter),
         "precision": precision,
         "torch": torch.__version__,
     }
+    if precision == "int8" and int8_weight_limit() != 127:
+        # The weights were rounded to this CPU's kernel (7-bit grid without VNNI); only those
+        # entries get the extra field, so caches built on VNNI CPUs keep their keys.
+        material["int8_weight_limit"] = int8_weight_limit()
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -10,7 +10,8 @@ is pure overhead on top. This engine runs the very same computation as
   (``quantized::linear_dynamic``: activations are quantised on the fly, int8 x int8 → VNNI) —
   measured here against oneDNN's ``qlinear``, ``torch._int_mm`` and weight-only
   ``_weight_int8pack_mm``, it was the fastest both for one decoder token and for a 321-token
-  encoder pass; fp32/bf16 linears are plain ``F.linear``;
+  encoder pass; on CPUs without VNNI the weights use a 7-bit grid (``int8_weight_limit``);
+  fp32/bf16 linears are plain ``F.linear``;
 - q/k/v of self-attention, k/v of cross-attention and the two gated-FFN input projections are
   each fused into one matrix (exact: scales are per output row), so a decoder step runs six
   matrix products per layer instead of nine;
@@ -26,6 +27,7 @@ it runs on several threads.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -46,8 +48,46 @@ _NEG = torch.finfo(torch.float32).min
 
 
 # --- linears ------------------------------------------------------------------------------------
+def _pack_int8(qweight: torch.Tensor, scale: torch.Tensor) -> Any:
+    rows = qweight.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch._make_per_channel_quantized_tensor(
+            qweight, scale.to(torch.float64), torch.zeros(rows, dtype=torch.long), 0
+        )
+        return torch.ops.quantized.linear_prepack(q, None)
+
+
+@functools.cache
+def int8_weight_limit() -> int:
+    """The largest int8 weight magnitude the CPU's int8 kernel multiplies without overflow.
+
+    fbgemm multiplies uint8 activations by int8 weights. With VNNI (``vpdpbusd``) the products
+    go straight into 32-bit sums: any weight up to 127 is fine. Without it (AVX2, AVX-512
+    without VNNI: most AMD CPUs before Zen 4 and many laptops and VPSes) ``vpmaddubsw`` adds
+    two products into a *saturating int16* first, and 255·127·2 overflows it — measured here,
+    a row of equal weights came out at half its value. Weights of at most 63 cannot overflow
+    (255·63·2 < 2¹⁵) while activations keep all 8 bits; that is the better half to give up:
+    activations are quantised per tensor and carry T5's outliers, weights per output row
+    (``reduce_range``, the 7-bit-activation alternative, doubled the error in a comparison
+    with outlier channels; a 7-bit weight grid barely changed it).
+
+    Found by running the kernel once on a product that overflows only where it saturates,
+    so it follows what the installed torch really does on this CPU, not a list of flags.
+    """
+    cols = 64
+    packed = _pack_int8(torch.full((8, cols), 127, dtype=torch.int8), torch.full((8,), 1 / 127))
+    with torch.inference_mode():
+        y = torch.ops.quantized.linear_dynamic(torch.ones(1, cols), packed, False)
+    saturates = not torch.allclose(y, torch.full_like(y, float(cols)), rtol=0.02)
+    return 63 if saturates else 127
+
+
 class Int8Linear:
-    """``y = x @ W.T`` with W int8 (symmetric, one scale per output row), fbgemm kernel."""
+    """``y = x @ W.T`` with W int8 (symmetric, one scale per output row), fbgemm kernel.
+
+    Weights are limited to ``int8_weight_limit()`` (127, or 63 on CPUs whose kernel would
+    overflow with larger ones)."""
 
     __slots__ = ("out_features", "packed")
 
@@ -57,21 +97,21 @@ class Int8Linear:
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8Linear:
+        limit = int8_weight_limit()
         w = weight.detach().to(torch.float32)
-        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-        qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale = (w.abs().amax(dim=1) / float(limit)).clamp_min(1e-12)
+        qweight = torch.round(w / scale[:, None]).clamp_(-limit, limit).to(torch.int8)
         return cls.from_int8(qweight, scale)
 
     @classmethod
     def from_int8(cls, qweight: torch.Tensor, scale: torch.Tensor) -> Int8Linear:
-        rows = qweight.shape[0]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            q = torch._make_per_channel_quantized_tensor(
-                qweight, scale.to(torch.float64), torch.zeros(rows, dtype=torch.long), 0
-            )
-            packed = torch.ops.quantized.linear_prepack(q, None)
-        return cls(packed, rows)
+        limit = int8_weight_limit()
+        if limit < 127 and int(qweight.abs().amax()) > limit:
+            # Weights quantised for a VNNI CPU (a copied cache): halve the grid rather than
+            # let the kernel overflow.
+            qweight = torch.round(qweight.to(torch.float32) / 2).clamp_(-limit, limit)
+            qweight, scale = qweight.to(torch.int8), scale * 2
+        return cls(_pack_int8(qweight, scale), int(qweight.shape[0]))
 
     def int8_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         with warnings.catch_warnings():
