@@ -72,6 +72,11 @@ class ModelLoadError(ModelError):
     """The base model, adapter or quantised cache cannot be loaded."""
 
 
+class InsufficientMemoryError(ModelLoadError):
+    """Loading the model would need more memory than the machine has free (checked before
+    loading, instead of being killed by the OOM killer halfway)."""
+
+
 class GenerationError(ModelError):
     """One generation failed; the worker keeps serving."""
 

@@ -90,6 +90,19 @@ def test_int8_engine_tracks_fp32(hf_model, batch) -> None:  # type: ignore[no-un
     assert corr > 0.85
 
 
+def test_quantising_in_row_blocks_is_exact() -> None:
+    # The one-shot formula on a matrix spanning several blocks (the last one partial).
+    from doppelbot.model.engine import _QUANT_ROWS, quantize_int8
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(2 * _QUANT_ROWS + 100, 24, generator=gen) * torch.rand(1, 24, generator=gen)
+    limit = int8_weight_limit()
+    scale = (w.abs().amax(dim=1) / float(limit)).clamp_min(1e-12)
+    expected = torch.round(w / scale[:, None]).clamp_(-limit, limit).to(torch.int8)
+    q, s = quantize_int8(w)
+    assert torch.equal(q, expected) and torch.equal(s, scale)
+
+
 def test_int8_linear_does_not_overflow_the_kernel() -> None:
     # Equal-sign weights and activations at full range: the worst case for CPUs whose int8
     # kernel sums pairs of products in saturating int16 (AVX2 without VNNI). There, 127-level
