@@ -156,7 +156,9 @@ def reference_logprobs(
                     cfg,
                     layer,
                     x,
-                    E.position_bias(cfg, enc_table, x.shape[1], x.shape[1], bidirectional=True),
+                    E.position_bias(
+                        cfg, enc_table, x.shape[1], x.shape[1], bidirectional=True
+                    ).contiguous(),
                 )
                 for x in xs
             ]

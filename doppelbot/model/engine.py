@@ -19,10 +19,13 @@ is pure overhead on top. This engine runs the very same computation as
   preallocated, and beams share one copy of the encoder states;
 - the relative position bias (plus causal mask) is computed once per request, not per step.
 
-The engine saves itself as one safetensors file (plain int8 weights + scales) and loads back
-tensor by tensor with plain reads (no mmap, never an fp32 model), so the peak memory stays at the
-size of the int8 model. fbgemm's repacking of the weights at load is the bulk of a cold start;
-it runs on several threads.
+An engine is built weight by weight (``T5Engine.build``) from a function that returns one
+source weight at a time — the checkpoint streamed by ``doppelbot.model.checkpoint`` with the
+adapter merged on the way, or a model in memory (``from_hf``) — so a build holds the engine plus
+one weight, never a second model. It saves itself as one safetensors file (plain int8 weights +
+scales), written tensor by tensor (during the build, too) and loaded back tensor by tensor with
+plain reads (no mmap), so the peak memory stays at the size of the int8 model. fbgemm's
+repacking of the weights at load is the bulk of a cold start; it runs on several threads.
 """
 
 from __future__ import annotations
@@ -305,8 +308,9 @@ class DecoderState:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # T5LayerNorm (no mean, no bias) as one op instead of five.
-    return F.rms_norm(x, weight.shape, weight, eps)
+    # T5LayerNorm (no mean, no bias), its very formula: measured ~1.7x faster on the CPU than
+    # F.rms_norm (which dispatches more ops), and a decoder step runs 73 of them.
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
 def _relative_bucket(
@@ -718,7 +722,8 @@ class T5Engine:
         s = input_ids.shape[1]
         bias = position_bias(cfg, self.enc_bias_table, s, s, bidirectional=True)
         pad = _padding_mask(attention_mask)
-        mask = bias if pad is None else bias + pad
+        # Contiguous once: attention would otherwise copy the [1, H, S, S] mask in every layer.
+        mask = (bias if pad is None else bias + pad).contiguous()
         for layer in self.encoder:
             x = encoder_block(cfg, layer, x, mask)
         return _rms_norm(x, self.enc_final_norm, cfg.eps)
