@@ -300,6 +300,16 @@ def test_cuda_auto_precision_follows_free_memory() -> None:
         loader.resolve_precision("int4", "cpu", tiny)
 
 
+def test_gpu_loads_are_checked_against_free_gpu_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = ModelSpec(base="x", device="cuda", precision="bf16")
+    monkeypatch.setattr(loader, "cuda_free_bytes", lambda: 2 * GB)
+    with pytest.raises(InsufficientMemoryError, match=r"of GPU memory.*DOPPELBOT_PRECISION=int8"):
+        loader._preflight_hf(spec, FRED)
+    monkeypatch.setattr(loader, "cuda_free_bytes", lambda: 40 * GB)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 64 * GB)
+    loader._preflight_hf(spec, FRED)  # fits: no error
+
+
 def test_auto_precision_on_the_cpu_loads_int8(model_dir: Path) -> None:
     model = load_reply_model(ModelSpec(base=str(model_dir), device="cpu", precision="auto"))
     assert model.precision == "int8" and model.info["precision_reason"] == "int8 on the CPU"

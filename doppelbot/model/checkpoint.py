@@ -90,9 +90,10 @@ def checkpoint_files(base: str) -> list[Path]:
         path = _resolve(base, single)
         if path is not None:
             return [path]
+    where = "" if Path(base).expanduser().is_dir() else " (not downloaded yet, or offline?)"
     raise ModelLoadError(
         f"{base}: no model weights found (model.safetensors or pytorch_model.bin, or their "
-        "sharded index)"
+        f"sharded index){where}"
     )
 
 
