@@ -143,7 +143,7 @@ def reference_logprobs(
     tensor_src, _linears = E._hf_sources(cfg)
     steps = cfg.num_layers + cfg.num_decoder_layers + 1
     stage = f"scoring with {precision}, layer by layer"
-    with Checkpoint.open(spec.base) as checkpoint, torch.inference_mode():
+    with Checkpoint.open(spec.files) as checkpoint, torch.inference_mode():
         weight = WeightSource(checkpoint, deltas)
         embed = weight(tensor_src["embed"])
         enc_table = weight(tensor_src["enc_bias_table"])
@@ -226,7 +226,7 @@ def run_check(
 
         return target_logprobs(model, pairs, tick)
 
-    cfg = engine_config(spec.base)
+    cfg = engine_config(spec.files)
     cpu = resolve_device(spec.device) == "cpu"
     # Known up front, before minutes of loading: the reference pass, with both sides'
     # log-probabilities (targets are short: 64 tokens per sample is generous).

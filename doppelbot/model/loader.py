@@ -71,6 +71,11 @@ class ModelSpec:
     max_input_tokens: int = 712
     memory_check: bool = True
 
+    @property
+    def files(self) -> str:
+        """Where the base model's files are read from (``base`` names the model)."""
+        return self.base
+
     @classmethod
     def from_settings(
         cls, settings: Settings, *, adapter: Path | None = None, **overrides: Any
@@ -429,12 +434,12 @@ def load_reply_model(spec: ModelSpec, progress: Progress = _no_progress) -> Repl
 
     started = time.perf_counter()
     device = resolve_device(spec.device)
-    cfg = engine_config(spec.base)
+    cfg = engine_config(spec.files)
     choice = resolve_precision(spec.precision, device, cfg)
     spec = replace(spec, precision=choice.precision)
     log.info("reply model on %s: %s", device, choice.reason)
     runtime_kind = select_runtime(device, spec.precision)
-    tokenizer = load_tokenizer(spec.base)
+    tokenizer = load_tokenizer(spec.files)
     info: dict[str, Any] = {
         "runtime": runtime_kind,
         "device": device,
@@ -448,7 +453,7 @@ def load_reply_model(spec: ModelSpec, progress: Progress = _no_progress) -> Repl
         _preflight_hf(spec, cfg)
         progress("loading the model", 0, 1)
         model = load_hf_model(
-            spec.base,
+            spec.files,
             spec.adapter,
             device=device,
             precision=spec.precision,
@@ -511,10 +516,10 @@ def load_engine(
     from doppelbot.model.memory import preflight, serve_bytes
 
     info = {} if info is None else info
-    cfg = config or engine_config(spec.base)
+    cfg = config or engine_config(spec.files)
     folder = None
     if spec.cache_dir is not None and spec.precision == "int8":
-        key = cache.cache_key(spec.base, spec.adapter, spec.precision)
+        key = cache.cache_key(spec.files, spec.adapter, spec.precision)
         folder = cache.cache_folder(spec.cache_dir, key)
         info["cache"] = str(folder)
         if cache.is_complete(folder):
@@ -590,7 +595,7 @@ def build_engine(
         )
         info["build"] = "peft"
         progress("loading the fp32 checkpoint", 0, 1)
-        model = load_hf_model(spec.base, spec.adapter, device="cpu", precision="fp32", merge=True)
+        model = load_hf_model(spec.files, spec.adapter, device="cpu", precision="fp32", merge=True)
         progress("loading the fp32 checkpoint", 1, 1)
         engine = T5Engine.from_hf(
             model, p, consume=True, progress=lambda d, t: progress(stage, d, t)
@@ -600,7 +605,7 @@ def build_engine(
             for name, tensor in engine.tensors_in_order():
                 sink.put(name, tensor)
         return engine
-    files = checkpoint_files(spec.base)
+    files = checkpoint_files(spec.files)
     preflight(
         f"building the {p} model",
         build_bytes(cfg, p, resident_bytes(files)),
@@ -609,7 +614,7 @@ def build_engine(
     )
     info["build"] = "streamed"
     with Checkpoint(files) as checkpoint:
-        if "lm_head.weight" not in checkpoint and _declared_untied(spec.base):
+        if "lm_head.weight" not in checkpoint and _declared_untied(spec.files):
             raise ModelLoadError(
                 f"{spec.base}: the checkpoint has no lm_head although its config declares it "
                 "separate from the input embeddings (tie_word_embeddings=false)"
