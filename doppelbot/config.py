@@ -132,8 +132,15 @@ class Settings(BaseSettings):
         description="LoRA adapter folder; empty = the adapter chosen by `doppelbot adapter use`.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
-    precision: Literal["int8", "bf16", "fp32"] = Field(
-        "int8", description="Weights precision for serving."
+    precision: Literal["auto", "int8", "bf16", "fp32"] = Field(
+        "auto",
+        description="Weights precision for serving; auto = int8 on the CPU, on CUDA bf16 when it "
+        "fits in free GPU memory (else int8).",
+    )
+    memory_check: bool = Field(
+        True,
+        description="Refuse to load the reply model when the estimated peak exceeds the free "
+        "memory (RAM + swap, or GPU), instead of risking the OOM killer.",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for the model; empty = all cores."

@@ -107,6 +107,11 @@ class ModelDownloadError(ModelError):
     """``doppelbot model download`` failed (network, hub, disk, a file that does not verify)."""
 
 
+class InsufficientMemoryError(ModelLoadError):
+    """Loading the model would need more memory than the machine has free (checked before
+    loading, instead of being killed by the OOM killer halfway)."""
+
+
 class GenerationError(ModelError):
     """One generation failed; the worker keeps serving."""
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults(tmp_path: Path) -> None:
     s = load_settings(env_file=None, data_dir=tmp_path)
     assert s.model == "ai-forever/FRED-T5-1.7B"
-    assert s.precision == "int8"
+    assert s.precision == "auto"  # int8 on the CPU, bf16 on a GPU with room
     assert s.db_path.parent == tmp_path
     assert s.reply_mode == "review"
     assert s.generation_options().temperature == 0.8

@@ -144,6 +144,7 @@ def test_quantised_cache_is_written_once_then_reused(
         raise AssertionError("the fp32 checkpoint must not be read when a cache exists")
 
     monkeypatch.setattr(loader, "load_hf_model", no_checkpoint)
+    monkeypatch.setattr(loader, "build_engine", no_checkpoint)
     second = load_reply_model(s)
     assert second.info["from_cache"] is True and second.info["cache"] == str(folder)
     assert (folder / "engine.safetensors").stat().st_mtime_ns == written

@@ -95,8 +95,17 @@ def make_tiny_model_dir(path: Path, seed: int = 0, **overrides: Any) -> Path:
     return path
 
 
-def make_tiny_lora_dir(path: Path, model_dir: Path, *, seed: int = 1, r: int = 4) -> Path:
-    """Save a LoRA adapter (targets q and v) for the model in ``model_dir`` into ``path``.
+def make_tiny_lora_dir(
+    path: Path,
+    model_dir: Path,
+    *,
+    seed: int = 1,
+    r: int = 4,
+    targets: tuple[str, ...] = ("q", "v"),
+    **lora: Any,
+) -> Path:
+    """Save a LoRA adapter (targets q and v by default) for the model in ``model_dir`` into
+    ``path``; ``lora`` goes to ``LoraConfig`` (``use_rslora=True``, ``use_dora=True``, …).
 
     peft initialises LoRA's B matrix to zero (a no-op adapter); the weights are randomised here
     so that loading the adapter, or forgetting to, shows in the logits.
@@ -110,9 +119,10 @@ def make_tiny_lora_dir(path: Path, model_dir: Path, *, seed: int = 1, r: int = 4
         r=r,
         lora_alpha=2 * r,
         lora_dropout=0.0,
-        target_modules=["q", "v"],
+        target_modules=list(targets),
         bias="none",
         task_type=TaskType.SEQ_2_SEQ_LM,
+        **lora,
     )
     peft_model = get_peft_model(base, config)
     gen = torch.Generator().manual_seed(seed)

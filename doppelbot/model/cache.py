@@ -1,8 +1,10 @@
 """The on-disk cache of quantised reply models.
 
-Quantising FRED-T5-1.7B means loading the 7 GB fp32 checkpoint, merging the LoRA adapter and
-converting every linear layer: a minute or more and ~8 GB of RAM. The result (~2 GB) is saved
-under ``settings.cache_dir / "reply-model" / <key>`` so every later start reads it directly.
+Quantising FRED-T5-1.7B means reading the 7 GB fp32 checkpoint, merging the LoRA adapter and
+converting every linear layer: a minute or more (streamed weight by weight, see
+``doppelbot.model.checkpoint``). The result (~2 GB) is written under
+``settings.cache_dir / "reply-model" / <key>`` while it is built, so every later start reads it
+directly.
 
 The key covers everything that changes the weights or their file format: the base model (its id
 or path plus a fingerprint of its files), the adapter's *content* (a retrained adapter in the
@@ -20,8 +22,19 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from doppelbot.model.engine import ENGINE_FORMAT, T5Engine
+from doppelbot.model.engine import (
+    ENGINE_FORMAT,
+    EngineConfig,
+    EngineWriter,
+    Sink,
+    T5Engine,
+    int8_weight_limit,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +87,17 @@ def base_fingerprint(base: str) -> str:
 def cache_key(base: str, adapter: Path | None, precision: str) -> str:
     import torch
 
-    material = {
+    material: dict[str, object] = {
         "engine_format": ENGINE_FORMAT,
         "base": base_fingerprint(base),
         "adapter": adapter_fingerprint(adapter),
         "precision": precision,
         "torch": torch.__version__,
     }
+    if precision == "int8" and int8_weight_limit() != 127:
+        # The weights were rounded to this CPU's kernel (7-bit grid without VNNI); only those
+        # entries get the extra field, so caches built on VNNI CPUs keep their keys.
+        material["int8_weight_limit"] = int8_weight_limit()
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -90,6 +107,60 @@ def cache_folder(cache_dir: Path, key: str) -> Path:
 
 def is_complete(folder: Path) -> bool:
     return (folder / "engine.json").is_file() and (folder / "engine.safetensors").is_file()
+
+
+class PendingEntry(Sink):
+    """A cache entry written *while* the engine is built (``T5Engine.build(sink=...)``): each
+    tensor goes to disk as soon as it is converted, into a temporary folder that ``commit``
+    renames into place. A failure to write (disk full, read-only) is logged and the build
+    simply goes on uncached."""
+
+    def __init__(self, folder: Path, cfg: EngineConfig, precision: str) -> None:
+        self.folder = folder
+        self._tmp: Path | None = None
+        self._writer: EngineWriter | None = None
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            self._writer = EngineWriter(self._tmp, cfg, precision)
+        except OSError as exc:
+            self._abandon(exc)
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._writer.put(name, tensor)
+        except OSError as exc:
+            self._abandon(exc)
+
+    def commit(self, meta: dict[str, Any]) -> bool:
+        """Finish the files and move them into place; False when nothing was cached."""
+        if self._writer is None or self._tmp is None:
+            return False
+        try:
+            self._writer.finish(meta)
+            if self.folder.exists():  # written meanwhile by another process: keep theirs
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                return True
+            os.replace(self._tmp, self.folder)
+        except OSError as exc:
+            self._abandon(exc)
+            return False
+        self._writer = None
+        return True
+
+    def discard(self) -> None:
+        """The build failed: remove the partial files."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _abandon(self, exc: OSError) -> None:
+        log.warning("could not write the model cache %s: %s", self.folder, exc)
+        self.discard()
 
 
 def save_engine(engine: T5Engine, folder: Path) -> None:

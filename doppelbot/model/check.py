@@ -9,8 +9,13 @@ next-token distribution is from the full-precision one:
 - mean KL(fp32 ‖ int8) per target token, in nats;
 - the target loss (mean negative log-likelihood per token) of each, and their difference.
 
-The two models are loaded one after the other (the candidate's log-probabilities are kept), so
-the check needs the memory of the larger model, not of both.
+The served model is loaded first and its log-probabilities kept; then, on the CPU, the reference
+runs *layer by layer* straight from the checkpoint (``reference_logprobs``): every sample goes
+through encoder layer 1, then layer 2, …, each layer built from the checkpoint (adapter merged)
+and dropped after use — the same computation as a full fp32 engine, but holding one layer, the
+embeddings and the head instead of the 7 GB model. The check therefore needs about the memory of
+the served model; ``run_check`` verifies that before loading anything. (On CUDA, and for
+adapters that are more than plain LoRA, the reference is loaded whole, like the served model.)
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from doppelbot.errors import DatasetError
 
 if TYPE_CHECKING:
+    from doppelbot.model.engine import EngineConfig
     from doppelbot.model.loader import ModelSpec, Progress, ReplyModel
 
 log = logging.getLogger(__name__)
@@ -116,6 +122,83 @@ def compare(
     )
 
 
+def reference_logprobs(
+    spec: ModelSpec,
+    cfg: EngineConfig,
+    samples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    precision: str = "fp32",
+    progress: Progress | None = None,
+) -> list[torch.Tensor]:
+    """Teacher-forced log-probabilities ``[T, V]`` of each ``(input_ids, target_ids)`` under
+    the checkpoint + adapter at ``precision``, computed layer-major: one layer in memory at a
+    time (see the module docstring). Raises ``UnsupportedAdapter`` for adapters that only
+    peft can merge."""
+    import torch.nn.functional as F
+
+    from doppelbot.model import engine as E
+    from doppelbot.model.checkpoint import Checkpoint, LoraDeltas, WeightSource
+
+    report: Progress = progress or (lambda stage, done, total: None)
+    deltas = None if spec.adapter is None else LoraDeltas(spec.adapter)
+    tensor_src, _linears = E._hf_sources(cfg)
+    steps = cfg.num_layers + cfg.num_decoder_layers + 1
+    stage = f"scoring with {precision}, layer by layer"
+    with Checkpoint.open(spec.files) as checkpoint, torch.inference_mode():
+        weight = WeightSource(checkpoint, deltas)
+        embed = weight(tensor_src["embed"])
+        enc_table = weight(tensor_src["enc_bias_table"])
+        dec_table = weight(tensor_src["dec_bias_table"])
+        xs = [F.embedding(torch.tensor([list(ids)]), embed) for ids, _t in samples]
+        for i in range(cfg.num_layers):
+            layer = E.build_encoder_layer(cfg, weight, precision, i)
+            xs = [
+                E.encoder_block(
+                    cfg,
+                    layer,
+                    x,
+                    E.position_bias(
+                        cfg, enc_table, x.shape[1], x.shape[1], bidirectional=True
+                    ).contiguous(),
+                )
+                for x in xs
+            ]
+            del layer
+            report(stage, i + 1, steps)
+        enc_norm = weight(tensor_src["enc_final_norm"])
+        encoded = [E._rms_norm(x, enc_norm, cfg.eps) for x in xs]
+        del xs
+        dec_in = [[cfg.decoder_start_token_id, *target[:-1]] for _ids, target in samples]
+        ys = [F.embedding(torch.tensor([d]), embed) for d in dec_in]
+        for i in range(cfg.num_decoder_layers):
+            layer = E.build_decoder_layer(cfg, weight, precision, i)
+            out = []
+            for y, enc in zip(ys, encoded, strict=True):
+                k, v = E.cross_keys_values(cfg, layer, enc)
+                t = y.shape[1]
+                shape = (1, cfg.num_heads, t, cfg.d_kv)
+                state = E.DecoderState(
+                    cross_k=[k],
+                    cross_v=[v],
+                    cross_mask=None,
+                    self_k=[torch.zeros(shape)],
+                    self_v=[torch.zeros(shape)],
+                    bias=E.causal_bias(cfg, dec_table, t),
+                )
+                out.append(E.decoder_block(cfg, layer, y, state, 0, state.bias))
+            ys = out
+            del layer
+            report(stage, cfg.num_layers + i + 1, steps)
+        del encoded, embed
+        dec_norm = weight(tensor_src["dec_final_norm"])
+        head = E.make_linear(weight("lm_head.weight"), precision)
+        result = [
+            torch.log_softmax(head(E.final_decoder_norm(cfg, y, dec_norm))[0].float(), dim=-1)
+            for y in ys
+        ]
+        report(stage, steps, steps)
+        return result
+
+
 def run_check(
     spec: ModelSpec,
     pairs: Sequence[CheckPair],
@@ -123,11 +206,13 @@ def run_check(
     progress: Progress | None = None,
     reference_precision: str = "fp32",
 ) -> CheckReport:
-    """Load ``spec`` (the served precision), then the same model at ``reference_precision``,
-    and compare them on ``pairs``."""
+    """Load ``spec`` (the served precision) and score ``pairs``; then score them with the same
+    model at ``reference_precision`` (layer by layer on the CPU) and compare."""
     import gc
 
-    from doppelbot.model.loader import load_reply_model
+    from doppelbot.model.checkpoint import UnsupportedAdapter
+    from doppelbot.model.loader import engine_config, load_reply_model, resolve_device
+    from doppelbot.model.memory import preflight, streamed_reference_bytes
 
     report: Progress = progress or (lambda stage, done, total: None)
 
@@ -141,15 +226,39 @@ def run_check(
 
         return target_logprobs(model, pairs, tick)
 
+    cfg = engine_config(spec.files)
+    cpu = resolve_device(spec.device) == "cpu"
+    # Known up front, before minutes of loading: the reference pass, with both sides'
+    # log-probabilities (targets are short: 64 tokens per sample is generous).
+    held = 2 * len(pairs) * 64 * cfg.vocab_size * 4
+    if cpu:
+        preflight(
+            f"model check's {reference_precision} reference (layer by layer)",
+            streamed_reference_bytes(cfg, reference_precision) + held,
+            hints=["fewer --samples"],
+            enabled=spec.memory_check,
+        )
     candidate = load_reply_model(spec, report)
     targets = [candidate.encode(p.model_target) for p in pairs]
-    cand = scored(candidate, spec.precision)
+    samples = [
+        (candidate.encode(p.model_input, limit=candidate.max_input_tokens), t)
+        for p, t in zip(pairs, targets, strict=True)
+    ]
+    cand = scored(candidate, candidate.precision)
+    candidate_name = candidate.precision
     del candidate
     gc.collect()
-    reference = load_reply_model(replace(spec, precision=reference_precision), report)
-    ref = scored(reference, reference_precision)
-    del reference
-    gc.collect()
+    ref: list[torch.Tensor] | None = None
+    if cpu:
+        try:
+            ref = reference_logprobs(spec, cfg, samples, reference_precision, report)
+        except UnsupportedAdapter as exc:
+            log.info("adapter not plain LoRA (%s): loading the whole reference model", exc)
+    if ref is None:
+        reference = load_reply_model(replace(spec, precision=reference_precision), report)
+        ref = scored(reference, reference_precision)
+        del reference
+        gc.collect()
     return compare(
-        ref, cand, targets, reference_name=reference_precision, candidate_name=spec.precision
+        ref, cand, targets, reference_name=reference_precision, candidate_name=candidate_name
     )

@@ -2,14 +2,22 @@
 
 Two runtimes, picked by ``select_runtime(device, precision)``:
 
-- ``engine`` (CPU, any precision): the base is loaded with ``transformers`` in fp32, the adapter
-  merged into it with peft (free at run time, unlike an unmerged LoRA on int8), and the weights
-  converted into ``T5Engine`` — int8 per-channel linears run by fbgemm, the fastest int8 path
-  measured on this hardware. The int8 result is cached on disk (``doppelbot.model.cache``);
-  later starts read the cache alone, never the fp32 checkpoint.
+- ``engine`` (CPU, any precision): ``T5Engine`` is built straight from the checkpoint files,
+  weight by weight, with the adapter merged into each weight just before it is converted
+  (``doppelbot.model.checkpoint``; merged because that is free at run time, unlike an unmerged
+  LoRA on int8) — int8 per-channel linears run by fbgemm, the fastest int8 path measured on
+  this hardware. The fp32 model is never held whole, so the first start needs about the
+  memory of the int8 model, not of the fp32 one. The int8 result is written to the on-disk
+  cache during the build (``doppelbot.model.cache``); later starts read the cache alone. An
+  adapter that is more than plain LoRA goes the old way (the fp32 model through
+  ``transformers`` + peft), with the memory that takes.
 - ``hf`` (CUDA): ``transformers`` + ``generate()``. int8 is bitsandbytes LLM.int8
   (``BitsAndBytesConfig(load_in_8bit=True)``), the adapter stays a peft wrapper (merging into
-  LLM.int8 weights would re-round them); bf16/fp32 get the adapter merged.
+  LLM.int8 weights would re-round them); bf16/fp32 get the adapter merged. ``auto`` precision
+  is bf16 when it fits in the free GPU memory, else int8 (``doppelbot.model.memory``).
+
+Before any weight is read, the load's peak memory is estimated and compared with what is free
+(``doppelbot.model.memory.preflight``): one clear line instead of the OOM killer.
 
 FRED-T5's lm_head is separate from its input embeddings, while transformers 5 declares every T5
 tied; ``check_untied`` refuses a load that came out tied. Token ids the model has no embedding
@@ -36,7 +44,9 @@ if TYPE_CHECKING:
     import torch
 
     from doppelbot.config import Settings
-    from doppelbot.model.engine import T5Engine
+    from doppelbot.model.cache import PendingEntry
+    from doppelbot.model.engine import EngineConfig, T5Engine
+    from doppelbot.model.memory import PrecisionChoice
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +68,15 @@ class ModelSpec:
     base: str
     adapter: Path | None = None
     device: str = "auto"
-    precision: str = "int8"
+    precision: str = "int8"  # or "auto": see ``resolve_precision``
     cache_dir: Path | None = None
     max_input_tokens: int = 712
     source: str | None = None
+    memory_check: bool = True
 
     @property
     def files(self) -> str:
-        """Where the base model's files are read from."""
+        """Where the base model's files are read from (``base`` names the model)."""
         return self.source or self.base
 
     @classmethod
@@ -81,6 +92,7 @@ class ModelSpec:
             "precision": settings.precision,
             "cache_dir": settings.cache_dir,
             "max_input_tokens": settings.max_input_tokens,
+            "memory_check": settings.memory_check,
         }
         values.update(overrides)
         if "source" not in overrides:
@@ -113,6 +125,52 @@ def apply_torch_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def engine_config(base: str) -> EngineConfig:
+    """The base model's shape, from its ``config.json`` alone (no weights read)."""
+    from transformers import T5Config
+
+    from doppelbot.model.engine import EngineConfig
+
+    with _expected_noise():
+        try:
+            config = T5Config.from_pretrained(base)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ModelLoadError(f"cannot load the base model {base}: {exc}") from exc
+    return EngineConfig.from_hf(config)
+
+
+def cuda_free_bytes() -> int | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return int(free)
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def resolve_precision(
+    requested: str, device: str, cfg: EngineConfig, *, free_gpu: int | None = None
+) -> PrecisionChoice:
+    """``auto`` → int8 on the CPU; on CUDA bf16 when it fits in the free GPU memory with
+    room to spare, else int8. ``free_gpu`` overrides the measurement (tests)."""
+    from doppelbot.model.memory import PrecisionChoice, choose_cuda_precision
+
+    if requested not in ("auto", "int8", "bf16", "fp32"):
+        raise ModelLoadError(f"unknown precision {requested!r} (auto, int8, bf16 or fp32)")
+    if device != "cuda":
+        if requested == "auto":
+            return PrecisionChoice("int8", "int8 on the CPU")
+        return PrecisionChoice(requested, f"{requested} as set (DOPPELBOT_PRECISION)")
+    free = cuda_free_bytes() if free_gpu is None else free_gpu
+    return choose_cuda_precision(requested, cfg, free, has_int8=_has_bitsandbytes())
 
 
 def select_runtime(device: str, precision: str) -> Runtime:
@@ -377,18 +435,29 @@ class ReplyModel:
 # --- loading ------------------------------------------------------------------------------------
 def load_reply_model(spec: ModelSpec, progress: Progress = _no_progress) -> ReplyModel:
     """Load ``spec``; see the module docstring for what happens per device/precision."""
+    from dataclasses import replace
+
     from doppelbot.model.tokenizer import load_tokenizer
 
     started = time.perf_counter()
     device = resolve_device(spec.device)
+    cfg = engine_config(spec.files)
+    choice = resolve_precision(spec.precision, device, cfg)
+    spec = replace(spec, precision=choice.precision)
+    log.info("reply model on %s: %s", device, choice.reason)
     runtime_kind = select_runtime(device, spec.precision)
     tokenizer = load_tokenizer(spec.files)
-    info: dict[str, Any] = {"runtime": runtime_kind, "device": device}
+    info: dict[str, Any] = {
+        "runtime": runtime_kind,
+        "device": device,
+        "precision_reason": choice.reason,
+    }
     if runtime_kind == "engine":
         runtime: EngineRuntime | HFRuntime = EngineRuntime(
-            load_engine(spec, progress=progress, info=info)
+            load_engine(spec, progress=progress, info=info, config=cfg)
         )
     else:
+        _preflight_hf(spec, cfg)
         progress("loading the model", 0, 1)
         model = load_hf_model(
             spec.files,
@@ -416,21 +485,57 @@ def load_reply_model(spec: ModelSpec, progress: Progress = _no_progress) -> Repl
     )
 
 
+def _preflight_hf(spec: ModelSpec, cfg: EngineConfig) -> None:
+    """The ``hf`` runtime on CUDA: the weights must fit in the GPU's free memory, and bf16/fp32
+    pass through host RAM on their way there."""
+    from doppelbot.model.memory import CUDA_WORK, RUNTIME, cuda_weight_bytes, preflight
+
+    p = spec.precision
+    smaller = ["DOPPELBOT_PRECISION=int8"] if p != "int8" else []
+    preflight(
+        f"the {p} model on the GPU",
+        cuda_weight_bytes(cfg, p) + CUDA_WORK,
+        hints=[*smaller, "a smaller DOPPELBOT_MODEL", "DOPPELBOT_DEVICE=cpu"],
+        enabled=spec.memory_check,
+        available=cuda_free_bytes(),
+        resource="GPU memory",
+    )
+    host = RUNTIME + (cuda_weight_bytes(cfg, p) if p != "int8" else 0)
+    preflight(
+        f"loading the {p} model",
+        host,
+        hints=["a smaller DOPPELBOT_MODEL"],
+        enabled=spec.memory_check,
+    )
+
+
 def load_engine(
-    spec: ModelSpec, *, progress: Progress = _no_progress, info: dict[str, Any] | None = None
+    spec: ModelSpec,
+    *,
+    progress: Progress = _no_progress,
+    info: dict[str, Any] | None = None,
+    config: EngineConfig | None = None,
 ) -> T5Engine:
     """The CPU engine for ``spec``: from the cache when there is one (int8), else built from
     the checkpoint (and cached)."""
     from doppelbot.model import cache
     from doppelbot.model.engine import T5Engine, release_free_memory
+    from doppelbot.model.memory import preflight, serve_bytes
 
     info = {} if info is None else info
+    cfg = config or engine_config(spec.files)
     folder = None
     if spec.cache_dir is not None and spec.precision == "int8":
         key = cache.cache_key(spec.files, spec.adapter, spec.precision)
         folder = cache.cache_folder(spec.cache_dir, key)
         info["cache"] = str(folder)
         if cache.is_complete(folder):
+            preflight(
+                "loading the int8 model",
+                serve_bytes(cfg, spec.precision),
+                hints=["a smaller DOPPELBOT_MODEL"],
+                enabled=spec.memory_check,
+            )
             try:
                 engine = T5Engine.load(
                     folder, progress=lambda d, t: progress("loading the int8 model", d, t)
@@ -443,21 +548,88 @@ def load_engine(
                 info["from_cache"] = True
                 return engine
     info["from_cache"] = False
-    progress("loading the fp32 checkpoint", 0, 1)
-    model = load_hf_model(spec.files, spec.adapter, device="cpu", precision="fp32", merge=True)
-    progress("loading the fp32 checkpoint", 1, 1)
-    stage = "quantising to int8" if spec.precision == "int8" else f"converting to {spec.precision}"
-    engine = T5Engine.from_hf(
-        model, spec.precision, consume=True, progress=lambda d, t: progress(stage, d, t)
-    )
-    del model
+    entry = None if folder is None else cache.PendingEntry(folder, cfg, spec.precision)
+    try:
+        engine = build_engine(spec, cfg, progress=progress, sink=entry, info=info)
+    except BaseException:
+        if entry is not None:
+            entry.discard()
+        raise
     release_free_memory()
     engine.meta.update({"base": spec.base, "adapter": adapter_id(spec.adapter)})
-    if folder is not None:
+    if entry is not None:
         progress("writing the model cache", 0, 1)
-        cache.save_engine(engine, folder)
+        entry.commit(engine.meta)
         progress("writing the model cache", 1, 1)
     return engine
+
+
+def build_engine(
+    spec: ModelSpec,
+    cfg: EngineConfig,
+    *,
+    progress: Progress = _no_progress,
+    sink: PendingEntry | None = None,
+    info: dict[str, Any] | None = None,
+) -> T5Engine:
+    """``T5Engine`` at ``spec.precision`` from the checkpoint + adapter, streamed weight by
+    weight (or, for an adapter that is more than plain LoRA, through transformers + peft)."""
+    from doppelbot.model.checkpoint import (
+        Checkpoint,
+        LoraDeltas,
+        UnsupportedAdapter,
+        WeightSource,
+        checkpoint_files,
+        resident_bytes,
+    )
+    from doppelbot.model.engine import T5Engine
+    from doppelbot.model.memory import build_bytes, preflight, whole_model_bytes
+
+    p = spec.precision
+    stage = "quantising to int8" if p == "int8" else f"converting to {p}"
+    hints = ["DOPPELBOT_PRECISION=int8"] if p != "int8" else []
+    hints.append("a smaller DOPPELBOT_MODEL")
+    info = {} if info is None else info
+    try:
+        deltas = None if spec.adapter is None else LoraDeltas(spec.adapter)
+    except UnsupportedAdapter as exc:
+        log.info("the adapter is not plain LoRA (%s): merging it with peft on the full model", exc)
+        preflight(
+            f"building the {p} model (adapter merged by peft)",
+            whole_model_bytes(cfg, p),
+            hints=hints,
+            enabled=spec.memory_check,
+        )
+        info["build"] = "peft"
+        progress("loading the fp32 checkpoint", 0, 1)
+        model = load_hf_model(spec.files, spec.adapter, device="cpu", precision="fp32", merge=True)
+        progress("loading the fp32 checkpoint", 1, 1)
+        engine = T5Engine.from_hf(
+            model, p, consume=True, progress=lambda d, t: progress(stage, d, t)
+        )
+        del model
+        if sink is not None:
+            for name, tensor in engine.tensors_in_order():
+                sink.put(name, tensor)
+        return engine
+    files = checkpoint_files(spec.files)
+    preflight(
+        f"building the {p} model",
+        build_bytes(cfg, p, resident_bytes(files)),
+        hints=hints,
+        enabled=spec.memory_check,
+    )
+    info["build"] = "streamed"
+    with Checkpoint(files) as checkpoint:
+        if "lm_head.weight" not in checkpoint and _declared_untied(spec.files):
+            raise ModelLoadError(
+                f"{spec.base}: the checkpoint has no lm_head although its config declares it "
+                "separate from the input embeddings (tie_word_embeddings=false)"
+            )
+        source = WeightSource(checkpoint, deltas)
+        return T5Engine.build(
+            cfg, source, p, progress=lambda d, t: progress(stage, d, t), sink=sink
+        )
 
 
 async def serving_adapter(settings: Settings) -> Path | None:
