@@ -182,7 +182,7 @@ def transcribe(
                 "max_bytes": limits.max_bytes,
             }
             notes = await transcripts.notes_to_transcribe(db, with_file=True, **common)
-            missing = len(await transcripts.notes_to_transcribe(db, with_file=False, **common))
+            missing = await transcripts.count_without_file(db, chat_ids)
             worker = _worker(settings)
             try:
                 with RichVoiceProgress(st.err_console) as progress:

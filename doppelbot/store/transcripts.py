@@ -287,31 +287,24 @@ async def notes_to_transcribe(
     return [_note(r) for r in rows]
 
 
-@dataclass(frozen=True, slots=True)
-class VoiceSummary:
-    """Counts for the CLI: notes in private chats and their transcripts by status."""
-
-    notes: int
-    by_status: dict[str, int]
-    audio_s_done: float
-
-    @property
-    def untouched(self) -> int:
-        return self.notes - sum(self.by_status.values())
-
-
-async def summary(db: Database) -> VoiceSummary:
+async def count_without_file(db: Database, chat_ids: Sequence[int] | None = None) -> int:
+    """Notes of private chats with no transcript yet and no local file to make one from
+    (exported from Telegram, or a Desktop export without its media): ``export --voice``
+    downloads them."""
     marks = ",".join("?" * len(VOICE_KIND_VALUES))
-    notes = await db.scalar(
-        f"SELECT count(*) FROM messages WHERE media_kind IN ({marks}) AND is_forwarded = 0"
-        " AND chat_id > 0",
-        VOICE_KIND_VALUES,
+    params: list[Any] = list(VOICE_KIND_VALUES)
+    where = ""
+    if chat_ids is not None:
+        if not chat_ids:
+            return 0
+        where = f" AND m.chat_id IN ({','.join('?' * len(chat_ids))})"
+        params.extend(chat_ids)
+    n = await db.scalar(
+        "SELECT count(*) FROM messages m LEFT JOIN transcripts t"
+        " ON t.chat_id = m.chat_id AND t.message_id = m.message_id"
+        f" WHERE m.media_kind IN ({marks}) AND m.is_forwarded = 0 AND m.chat_id > 0"
+        " AND (t.status IS NULL OR (t.status IN ('pending', 'unavailable')"
+        f" AND t.file_path IS NULL)){where}",
+        params,
     )
-    rows = await db.fetchall(
-        "SELECT t.status, count(*), sum(coalesce(t.duration_s, 0)) FROM transcripts t"
-        " JOIN messages m ON m.chat_id = t.chat_id AND m.message_id = t.message_id"
-        " WHERE m.is_forwarded = 0 AND m.chat_id > 0 GROUP BY t.status"
-    )
-    by_status = {str(r[0]): int(r[1]) for r in rows}
-    done_s = sum(float(r[2] or 0) for r in rows if r[0] == TranscriptStatus.DONE.value)
-    return VoiceSummary(int(notes or 0), by_status, done_s)
+    return int(n or 0)
