@@ -5,17 +5,18 @@ speech model must run well faster than real time on a laptop-class machine (targ
 3x, i.e. ``rtf`` <= 0.33, on 2 threads). This times the product's own path — ``load_whisper``
 (faster-whisper / CTranslate2, int8 on CPU), ``decode_audio`` (PyAV) of a generated 30 s
 OGG/Opus note, the product's ``DecodeOptions`` — on random weights of the exact shape of the
-chosen model (``--model``, default ``small``: 12+12 layers, d_model 768, the 51,865-token
-multilingual vocabulary), converted with CTranslate2's own converter and stored as float16 like
-the published faster-whisper models. Speed and memory only, never quality.
+chosen model (``--model``, default ``base``, the product's default: 6+6 layers, d_model 512,
+the 51,865-token multilingual vocabulary; ``small`` is 12+12 layers, d_model 768), converted
+with CTranslate2's own converter and stored as float16 like the published faster-whisper
+models. Speed and memory only, never quality.
 
 Random weights pick tokens at random, so decoding is held to a realistic length: exactly
 ``--tokens`` tokens per 30 s window (default 150, about what half a minute of Russian speech
 takes in Whisper's vocabulary; end-of-text is suppressed so it cannot stop early). Whisper's
 temperature fallback (extra decoding passes for windows that look like loops) is off here: on
 random text it would fire every time, on real speech rarely. The Silero VAD pass (on by default
-in the product) is timed on its own and added. Language detection (``--language auto``, the
-default setting) costs one more encoder pass and is included.
+in the product) is timed on its own and added. ``--language`` defaults to the product's ``ru``;
+``auto`` adds the detection pass (one more encoder run).
 
 Phases run in subprocesses so peak RSS is the serving process' own: ``build`` (random model →
 CTranslate2 folder, cached in ``--workdir``), ``serve`` (load + warm-up + ``--runs`` timed runs).
@@ -27,8 +28,8 @@ Reported: ``rtf`` (median seconds of processing per second of audio: decode + VA
 detection + transcription), ``x_realtime`` (1 / rtf), ``load_s``, ``decode_audio_s``, ``vad_s``,
 ``transcribe_s_p50``, ``peak_rss_mb`` (serve process), ``model``, ``threads``, ``tokens``.
 
-Usage: ``flock /tmp/doppelbot-bench.lock .venv/bin/python scripts/bench_voice.py [--model small]
-[--threads 2] [--runs 3] [--tokens 150] [--beam-size 1] [--language auto] [--workdir DIR]``.
+Usage: ``flock /tmp/doppelbot-bench.lock .venv/bin/python scripts/bench_voice.py [--model base]
+[--threads 2] [--runs 3] [--tokens 150] [--beam-size 1] [--language ru] [--workdir DIR]``.
 Prints a table; the last line is one JSON object.
 """
 
@@ -148,13 +149,13 @@ def _steal() -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="small", help="shape: tiny, base, small, medium")
+    parser.add_argument("--model", default="base", help="shape: tiny, base, small, medium")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--tokens", type=int, default=150)
     parser.add_argument("--beam-size", type=int, default=1)
-    parser.add_argument("--language", default="auto")
+    parser.add_argument("--language", default="ru")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--phase", choices=["all", "serve"], default="all", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default="", help=argparse.SUPPRESS)

@@ -10,8 +10,9 @@ own ``download_media`` (``upload.getFile`` in parts) and handed to ``doppelbot.v
 transcribes and stores it. FloodWait is waited out up to ``flood_wait_max_s``; beyond that the
 run stops cleanly (everything finished so far is stored) and says so.
 
-The live bot uses ``note_of`` (is this message a note, and what do we know about it) and
-``download_note``.
+The live bot calls ``transcribe_incoming`` for an incoming message: one call that says whether
+it is a note, downloads and transcribes it within the timeout, stores the outcome and never
+raises for the note's own failures (``note_of`` and ``download_note`` are its parts).
 """
 
 from __future__ import annotations
@@ -26,18 +27,26 @@ from telethon import TelegramClient, utils
 from telethon import errors as tg_errors
 from telethon.tl import types
 
-from doppelbot.domain import VOICE_KINDS, VoiceNote
+from doppelbot.domain import VOICE_KINDS, TranscriptStatus, VoiceNote
 from doppelbot.errors import (
+    DoppelbotError,
     FloodWaitTooLongError,
     NoteTooLargeError,
     NoteUnavailableError,
+    SpeechError,
 )
 from doppelbot.ports import Transcriber
 from doppelbot.store import transcripts
 from doppelbot.store.database import Database
 from doppelbot.telegram.errors import translate
 from doppelbot.telegram.mapping import media_kind
-from doppelbot.voice import VoiceLimits, VoiceProgress, VoiceReport, transcribe_notes
+from doppelbot.voice import (
+    VoiceLimits,
+    VoiceProgress,
+    VoiceReport,
+    transcribe_and_store,
+    transcribe_notes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +109,72 @@ async def download_note(client: TelegramClient, msg: Any, *, max_bytes: int) -> 
     if not isinstance(data, bytes) or not data:
         raise NoteUnavailableError("the download was empty")
     return data
+
+
+async def transcribe_incoming(
+    client: TelegramClient,
+    db: Database,
+    transcriber: Transcriber,
+    msg: Any,
+    limits: VoiceLimits,
+    *,
+    download_timeout_s: float = 60.0,
+) -> transcripts.StoredTranscript | None:
+    """Transcribe one incoming (or outgoing) live message if it is a voice or round-video note,
+    and store the outcome; None when it is not a note.
+
+    Never raises for the note itself, so a reply can always go on: a note over the limits is
+    stored as ``too_long`` without downloading it, a download that fails or takes longer than
+    ``download_timeout_s`` (FloodWait included) as ``failed``, a file Telegram no longer serves
+    as ``unavailable``; the transcription is bounded by the transcriber's own timeout. When the
+    speech model cannot be used at all (it cannot load, the worker is shut down or busy) it
+    logs a warning and returns None without storing anything, so a later ``export --voice``
+    still picks the note up. Check ``row.usable`` for text (``row.text``)."""
+    note = note_of(msg)
+    if note is None:
+        return None
+    chat_id, mid = note.chat_id, note.message_id
+    await transcripts.note_media(
+        db,
+        [
+            transcripts.note_media_row(
+                chat_id, mid, duration_s=note.duration_s, size_bytes=note.size_bytes
+            )
+        ],
+    )
+    status = error = None
+    if note.duration_s is not None and note.duration_s > limits.max_duration_s:
+        status = TranscriptStatus.TOO_LONG
+        error = f"not transcribed: {note.duration_s:.0f}s > {limits.max_duration_s:g}s"
+    else:
+        try:
+            async with asyncio.timeout(download_timeout_s):
+                audio = await download_note(client, msg, max_bytes=limits.max_bytes)
+        except NoteTooLargeError as exc:
+            status, error = TranscriptStatus.TOO_LONG, str(exc)
+        except NoteUnavailableError as exc:
+            status, error = TranscriptStatus.UNAVAILABLE, str(exc)
+        except TimeoutError:
+            status = TranscriptStatus.FAILED
+            error = f"the download took longer than {download_timeout_s:g}s"
+        except tg_errors.FloodWaitError as exc:
+            status = TranscriptStatus.FAILED
+            error = f"Telegram asked to wait {exc.seconds}s before downloading"
+        except DoppelbotError as exc:
+            status, error = TranscriptStatus.FAILED, str(exc)
+    if status is not None:
+        await transcripts.save_result(
+            db, chat_id, mid, status, duration_s=note.duration_s, error=error
+        )
+        return await transcripts.get(db, chat_id, mid)
+    try:
+        row, _ = await transcribe_and_store(
+            db, transcriber, note, audio, max_duration_s=limits.max_duration_s
+        )
+    except SpeechError as exc:  # the model cannot load, the worker is shut down or busy
+        log.warning("voice note not transcribed: %s", exc)
+        return None
+    return row
 
 
 class _Flood:
