@@ -127,7 +127,7 @@ class TranscriptionWorker:
         # The timeout covers the load on first use as well: the caller never waits longer.
         try:
             async with asyncio.timeout(self.timeout_s):
-                if self._thread is None or not self._ready or not self._ready.done():
+                if self._ready is None or not self._ready.done():
                     await self.start()
                 try:
                     self._queue.put_nowait(job)
