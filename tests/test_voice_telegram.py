@@ -181,3 +181,25 @@ async def test_transcribe_incoming_is_one_call_that_never_blocks_a_reply(
     assert closed is None
     row = await transcripts.get(db, CAROL, msgs["out"].id)
     assert row is not None and row.status is TranscriptStatus.PENDING and row.duration_s == 20
+
+
+async def test_cli_voice_export_shows_progress_and_a_summary(
+    world: tuple[FakeTelegram, Any, dict[str, Any]], db: Database, voice_settings: Settings
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from doppelbot.cli.voice_cmd import export_notes, print_report
+
+    _, client, _ = world
+    chat_ids = [c.chat_id for c in (await export_history(client, db, OPTS)).chats]
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=False)
+    settings = voice_settings.model_copy(update={"voice_max_duration_s": 60.0})
+    report = await export_notes(settings, client, db, chat_ids, console)
+    print_report(console, report)
+    text = out.getvalue()
+    assert "voice notes" in text and "3/3" in text  # the progress bar finished
+    assert "transcribed 3 voice note(s)" in text and "real time" in text
+    assert "1 too long, not transcribed" in text
