@@ -96,6 +96,9 @@ def test_load_errors_are_one_clear_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(SpeechModelError, match=r"no model\.bin"):
         load_whisper(WhisperSpec(model=str(tmp_path / "empty"), device="cpu"))
+    # a hub id goes through the hub download (offline in tests: a clear hint, no traceback)
+    with pytest.raises(SpeechModelError, match="DOPPELBOT_VOICE_MODEL"):
+        load_whisper(WhisperSpec(model="base", device="cpu", download_root=tmp_path / "hub"))
     assert resolve_compute_type("cpu", "auto") == "int8"
     assert resolve_compute_type("cuda", "auto") == "float16"
     assert resolve_compute_type("cpu", "float32") == "float32"
