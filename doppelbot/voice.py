@@ -1,7 +1,8 @@
 """Transcribing voice and round-video notes and storing what they said.
 
 The core of voice support, shared by the three places notes are transcribed — the live bot
-(one incoming note: ``transcribe_and_store``), ``doppelbot export --voice`` (notes downloaded
+(one incoming note: ``transcribe_and_store``, which ``telegram.voice.transcribe_incoming``
+wraps with the download), ``doppelbot export --voice`` (notes downloaded
 from Telegram) and ``doppelbot transcribe`` (files of a Desktop export already on disk): both
 history runs go through ``transcribe_notes``. It speaks to the speech model only through the
 ``Transcriber`` port and gets each note's audio from an ``AudioSource`` the caller provides, so
