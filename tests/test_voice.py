@@ -348,3 +348,15 @@ def test_transcribe_when_voice_is_off(
         main(["--env-file", str(tmp_path / "x.env"), "--data-dir", str(tmp_path), "transcribe"])
     assert exit_.value.code == 2
     assert "DOPPELBOT_VOICE_TRANSCRIPTION" in capsys.readouterr().err
+
+
+async def test_live_context_reads_an_attached_transcript(db: Database) -> None:
+    from doppelbot.dataset.sessions import build_live_context
+
+    await _dialogue(db)
+    messages = await history.recent_messages(db, CHAT, 50)
+    plain = build_live_context(messages, T0 + 600, DatasetOptions())
+    assert all("нормально" not in t.text for t in plain)  # a bare note is media-only
+    attached = await transcripts.attach(db, messages)
+    turns = build_live_context(attached, T0 + 600, DatasetOptions())
+    assert any(t.text == "нормально а у тебя как" for t in turns)
