@@ -163,7 +163,7 @@ class Settings(BaseSettings):
         "they stay media-only messages.",
     )
     voice_model: str = Field(
-        "base",
+        "small",
         description="Speech model: a faster-whisper size (tiny, base, small, medium, …), a "
         "CTranslate2 Whisper model id on the Hugging Face hub, or a local folder.",
     )

@@ -5,8 +5,8 @@ speech model must run well faster than real time on a laptop-class machine (targ
 3x, i.e. ``rtf`` <= 0.33, on 2 threads). This times the product's own path — ``load_whisper``
 (faster-whisper / CTranslate2, int8 on CPU), ``decode_audio`` (PyAV) of a generated 30 s
 OGG/Opus note, the product's ``DecodeOptions`` — on random weights of the exact shape of the
-chosen model (``--model``, default ``base``, the product's default: 6+6 layers, d_model 512,
-the 51,865-token multilingual vocabulary; ``small`` is 12+12 layers, d_model 768), converted
+chosen model (``--model``, default ``small``, the product's default: 12+12 layers, d_model
+768, the 51,865-token multilingual vocabulary; ``base`` is 6+6 layers, d_model 512), converted
 with CTranslate2's own converter and stored as float16 like the published faster-whisper
 models. Speed and memory only, never quality.
 
@@ -26,9 +26,12 @@ second, nearly empty 30 s window).
 
 Reported: ``rtf`` (median seconds of processing per second of audio: decode + VAD + language
 detection + transcription), ``x_realtime`` (1 / rtf), ``load_s``, ``decode_audio_s``, ``vad_s``,
-``transcribe_s_p50``, ``peak_rss_mb`` (serve process), ``model``, ``threads``, ``tokens``.
+``transcribe_s_p50``, ``peak_rss_mb`` (serve process), ``model``, ``threads``, ``tokens``,
+``cpu_util`` (the serving process' CPU time / (wall time x threads) over the timed runs: near
+1 when it had its cores; clearly lower means other processes took them and the run is slow
+for that reason) and ``loadavg_1m``.
 
-Usage: ``flock /tmp/doppelbot-bench.lock .venv/bin/python scripts/bench_voice.py [--model base]
+Usage: ``flock /tmp/doppelbot-bench.lock .venv/bin/python scripts/bench_voice.py [--model small]
 [--threads 2] [--runs 3] [--tokens 150] [--beam-size 1] [--language ru] [--workdir DIR]``.
 Prints a table; the last line is one JSON object.
 """
@@ -118,7 +121,11 @@ def _serve(args: argparse.Namespace) -> dict[str, float | int | str]:
         return b - a, c - b, d - c, tokens
 
     once()  # warm-up
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     runs = [once() for _ in range(args.runs)]
+    # the process' CPU time over its wall time x threads: ~1 when it had the cores to itself,
+    # lower when other processes on the machine took them (CPU steal does not show that)
+    cpu_util = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * args.threads)
     decode_s = statistics.median(r[0] for r in runs)
     vad_s = statistics.median(r[1] for r in runs)
     transcribe_s = statistics.median(r[2] for r in runs)
@@ -138,6 +145,8 @@ def _serve(args: argparse.Namespace) -> dict[str, float | int | str]:
         "rtf": round(rtf, 4),
         "x_realtime": round(1 / rtf, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cpu_util": round(cpu_util, 2),
+        "loadavg_1m": float(os.getloadavg()[0]),
     }
 
 
@@ -149,7 +158,7 @@ def _steal() -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="base", help="shape: tiny, base, small, medium")
+    parser.add_argument("--model", default="small", help="shape: tiny, base, small, medium")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=30.0)

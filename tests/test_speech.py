@@ -106,7 +106,7 @@ def test_load_errors_are_one_clear_line(tmp_path: Path) -> None:
 
 def test_spec_from_settings(settings: Settings) -> None:
     spec = WhisperSpec.from_settings(settings)
-    assert spec.model == "base" and spec.decode.language == "ru"
+    assert spec.model == "small" and spec.decode.language == "ru"
     assert spec.download_root == settings.data_dir / "cache" / "speech"
     assert spec.decode.kwargs()["without_timestamps"] is True
     assert "temperature" not in spec.decode.kwargs()  # fallback on: faster-whisper's ladder

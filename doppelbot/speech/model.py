@@ -1,7 +1,7 @@
 """Which speech model to load, how to decode with it, and the one function that loads it.
 
 ``load_whisper(spec)`` is the only place a Whisper model is loaded: a faster-whisper size name
-(``base``), a CTranslate2-converted model id on the Hugging Face hub (downloaded once into
+(``small``), a CTranslate2-converted model id on the Hugging Face hub (downloaded once into
 ``DOPPELBOT_DATA_DIR/cache/speech``), or a local folder holding ``model.bin``, ``config.json``,
 ``vocabulary.*``, ``tokenizer.json`` and (optionally) ``preprocessor_config.json``. Precision is
 int8 on CPU and float16 on CUDA unless set.
@@ -50,7 +50,7 @@ class DecodeOptions:
 
 @dataclass(frozen=True, slots=True)
 class WhisperSpec:
-    model: str = "base"
+    model: str = "small"
     device: str = "auto"  # auto | cpu | cuda
     compute_type: str = "auto"
     threads: int | None = None  # None: all cores
