@@ -28,6 +28,18 @@ DEFAULT_PERSONA = (
 
 CommaList = Annotated[list[str], NoDecode]
 
+# CTranslate2's compute types that make sense for Whisper (a plain str setting: a Literal of
+# names containing "float" would read as a float setting to code that inspects annotations)
+VOICE_COMPUTE_TYPES = (
+    "auto",
+    "int8",
+    "int8_float16",
+    "int8_float32",
+    "float16",
+    "bfloat16",
+    "float32",
+)
+
 
 def _split_csv(value: object) -> object:
     """Lists come from the environment as ``a,b,c`` (JSON arrays are accepted too)."""
@@ -175,9 +187,11 @@ class Settings(BaseSettings):
     voice_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the speech model runs (auto: CUDA when available)."
     )
-    voice_compute_type: Literal[
-        "auto", "int8", "int8_float16", "int8_float32", "float16", "bfloat16", "float32"
-    ] = Field("auto", description="Speech model precision; auto = int8 on CPU, float16 on CUDA.")
+    voice_compute_type: str = Field(
+        "auto",
+        description="Speech model precision: auto (int8 on CPU, float16 on CUDA), int8, "
+        "int8_float16, int8_float32, float16, bfloat16 or float32.",
+    )
     voice_threads: int | None = Field(
         None, ge=1, description="CPU threads for transcription; empty = all cores."
     )
@@ -384,6 +398,14 @@ class Settings(BaseSettings):
             except (ZoneInfoNotFoundError, ValueError):
                 raise ValueError(f"unknown time zone {value!r}") from None
         return value.strip()
+
+    @field_validator("voice_compute_type")
+    @classmethod
+    def _voice_compute_type(cls, value: str) -> str:
+        kind = value.strip().lower()
+        if kind not in VOICE_COMPUTE_TYPES:
+            raise ValueError(f"expected one of {', '.join(VOICE_COMPUTE_TYPES)}")
+        return kind
 
     @field_validator("voice_language")
     @classmethod

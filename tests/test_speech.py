@@ -229,3 +229,15 @@ def test_generated_notes_are_real_opus() -> None:
 
     with av.open(io.BytesIO(make_ogg_opus(0.5))) as c:
         assert c.format.name == "ogg" and c.streams.audio[0].codec_context.name == "opus"
+
+
+def test_compute_type_setting_is_checked(tmp_path: Path) -> None:
+    from doppelbot.config import load_settings
+    from doppelbot.errors import ConfigError
+
+    ok = load_settings(env_file=None, data_dir=tmp_path, voice_compute_type=" INT8 ")
+    assert ok.voice_compute_type == "int8"
+    with pytest.raises(ConfigError, match="DOPPELBOT_VOICE_COMPUTE_TYPE: expected one of auto"):
+        load_settings(env_file=None, data_dir=tmp_path, voice_compute_type="int4")
+    with pytest.raises(ConfigError, match="DOPPELBOT_VOICE_LANGUAGE"):
+        load_settings(env_file=None, data_dir=tmp_path, voice_language="russian!")
