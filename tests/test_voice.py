@@ -298,7 +298,9 @@ def test_import_then_transcribe(
         "VOICE_THREADS": "2",
     }.items():
         monkeypatch.setenv(f"DOPPELBOT_{key}", value)
-    base = ["--env-file", str(tmp_path / "none.env"), "--data-dir", str(tmp_path / "data")]
+    env = tmp_path / "empty.env"
+    env.write_text("", encoding="utf-8")
+    base = ["--env-file", str(env), "--data-dir", str(tmp_path / "data")]
 
     def cli(*args: str) -> str:
         main([*base, *args])
@@ -344,8 +346,10 @@ def test_transcribe_when_voice_is_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("DOPPELBOT_VOICE_TRANSCRIPTION", "false")
+    env = tmp_path / "empty.env"
+    env.write_text("", encoding="utf-8")
     with pytest.raises(SystemExit) as exit_:
-        main(["--env-file", str(tmp_path / "x.env"), "--data-dir", str(tmp_path), "transcribe"])
+        main(["--env-file", str(env), "--data-dir", str(tmp_path), "transcribe"])
     assert exit_.value.code == 2
     assert "DOPPELBOT_VOICE_TRANSCRIPTION" in capsys.readouterr().err
 
