@@ -31,6 +31,18 @@ DEFAULT_PERSONA = (
 
 CommaList = Annotated[list[str], NoDecode]
 
+# CTranslate2's compute types that make sense for Whisper (a plain str setting: a Literal of
+# names containing "float" would read as a float setting to code that inspects annotations)
+VOICE_COMPUTE_TYPES = (
+    "auto",
+    "int8",
+    "int8_float16",
+    "int8_float32",
+    "float16",
+    "bfloat16",
+    "float32",
+)
+
 
 def _split_csv(value: object) -> object:
     """Lists come from the environment as ``a,b,c`` (JSON arrays are accepted too)."""
@@ -191,6 +203,73 @@ class Settings(BaseSettings):
         "empty = torch's default.",
     )
 
+    # --- Voice notes ----------------------------------------------------------------------------
+    voice_transcription: bool = Field(
+        True,
+        description="Transcribe voice and round-video notes locally (faster-whisper); off = "
+        "they stay media-only messages.",
+    )
+    voice_model: str = Field(
+        "small",
+        description="Speech model: a faster-whisper size (tiny, base, small, medium, …), a "
+        "CTranslate2 Whisper model id on the Hugging Face hub, or a local folder.",
+    )
+    voice_language: str = Field(
+        "ru",
+        description="Language spoken in notes (a code such as ru or en); auto = detect per "
+        "note (one extra encoder pass; unreliable on short notes).",
+    )
+    voice_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the speech model runs (auto: CUDA when available)."
+    )
+    voice_compute_type: str = Field(
+        "auto",
+        description="Speech model precision: auto (int8 on CPU, float16 on CUDA), int8, "
+        "int8_float16, int8_float32, float16, bfloat16 or float32.",
+    )
+    voice_threads: int | None = Field(
+        None, ge=1, description="CPU threads for transcription; empty = all cores."
+    )
+    voice_beam_size: int = Field(
+        1, ge=1, le=10, description="Beam width for transcription (1 = greedy: fastest on CPU)."
+    )
+    voice_temperature_fallback: bool = Field(
+        True,
+        description="Decode a window again at higher temperatures when the text looks like a "
+        "loop (Whisper's fallback; slower on bad audio).",
+    )
+    voice_vad_filter: bool = Field(
+        True,
+        description="Skip silence before transcribing (Silero VAD): faster, and no invented "
+        "text on silent notes.",
+    )
+    voice_max_duration_s: float = Field(
+        300.0, gt=0, description="Longer notes are not transcribed (marked too long)."
+    )
+    voice_max_file_mb: float = Field(
+        50.0, gt=0, description="Larger note files are not downloaded (marked too long)."
+    )
+    voice_timeout_s: float = Field(
+        120.0, gt=0, description="A transcription waited on longer than this fails."
+    )
+    voice_queue_size: int = Field(
+        8, ge=1, description="Pending transcriptions the worker accepts before refusing."
+    )
+    voice_max_attempts: int = Field(
+        3, ge=1, description="Tries per note before a failed transcription is left alone."
+    )
+    voice_history_max_hours: float = Field(
+        10.0,
+        ge=0,
+        description="Most audio one `export --voice` or `transcribe` run transcribes (0 = no "
+        "limit); the rest waits for the next run.",
+    )
+    voice_history_max_download_mb: float = Field(
+        2000.0,
+        ge=0,
+        description="Most note data one `export --voice` run downloads (0 = no limit).",
+    )
+
     # --- Dataset --------------------------------------------------------------------------------
     session_gap_hours: float = Field(3.0, gt=0, description="A longer silence ends a dialogue.")
     max_message_chars: int = Field(200, ge=1, description="Longer messages are dropped/truncated.")
@@ -208,6 +287,9 @@ class Settings(BaseSettings):
     )
     validation_share: float = Field(
         0.1, ge=0, lt=1, description="The most recent share of samples used for validation."
+    )
+    dataset_voice: bool = Field(
+        True, description="Use voice-note transcripts as message text in the dataset."
     )
 
     # --- Export ---------------------------------------------------------------------------------
@@ -385,6 +467,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"unknown time zone {value!r}") from None
         return value.strip()
 
+    @field_validator("voice_compute_type")
+    @classmethod
+    def _voice_compute_type(cls, value: str) -> str:
+        kind = value.strip().lower()
+        if kind not in VOICE_COMPUTE_TYPES:
+            raise ValueError(f"expected one of {', '.join(VOICE_COMPUTE_TYPES)}")
+        return kind
+
+    @field_validator("voice_language")
+    @classmethod
+    def _voice_language(cls, value: str) -> str:
+        code = value.strip().lower()
+        if code in ("", "auto"):
+            return "auto"
+        if not re.fullmatch(r"[a-z]{2,3}", code):
+            raise ValueError("expected a language code such as ru or en, or auto")
+        return code
+
     @field_validator("data_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:
@@ -439,6 +539,11 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+    @property
+    def voice_cache_dir(self) -> Path:
+        """Where hub speech models are downloaded to (kept with the other caches)."""
+        return self.cache_dir / "speech"
 
     @property
     def quiet_hours_range(self) -> tuple[time, time] | None:

@@ -42,6 +42,20 @@ class MediaKind(StrEnum):
     OTHER = "other"
 
 
+VOICE_KINDS = frozenset({MediaKind.VOICE, MediaKind.VIDEO_NOTE})
+"""Notes whose audio is transcribed: voice messages and round video messages."""
+
+
+class TranscriptStatus(StrEnum):
+    """Where a voice note's transcription stands (``transcripts.status``)."""
+
+    PENDING = "pending"  # known, not transcribed yet
+    DONE = "done"  # transcribed (the text may be empty: nothing intelligible)
+    FAILED = "failed"  # tried and failed; retried up to a few times
+    TOO_LONG = "too_long"  # longer than the maximum duration (or file size): not transcribed
+    UNAVAILABLE = "unavailable"  # no audio to transcribe (a Desktop export without the file)
+
+
 class ReplyStatus(StrEnum):
     """A reply's lifecycle; ``doppelbot.store.replies.TRANSITIONS`` lists the allowed moves."""
 
@@ -121,10 +135,17 @@ class Message:
     sticker_emoji: str | None = None
     grouped_id: int | None = None
     service_action: str | None = None
+    # What a voice or round-video note said (``store.transcripts.attach`` fills it); kept
+    # apart from ``text`` (the caption), so a transcript is never mistaken for typed text.
+    transcript: str | None = None
 
     @property
     def is_service(self) -> bool:
         return self.service_action is not None
+
+    @property
+    def is_voice_note(self) -> bool:
+        return self.media_kind in VOICE_KINDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,3 +239,28 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
     seed: int | None = None
     timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceNote:
+    """A voice or round-video note waiting for (or past) transcription."""
+
+    chat_id: int
+    message_id: int
+    kind: MediaKind  # VOICE or VIDEO_NOTE
+    is_outgoing: bool
+    date: int
+    duration_s: float | None = None  # from Telegram or the export, before any download
+    size_bytes: int | None = None
+    file_path: str | None = None  # the local file (Desktop export), if any
+    status: TranscriptStatus = TranscriptStatus.PENDING
+    attempts: int = 0
+
+
+def voice_message_text(caption: str, transcript: str) -> str:
+    """The text a transcribed note stands for in dialogues (dataset and live context): the
+    transcript, after the caption if the note had one."""
+    caption, transcript = caption.strip(), transcript.strip()
+    if caption and transcript:
+        return f"{caption}\n{transcript}"
+    return caption or transcript

@@ -160,3 +160,56 @@ class TrainingInterruptedError(TrainingError):
 
     exit_code = 130
     prefix = "stopped"
+
+
+class SpeechError(DoppelbotError):
+    """Voice-note transcription (the speech model, audio decoding) failed."""
+
+
+class SpeechModelError(SpeechError):
+    """The speech-to-text model cannot be loaded."""
+
+
+class TranscriptionError(SpeechError):
+    """One transcription failed; the transcriber keeps serving."""
+
+
+class TranscriptionTimeoutError(TranscriptionError):
+    """A transcription took longer than its timeout (the caller goes on without it)."""
+
+
+class AudioDecodeError(TranscriptionError):
+    """The note's audio cannot be decoded (corrupt file, no audio track)."""
+
+
+class AudioTooLongError(TranscriptionError):
+    """The note is longer than the configured maximum and is not transcribed."""
+
+    def __init__(self, duration_s: float, limit_s: float) -> None:
+        super().__init__(
+            f"the note is {duration_s:.0f}s long, more than the {limit_s:g}s limit "
+            "(DOPPELBOT_VOICE_MAX_DURATION_S); not transcribed"
+        )
+        self.duration_s = duration_s
+        self.limit_s = limit_s
+
+
+class TranscriberClosedError(SpeechError):
+    """The transcription worker was shut down or its queue is full."""
+
+
+class NoteUnavailableError(SpeechError):
+    """A note's audio cannot be had (its file is gone, Telegram no longer serves it)."""
+
+
+class NoteTooLargeError(SpeechError):
+    """A note's file is larger than the size limit (found while fetching it)."""
+
+    def __init__(self, size_bytes: int, limit_bytes: int) -> None:
+        mb = 1024 * 1024
+        super().__init__(
+            f"the note's file is {size_bytes / mb:.1f} MB, more than the "
+            f"{limit_bytes / mb:g} MB limit (DOPPELBOT_VOICE_MAX_FILE_MB)"
+        )
+        self.size_bytes = size_bytes
+        self.limit_bytes = limit_bytes

@@ -44,3 +44,32 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Whisper in faster-whisper's format (built once per session)."""
+    from tests.tiny_whisper import make_whisper_dir
+
+    return make_whisper_dir(tmp_path_factory.mktemp("speech") / "tiny-whisper")
+
+
+@pytest.fixture(scope="session")
+def voice_ogg() -> bytes:
+    """A 2-second OGG/Opus voice note."""
+    from tests.tiny_whisper import make_ogg_opus
+
+    return make_ogg_opus(2.0)
+
+
+@pytest.fixture
+def voice_settings(tmp_path: Path, whisper_dir: Path) -> Settings:
+    """Settings whose speech model is the tiny one, decoding in one greedy pass."""
+    return load_settings(
+        env_file=None,
+        data_dir=tmp_path / "data",
+        voice_model=str(whisper_dir),
+        voice_temperature_fallback=False,
+        voice_vad_filter=False,
+        voice_threads=2,
+    )

@@ -55,6 +55,12 @@ Building the world (no updates are pushed by these)
 - ``delete_dialog(peer)``. Media builders (module functions): ``photo()``, ``sticker("😀")``,
   ``voice()``, ``audio()``, ``video()``, ``video_note()``, ``gif()``, ``document()``, ``geo()``,
   ``contact()``, ``poll()``, ``webpage()``.
+- Downloads: ``voice(duration, data=ogg_bytes)`` / ``video_note(duration, data=mp4_bytes)``
+  attach real bytes to the document; once the message is stored (``add_message``,
+  ``push_incoming``) ``upload.GetFile`` serves them in parts (Telegram's offset/limit rules,
+  file reference and access hash checked), so Telethon's own ``download_media`` runs.
+  ``tg.files`` (document id → bytes) and ``tg.downloads`` (document id, offset, limit) record
+  them.
 
 Pushing server updates to connected clients (they arrive in ``client._updates_queue`` with
 correct pts, so Telethon's MessageBox applies them and fires ``events.*`` handlers)
@@ -113,6 +119,9 @@ max_id)``: the owner read the chat up to ``max_id`` on another device.
 ``tests/faketg_remote.py`` serves a ``FakeTelegram`` to a ``doppelbot`` in another process.
 Not supported (raise ``FakeTelegramUnsupported`` naming the request): file
 up/downloads and anything not listed above — add handlers in ``_HANDLERS`` when you need more.
+``tg.password``. Not supported (raise ``FakeTelegramUnsupported`` naming the request): file
+uploads, downloads of anything but documents with attached bytes, and anything not listed
+above — add handlers in ``_HANDLERS`` when you need more.
 
 Speed: stored messages are serialised once and the bytes are reused in every answer (they are
 exactly what ``bytes(message)`` gives); the client still parses every answer with Telethon.
@@ -341,17 +350,24 @@ def _item_bytes(x: Any) -> bytes:
 
 
 # --- media builders -----------------------------------------------------------------------------
-def _doc(mime: str, attributes: list[Any], size: int = 1024) -> types.Document:
-    return types.Document(
+def _doc(
+    mime: str, attributes: list[Any], size: int = 1024, data: bytes | None = None
+) -> types.Document:
+    doc = types.Document(
         id=int.from_bytes(os.urandom(7), "big"),
         access_hash=1,
         file_reference=b"ref",
         date=_dtm(1_600_000_000),
         mime_type=mime,
-        size=size,
+        size=size if data is None else len(data),
         dc_id=2,
         attributes=attributes,
     )
+    if data is not None:
+        # Not serialised (TL ignores unknown attributes): the fake reads it when the message
+        # is stored and serves it through upload.getFile.
+        doc._fake_data = data  # type: ignore[attr-defined]
+    return doc
 
 
 def photo() -> types.MessageMediaPhoto:
@@ -379,10 +395,13 @@ def sticker(emoji: str = "😀") -> types.MessageMediaDocument:
     )
 
 
-def voice(duration: int = 3) -> types.MessageMediaDocument:
+def voice(duration: int = 3, *, data: bytes | None = None) -> types.MessageMediaDocument:
+    """A voice note; with ``data`` (e.g. OGG/Opus bytes) the fake serves it for download."""
     return types.MessageMediaDocument(
         voice=True,
-        document=_doc("audio/ogg", [types.DocumentAttributeAudio(duration=duration, voice=True)]),
+        document=_doc(
+            "audio/ogg", [types.DocumentAttributeAudio(duration=duration, voice=True)], data=data
+        ),
     )
 
 
@@ -405,12 +424,14 @@ def video() -> types.MessageMediaDocument:
     )
 
 
-def video_note() -> types.MessageMediaDocument:
+def video_note(duration: float = 5.0, *, data: bytes | None = None) -> types.MessageMediaDocument:
+    """A round video note; with ``data`` (e.g. MP4 bytes) the fake serves it for download."""
     return types.MessageMediaDocument(
         round=True,
         document=_doc(
             "video/mp4",
-            [types.DocumentAttributeVideo(duration=5.0, w=240, h=240, round_message=True)],
+            [types.DocumentAttributeVideo(duration=duration, w=240, h=240, round_message=True)],
+            data=data,
         ),
     )
 
@@ -505,6 +526,9 @@ class FakeTelegram:
         self.edits: list[tuple[int, int, str]] = []
         self.reads: list[tuple[int, int]] = []
         self.deleted: list[tuple[int | None, list[int]]] = []
+        # document id -> the bytes upload.getFile serves (attached with voice(data=...) etc.)
+        self.files: dict[int, bytes] = {}
+        self.downloads: list[tuple[int, int, int]] = []  # (document id, offset, limit)
         self.takeouts: dict[int, str] = {}
         self.takeout_scopes: dict[int, dict[str, Any]] = {}
         self._next_takeout = 7000
@@ -643,9 +667,17 @@ class FakeTelegram:
         chat.msgs[msg.id] = msg
         chat.raw[msg.id] = _Raw(bytes(msg))
         chat.in_dialogs = True
+        self._register_file(msg)
         if read and msg.out:
             chat.read_outbox_max_id = msg.id  # history built by add_*: the other side read it
         return msg
+
+    def _register_file(self, msg: Any) -> None:
+        """Serve the bytes a media builder attached to the message's document."""
+        doc = getattr(getattr(msg, "media", None), "document", None)
+        data = getattr(doc, "_fake_data", None)
+        if data is not None:
+            self.files[doc.id] = data
 
     def _fwd_header(self, fwd_from: Any, date: int) -> types.MessageFwdHeader | None:
         if fwd_from is None or isinstance(fwd_from, types.MessageFwdHeader):
@@ -1491,6 +1523,46 @@ def _h_get_messages(tg: FakeTelegram, s: FakeSender, r: Any, t: Any) -> Any:
     return types.messages.Messages(messages=out, topics=[], chats=ents, users=users)
 
 
+_FILE_PART = 4096
+_FILE_MAX_LIMIT = 1024 * 1024
+
+
+def _h_get_file(tg: FakeTelegram, s: FakeSender, r: Any, t: Any) -> Any:
+    """upload.getFile for documents, with Telegram's rules on parts: ``offset`` a multiple of
+    4 KB, ``limit`` a multiple of 4 KB that divides 1 MB (``precise`` relaxes both to 1 KB and
+    a 1 MB cap); the file reference and access hash must match the document's."""
+    loc = r.location
+    if not isinstance(loc, types.InputDocumentFileLocation):
+        raise FakeTelegramUnsupported(f"upload.getFile of {type(loc).__name__}")
+    doc = None
+    for chat in tg._chats.values():
+        for msg in chat.msgs.values():
+            d = getattr(getattr(msg, "media", None), "document", None)
+            if d is not None and d.id == loc.id:
+                doc = d
+                break
+        if doc is not None:
+            break
+    if doc is None or loc.access_hash != doc.access_hash:
+        raise _RpcError(400, "FILE_ID_INVALID")
+    if loc.file_reference != doc.file_reference:
+        raise _RpcError(400, "FILE_REFERENCE_EXPIRED")
+    data = tg.files.get(doc.id)
+    if data is None:
+        raise FakeTelegramUnsupported("this document has no bytes attached (voice(data=...))")
+    part = 1024 if r.precise else _FILE_PART
+    if r.offset % part or r.limit % part or r.limit <= 0 or r.limit > _FILE_MAX_LIMIT:
+        raise _RpcError(400, "LIMIT_INVALID")
+    if not r.precise and _FILE_MAX_LIMIT % r.limit:
+        raise _RpcError(400, "LIMIT_INVALID")
+    if r.offset > len(data):
+        raise _RpcError(400, "OFFSET_INVALID")
+    tg.downloads.append((doc.id, r.offset, r.limit))
+    return types.upload.File(
+        type=types.storage.FilePartial(), mtime=0, bytes=data[r.offset : r.offset + r.limit]
+    )
+
+
 def _h_get_chats(tg: FakeTelegram, s: FakeSender, r: Any, t: Any) -> Any:
     if isinstance(r, functions.channels.GetChannelsRequest):
         return types.messages.Chats(chats=[tg._resolve(c).entity for c in r.id])
@@ -1754,6 +1826,7 @@ _HANDLERS: dict[type, Callable[..., Any]] = {
     functions.account.GetPasswordRequest: _h_get_password,
     functions.auth.CheckPasswordRequest: _h_check_password,
     functions.auth.LogOutRequest: _h_log_out,
+    functions.upload.GetFileRequest: _h_get_file,
 }
 
 

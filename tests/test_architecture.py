@@ -1,5 +1,5 @@
 """Adapters at the edges: telethon only in doppelbot/telegram, ML libraries only in the
-model/training/knowledge modules, and a CLI that starts without either."""
+model/training/knowledge/speech modules, and a CLI that starts without either."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ ML = {
     "safetensors",
     "onnxruntime",
     "trl",
+    "faster_whisper",
+    "av",
 }
-ML_ALLOWED = ("model", "knowledge", "training")
+ML_ALLOWED = ("model", "knowledge", "training", "speech")
 
 
 def _imports(path: Path) -> set[str]:
@@ -62,7 +64,8 @@ def test_cli_import_is_light() -> None:
     code = (
         "import sys, doppelbot.cli, doppelbot.__main__;"
         "heavy = sorted(m for m in ('torch','transformers','telethon','peft',"
-        "'sentence_transformers','bitsandbytes') if m in sys.modules);"
+        "'sentence_transformers','bitsandbytes','faster_whisper','ctranslate2','av')"
+        " if m in sys.modules);"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

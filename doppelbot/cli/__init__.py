@@ -27,6 +27,7 @@ from doppelbot.cli import (
     run_cmd,
     ssa_cmd,
     train_cmd,
+    voice_cmd,
 )
 from doppelbot.cli.common import AppState, with_invocation
 from doppelbot.errors import DoppelbotError
@@ -84,6 +85,10 @@ app.command("export", help="Export your private chats over MTProto into the loca
 app.command("import", help="Import a Telegram Desktop export (result.json) into the database.")(
     export_cmd.import_desktop
 )
+app.command(
+    "transcribe",
+    help="Transcribe stored voice notes that have a local file (after `import`).",
+)(voice_cmd.transcribe)
 app.command("dataset", help="Build the fine-tuning set (context → my reply) as JSONL.")(
     dataset_cmd.dataset
 )

@@ -76,6 +76,12 @@ def dataset(
     keep_duplicates: bool = typer.Option(
         False, "--keep-duplicates", help="Do not drop exact and near-duplicate samples."
     ),
+    voice: bool | None = typer.Option(
+        None,
+        "--voice/--no-voice",
+        help="Use transcripts of voice and round-video notes as their text "
+        "(default: DOPPELBOT_DATASET_VOICE, on).",
+    ),
     tokenizer: Path | None = typer.Option(
         None, "--tokenizer", help="Tokenizer folder (default: the one of DOPPELBOT_MODEL)."
     ),
@@ -124,6 +130,8 @@ def dataset(
         overrides["max_contact_share"] = max_contact_share
     if keep_duplicates:
         overrides["dedup_exact"] = overrides["dedup_near"] = False
+    if voice is not None:
+        overrides["voice_transcripts"] = voice
     options = DatasetOptions.from_settings(settings)
     options = replace(options, **overrides)
 

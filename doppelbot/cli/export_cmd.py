@@ -225,6 +225,12 @@ def export(
         help="Newest messages per chat fetched again on re-runs to pick up edits "
         "(DOPPELBOT_EXPORT_REFETCH_RECENT).",
     ),
+    voice: bool = typer.Option(
+        False,
+        "--voice",
+        help="Then download and transcribe the voice and round-video notes of the exported "
+        "private chats (both directions; resumable; bounded by DOPPELBOT_VOICE_HISTORY_*).",
+    ),
 ) -> None:
     """Export your chats over MTProto into the database.
 
@@ -254,10 +260,19 @@ def export(
     )
     console = st.err_console
 
+    voice_report = None
+
     async def go() -> ExportReport:
+        nonlocal voice_report
         async with open_db(settings) as db, connected(settings, receive_updates=False) as client:
             with RichExportProgress(console) as progress:
-                return await export_history(client, db, options, progress=progress)
+                result = await export_history(client, db, options, progress=progress)
+            if voice:
+                from doppelbot.cli.voice_cmd import export_notes
+
+                users = [c.chat_id for c in result.chats if c.kind == "user"]
+                voice_report = await export_notes(settings, client, db, users, console)
+            return result
 
     report = run_async(go())
     for note in report.notes:
@@ -283,6 +298,10 @@ def export(
             "the summary); what was fetched is kept — run `doppelbot export` again later to "
             "continue where they stopped"
         )
+    if voice_report is not None:
+        from doppelbot.cli.voice_cmd import print_report
+
+        print_report(st.console, voice_report)
 
 
 def import_desktop(

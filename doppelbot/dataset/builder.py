@@ -768,6 +768,7 @@ def build_from_db(
         chat_message_counts,
         chats_with_peers,
         open_readonly,
+        transcribed_notes,
     )
 
     builder = DatasetBuilder(options, count_tokens=count_tokens, progress=progress)
@@ -777,6 +778,7 @@ def build_from_db(
         try:
             started = time.perf_counter()
             account_id = account_user_id(conn)
+            voice = transcribed_notes(conn) if options.voice_transcripts else set()
             chats = chats_with_peers(conn)
             stats.chats_total = len(chats)
             chosen: list[_ChatSpec] = []
@@ -804,13 +806,28 @@ def build_from_db(
                     chunks = _chunks(chosen, sizes, n_workers)
             read_s = time.perf_counter() - started
             if not chunks:
-                read_s += _build_in_process(builder, conn, chosen)
+                read_s += _build_in_process(builder, conn, chosen, bool(voice))
         finally:
             conn.close()
         if chunks:
-            read_s += _build_in_workers(builder, Path(db_path), chunks, n_workers)
+            read_s += _build_in_workers(builder, Path(db_path), chunks, n_workers, bool(voice))
         stats.seconds["read"] = round(read_s, 3)
-        return builder.finish()
+        result = builder.finish()
+        if voice:
+            _voice_stats(result, voice, {chat_id for chat_id, _, _ in chosen})
+        return result
+
+
+def _voice_stats(result: DatasetResult, voice: set[tuple[int, int]], chat_ids: set[int]) -> None:
+    """How much of the dataset came from transcribed voice and round-video notes."""
+    stats = result.stats
+    stats.voice_notes_transcribed = sum(1 for chat_id, _ in voice if chat_id in chat_ids)
+    for sample in chain(result.train, result.validation):
+        chat_id = sample.chat_id
+        if any((chat_id, mid) in voice for mid in sample.reply_message_ids):
+            stats.samples_voice_reply += 1
+        if any((chat_id, mid) in voice for mid in sample.source_message_ids):
+            stats.samples_voice_context += 1
 
 
 _ChatSpec = tuple[int, str, tuple[str | None, ...]]
@@ -844,7 +861,7 @@ def _chunks(chosen: list[_ChatSpec], sizes: list[int], workers: int) -> list[lis
 
 
 def _build_in_process(
-    builder: DatasetBuilder, conn: sqlite3.Connection, chosen: list[_ChatSpec]
+    builder: DatasetBuilder, conn: sqlite3.Connection, chosen: list[_ChatSpec], voice: bool
 ) -> float:
     """Stage 1 chat by chat in this process; returns the seconds spent reading."""
     from doppelbot.store.dataset_reads import chat_rows
@@ -853,7 +870,7 @@ def _build_in_process(
     progress = builder.progress
     for done, (chat_id, name, names) in enumerate(chosen, 1):
         started = time.perf_counter()
-        rows = chat_rows(conn, chat_id)
+        rows = chat_rows(conn, chat_id, transcripts=voice)
         read_s += time.perf_counter() - started
         builder.add_chat(ChatSource(chat_id, rows, name, names))
         if progress is not None:
@@ -862,7 +879,11 @@ def _build_in_process(
 
 
 def _build_in_workers(
-    builder: DatasetBuilder, db_path: Path, chunks: list[list[_ChatSpec]], workers: int
+    builder: DatasetBuilder,
+    db_path: Path,
+    chunks: list[list[_ChatSpec]],
+    workers: int,
+    voice: bool,
 ) -> float:
     """Stage 1 in forked worker processes, merged here in chunk (= chat id) order while the
     workers go on with later chunks; returns the seconds the workers spent reading, summed.
@@ -878,7 +899,9 @@ def _build_in_workers(
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         jobs = [
-            pool.submit(_worker_chunk, db_path, builder.options, [(c, n) for c, _, n in chunk])
+            pool.submit(
+                _worker_chunk, db_path, builder.options, [(c, n) for c, _, n in chunk], voice
+            )
             for chunk in chunks
         ]
         for chunk, job in zip(chunks, jobs, strict=True):
@@ -902,7 +925,10 @@ _ChunkResult = tuple[list[_ChatPart], list[int], dict[str, int], float, float]
 
 
 def _worker_chunk(
-    db_path: Path, options: DatasetOptions, chats: list[tuple[int, tuple[str | None, ...]]]
+    db_path: Path,
+    options: DatasetOptions,
+    chats: list[tuple[int, tuple[str | None, ...]]],
+    voice: bool = False,
 ) -> _ChunkResult:
     """A worker process's job: read and segment some chats (a packed ``_ChatPart`` each, in
     order), with the counters and the seconds spent reading and building."""
@@ -916,7 +942,7 @@ def _worker_chunk(
     try:
         for chat_id, names in chats:
             started = time.perf_counter()
-            rows = chat_rows(conn, chat_id)
+            rows = chat_rows(conn, chat_id, transcripts=voice)
             read_s += time.perf_counter() - started
             parts.append(maker.part(chat_id, rows, names, pack=True))
             build_s += time.perf_counter() - started

@@ -38,6 +38,8 @@ class DatasetOptions:
     drop_links: bool = True
     drop_forwarded: bool = True
     stickers_as_emoji: bool = True
+    voice_transcripts: bool = True
+    """A transcribed voice or round-video note counts as the text it said (off: media-only)."""
     scrub_pii: bool = True
     keep_names: bool = True
 
@@ -86,6 +88,7 @@ class DatasetOptions:
             "long_message_policy": settings.long_message_policy,
             "min_letter_share": settings.min_letter_share,
             "scrub_pii": settings.scrub_pii,
+            "voice_transcripts": settings.dataset_voice,
             "keep_names": settings.keep_names,
             "max_contact_share": settings.max_contact_share,
             "validation_share": settings.validation_share,

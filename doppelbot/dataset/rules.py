@@ -8,6 +8,8 @@ is a closure over plain tuples with the cheap tests first) and the responder's l
 Rows are ``(message_id, is_outgoing, date, text, reply_to_message_id, kind)``; ``kind`` is one
 of the ``KIND_*`` codes, computed in SQL by ``KIND_SQL``/``TEXT_SQL`` for stored history and by
 ``message_row`` for ``domain.Message`` objects — the two definitions live side by side here.
+A transcribed voice or round-video note is a text row holding what it said
+(``domain.voice_message_text``), in both paths.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from doppelbot.dataset.scrub import Scrubber, has_link
-from doppelbot.domain import MediaKind, Message, Peer, PeerKind
+from doppelbot.domain import MediaKind, Message, Peer, PeerKind, voice_message_text
 
 if TYPE_CHECKING:
     from doppelbot.dataset.options import DatasetOptions
@@ -58,6 +60,9 @@ def message_row(m: Message) -> Row:
     else:
         kind = KIND_TEXT
     text = (m.sticker_emoji or "") if kind == KIND_STICKER else (m.text or "")
+    if kind == KIND_MEDIA and m.transcript and m.is_voice_note:
+        # as ``dataset_reads.chat_rows`` reads a transcribed note from the store
+        kind, text = KIND_TEXT, voice_message_text(text, m.transcript)
     return (m.message_id, int(m.is_outgoing), m.date, text, m.reply_to_message_id, kind)
 
 

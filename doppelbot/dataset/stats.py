@@ -53,6 +53,9 @@ class DatasetStats:
     messages_dropped: dict[str, int] = field(default_factory=dict)
     messages_truncated: int = 0
     stickers_as_emoji: int = 0
+    voice_notes_transcribed: int = 0  # notes in the used chats that read as their transcript
+    samples_voice_reply: int = 0  # samples whose reply is (partly) a transcribed note
+    samples_voice_context: int = 0  # samples with a transcribed note in their context
     pii_replaced: dict[str, int] = field(default_factory=dict)
     sessions: int = 0
     turns: int = 0
@@ -103,6 +106,8 @@ class DatasetStats:
             row("  truncated (long)", self.messages_truncated, "dim")
         if self.stickers_as_emoji:
             row("  stickers → emoji", self.stickers_as_emoji, "dim")
+        if self.voice_notes_transcribed:
+            row("  voice notes as transcripts", self.voice_notes_transcribed, "dim")
         for kind, n in sorted(self.pii_replaced.items()):
             if n:
                 row(f"  PII replaced: {kind}", n, "dim")
@@ -119,6 +124,9 @@ class DatasetStats:
             row("  context trimmed for tokens", self.token_trimmed, "dim")
         row("samples", self.samples, "bold")
         row("  train / validation", f"{self.train} / {self.validation}")
+        if self.samples_voice_reply or self.samples_voice_context:
+            row("  replies from voice notes", self.samples_voice_reply)
+            row("  contexts with voice notes", self.samples_voice_context, "dim")
         for label, dist in (
             ("context chars", self.context_chars),
             ("context turns", self.context_turns),

@@ -34,8 +34,9 @@ from typing import Any
 
 from doppelbot.domain import MediaKind, Message, Peer, PeerKind
 from doppelbot.errors import ImportFormatError
-from doppelbot.store import history
-from doppelbot.store.database import Database
+from doppelbot.importers.desktop_voice import note_row
+from doppelbot.store import history, transcripts
+from doppelbot.store.database import Database, now
 
 CHANNEL_OFFSET = 10**12  # Telethon marks channel ids as -(10**12 + id)
 CHUNK_ROWS = 5_000  # messages per write transaction
@@ -319,10 +320,15 @@ class _ChatRows:
     peer: Peer
     rows: list[tuple[Any, ...]]
     senders: dict[int, str]
+    notes: list[tuple[Any, ...]]  # voice/round-video notes' media rows (``desktop_voice``)
 
 
 def _chat_rows(
-    where: str, chat: Any, owner_id: int | None, options: ImportOptions
+    where: str,
+    chat: Any,
+    owner_id: int | None,
+    options: ImportOptions,
+    base_dir: Path | None = None,
 ) -> _ChatRows | str:
     """Rows of one chat, or the reason it is skipped."""
     if not isinstance(chat, dict):
@@ -356,16 +362,20 @@ def _chat_rows(
     peer = _peer_for_chat(chat_type, chat_id, chat.get("name"), owner_id)
     rows: list[tuple[Any, ...]] = []
     senders: dict[int, str] = {}
+    notes: list[tuple[Any, ...]] = []
+    ts = now()
     for j, raw in enumerate(messages):
         at = f"{where}.messages[{j}]"
         m = map_desktop_message(
             raw, chat_id=chat_id, owner_id=owner_id, other_id=other_id, where=at
         )
         rows.append(history.message_row(m))
+        if m.is_voice_note and (note := note_row(raw, chat_id, m.message_id, base_dir, ts)):
+            notes.append(note)
         if m.sender_id is not None and m.sender_id not in senders:
             name = raw.get("actor" if m.is_service else "from")
             senders[m.sender_id] = str(name) if name else ""
-    return _ChatRows(peer, rows, senders)
+    return _ChatRows(peer, rows, senders, notes)
 
 
 def _sender_peers(senders: dict[int, str], owner_id: int | None) -> Iterator[Peer]:
@@ -396,6 +406,7 @@ async def import_desktop_export(
     then written in transactions of ``chunk_rows`` messages; idempotent."""
     options = options or ImportOptions()
     data = load_export(path)
+    base_dir = resolve_path(path).parent  # the notes' files are relative to result.json
     pairs, file_owner, _ = _chats(data)
     owner_id = options.owner_id or file_owner
     if owner_id is None:
@@ -406,7 +417,7 @@ async def import_desktop_export(
     built: list[_ChatRows] = []
     skipped: dict[str, int] = {}
     for where, chat in pairs:
-        result = _chat_rows(where, chat, owner_id, options)
+        result = _chat_rows(where, chat, owner_id, options, base_dir)
         if isinstance(result, str):
             skipped[result] = skipped.get(result, 0) + 1
         else:
@@ -431,6 +442,9 @@ async def import_desktop_export(
             written += len(chunk)
             if progress is not None:
                 progress(written, total)
+        if chat.notes:
+            async with db.transaction() as conn:
+                await transcripts.note_media_in(conn, chat.notes)
     return ImportResult(
         chats=len(built),
         messages=total,

@@ -13,14 +13,18 @@ from itertools import islice
 from operator import itemgetter, le
 from pathlib import Path
 
-from doppelbot.dataset.rules import KIND_SQL, TEXT_SQL, Row
-from doppelbot.domain import Peer
+from doppelbot.dataset.rules import KIND_MEDIA, KIND_SQL, KIND_TEXT, TEXT_SQL, Row
+from doppelbot.domain import Peer, voice_message_text
 from doppelbot.errors import StoreError
 from doppelbot.store.history import row_peer
 
 CHAT_ROWS_SQL = (
     f"SELECT message_id, is_outgoing, date, {TEXT_SQL}, reply_to_message_id, {KIND_SQL}"
     " FROM messages WHERE chat_id = ?"
+)
+# finished, non-empty transcripts of one chat (voice and round-video notes)
+CHAT_TRANSCRIPTS_SQL = (
+    "SELECT message_id, text FROM transcripts WHERE chat_id = ? AND status = 'done' AND text != ''"
 )
 _DATE = itemgetter(2)
 _TIME_ORDER = itemgetter(2, 0)
@@ -69,16 +73,50 @@ def chat_message_counts(conn: sqlite3.Connection) -> dict[int, int]:
     return {int(chat_id): int(n) for chat_id, n in rows}
 
 
-def chat_rows(conn: sqlite3.Connection, chat_id: int) -> list[Row]:
+def has_transcripts(conn: sqlite3.Connection) -> bool:
+    """Whether the store holds any finished transcript (False before migration 0012)."""
+    try:
+        row = conn.execute("SELECT 1 FROM transcripts WHERE status = 'done' LIMIT 1").fetchone()
+    except sqlite3.OperationalError:  # no such table: a database from before transcripts
+        return False
+    return row is not None
+
+
+def transcribed_notes(conn: sqlite3.Connection) -> set[tuple[int, int]]:
+    """(chat id, message id) of every note that reads as its transcript in the dataset."""
+    if not has_transcripts(conn):
+        return set()
+    rows = conn.execute(
+        "SELECT t.chat_id, t.message_id FROM transcripts t JOIN messages m"
+        " ON m.chat_id = t.chat_id AND m.message_id = t.message_id"
+        " WHERE t.status = 'done' AND t.text != '' AND m.is_forwarded = 0"
+        " AND m.service_action IS NULL"
+    ).fetchall()
+    return {(int(c), int(m)) for c, m in rows}
+
+
+def chat_rows(conn: sqlite3.Connection, chat_id: int, *, transcripts: bool = False) -> list[Row]:
     """All messages of one chat in time order ``(date, message_id)``, as dataset rows.
 
     Read in primary-key (message id) order, which is time order in every real chat, and
     sorted only when a date goes backwards: ordering by date in SQL would cost a lookup per row.
+    With ``transcripts``, a transcribed voice/round-video note becomes a text row of what it
+    said (one indexed lookup per chat; the rows are only rebuilt in chats that have some).
     """
     try:
         rows = conn.execute(CHAT_ROWS_SQL, (chat_id,)).fetchall()
+        found = (
+            dict(conn.execute(CHAT_TRANSCRIPTS_SQL, (chat_id,)).fetchall()) if transcripts else {}
+        )
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read chat {chat_id}: {exc}") from exc
+    if found:
+        rows = [
+            (r[0], r[1], r[2], voice_message_text(r[3], found[r[0]]), r[4], KIND_TEXT)
+            if r[5] == KIND_MEDIA and r[0] in found
+            else r
+            for r in rows
+        ]
     dates = list(map(_DATE, rows))
     if not all(map(le, dates, islice(dates, 1, None))):
         rows.sort(key=_TIME_ORDER)
