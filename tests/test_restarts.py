@@ -291,3 +291,44 @@ async def test_a_message_that_cannot_be_stored_is_still_answered_and_stored_late
         assert await run.db.scalar("SELECT count(*) FROM messages WHERE text = 'ты тут?'") == 0
         await asyncio.sleep(1.5)  # the background retry
         assert await run.db.scalar("SELECT count(*) FROM messages WHERE text = 'ты тут?'") == 1
+
+
+async def test_a_voice_note_is_transcribed_answered_and_shown_on_the_card(
+    tmp_path: Path, whisper_dir: Path, voice_ogg: bytes
+) -> None:
+    from types import SimpleNamespace
+
+    from doppelbot.domain import TranscriptStatus
+    from doppelbot.speech import TranscriptionWorker
+    from doppelbot.speech.model import DecodeOptions, WhisperSpec
+    from doppelbot.store import transcripts
+    from tests import faketg
+
+    class Says:
+        """A Whisper stand-in with known words (random tiny weights say random things)."""
+
+        def transcribe(self, samples: Any, **kwargs: Any) -> tuple[Any, Any]:
+            words = iter([SimpleNamespace(text="ты придёшь завтра")])
+            return words, SimpleNamespace(language="ru", language_probability=1.0)
+
+    life = Life(tmp_path)
+    alice = life.tg.add_user("Alice")
+    gen = Scripted("приду")
+    voice = {"voice_model": str(whisper_dir), "voice_device": "cpu", "voice_language": "ru"}
+    async with life.run(gen, reply_mode="review", **voice) as run:
+        # The real tiny Whisper through the real download: a transcript is recorded.
+        first = life.tg.push_incoming(alice, "", media=faketg.voice(2, data=voice_ogg))
+        await run.quiet(60)
+        row = await transcripts.get(run.db, alice.id, first.id)
+        assert row is not None and row.status is TranscriptStatus.DONE
+        # With known words: they reach the prompt and the owner's card.
+        spec = WhisperSpec(model="says", decode=DecodeOptions(language="ru"))
+        async with TranscriptionWorker(spec, loader=Says) as says:
+            run.session.bot.transcriber = says
+            second = life.tg.push_incoming(alice, "", media=faketg.voice(2, data=voice_ogg))
+            await run.quiet(60)
+        said = await transcripts.get(run.db, alice.id, second.id)
+        assert said is not None and said.text == "ты придёшь завтра"
+        assert "ты придёшь завтра" in gen.prompts[-1]
+        card = run.cards()[-1]
+        assert "🎤 ты придёшь завтра" in card.text

@@ -241,3 +241,20 @@ def test_compute_type_setting_is_checked(tmp_path: Path) -> None:
         load_settings(env_file=None, data_dir=tmp_path, voice_compute_type="int4")
     with pytest.raises(ConfigError, match="DOPPELBOT_VOICE_LANGUAGE"):
         load_settings(env_file=None, data_dir=tmp_path, voice_language="russian!")
+
+
+def test_a_size_name_loads_the_downloaded_copy_and_says_how_to_get_it(
+    tmp_path: Path, whisper_dir: Path
+) -> None:
+    import shutil
+
+    from doppelbot.model.local import LocalModel, record, speech_repo
+
+    data = tmp_path / "data"
+    spec = WhisperSpec(model="small", device="cpu", data_dir=data)
+    with pytest.raises(SpeechModelError, match=r"run `doppelbot model download speech`"):
+        load_whisper(spec)
+    folder = data / "models" / "Systran--faster-whisper-small"
+    shutil.copytree(whisper_dir, folder)
+    record(data, LocalModel(speech_repo("small"), "speech", folder, "main"))
+    assert load_whisper(spec) is not None  # the local copy, with no hub in sight

@@ -126,7 +126,7 @@ def check(
     console.print(table)
 
 
-WHAT_CHOICES = ("model", "embedder")
+WHAT_CHOICES = ("model", "embedder", "speech")
 
 
 @app.command(
@@ -138,7 +138,10 @@ WHAT_CHOICES = ("model", "embedder")
 def download(
     ctx: typer.Context,
     what: list[str] | None = typer.Argument(
-        None, help="model, embedder, or both (default: both).", show_default=False
+        None,
+        help="model, embedder and/or speech (the voice-note model; default: all three, speech "
+        "only when DOPPELBOT_VOICE_TRANSCRIPTION is on).",
+        show_default=False,
     ),
     model: str | None = typer.Option(
         None, "--model", help="Hub id of the reply model (default: DOPPELBOT_MODEL)."
@@ -160,19 +163,24 @@ def download(
     settings = app_state.settings
     from doppelbot.errors import ModelDownloadError
 
-    chosen = list(dict.fromkeys(what or WHAT_CHOICES))
+    default = [w for w in WHAT_CHOICES if w != "speech" or settings.voice_transcription]
+    chosen = list(dict.fromkeys(what or default))
     for item in chosen:
         if item not in WHAT_CHOICES:
-            raise typer.BadParameter(f"{item!r}: choose model or embedder", param_hint="WHAT")
+            raise typer.BadParameter(
+                f"{item!r}: choose model, embedder or speech", param_hint="WHAT"
+            )
     if list_:
         _print_downloads(app_state.console, settings)
         return
+    from doppelbot.model.download import download_model, fetch_info, human_size
+    from doppelbot.model.local import SETTING, WHAT, is_hub_id, speech_repo
+
     targets = {
         "model": model or settings.model,
         "embedder": embedder or settings.embedder_model,
+        "speech": speech_repo(settings.voice_model),
     }
-    from doppelbot.model.download import download_model, fetch_info, human_size
-    from doppelbot.model.local import SETTING, WHAT, is_hub_id
 
     console, err = app_state.console, app_state.err_console
     done: list[tuple[str, str]] = []
@@ -210,7 +218,11 @@ def download(
         )
         done.append((role, name))
     for role, name in done:
-        configured = settings.model if role == "model" else settings.embedder_model
+        configured = {
+            "model": settings.model,
+            "embedder": settings.embedder_model,
+            "speech": speech_repo(settings.voice_model),
+        }[role]
         if name != configured:
             console.print(
                 f"[yellow]note:[/] {SETTING[role]} is {configured}; set {SETTING[role]}={name} "

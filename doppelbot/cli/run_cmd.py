@@ -213,10 +213,16 @@ async def _serve(
     responder_kwargs = dict(responder_kwargs or {})
     bot: Any = None
 
+    speech: Any = None
+    if settings.voice_transcription:
+        from doppelbot.speech import TranscriptionWorker
+
+        speech = TranscriptionWorker.from_settings(settings)  # loads on the first note
+
     def listen_early(tg: Any) -> None:
         # Handlers go in before connecting: Telethon replays missed updates right away.
         nonlocal bot
-        bot = LiveBot(tg, db, settings)
+        bot = LiveBot(tg, db, settings, transcriber=speech)
         bot.install()
 
     try:
@@ -270,6 +276,8 @@ async def _serve(
                 )
             finally:
                 await workflow.aclose()
+                if speech is not None:
+                    await speech.aclose()
                 if kb is not None:
                     await kb.aclose()
                 if worker is not None:

@@ -24,14 +24,28 @@ from typing import Any, Literal
 
 from doppelbot.errors import ModelMissingError
 
-Role = Literal["model", "embedder"]
+Role = Literal["model", "embedder", "speech"]
 
 MODELS_DIRNAME = "models"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 
-SETTING = {"model": "DOPPELBOT_MODEL", "embedder": "DOPPELBOT_EMBEDDER_MODEL"}
-WHAT = {"model": "reply model", "embedder": "embedder"}
+SETTING = {
+    "model": "DOPPELBOT_MODEL",
+    "embedder": "DOPPELBOT_EMBEDDER_MODEL",
+    "speech": "DOPPELBOT_VOICE_MODEL",
+}
+WHAT = {"model": "reply model", "embedder": "embedder", "speech": "speech model"}
+#: faster-whisper's size names and the hub repositories of its converted models.
+_SIZES = "tiny tiny.en base base.en small small.en medium medium.en large-v1 large-v2 large-v3"
+WHISPER_SIZES = {size: f"Systran/faster-whisper-{size}" for size in _SIZES.split()}
+WHISPER_SIZES["large"] = WHISPER_SIZES["large-v3"]
+
+
+def speech_repo(name: str) -> str:
+    """The hub repository of speech model ``name`` (a faster-whisper size or a hub id)."""
+    return WHISPER_SIZES.get(name, name)
+
 
 # "org/name" or "name" as the hub spells repo ids; anything else is meant as a path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -183,7 +197,7 @@ def model_source(name: str, data_dir: Path, role: Role = "model") -> str:
         raise ModelMissingError(f"cannot load the {what} {name}: it is a file, not a folder")
     if not is_hub_id(name):
         raise ModelMissingError(f"cannot load the {what} {name}: no such folder ({setting})")
-    command = "doppelbot model download" + ("" if role == "model" else " embedder")
+    command = "doppelbot model download" + ("" if role == "model" else f" {role}")
     hint = f"run `{command}` (or set {setting} to a folder that holds it)"
     entry = read_manifest(data_dir).get(name)
     if entry is None:

@@ -71,7 +71,7 @@ from doppelbot.responder.policy import (
     group_dice,
 )
 from doppelbot.responder.transport import ChatTransport, Clock
-from doppelbot.store import bot_state, history, replies
+from doppelbot.store import bot_state, history, replies, transcripts
 from doppelbot.store.database import Database
 
 log = logging.getLogger("doppelbot.responder")
@@ -491,6 +491,8 @@ class Responder:
             if self._unsaved is not None:
                 known = {m.message_id for m in messages}
                 messages += [m for m in self._unsaved(chat_id) if m.message_id not in known]
+            # A voice note counts with what it said, as in the training set.
+            messages = await transcripts.attach(self.db, messages)
             newest_incoming = max((m.message_id for m in messages if not m.is_outgoing), default=0)
             state.last_incoming_id = max(state.last_incoming_id, newest_incoming)
             snapshot = state.last_incoming_id

@@ -52,7 +52,7 @@ from doppelbot.review.cards import (
     reaction_action,
 )
 from doppelbot.review.commands import HELP_TEXT, Command, CommandError, CommandName, parse_command
-from doppelbot.store import bot_state, feedback, history, replies
+from doppelbot.store import bot_state, feedback, history, replies, transcripts
 from doppelbot.store.database import Database
 
 if TYPE_CHECKING:
@@ -226,15 +226,16 @@ class ReviewWorkflow:
 
     async def _incoming_texts(self, reply: Reply) -> list[str]:
         ids = list(reply.context_message_ids) or [reply.trigger_message_id]
-        marks = ",".join("?" * len(ids))
-        rows = await self.db.fetchall(
-            f"SELECT text, media_kind, sticker_emoji FROM messages WHERE chat_id = ?"
-            f" AND message_id IN ({marks}) AND is_outgoing = 0 ORDER BY message_id",
-            (reply.chat_id, *ids),
-        )
+        stored = await history.messages_by_ids(self.db, reply.chat_id, ids)
         out = []
-        for text, media, sticker in rows:
-            shown = text or (sticker and f"[sticker {sticker}]") or (media and f"[{media}]")
+        for m in await transcripts.attach(self.db, [m for m in stored if not m.is_outgoing]):
+            if m.is_voice_note:
+                # The transcript is what the draft answers: the owner must see it too.
+                said = f"🎤 {m.transcript}" if m.transcript else f"[{m.media_kind}]"
+                shown = f"{m.text}\n{said}" if m.text else said
+            else:
+                sticker = m.sticker_emoji and f"[sticker {m.sticker_emoji}]"
+                shown = m.text or sticker or (m.media_kind and f"[{m.media_kind}]") or ""
             if shown:
                 out.append(shown)
         return out

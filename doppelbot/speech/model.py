@@ -56,6 +56,9 @@ class WhisperSpec:
     threads: int | None = None  # None: all cores
     download_root: Path | None = None
     decode: DecodeOptions = DecodeOptions()
+    #: The data directory whose ``doppelbot model download speech`` copy a size name or hub
+    #: id loads from (None: faster-whisper fetches it from the hub into ``download_root``).
+    data_dir: Path | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> WhisperSpec:
@@ -66,6 +69,7 @@ class WhisperSpec:
             "compute_type": settings.voice_compute_type,
             "threads": settings.voice_threads,
             "download_root": settings.voice_cache_dir,
+            "data_dir": settings.data_dir,
             "decode": DecodeOptions(
                 language=None if language == "auto" else language,
                 beam_size=settings.voice_beam_size,
@@ -117,6 +121,16 @@ def load_whisper(spec: WhisperSpec) -> Any:
     local = path.is_dir()
     if not local and (path.is_absolute() or spec.model.startswith((".", "~"))):
         raise SpeechModelError(f"speech model folder not found: {path}")
+    if not local and spec.data_dir is not None:
+        # The bot starts offline: a size name or hub id loads the downloaded copy.
+        from doppelbot.errors import ModelMissingError
+        from doppelbot.model.local import model_source, speech_repo
+
+        try:
+            path = Path(model_source(speech_repo(spec.model), spec.data_dir, "speech"))
+        except ModelMissingError as exc:
+            raise SpeechModelError(str(exc)) from None
+        local = True
     if local and not (path / "model.bin").is_file():
         raise SpeechModelError(
             f"{path} is not a CTranslate2 Whisper model (no model.bin); convert one with "

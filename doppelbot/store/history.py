@@ -314,3 +314,30 @@ async def newest_message_id(db: Database, chat_id: int) -> int:
     """The newest message of ``chat_id`` in the store (0: none)."""
     value = await db.scalar("SELECT max(message_id) FROM messages WHERE chat_id = ?", (chat_id,))
     return 0 if value is None else int(value)
+
+
+async def messages_by_ids(db: Database, chat_id: int, message_ids: Sequence[int]) -> list[Message]:
+    """The stored messages of ``chat_id`` among ``message_ids``, in id order."""
+    if not message_ids:
+        return []
+    marks = ",".join("?" * len(message_ids))
+    rows = await db.fetchall(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND message_id IN ({marks})"
+        " ORDER BY message_id",
+        (chat_id, *message_ids),
+    )
+    return [row_message(r) for r in rows]
+
+
+async def voice_notes_since(db: Database, chat_id: int, since: int, limit: int = 5) -> list[int]:
+    """The newest incoming voice/round-video notes of ``chat_id`` dated ``since`` or later that
+    have no finished transcript (what a restart transcribes before answering)."""
+    rows = await db.fetchall(
+        "SELECT m.message_id FROM messages m WHERE m.chat_id = ? AND m.is_outgoing = 0"
+        " AND m.media_kind IN ('voice', 'video_note') AND m.date >= ? AND NOT EXISTS ("
+        "  SELECT 1 FROM transcripts t WHERE t.chat_id = m.chat_id"
+        "  AND t.message_id = m.message_id AND t.status = 'done')"
+        " ORDER BY m.message_id DESC LIMIT ?",
+        (chat_id, since, limit),
+    )
+    return sorted(int(r["message_id"]) for r in rows)

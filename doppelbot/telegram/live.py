@@ -28,7 +28,7 @@ from doppelbot.config import Settings
 from doppelbot.domain import Message, Peer, PeerKind, Reaction
 from doppelbot.errors import DoppelbotError, FloodWaitError
 from doppelbot.health import Health, State
-from doppelbot.ports import FactRetriever, ReplyGenerator
+from doppelbot.ports import FactRetriever, ReplyGenerator, Transcriber
 from doppelbot.responder.loopmon import LoopLagMonitor
 from doppelbot.responder.service import DraftSink, Responder, describe
 from doppelbot.responder.transport import Clock
@@ -37,7 +37,9 @@ from doppelbot.store.database import Database
 from doppelbot.telegram.catchup import CatchUpReport, sync_after_downtime
 from doppelbot.telegram.errors import translate
 from doppelbot.telegram.mapping import map_account, map_message, map_peer
+from doppelbot.telegram.voice import transcribe_incoming
 from doppelbot.telegram.watchdog import Watchdog
+from doppelbot.voice import VoiceLimits
 
 log = logging.getLogger("doppelbot.live")
 
@@ -131,11 +133,16 @@ class LiveBot:
         settings: Settings,
         *,
         clock: Clock | None = None,
+        transcriber: Transcriber | None = None,
     ) -> None:
         self.client = client
         self.db = db
         self.settings = settings
         self.clock = clock or Clock()
+        #: Voice and round-video notes in private chats are transcribed (bounded in time)
+        #: before the responder hears of them, so a reply answers what they said.
+        self.transcriber = transcriber
+        self._voice_limits = VoiceLimits.from_settings(settings)
         self.owner_id: int | None = None
         self.responder: Responder | None = None
         #: Called for every new message the bot sees, Saved Messages included (the review
@@ -283,6 +290,40 @@ class LiveBot:
             if task is not None:
                 self._inflight.discard(task)
 
+    async def transcribe(self, message: Any) -> None:
+        """Transcribe a voice or round-video note (Telethon message) and store the result;
+        never raises and never waits longer than the download and transcription timeouts —
+        a note that cannot be transcribed is answered without its words."""
+        if self.transcriber is None:
+            return
+        try:
+            row = await transcribe_incoming(
+                self.client,
+                self.db,
+                self.transcriber,
+                message,
+                self._voice_limits,
+                download_timeout_s=self.settings.voice_timeout_s,
+            )
+        except Exception as exc:
+            log.warning("live: voice note not transcribed: %s", describe(exc))
+            return
+        if row is not None and not row.usable:
+            log.info("live: voice note without a transcript (%s)", row.status)
+
+    async def transcribe_recent(self, chat_id: int, message_ids: Sequence[int]) -> None:
+        """Transcribe the notes among ``message_ids`` of a chat (what arrived while down)."""
+        if self.transcriber is None or not message_ids:
+            return
+        try:
+            found = await self.client.get_messages(chat_id, ids=list(message_ids))
+        except (tg_errors.RPCError, ConnectionError, OSError, ValueError) as exc:
+            log.warning("live: voice notes not fetched: %s", describe(translate(exc)))
+            return
+        for message in found or ():
+            if message is not None:
+                await self.transcribe(message)
+
     def _defer(self, handler: Callable[[Any], Awaitable[None]], event: Any) -> bool:
         """Before ``start``: keep the event for later. True when kept."""
         if self._started:
@@ -320,6 +361,8 @@ class LiveBot:
                 message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
                 if self.stores(peer):
                     await self._save(message, peer)
+                if message.is_voice_note and peer.kind is PeerKind.USER and not peer.is_self:
+                    await self.transcribe(event.message)
                 await self._to_responder(message, peer)
                 for listener in self.listeners:
                     await listener(message, peer)
@@ -458,10 +501,14 @@ async def run_live(
         await responder.start()
         if on_ready is not None:
             await on_ready(session)
+        since = session.down_since if previous is not None else float(first_run)
+        for candidate in session.catch_up.candidates:
+            notes = await history.voice_notes_since(db, candidate.peer.peer_id, int(since))
+            await bot.transcribe_recent(candidate.peer.peer_id, notes)
         outcome = await responder.catch_up(
             session.catch_up.candidates,
             first_run_at=first_run,
-            down_since=session.down_since if previous is not None else float(first_run),
+            down_since=since,
         )
         await bot.caught_up(session.catch_up.tops)
         summary = {**session.catch_up.summary(), **outcome, "at": int(bot.clock.time())}
