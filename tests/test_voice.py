@@ -15,7 +15,7 @@ import pytest
 from doppelbot.cli import main
 from doppelbot.dataset.builder import _worker_chunk, build_from_db
 from doppelbot.dataset.options import DatasetOptions
-from doppelbot.dataset.rules import KIND_MEDIA, KIND_TEXT, message_row
+from doppelbot.dataset.rules import KIND_MEDIA, KIND_TEXT, rule_row
 from doppelbot.domain import MediaKind, Message, Peer, PeerKind, TranscriptStatus, VoiceNote
 from doppelbot.errors import (
     AudioTooLongError,
@@ -104,10 +104,10 @@ async def test_attach_fills_transcripts_and_the_rules_read_them(db: Database) ->
     text = Message(CHAT, 3, CHAT, False, T0 + 999, text="обычный текст")
     msgs = await transcripts.attach(db, [_voice(1), _voice(2), text])
     assert [m.transcript for m in msgs] == ["привет как дела", None, None]
-    assert message_row(msgs[0])[3:] == ("привет как дела", None, KIND_TEXT)
-    assert message_row(msgs[1])[5] == KIND_MEDIA  # no transcript: still media-only
+    assert rule_row(msgs[0])[3:] == ("привет как дела", None, KIND_TEXT)
+    assert rule_row(msgs[1])[5] == KIND_MEDIA  # no transcript: still media-only
     captioned = replace(msgs[0], text="смотри")
-    assert message_row(captioned)[3] == "смотри\nпривет как дела"
+    assert rule_row(captioned)[3] == "смотри\nпривет как дела"
 
 
 # --- the pipeline --------------------------------------------------------------------------------

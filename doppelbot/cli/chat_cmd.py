@@ -96,7 +96,9 @@ async def _open_facts(settings: Settings) -> tuple[Any, Any]:
 
     db = await Database.open(settings.db_path)
     try:
-        if not await db.scalar("SELECT count(*) FROM facts"):
+        from doppelbot.store.facts import count_facts
+
+        if not await count_facts(db):
             await db.close()
             return None, None
         return await KnowledgeBase.open(settings, db), db

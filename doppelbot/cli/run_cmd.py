@@ -81,7 +81,9 @@ class _LazyFacts:
             return self._kb
         async with self._lock:
             if self._kb is None and not self._failed:
-                if not await self._db.scalar("SELECT count(*) FROM facts"):
+                from doppelbot.store.facts import count_facts
+
+                if not await count_facts(self._db):
                     return None
                 from doppelbot.errors import DoppelbotError
                 from doppelbot.knowledge.knowledge_base import KnowledgeBase
@@ -116,8 +118,9 @@ async def _open_facts(settings: Settings, db: Database, console: Console) -> Any
     rather than not at all). Without facts yet: a lazy one that opens on the first fact."""
     if settings.facts_top_k == 0 and not settings.fact_fallback:
         return None
-    count = await db.scalar("SELECT count(*) FROM facts")
-    if not count:
+    from doppelbot.store.facts import count_facts
+
+    if not await count_facts(db):
         log.info("run: no facts yet (`/fact` in Saved Messages or `doppelbot facts add`)")
         return _LazyFacts(settings, db)
     from doppelbot.errors import DoppelbotError

@@ -277,22 +277,13 @@ async def collect_labels(settings: Settings, console: Console, batch: int | None
                         f"[yellow]{card}: answer {answer.text.strip()!r} not read[/] — {exc}"
                     )
                 progress.advance(task)
-        labelled = len(await _labelled(db, batch))
+        labelled = await store.count_labelled(db, batch)
     console.print(
         f"{len(answers)} answers read, {stored} labels stored, {bad} malformed; "
         f"{labelled} of {len(ids)} cards labelled"
         + ("" if bad == 0 else " (answer a malformed card again, then collect again)")
     )
     return stored
-
-
-async def _labelled(db: Database, batch: int | None) -> list[Any]:
-    rows = await db.fetchall(
-        "SELECT l.item_id FROM ssa_labels l JOIN ssa_items i ON i.item_id = l.item_id"
-        + ("" if batch is None else " WHERE i.batch_id = ?"),
-        () if batch is None else (batch,),
-    )
-    return list(rows)
 
 
 @app.command("collect", help="Read your answers to the cards from Saved Messages as labels.")

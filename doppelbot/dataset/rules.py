@@ -6,8 +6,8 @@ truncated. The same cleaner serves the dataset builder (over a million rows, so 
 is a closure over plain tuples with the cheap tests first) and the responder's live context.
 
 Rows are ``(message_id, is_outgoing, date, text, reply_to_message_id, kind)``; ``kind`` is one
-of the ``KIND_*`` codes, computed in SQL by ``KIND_SQL``/``TEXT_SQL`` for stored history and by
-``message_row`` for ``domain.Message`` objects — the two definitions live side by side here.
+of the ``KIND_*`` codes, computed in SQL for stored history (``store.dataset_reads``, from these
+codes) and by ``rule_row`` for ``domain.Message`` objects.
 A transcribed voice or round-video note is a text row holding what it said
 (``domain.voice_message_text``), in both paths.
 """
@@ -34,19 +34,10 @@ KIND_STICKER = 3  # text holds the sticker's emoji
 KIND_WEBPAGE = 4  # a link preview: the message carries a link
 KIND_MEDIA = 5  # photo, voice, document…; text is the caption, maybe empty
 
-KIND_SQL = (
-    "CASE WHEN service_action IS NOT NULL THEN 1 WHEN is_forwarded THEN 2"
-    " WHEN media_kind = 'sticker' THEN 3 WHEN media_kind = 'webpage' THEN 4"
-    " WHEN media_kind IS NOT NULL THEN 5 ELSE 0 END"
-)
-TEXT_SQL = (
-    "CASE WHEN media_kind = 'sticker' AND is_forwarded = 0 AND service_action IS NULL"
-    " THEN coalesce(sticker_emoji, '') ELSE text END"
-)
 
-
-def message_row(m: Message) -> Row:
-    """A ``domain.Message`` as the row the rules read (the Python twin of the SQL above)."""
+def rule_row(m: Message) -> Row:
+    """A ``domain.Message`` as the row the rules read (the Python twin of the store's SQL,
+    ``store.dataset_reads.KIND_SQL``/``TEXT_SQL``)."""
     if m.service_action is not None:
         kind = KIND_SERVICE
     elif m.is_forwarded:

@@ -19,7 +19,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from doppelbot.dataset.rules import Cleaner, Row, make_cleaner, make_scrubber, message_row
+from doppelbot.dataset.rules import Cleaner, Row, make_cleaner, make_scrubber, rule_row
 from doppelbot.dataset.rules import new_counters as _new_counters
 from doppelbot.dataset.scrub import name_pattern
 from doppelbot.domain import Message, Role, Turn
@@ -275,7 +275,7 @@ def build_live_context(
     if scrubber is not None and not options.keep_names:
         scrubber = scrubber.with_names(name_pattern(names))
     clean = make_cleaner(options, _new_counters(), scrubber)
-    rows = [message_row(m) for m in ordered]
+    rows = [rule_row(m) for m in ordered]
     tl = segment_chat(rows, options, clean).finish(False)
     if not tl.n_turns:
         return ()

@@ -369,7 +369,7 @@ def _chat_rows(
         m = map_desktop_message(
             raw, chat_id=chat_id, owner_id=owner_id, other_id=other_id, where=at
         )
-        rows.append(history.message_row(m))
+        rows.append(history.message_values(m))
         if m.is_voice_note and (note := note_row(raw, chat_id, m.message_id, base_dir, ts)):
             notes.append(note)
         if m.sender_id is not None and m.sender_id not in senders:

@@ -625,17 +625,12 @@ class Responder:
         takeover window. The bot's messages are those a reply recorded as sent; such a reply
         was updated after the message was sent, which keeps the lookup to recent replies."""
         since = int(self._now() - self.policy.takeover_s) - 1
-        rows = await self.db.fetchall(
-            "SELECT m.message_id, m.date FROM messages m WHERE m.chat_id = ?"
-            " AND m.is_outgoing = 1 AND m.date >= ? AND NOT EXISTS ("
-            "  SELECT 1 FROM replies r, json_each(r.sent_message_ids) j"
-            "  WHERE r.chat_id = m.chat_id AND r.updated_at >= ? AND j.value = m.message_id)"
-            " ORDER BY m.date DESC, m.message_id DESC",
-            (chat_id, since, since - CLOCK_SKEW_S),
+        written = await replies.owner_written_since(
+            self.db, chat_id, since, replies_since=since - CLOCK_SKEW_S
         )
         state = self._chats.get(chat_id)
         own = state.own_ids if state is not None else set()
-        for message_id, date in rows:
+        for message_id, date in written:
             if message_id not in own:
                 return float(date)
         return None

@@ -319,37 +319,21 @@ class ReviewWorkflow:
             await self._record_takeover(message, window_s)
 
     async def _record_takeover(self, message: Message, window_s: float) -> None:
-        rows = await self.db.fetchall(
-            "SELECT reply_id FROM replies WHERE chat_id = ? AND status = 'sent' AND mode = 'auto'"
-            " AND sent_message_ids != '[]' ORDER BY sent_at DESC, reply_id DESC LIMIT 1",
-            (message.chat_id,),
-        )
-        if not rows:
-            return
-        reply = await replies.get(self.db, int(rows[0][0]))
+        reply = await replies.last_auto_sent(self.db, message.chat_id)
         if reply is None or reply.sent_at is None:
             return
         last_bot = max(reply.sent_message_ids)
         if message.message_id <= last_bot or message.date - reply.sent_at > window_s:
             return
-        between = await self.db.scalar(
-            "SELECT count(*) FROM messages WHERE chat_id = ? AND is_outgoing = 0"
-            " AND message_id > ? AND message_id < ?",
-            (message.chat_id, last_bot, message.message_id),
-        )
-        if between:
+        if await history.count_incoming_between(
+            self.db, message.chat_id, last_bot, message.message_id
+        ):
             return  # the other person answered the bot first: a new turn, not a correction
         # The owner's whole turn after the bot's reply, from the store (handlers may run out
         # of order; reading it all makes every call give the same answer).
         bot_ids = await replies.bot_message_ids(self.db, message.chat_id)
-        rows = await self.db.fetchall(
-            "SELECT message_id, text FROM messages WHERE chat_id = ? AND is_outgoing = 1"
-            " AND message_id > ? AND message_id < coalesce((SELECT min(message_id) FROM messages"
-            " WHERE chat_id = ? AND is_outgoing = 0 AND message_id > ?), 1 << 62)"
-            " ORDER BY message_id",
-            (message.chat_id, last_bot, message.chat_id, last_bot),
-        )
-        parts = [t.strip() for mid, t in rows if mid not in bot_ids and t and t.strip()]
+        turn = await history.owner_turn_after(self.db, message.chat_id, last_bot)
+        parts = [m.text.strip() for m in turn if m.message_id not in bot_ids and m.text.strip()]
         text = "\n".join(parts) or message.text.strip()
         existing = await feedback.latest_verdict(self.db, reply.reply_id, Verdict.TAKEOVER)
         if existing is not None and existing.verdict_id is not None:
@@ -780,11 +764,8 @@ class ReviewWorkflow:
         if raw.lstrip("-").isdigit():
             chat_id = int(raw)
         else:
-            found = await self.db.scalar(
-                "SELECT peer_id FROM peers WHERE lower(username) = ? ORDER BY peer_id LIMIT 1",
-                (raw.lstrip("@").lower(),),
-            )
-            chat_id = None if found is None else int(found)
+            found = await history.find_peer_by_username(self.db, raw)
+            chat_id = None if found is None else found.peer_id
         if chat_id is None or chat_id == self.owner_id:
             raise CommandError(
                 f"unknown chat {raw!r}: use its id (see /status or `doppelbot status`) or "

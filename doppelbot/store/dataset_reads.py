@@ -3,7 +3,7 @@
 The builder reads every message once — a million rows for a heavy user — so it bypasses the
 async store and the ``Message`` dataclass: a read-only ``sqlite3`` connection (WAL lets it run
 beside the bot) returns each chat's rows as the plain tuples the dataset rules consume, with the
-message kind already decided in SQL (``doppelbot.dataset.rules.KIND_SQL``).
+message kind already decided in SQL (``KIND_SQL``, the twin of ``dataset.rules.rule_row``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,30 @@ from itertools import islice
 from operator import itemgetter, le
 from pathlib import Path
 
-from doppelbot.dataset.rules import KIND_MEDIA, KIND_SQL, KIND_TEXT, TEXT_SQL, Row
+from doppelbot.dataset.rules import (
+    KIND_FORWARDED,
+    KIND_MEDIA,
+    KIND_SERVICE,
+    KIND_STICKER,
+    KIND_TEXT,
+    KIND_WEBPAGE,
+    Row,
+)
 from doppelbot.domain import Peer, voice_message_text
 from doppelbot.errors import StoreError
-from doppelbot.store.history import row_peer
+from doppelbot.store.history import PEERS, row_peer
 
+KIND_SQL = (
+    f"CASE WHEN service_action IS NOT NULL THEN {KIND_SERVICE}"
+    f" WHEN is_forwarded THEN {KIND_FORWARDED}"
+    f" WHEN media_kind = 'sticker' THEN {KIND_STICKER}"
+    f" WHEN media_kind = 'webpage' THEN {KIND_WEBPAGE}"
+    f" WHEN media_kind IS NOT NULL THEN {KIND_MEDIA} ELSE {KIND_TEXT} END"
+)
+TEXT_SQL = (
+    "CASE WHEN media_kind = 'sticker' AND is_forwarded = 0 AND service_action IS NULL"
+    " THEN coalesce(sticker_emoji, '') ELSE text END"
+)
 CHAT_ROWS_SQL = (
     f"SELECT message_id, is_outgoing, date, {TEXT_SQL}, reply_to_message_id, {KIND_SQL}"
     " FROM messages WHERE chat_id = ?"
@@ -51,13 +70,9 @@ def account_user_id(conn: sqlite3.Connection) -> int | None:
 
 def chats_with_peers(conn: sqlite3.Connection) -> list[tuple[int, Peer | None]]:
     """``(chat_id, peer or None)`` for every chat that has messages, in chat id order."""
-    peers = {
-        int(r[0]): row_peer(r)
-        for r in conn.execute(
-            "SELECT peer_id, kind, first_name, last_name, title, username, is_bot, is_deleted,"
-            " is_contact, is_self FROM peers"
-        )
-    }
+    cursor = conn.execute(PEERS.select())
+    names = [d[0] for d in cursor.description]
+    peers = {int(r[0]): row_peer(dict(zip(names, r, strict=True))) for r in cursor}
     # a skip-scan over the primary key: one index probe per chat instead of reading every row
     rows = conn.execute(
         "WITH RECURSIVE c(id) AS (SELECT min(chat_id) FROM messages UNION ALL"

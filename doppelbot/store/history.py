@@ -7,44 +7,82 @@ simply replaces the stored row.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import aiosqlite
 
 from doppelbot.domain import Account, MediaKind, Message, Peer, PeerKind
 from doppelbot.store.database import Database, now
+from doppelbot.store.table import Table
 
-MESSAGE_COLUMNS = (
-    "chat_id, message_id, sender_id, is_outgoing, date, edit_date, text, reply_to_message_id, "
-    "is_forwarded, forwarded_from, media_kind, sticker_emoji, grouped_id, service_action"
+MESSAGES = Table(
+    "messages",
+    (
+        "chat_id",
+        "message_id",
+        "sender_id",
+        "is_outgoing",
+        "date",
+        "edit_date",
+        "text",
+        "reply_to_message_id",
+        "is_forwarded",
+        "forwarded_from",
+        "media_kind",
+        "sticker_emoji",
+        "grouped_id",
+        "service_action",
+    ),
+    key=("chat_id", "message_id"),
+)
+PEERS = Table(
+    "peers",
+    (
+        "peer_id",
+        "kind",
+        "first_name",
+        "last_name",
+        "title",
+        "username",
+        "is_bot",
+        "is_deleted",
+        "is_contact",
+        "is_self",
+        "updated_at",
+    ),
+    key=("peer_id",),
+)
+EXPORT_CURSORS = Table(
+    "export_cursors",
+    (
+        "chat_id",
+        "newest_message_id",
+        "oldest_message_id",
+        "history_complete",
+        "server_total",
+        "last_run_at",
+        "last_error",
+    ),
+    key=("chat_id",),
+)
+ACCOUNT = Table(
+    "account",
+    ("user_id", "first_name", "last_name", "username", "phone", "updated_at"),
+    ("user_id",),
 )
 
-UPSERT_MESSAGE_SQL = f"""
-INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)
-ON CONFLICT (chat_id, message_id) DO UPDATE SET
-    sender_id=excluded.sender_id, is_outgoing=excluded.is_outgoing, date=excluded.date,
-    edit_date=excluded.edit_date, text=excluded.text,
-    reply_to_message_id=excluded.reply_to_message_id, is_forwarded=excluded.is_forwarded,
-    forwarded_from=excluded.forwarded_from, media_kind=excluded.media_kind,
-    sticker_emoji=excluded.sticker_emoji, grouped_id=excluded.grouped_id,
-    service_action=excluded.service_action
-"""
-
-UPSERT_PEER_SQL = """
-INSERT INTO peers (peer_id, kind, first_name, last_name, title, username, is_bot, is_deleted,
-                   is_contact, is_self, updated_at)
-VALUES (?,?,?,?,?,?,?,?,?,?,?)
-ON CONFLICT (peer_id) DO UPDATE SET
-    kind=excluded.kind, first_name=excluded.first_name, last_name=excluded.last_name,
-    title=excluded.title, username=excluded.username, is_bot=excluded.is_bot,
-    is_deleted=excluded.is_deleted, is_contact=excluded.is_contact, is_self=excluded.is_self,
-    updated_at=excluded.updated_at
-"""
+MESSAGE_COLUMNS = MESSAGES.column_list
+UPSERT_MESSAGE_SQL = MESSAGES.insert(conflict="update")
+UPSERT_PEER_SQL = PEERS.insert(conflict="update")
+INSERT_PEER_IF_NEW_SQL = PEERS.insert(conflict="ignore")
 
 
-def message_row(m: Message) -> tuple[Any, ...]:
+def message_values(m: Message) -> tuple[Any, ...]:
+    """A message as the values of a ``messages`` row (``MESSAGES.columns`` order)."""
     return (
         m.chat_id,
         m.message_id,
@@ -63,26 +101,28 @@ def message_row(m: Message) -> tuple[Any, ...]:
     )
 
 
-def row_message(r: Sequence[Any]) -> Message:
+def row_message(r: Any) -> Message:
+    """A ``messages`` row (read by column name) → ``Message``."""
     return Message(
-        chat_id=r[0],
-        message_id=r[1],
-        sender_id=r[2],
-        is_outgoing=bool(r[3]),
-        date=r[4],
-        edit_date=r[5],
-        text=r[6],
-        reply_to_message_id=r[7],
-        is_forwarded=bool(r[8]),
-        forwarded_from=r[9],
-        media_kind=MediaKind(r[10]) if r[10] else None,
-        sticker_emoji=r[11],
-        grouped_id=r[12],
-        service_action=r[13],
+        chat_id=r["chat_id"],
+        message_id=r["message_id"],
+        sender_id=r["sender_id"],
+        is_outgoing=bool(r["is_outgoing"]),
+        date=r["date"],
+        edit_date=r["edit_date"],
+        text=r["text"],
+        reply_to_message_id=r["reply_to_message_id"],
+        is_forwarded=bool(r["is_forwarded"]),
+        forwarded_from=r["forwarded_from"],
+        media_kind=MediaKind(r["media_kind"]) if r["media_kind"] else None,
+        sticker_emoji=r["sticker_emoji"],
+        grouped_id=r["grouped_id"],
+        service_action=r["service_action"],
     )
 
 
-def peer_row(p: Peer, updated_at: int | None = None) -> tuple[Any, ...]:
+def peer_values(p: Peer, updated_at: int | None = None) -> tuple[Any, ...]:
+    """A peer as the values of a ``peers`` row (``PEERS.columns`` order)."""
     return (
         p.peer_id,
         p.kind.value,
@@ -98,18 +138,19 @@ def peer_row(p: Peer, updated_at: int | None = None) -> tuple[Any, ...]:
     )
 
 
-def row_peer(r: Sequence[Any]) -> Peer:
+def row_peer(r: Any) -> Peer:
+    """A ``peers`` row (read by column name) → ``Peer``."""
     return Peer(
-        peer_id=r[0],
-        kind=PeerKind(r[1]),
-        first_name=r[2],
-        last_name=r[3],
-        title=r[4],
-        username=r[5],
-        is_bot=bool(r[6]),
-        is_deleted=bool(r[7]),
-        is_contact=bool(r[8]),
-        is_self=bool(r[9]),
+        peer_id=r["peer_id"],
+        kind=PeerKind(r["kind"]),
+        first_name=r["first_name"],
+        last_name=r["last_name"],
+        title=r["title"],
+        username=r["username"],
+        is_bot=bool(r["is_bot"]),
+        is_deleted=bool(r["is_deleted"]),
+        is_contact=bool(r["is_contact"]),
+        is_self=bool(r["is_self"]),
     )
 
 
@@ -126,22 +167,17 @@ class ExportCursor:
 
 # --- writes (callable inside an open transaction: pass its connection) -------------------------
 async def upsert_messages_in(conn: aiosqlite.Connection, messages: Iterable[Message]) -> None:
-    await conn.executemany(UPSERT_MESSAGE_SQL, [message_row(m) for m in messages])
+    await conn.executemany(UPSERT_MESSAGE_SQL, [message_values(m) for m in messages])
 
 
 async def upsert_peers_in(conn: aiosqlite.Connection, peers: Iterable[Peer]) -> None:
     ts = now()
-    await conn.executemany(UPSERT_PEER_SQL, [peer_row(p, ts) for p in peers])
+    await conn.executemany(UPSERT_PEER_SQL, [peer_values(p, ts) for p in peers])
 
 
 async def save_cursor_in(conn: aiosqlite.Connection, c: ExportCursor) -> None:
     await conn.execute(
-        "INSERT INTO export_cursors (chat_id, newest_message_id, oldest_message_id,"
-        " history_complete, server_total, last_run_at, last_error) VALUES (?,?,?,?,?,?,?)"
-        " ON CONFLICT (chat_id) DO UPDATE SET newest_message_id=excluded.newest_message_id,"
-        " oldest_message_id=excluded.oldest_message_id,"
-        " history_complete=excluded.history_complete, server_total=excluded.server_total,"
-        " last_run_at=excluded.last_run_at, last_error=excluded.last_error",
+        EXPORT_CURSORS.insert(conflict="update"),
         (
             c.chat_id,
             c.newest_message_id,
@@ -154,23 +190,16 @@ async def save_cursor_in(conn: aiosqlite.Connection, c: ExportCursor) -> None:
     )
 
 
-INSERT_PEER_IF_NEW_SQL = (
-    "INSERT INTO peers (peer_id, kind, first_name, last_name, title, username, is_bot,"
-    " is_deleted, is_contact, is_self, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-    " ON CONFLICT (peer_id) DO NOTHING"
-)
-
-
 async def insert_peers_if_new_in(conn: aiosqlite.Connection, peers: Iterable[Peer]) -> None:
     """Peers not stored yet (a file's names never overwrite what a live export knows)."""
     ts = now()
-    await conn.executemany(INSERT_PEER_IF_NEW_SQL, [peer_row(p, ts) for p in peers])
+    await conn.executemany(INSERT_PEER_IF_NEW_SQL, [peer_values(p, ts) for p in peers])
 
 
 async def upsert_message_rows_in(
     conn: aiosqlite.Connection, rows: Sequence[tuple[Any, ...]]
 ) -> None:
-    """Rows made by ``message_row`` (or an importer's equivalent)."""
+    """Rows made by ``message_values`` (or an importer's equivalent)."""
     await conn.executemany(UPSERT_MESSAGE_SQL, rows)
 
 
@@ -179,12 +208,36 @@ async def count_stored_in(
 ) -> int:
     """How many of ``message_ids`` of the chat are stored (index lookups only: cheap in a chat
     of millions; json_each: no limit on the number of ids)."""
-    import json
-
     (row,) = await conn.execute_fetchall(
         "SELECT count(*) FROM messages WHERE chat_id = ?"
         " AND message_id IN (SELECT value FROM json_each(?))",
         (chat_id, json.dumps(list(message_ids))),
+    )
+    return int(row[0])
+
+
+#: 500 rows x 14 columns = 7,000 parameters, well under SQLite's 32,766.
+ROWS_PER_STATEMENT = 500
+
+
+async def upsert_message_rows_bulk_in(
+    conn: aiosqlite.Connection, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """``upsert_message_rows_in`` for many rows (the export), as multi-row statements.
+
+    Why not ``executemany``: it takes the GIL back for every row (to bind it) after releasing
+    it around that row's ``sqlite3_step``, so beside an event loop busy parsing pages it waits
+    for the GIL once per row. One statement per ``ROWS_PER_STATEMENT`` rows binds them in one
+    go and inserts them all with the GIL released."""
+    for i in range(0, len(rows), ROWS_PER_STATEMENT):
+        chunk = rows[i : i + ROWS_PER_STATEMENT]
+        sql = MESSAGES.insert(rows=len(chunk), conflict="update")
+        await conn.execute(sql, list(chain.from_iterable(chunk)))
+
+
+async def count_messages_in(conn: aiosqlite.Connection, chat_id: int) -> int:
+    (row,) = await conn.execute_fetchall(
+        "SELECT count(*) FROM messages WHERE chat_id = ?", (chat_id,)
     )
     return int(row[0])
 
@@ -207,10 +260,7 @@ async def save_cursor(db: Database, cursor: ExportCursor) -> None:
 
 async def save_account(db: Database, account: Account) -> None:
     await db.execute(
-        "INSERT INTO account (user_id, first_name, last_name, username, phone, updated_at)"
-        " VALUES (?,?,?,?,?,?) ON CONFLICT (user_id) DO UPDATE SET first_name=excluded.first_name,"
-        " last_name=excluded.last_name, username=excluded.username, phone=excluded.phone,"
-        " updated_at=excluded.updated_at",
+        ACCOUNT.insert(conflict="update"),
         (
             account.user_id,
             account.first_name,
@@ -224,43 +274,43 @@ async def save_account(db: Database, account: Account) -> None:
 
 # --- reads -------------------------------------------------------------------------------------
 async def get_account(db: Database) -> Account | None:
-    r = await db.fetchone(
-        "SELECT user_id, first_name, last_name, username, phone FROM account"
-        " ORDER BY updated_at DESC LIMIT 1"
+    r = await db.fetchone(ACCOUNT.select(tail="ORDER BY updated_at DESC LIMIT 1"))
+    if not r:
+        return None
+    return Account(
+        user_id=r["user_id"],
+        first_name=r["first_name"],
+        last_name=r["last_name"],
+        username=r["username"],
+        phone=r["phone"],
     )
-    return Account(*r) if r else None
 
 
 async def get_peer(db: Database, peer_id: int) -> Peer | None:
-    r = await db.fetchone("SELECT * FROM peers WHERE peer_id = ?", (peer_id,))
+    r = await db.fetchone(PEERS.select("peer_id = ?"), (peer_id,))
     return row_peer(r) if r else None
 
 
 async def find_peer_by_username(db: Database, username: str) -> Peer | None:
     r = await db.fetchone(
-        "SELECT * FROM peers WHERE username = ? COLLATE NOCASE", (username.lstrip("@"),)
+        PEERS.select("username = ? COLLATE NOCASE", tail="ORDER BY peer_id LIMIT 1"),
+        (username.lstrip("@"),),
     )
     return row_peer(r) if r else None
 
 
 async def list_peers(db: Database) -> list[Peer]:
-    return [row_peer(r) for r in await db.fetchall("SELECT * FROM peers ORDER BY peer_id")]
+    return [row_peer(r) for r in await db.fetchall(PEERS.select(tail="ORDER BY peer_id"))]
 
 
 async def get_cursor(db: Database, chat_id: int) -> ExportCursor | None:
-    r = await db.fetchone(
-        "SELECT chat_id, newest_message_id, oldest_message_id, history_complete, server_total,"
-        " last_run_at, last_error FROM export_cursors WHERE chat_id = ?",
-        (chat_id,),
-    )
-    if not r:
-        return None
-    return ExportCursor(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6])
+    r = await db.fetchone(EXPORT_CURSORS.select("chat_id = ?"), (chat_id,))
+    return _cursor(chat_id, r) if r else None
 
 
 async def get_message(db: Database, chat_id: int, message_id: int) -> Message | None:
     r = await db.fetchone(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND message_id = ?",
+        MESSAGES.select("chat_id = ? AND message_id = ?"),
         (chat_id, message_id),
     )
     return row_message(r) if r else None
@@ -274,14 +324,13 @@ async def count_messages(db: Database, chat_id: int | None = None) -> int:
 
 async def chat_ids_with_messages(db: Database) -> list[int]:
     rows = await db.fetchall("SELECT DISTINCT chat_id FROM messages ORDER BY chat_id")
-    return [int(r[0]) for r in rows]
+    return [int(r["chat_id"]) for r in rows]
 
 
 async def recent_messages(db: Database, chat_id: int, limit: int = 50) -> list[Message]:
     """The chat's last ``limit`` messages, oldest first."""
     rows = await db.fetchall(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ?"
-        " ORDER BY date DESC, message_id DESC LIMIT ?",
+        MESSAGES.select("chat_id = ?", tail="ORDER BY date DESC, message_id DESC LIMIT ?"),
         (chat_id, limit),
     )
     return [row_message(r) for r in reversed(rows)]
@@ -292,7 +341,7 @@ async def iter_chat_messages(
 ) -> AsyncIterator[Message]:
     """All messages of one chat in time order, streamed in batches."""
     async with db.conn.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? ORDER BY date, message_id",
+        MESSAGES.select("chat_id = ?", tail="ORDER BY date, message_id"),
         (chat_id,),
     ) as cursor:
         while rows := await cursor.fetchmany(batch):
@@ -322,8 +371,7 @@ async def messages_by_ids(db: Database, chat_id: int, message_ids: Sequence[int]
         return []
     marks = ",".join("?" * len(message_ids))
     rows = await db.fetchall(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND message_id IN ({marks})"
-        " ORDER BY message_id",
+        MESSAGES.select(f"chat_id = ? AND message_id IN ({marks})", tail="ORDER BY message_id"),
         (chat_id, *message_ids),
     )
     return [row_message(r) for r in rows]
@@ -341,3 +389,71 @@ async def voice_notes_since(db: Database, chat_id: int, since: int, limit: int =
         (chat_id, since, limit),
     )
     return sorted(int(r["message_id"]) for r in rows)
+
+
+async def count_incoming_between(db: Database, chat_id: int, after: int, before: int) -> int:
+    """Incoming messages of ``chat_id`` with ids strictly between ``after`` and ``before``."""
+    value = await db.scalar(
+        "SELECT count(*) FROM messages WHERE chat_id = ? AND is_outgoing = 0"
+        " AND message_id > ? AND message_id < ?",
+        (chat_id, after, before),
+    )
+    return int(value or 0)
+
+
+async def owner_turn_after(db: Database, chat_id: int, after: int) -> list[Message]:
+    """The owner's messages after message ``after`` up to the other person's next one."""
+    rows = await db.fetchall(
+        MESSAGES.select(
+            "chat_id = ? AND is_outgoing = 1 AND message_id > ? AND message_id < coalesce("
+            "(SELECT min(message_id) FROM messages WHERE chat_id = ? AND is_outgoing = 0"
+            " AND message_id > ?), 1 << 62)",
+            tail="ORDER BY message_id",
+        ),
+        (chat_id, after, chat_id, after),
+    )
+    return [row_message(r) for r in rows]
+
+
+async def has_outgoing(db: Database, chat_id: int) -> bool:
+    """Whether the store holds any message the owner wrote in ``chat_id``."""
+    found = await db.scalar(
+        "SELECT 1 FROM messages WHERE chat_id = ? AND is_outgoing = 1 LIMIT 1", (chat_id,)
+    )
+    return found is not None
+
+
+async def cursors_and_counts(
+    db: Database, chat_ids: Sequence[int]
+) -> dict[int, tuple[ExportCursor | None, int]]:
+    """Each chat's export cursor (None if it has none yet) and stored message count, in one
+    query (one hop to aiosqlite's thread for all chats; json_each: no limit on the ids)."""
+    if not chat_ids:
+        return {}
+    rows = await db.fetchall(
+        "SELECT k.value AS chat_id, c.newest_message_id, c.oldest_message_id,"
+        " c.history_complete, c.server_total, c.last_run_at, c.last_error,"
+        " (SELECT count(*) FROM messages m WHERE m.chat_id = k.value) AS stored"
+        " FROM json_each(?) k LEFT JOIN export_cursors c ON c.chat_id = k.value",
+        (json.dumps(list(chat_ids)),),
+    )
+    found: dict[int, tuple[ExportCursor | None, int]] = {}
+    for r in rows:
+        chat_id = int(r["chat_id"])
+        cursor = None
+        if r["newest_message_id"] is not None:
+            cursor = _cursor(chat_id, r)
+        found[chat_id] = (cursor, int(r["stored"]))
+    return found
+
+
+def _cursor(chat_id: int, r: Any) -> ExportCursor:
+    return ExportCursor(
+        chat_id,
+        r["newest_message_id"],
+        r["oldest_message_id"],
+        bool(r["history_complete"]),
+        r["server_total"],
+        r["last_run_at"],
+        r["last_error"],
+    )

@@ -24,6 +24,7 @@ import aiosqlite
 
 from doppelbot.domain import Reply, ReplyMode, ReplyStatus
 from doppelbot.store.database import Database
+from doppelbot.store.table import Table
 
 S = ReplyStatus
 
@@ -52,13 +53,13 @@ OPEN_STATUSES = (S.QUEUED, S.DEFERRED, S.GENERATING, S.AWAITING_REVIEW, S.SENDIN
 #: The chat's one pending reply (a new message points it at itself instead of adding one).
 PENDING_STATUSES = (S.QUEUED, S.DEFERRED)
 
-_COLUMNS = (
-    "reply_id, chat_id, status, mode, trigger_message_id, context_message_ids, draft_text,"
-    " final_text, error, model_id, adapter_id, review_message_id, sent_message_ids, created_at,"
-    " updated_at, generated_at, sent_at, not_before"
-)
-_UPDATABLE = frozenset(
-    {
+REPLIES = Table(
+    "replies",
+    (
+        "reply_id",
+        "chat_id",
+        "status",
+        "mode",
         "trigger_message_id",
         "context_message_ids",
         "prompt",
@@ -69,13 +70,24 @@ _UPDATABLE = frozenset(
         "adapter_id",
         "review_message_id",
         "sent_message_ids",
+        "created_at",
+        "updated_at",
         "generated_at",
         "sent_at",
         "generation_ms",
-        "mode",
         "not_before",
-    }
+    ),
+    key=("reply_id",),
 )
+_NEWEST = "ORDER BY reply_id DESC LIMIT 1"
+#: What a move may set besides the status (the rest is set once, or by the move itself).
+_UPDATABLE = frozenset(REPLIES.columns) - {
+    "reply_id",
+    "chat_id",
+    "status",
+    "created_at",
+    "updated_at",
+}
 
 
 def _ids(value: str | None) -> tuple[int, ...]:
@@ -129,8 +141,9 @@ async def create_in(
     status: ReplyStatus = S.QUEUED,
 ) -> int:
     cursor = await conn.execute(
-        "INSERT INTO replies (chat_id, status, mode, trigger_message_id, created_at, updated_at)"
-        " VALUES (?,?,?,?,?,?)",
+        REPLIES.insert(
+            columns=("chat_id", "status", "mode", "trigger_message_id", "created_at", "updated_at")
+        ),
         (chat_id, status.value, mode.value, trigger_message_id, now, now),
     )
     assert cursor.lastrowid is not None
@@ -281,14 +294,13 @@ async def queue_for_chat(
 
 
 async def get(db: Database, reply_id: int) -> Reply | None:
-    r = await db.fetchone(f"SELECT {_COLUMNS} FROM replies WHERE reply_id = ?", (reply_id,))
+    r = await db.fetchone(REPLIES.select("reply_id = ?"), (reply_id,))
     return row_reply(r) if r else None
 
 
 async def get_by_review_message(db: Database, review_message_id: int) -> Reply | None:
     r = await db.fetchone(
-        f"SELECT {_COLUMNS} FROM replies WHERE review_message_id = ?"
-        " ORDER BY reply_id DESC LIMIT 1",
+        REPLIES.select("review_message_id = ?", tail=_NEWEST),
         (review_message_id,),
     )
     return row_reply(r) if r else None
@@ -296,8 +308,7 @@ async def get_by_review_message(db: Database, review_message_id: int) -> Reply |
 
 async def queued_for_chat(db: Database, chat_id: int) -> Reply | None:
     r = await db.fetchone(
-        f"SELECT {_COLUMNS} FROM replies WHERE chat_id = ? AND status = 'queued'"
-        " ORDER BY reply_id DESC LIMIT 1",
+        REPLIES.select("chat_id = ? AND status = 'queued'", tail=_NEWEST),
         (chat_id,),
     )
     return row_reply(r) if r else None
@@ -306,9 +317,11 @@ async def queued_for_chat(db: Database, chat_id: int) -> Reply | None:
 async def finished_reviews_since(db: Database, since: int) -> list[Reply]:
     """Review drafts with a card that reached an end state since ``since``."""
     rows = await db.fetchall(
-        f"SELECT {_COLUMNS} FROM replies WHERE mode = 'review' AND review_message_id IS NOT NULL"
-        " AND status IN ('sent', 'dropped', 'failed', 'expired') AND updated_at >= ?"
-        " ORDER BY reply_id",
+        REPLIES.select(
+            "mode = 'review' AND review_message_id IS NOT NULL"
+            " AND status IN ('sent', 'dropped', 'failed', 'expired') AND updated_at >= ?",
+            tail="ORDER BY reply_id",
+        ),
         (since,),
     )
     return [row_reply(r) for r in rows]
@@ -316,8 +329,7 @@ async def finished_reviews_since(db: Database, since: int) -> list[Reply]:
 
 async def deferred_for_chat(db: Database, chat_id: int) -> Reply | None:
     r = await db.fetchone(
-        f"SELECT {_COLUMNS} FROM replies WHERE chat_id = ? AND status = 'deferred'"
-        " ORDER BY reply_id DESC LIMIT 1",
+        REPLIES.select("chat_id = ? AND status = 'deferred'", tail=_NEWEST),
         (chat_id,),
     )
     return row_reply(r) if r else None
@@ -340,19 +352,18 @@ async def with_status(
     db: Database, statuses: Iterable[ReplyStatus], chat_id: int | None = None
 ) -> list[Reply]:
     values = [s.value for s in statuses]
-    sql = f"SELECT {_COLUMNS} FROM replies WHERE status IN ({','.join('?' * len(values))})"
+    where = f"status IN ({','.join('?' * len(values))})"
     params: list[object] = list(values)
     if chat_id is not None:
-        sql += " AND chat_id = ?"
+        where += " AND chat_id = ?"
         params.append(chat_id)
+    sql = REPLIES.select(where)
     rows = await db.fetchall(sql + " ORDER BY reply_id", params)
     return [row_reply(r) for r in rows]
 
 
 async def for_chat(db: Database, chat_id: int) -> list[Reply]:
-    rows = await db.fetchall(
-        f"SELECT {_COLUMNS} FROM replies WHERE chat_id = ? ORDER BY reply_id", (chat_id,)
-    )
+    rows = await db.fetchall(REPLIES.select("chat_id = ?", tail="ORDER BY reply_id"), (chat_id,))
     return [row_reply(r) for r in rows]
 
 
@@ -399,9 +410,8 @@ async def deferred_replies(db: Database) -> list[ReplySummary]:
 
 
 async def _summaries(db: Database, tail: str, params: Sequence[object]) -> list[ReplySummary]:
-    cols = ", ".join(f"r.{c.strip()}" for c in _COLUMNS.split(","))
     rows = await db.fetchall(
-        f"SELECT {cols}, r.generation_ms, p.first_name, p.last_name, p.title, p.username"
+        f"SELECT {REPLIES.qualified('r')}, p.first_name, p.last_name, p.title, p.username"
         f" FROM replies r LEFT JOIN peers p ON p.peer_id = r.chat_id {tail}",
         params,
     )
@@ -415,3 +425,32 @@ async def _summaries(db: Database, tail: str, params: Sequence[object]) -> list[
         )
         out.append(ReplySummary(row_reply(r), r["generation_ms"], name))
     return out
+
+
+async def last_auto_sent(db: Database, chat_id: int) -> Reply | None:
+    """The chat's newest reply sent in auto mode (what a takeover correction corrects)."""
+    r = await db.fetchone(
+        REPLIES.select(
+            "chat_id = ? AND status = 'sent' AND mode = 'auto' AND sent_message_ids != '[]'",
+            tail="ORDER BY sent_at DESC, reply_id DESC LIMIT 1",
+        ),
+        (chat_id,),
+    )
+    return row_reply(r) if r else None
+
+
+async def owner_written_since(
+    db: Database, chat_id: int, since: int, *, replies_since: int
+) -> list[tuple[int, int]]:
+    """(message id, date) of the owner's own messages in ``chat_id`` dated ``since`` or later,
+    newest first, leaving out those a reply recorded as the bot's (such a reply was updated
+    after its send, so only replies updated since ``replies_since`` are looked at)."""
+    rows = await db.fetchall(
+        "SELECT m.message_id, m.date FROM messages m WHERE m.chat_id = ?"
+        " AND m.is_outgoing = 1 AND m.date >= ? AND NOT EXISTS ("
+        "  SELECT 1 FROM replies r, json_each(r.sent_message_ids) j"
+        "  WHERE r.chat_id = m.chat_id AND r.updated_at >= ? AND j.value = m.message_id)"
+        " ORDER BY m.date DESC, m.message_id DESC",
+        (chat_id, since, replies_since),
+    )
+    return [(int(r["message_id"]), int(r["date"])) for r in rows]

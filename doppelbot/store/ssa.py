@@ -160,3 +160,11 @@ async def batch_progress(db: Database, batch_id: int) -> tuple[int, int, int]:
         (batch_id,),
     )
     return int(r[0]), int(r[1]), int(r[2])
+
+
+async def count_labelled(db: Database, batch_id: int | None = None) -> int:
+    """Labelled items (of one batch, or of all)."""
+    sql = "SELECT count(*) FROM ssa_labels l JOIN ssa_items i ON i.item_id = l.item_id"
+    if batch_id is None:
+        return int(await db.scalar(sql))
+    return int(await db.scalar(sql + " WHERE i.batch_id = ?", (batch_id,)))

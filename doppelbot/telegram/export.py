@@ -29,14 +29,12 @@ Why it is shaped like this:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from itertools import chain
 from typing import Any, Protocol
 
 from telethon import TelegramClient, utils
@@ -49,7 +47,7 @@ from doppelbot.errors import DoppelbotError, FloodWaitTooLongError
 from doppelbot.store import history
 from doppelbot.store.database import Database, now
 from doppelbot.telegram.errors import TAKEOUT_HELP, TRANSLATED, translate
-from doppelbot.telegram.mapping import map_account, map_peer, message_row
+from doppelbot.telegram.mapping import map_account, map_peer, tl_message_values
 
 log = logging.getLogger(__name__)
 
@@ -293,19 +291,6 @@ class _Pager:
         return kept
 
 
-# 500 rows x 14 columns = 7,000 parameters, well under SQLite's 32,766.
-_ROWS_PER_STATEMENT = 500
-
-
-def _multi_row_upsert(n: int) -> str:
-    """``history.UPSERT_MESSAGE_SQL`` with ``n`` rows of values (same conflict rule)."""
-    head, values, tail = history.UPSERT_MESSAGE_SQL.partition("VALUES")
-    one, conflict, rest = tail.partition("ON CONFLICT")
-    if not values or not conflict:
-        raise RuntimeError("UPSERT_MESSAGE_SQL no longer has the VALUES ... ON CONFLICT shape")
-    return f"{head}VALUES {','.join([one.strip()] * n)}\nON CONFLICT{rest}"
-
-
 def _entities(response: Any) -> dict[int, Any]:
     """A history page's users and chats by marked id (senders, forward origins)."""
     get_id = utils.get_peer_id
@@ -363,7 +348,6 @@ class Exporter:
         self._paced = False
         self._flood_waited = 0  # seconds of FloodWait waited out in this run
         self._last_request = 0.0
-        self._upsert_sql: dict[int, str] = {}
         self._writing: asyncio.Future[None] | None = None
 
     # --- entry point ------------------------------------------------------------------------------
@@ -473,17 +457,13 @@ class Exporter:
             dialog.message is not None and dialog.message.out
         ):
             return True
-        n = await self.db.scalar(
-            "SELECT 1 FROM messages WHERE chat_id = ? AND is_outgoing = 1 LIMIT 1",
-            (target.chat_id,),
-        )
-        return n is not None
+        return await history.has_outgoing(self.db, target.chat_id)
 
     # --- per chat ---------------------------------------------------------------------------------
     async def _export_all(self, api: Any, targets: list[_Target], report: ExportReport) -> None:
         self.progress.start(len(targets))
         # Read up front: from here on the store's one connection is busy with our writes.
-        known = await _cursors_and_counts(self.db, [t.chat_id for t in targets])
+        known = await history.cursors_and_counts(self.db, [t.chat_id for t in targets])
         try:
             for target in targets:
                 cursor, stored = known.get(target.chat_id, (None, 0))
@@ -555,10 +535,7 @@ class Exporter:
                 await history.upsert_peers_in(conn, [target.peer])
             await history.save_cursor_in(conn, run.cursor)
             # Completeness: what we hold against what Telegram says the chat has.
-            (row,) = await conn.execute_fetchall(
-                "SELECT count(*) FROM messages WHERE chat_id = ?", (target.chat_id,)
-            )
-            chat_report.stored = int(row[0])
+            chat_report.stored = await history.count_messages_in(conn, target.chat_id)
         if error is None:
             if run.floor_reached and not run.cursor.history_complete:
                 chat_report.status = ChatStatus.DATE_FLOOR
@@ -658,7 +635,7 @@ class Exporter:
                                 # Telethon's convention (and the official apps'): what is in
                                 # Saved Messages was written by the owner.
                                 msg.out = True
-                            row = message_row(msg, owner, chat_id, entities)
+                            row = tl_message_values(msg, owner, chat_id, entities)
                             rows.append(row)
                             sid = row[2]
                             if sid is not None and sid not in seen:
@@ -680,23 +657,6 @@ class Exporter:
                 await self._queue(self._commit(run, batch, direction, pager.total, final=False))
                 await self._drain()  # the retry starts from the cursor this commit saves
                 await self._wait_flood(exc, run.target.chat_id)
-
-    async def _upsert_rows(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
-        """``history.UPSERT_MESSAGE_SQL`` for many rows, as multi-row statements.
-
-        Why not ``executemany``: it takes the GIL back for every row (to bind it) after
-        releasing it around that row's ``sqlite3_step``, so beside an event loop busy parsing
-        pages it waits for the GIL once per row. One statement per ``_ROWS_PER_STATEMENT``
-        rows binds them in one go and inserts them all with the GIL released.
-        """
-        per = _ROWS_PER_STATEMENT
-        for i in range(0, len(rows), per):
-            chunk = rows[i : i + per]
-            n = len(chunk)
-            sql = self._upsert_sql.get(n)
-            if sql is None:
-                sql = self._upsert_sql[n] = _multi_row_upsert(n)
-            await conn.execute(sql, list(chain.from_iterable(chunk)))
 
     async def _wait_flood(self, exc: Any, chat_id: int | None) -> None:
         seconds = int(exc.seconds)
@@ -764,8 +724,8 @@ class Exporter:
         async with self.db.transaction() as conn:
             before = 0
             if direction == _RECENT:
-                before = await _count_existing(conn, chat_id, [r[1] for r in rows])
-            await self._upsert_rows(conn, rows)
+                before = await history.count_stored_in(conn, chat_id, [r[1] for r in rows])
+            await history.upsert_message_rows_bulk_in(conn, rows)
             if peers:
                 await history.upsert_peers_in(conn, peers)
             await history.save_cursor_in(conn, c)
@@ -780,41 +740,6 @@ class Exporter:
             run.report.fetched += n
             run.stored += n
         self.progress.chat_advanced(chat_id, run.stored, run.report.server_total)
-
-
-async def _cursors_and_counts(
-    db: Database, chat_ids: list[int]
-) -> dict[int, tuple[history.ExportCursor | None, int]]:
-    """Each chat's cursor (None if it has none yet) and stored message count, in one query."""
-    if not chat_ids:
-        return {}
-    # One hop to aiosqlite's thread for all chats (json_each: no limit on the number of ids).
-    rows = await db.conn.execute_fetchall(
-        "SELECT k.value, c.newest_message_id, c.oldest_message_id, c.history_complete,"
-        " c.server_total, c.last_run_at, c.last_error,"
-        " (SELECT count(*) FROM messages m WHERE m.chat_id = k.value)"
-        " FROM json_each(?) k LEFT JOIN export_cursors c ON c.chat_id = k.value",
-        (json.dumps(chat_ids),),
-    )
-    found: dict[int, tuple[history.ExportCursor | None, int]] = {}
-    for row in rows:
-        chat_id = int(row[0])
-        cursor = None
-        if row[1] is not None:
-            cursor = history.ExportCursor(
-                chat_id, row[1], row[2], bool(row[3]), row[4], row[5], row[6]
-            )
-        found[chat_id] = (cursor, int(row[7]))
-    return found
-
-
-async def _count_existing(conn: Any, chat_id: int, ids: list[int]) -> int:
-    marks = ",".join("?" * len(ids))
-    (row,) = await conn.execute_fetchall(
-        f"SELECT count(*) FROM messages WHERE chat_id = ? AND message_id IN ({marks})",
-        (chat_id, *ids),
-    )
-    return int(row[0])
 
 
 async def export_history(

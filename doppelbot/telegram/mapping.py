@@ -15,6 +15,7 @@ from telethon import utils
 from telethon.tl import types
 
 from doppelbot.domain import Account, MediaKind, Message, Peer, PeerKind
+from doppelbot.store.history import MESSAGES, row_message
 
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 _ACTION_NAMES: dict[type, str] = {}
@@ -111,16 +112,16 @@ def forwarded_from(fwd: Any, entities: dict[int, Any] | None = None) -> str | No
     return None
 
 
-def message_row(
+def tl_message_values(
     msg: Any,
     owner_id: int,
     chat_id: int | None = None,
     entities: dict[int, Any] | None = None,
 ) -> tuple[Any, ...]:
-    """A Telethon ``Message``/``MessageService`` as a ``messages`` row.
+    """A Telethon ``Message``/``MessageService`` as the values of a ``messages`` row.
 
-    The same values as ``history.message_row(map_message(...))`` (in
-    ``history.MESSAGE_COLUMNS`` order, booleans as 0/1, the media kind as its value) without
+    The same values as ``history.message_values(map_message(...))`` (in
+    ``history.MESSAGES.columns`` order, booleans as 0/1, the media kind as its value) without
     the intermediate dataclass: the export's hot loop writes hundreds of thousands of rows.
     ``tests/test_telegram_mapping.py`` checks the two paths agree.
     """
@@ -191,23 +192,8 @@ def map_message(
     without ``from_id``. ``entities`` (marked id → User/Chat/Channel) resolves the name of a
     forward's origin; without it the origin's marked id is stored.
     """
-    f = message_row(msg, owner_id, chat_id, entities)
-    return Message(
-        chat_id=f[0],
-        message_id=f[1],
-        sender_id=f[2],
-        is_outgoing=bool(f[3]),
-        date=f[4],
-        edit_date=f[5],
-        text=f[6],
-        reply_to_message_id=f[7],
-        is_forwarded=bool(f[8]),
-        forwarded_from=f[9],
-        media_kind=None if f[10] is None else MediaKind(f[10]),
-        sticker_emoji=f[11],
-        grouped_id=f[12],
-        service_action=f[13],
-    )
+    values = tl_message_values(msg, owner_id, chat_id, entities)
+    return row_message(dict(zip(MESSAGES.columns, values, strict=True)))
 
 
 def peer_kind(entity: Any) -> PeerKind:
