@@ -33,7 +33,7 @@ import io
 import re
 import sqlite3
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from typing import Any
 from doppelbot.domain import Fact
 from doppelbot.errors import ImportFormatError, KnowledgeError
 from doppelbot.store.database import Database, now
+from doppelbot.store.table import Table
 
 SOURCE_CLI = "cli"
 SOURCE_SAVED_MESSAGES = "saved_messages"
@@ -66,9 +67,21 @@ def fact_hash(text: str) -> str:
     return hashlib.sha256(normalize_fact(text).encode("utf-8")).hexdigest()
 
 
+FACTS = Table("facts", ("fact_id", "text", "text_hash", "source", "created_at"), ("text_hash",))
+FACT_EMBEDDINGS = Table(
+    "fact_embeddings", ("model", "text_hash", "dim", "vector", "created_at"), ("model", "text_hash")
+)
+_NEW_FACT = FACTS.insert(columns=("text", "text_hash", "source", "created_at"), conflict="ignore")
+
+
 # --- facts --------------------------------------------------------------------------------------
-def _row_fact(r: Sequence[Any]) -> Fact:
-    return Fact(fact_id=int(r[0]), text=str(r[1]), source=str(r[2]), created_at=int(r[3]))
+def _row_fact(r: Any) -> Fact:
+    return Fact(
+        fact_id=int(r["fact_id"]),
+        text=str(r["text"]),
+        source=str(r["source"]),
+        created_at=int(r["created_at"]),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,15 +97,9 @@ async def add_fact_ex(db: Database, text: str, source: str = SOURCE_CLI) -> AddR
         raise KnowledgeError("a fact cannot be empty")
     digest = fact_hash(clean)
     async with db.transaction() as conn:
-        cur = await conn.execute(
-            "INSERT INTO facts (text, text_hash, source, created_at) VALUES (?,?,?,?) "
-            "ON CONFLICT (text_hash) DO NOTHING",
-            (clean, digest, source, now()),
-        )
+        cur = await conn.execute(_NEW_FACT, (clean, digest, source, now()))
         created = cur.rowcount == 1
-        async with conn.execute(
-            "SELECT fact_id, text, source, created_at FROM facts WHERE text_hash = ?", (digest,)
-        ) as c:
+        async with conn.execute(FACTS.select("text_hash = ?"), (digest,)) as c:
             row = await c.fetchone()
     assert row is not None  # inserted or already there, inside the same transaction
     return AddResult(_row_fact(row), created)
@@ -108,14 +115,12 @@ async def add_fact(db: Database, text: str, source: str = SOURCE_SAVED_MESSAGES)
 
 
 async def get_fact(db: Database, fact_id: int) -> Fact | None:
-    row = await db.fetchone(
-        "SELECT fact_id, text, source, created_at FROM facts WHERE fact_id = ?", (fact_id,)
-    )
+    row = await db.fetchone(FACTS.select("fact_id = ?"), (fact_id,))
     return None if row is None else _row_fact(row)
 
 
 async def list_facts(db: Database) -> list[Fact]:
-    rows = await db.fetchall("SELECT fact_id, text, source, created_at FROM facts ORDER BY fact_id")
+    rows = await db.fetchall(FACTS.select(tail="ORDER BY fact_id"))
     return [_row_fact(r) for r in rows]
 
 
@@ -126,16 +131,13 @@ async def count_facts(db: Database) -> int:
 async def remove_fact(db: Database, fact_id: int) -> Fact | None:
     """Delete a fact and its cached embeddings; returns what was removed (None: no such id)."""
     async with db.transaction() as conn:
-        async with conn.execute(
-            "SELECT fact_id, text, source, created_at, text_hash FROM facts WHERE fact_id = ?",
-            (fact_id,),
-        ) as c:
+        async with conn.execute(FACTS.select("fact_id = ?"), (fact_id,)) as c:
             row = await c.fetchone()
         if row is None:
             return None
         await conn.execute("DELETE FROM facts WHERE fact_id = ?", (fact_id,))
         # The owner removing a fact expects it gone, derived vectors included.
-        await conn.execute("DELETE FROM fact_embeddings WHERE text_hash = ?", (row[4],))
+        await conn.execute("DELETE FROM fact_embeddings WHERE text_hash = ?", (row["text_hash"],))
     return _row_fact(row)
 
 
@@ -146,8 +148,8 @@ async def facts_signature(db: Database) -> tuple[int, int]:
     removal alone lowers the count. A retriever compares this before each query to notice facts
     changed by another process (``doppelbot facts add`` while the bot runs).
     """
-    row = await db.fetchone("SELECT count(*), coalesce(max(fact_id), 0) FROM facts")
-    return int(row[0]), int(row[1])
+    row = await db.fetchone("SELECT count(*) AS n, coalesce(max(fact_id), 0) AS newest FROM facts")
+    return int(row["n"]), int(row["newest"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,11 +173,11 @@ async def facts_with_embeddings(db: Database, model: str) -> list[StoredFact]:
     )
     return [
         StoredFact(
-            int(r[0]),
-            str(r[1]),
-            str(r[2]),
-            None if r[3] is None else int(r[3]),
-            None if r[4] is None else bytes(r[4]),
+            int(r["fact_id"]),
+            str(r["text"]),
+            str(r["text_hash"]),
+            None if r["dim"] is None else int(r["dim"]),
+            None if r["vector"] is None else bytes(r["vector"]),
         )
         for r in rows
     ]
@@ -197,7 +199,7 @@ async def get_embeddings(
             (model, *chunk),
         )
         for r in rows:
-            found[str(r[0])] = (int(r[1]), bytes(r[2]))
+            found[str(r["text_hash"])] = (int(r["dim"]), bytes(r["vector"]))
     return found
 
 
@@ -214,12 +216,7 @@ async def put_embeddings(db: Database, model: str, items: Iterable[tuple[str, in
     if not rows:
         return 0
     async with db.transaction() as conn:
-        await conn.executemany(
-            "INSERT INTO fact_embeddings (model, text_hash, dim, vector, created_at) "
-            "VALUES (?,?,?,?,?) ON CONFLICT (model, text_hash) DO UPDATE SET "
-            "dim = excluded.dim, vector = excluded.vector, created_at = excluded.created_at",
-            rows,
-        )
+        await conn.executemany(FACT_EMBEDDINGS.insert(conflict="update"), rows)
     return len(rows)
 
 
@@ -377,8 +374,7 @@ async def import_facts(db: Database, path: Path, source: str | None = None) -> I
             async with conn.execute("SELECT count(*) FROM facts") as c:
                 before = int((await c.fetchone())[0])
             await conn.executemany(
-                "INSERT INTO facts (text, text_hash, source, created_at) VALUES (?,?,?,?) "
-                "ON CONFLICT (text_hash) DO NOTHING",
+                _NEW_FACT,
                 [(item.text, fact_hash(item.text), src, stamp) for item in parsed],
             )
             async with conn.execute("SELECT count(*) FROM facts") as c:

@@ -9,11 +9,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiosqlite
 
 from doppelbot.domain import Reaction, ReviewVerdict, Verdict
 from doppelbot.store.database import Database, now
+from doppelbot.store.table import Table
+
+VERDICTS = Table(
+    "review_verdicts",
+    (
+        "verdict_id",
+        "reply_id",
+        "verdict",
+        "draft_text",
+        "final_text",
+        "created_at",
+        "source_message_id",
+    ),
+    key=("verdict_id",),
+)
+REACTIONS = Table(
+    "reactions",
+    ("chat_id", "message_id", "emoji", "count", "by_owner", "updated_at"),
+    key=("chat_id", "message_id", "emoji"),
+)
 
 
 async def record_verdict_in(
@@ -28,8 +49,7 @@ async def record_verdict_in(
 ) -> None:
     """``source_message_id``: the owner's answer that gave the verdict, when there is one."""
     await conn.execute(
-        "INSERT INTO review_verdicts (reply_id, verdict, draft_text, final_text, created_at,"
-        " source_message_id) VALUES (?,?,?,?,?,?)",
+        VERDICTS.insert(columns=VERDICTS.columns[1:]),
         (
             reply_id,
             verdict.value,
@@ -84,13 +104,26 @@ async def answered_by(db: Database, reply_id: int, message_id: int) -> bool:
     return found is not None
 
 
+def _verdict(r: Any) -> ReviewVerdict:
+    return ReviewVerdict(
+        reply_id=r["reply_id"],
+        verdict=Verdict(r["verdict"]),
+        draft_text=r["draft_text"],
+        final_text=r["final_text"],
+        created_at=r["created_at"],
+        verdict_id=r["verdict_id"],
+    )
+
+
+def _reaction(r: Any) -> Reaction:
+    return Reaction(r["chat_id"], r["message_id"], r["emoji"], r["count"], bool(r["by_owner"]))
+
+
 async def verdicts_for(db: Database, reply_id: int) -> list[ReviewVerdict]:
     rows = await db.fetchall(
-        "SELECT reply_id, verdict, draft_text, final_text, created_at, verdict_id"
-        " FROM review_verdicts WHERE reply_id = ? ORDER BY verdict_id",
-        (reply_id,),
+        VERDICTS.select("reply_id = ?", tail="ORDER BY verdict_id"), (reply_id,)
     )
-    return [ReviewVerdict(r[0], Verdict(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
+    return [_verdict(r) for r in rows]
 
 
 async def set_reactions(
@@ -103,20 +136,17 @@ async def set_reactions(
             "DELETE FROM reactions WHERE chat_id = ? AND message_id = ?", (chat_id, message_id)
         )
         await conn.executemany(
-            "INSERT INTO reactions (chat_id, message_id, emoji, count, by_owner, updated_at)"
-            " VALUES (?,?,?,?,?,?) ON CONFLICT (chat_id, message_id, emoji) DO UPDATE SET"
-            " count=excluded.count, by_owner=excluded.by_owner, updated_at=excluded.updated_at",
+            REACTIONS.insert(conflict="update"),
             [(chat_id, message_id, r.emoji, r.count, int(r.by_owner), ts) for r in reactions],
         )
 
 
 async def reactions_for(db: Database, chat_id: int, message_id: int) -> list[Reaction]:
     rows = await db.fetchall(
-        "SELECT chat_id, message_id, emoji, count, by_owner FROM reactions"
-        " WHERE chat_id = ? AND message_id = ? ORDER BY emoji",
+        REACTIONS.select("chat_id = ? AND message_id = ?", tail="ORDER BY emoji"),
         (chat_id, message_id),
     )
-    return [Reaction(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+    return [_reaction(r) for r in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,39 +175,32 @@ async def feedback_replies(db: Database) -> list[FeedbackReply]:
         " sent_message_ids, context_message_ids FROM replies WHERE prompt IS NOT NULL"
         " ORDER BY created_at, reply_id"
     )
-    verdict_rows = await db.fetchall(
-        "SELECT reply_id, verdict, draft_text, final_text, created_at, verdict_id"
-        " FROM review_verdicts ORDER BY verdict_id"
-    )
+    verdict_rows = await db.fetchall(VERDICTS.select(tail="ORDER BY verdict_id"))
     by_reply: dict[int, list[ReviewVerdict]] = {}
     for r in verdict_rows:
-        by_reply.setdefault(r[0], []).append(
-            ReviewVerdict(r[0], Verdict(r[1]), r[2], r[3], r[4], r[5])
-        )
-    reaction_rows = await db.fetchall(
-        "SELECT chat_id, message_id, emoji, count, by_owner FROM reactions WHERE by_owner = 0"
-    )
+        by_reply.setdefault(r["reply_id"], []).append(_verdict(r))
+    reaction_rows = await db.fetchall(REACTIONS.select("by_owner = 0"))
     reactions: dict[tuple[int, int], list[Reaction]] = {}
     for r in reaction_rows:
-        reactions.setdefault((r[0], r[1]), []).append(Reaction(r[0], r[1], r[2], r[3], False))
+        reactions.setdefault((r["chat_id"], r["message_id"]), []).append(_reaction(r))
     out = []
     for r in rows:
-        sent = tuple(int(x) for x in json.loads(r[7] or "[]"))
-        ctx = tuple(int(x) for x in json.loads(r[8] or "[]"))
-        reacts = tuple(x for mid in sent for x in reactions.get((r[1], mid), ()))
+        sent = tuple(int(x) for x in json.loads(r["sent_message_ids"] or "[]"))
+        ctx = tuple(int(x) for x in json.loads(r["context_message_ids"] or "[]"))
+        reacts = tuple(x for mid in sent for x in reactions.get((r["chat_id"], mid), ()))
         out.append(
             FeedbackReply(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                sent,
-                ctx,
-                tuple(by_reply.get(r[0], ())),
-                reacts,
+                reply_id=r["reply_id"],
+                chat_id=r["chat_id"],
+                status=r["status"],
+                mode=r["mode"],
+                prompt=r["prompt"],
+                draft_text=r["draft_text"],
+                final_text=r["final_text"],
+                sent_message_ids=sent,
+                context_message_ids=ctx,
+                verdicts=tuple(by_reply.get(r["reply_id"], ())),
+                reactions=reacts,
             )
         )
     return out
@@ -185,12 +208,10 @@ async def feedback_replies(db: Database) -> list[FeedbackReply]:
 
 async def latest_verdict(db: Database, reply_id: int, verdict: Verdict) -> ReviewVerdict | None:
     row = await db.fetchone(
-        "SELECT reply_id, verdict, draft_text, final_text, created_at, verdict_id"
-        " FROM review_verdicts WHERE reply_id = ? AND verdict = ?"
-        " ORDER BY verdict_id DESC LIMIT 1",
+        VERDICTS.select("reply_id = ? AND verdict = ?", tail="ORDER BY verdict_id DESC LIMIT 1"),
         (reply_id, verdict.value),
     )
-    return None if row is None else ReviewVerdict(row[0], Verdict(row[1]), *row[2:])
+    return None if row is None else _verdict(row)
 
 
 async def set_final_text(db: Database, verdict_id: int, text: str) -> None:
