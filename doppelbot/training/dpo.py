@@ -41,7 +41,6 @@ from doppelbot.training.types import IGNORE_INDEX, Example
 
 PAIRS_FILE = "pairs.jsonl"
 LATEST_FEEDBACK = "latest.txt"
-LATEST_SPEC = "latest"
 
 
 # --- pairs on disk ------------------------------------------------------------------------------
@@ -74,9 +73,9 @@ def latest_pairs(data_dir: Path) -> Path:
     return path
 
 
-def pairs_file(data_dir: Path, spec: str) -> Path:
-    """A ``--pairs`` value → the file: a path, or ``latest`` (the newest export's pairs)."""
-    if spec == LATEST_SPEC:
+def pairs_file(data_dir: Path, spec: str | None) -> Path:
+    """A ``--pairs`` value → the file: a path, or ``latest`` or None (the newest export's)."""
+    if spec is None or spec == "latest":
         return latest_pairs(data_dir)
     path = Path(spec).expanduser()
     if not path.is_file():

@@ -19,7 +19,7 @@ from doppelbot.dataset.jsonl import write_json
 from doppelbot.errors import TrainingError
 from doppelbot.model.loader import serving_adapter
 from doppelbot.store.database import Database
-from doppelbot.training.dpo import LATEST_SPEC, load_pairs, pairs_file, split_pairs
+from doppelbot.training.dpo import load_pairs, pairs_file, split_pairs
 from doppelbot.training.evaluate import Comparison, EvalOptions, evaluate_adapters, heldout_losses
 from doppelbot.training.registry import (
     CURRENT_SPEC,
@@ -92,7 +92,7 @@ def train_options(
         raise TrainingError("--method feedback needs --feedback PATH (`doppelbot feedback export`)")
     pairs_path: Path | None = None
     if method == "dpo":
-        pairs_path = pairs_file(settings.data_dir, pairs or LATEST_SPEC)
+        pairs_path = pairs_file(settings.data_dir, pairs)
         lr = lr or settings.dpo_learning_rate
     elif pairs is not None:
         raise TrainingError("--pairs is for --method dpo")

@@ -234,10 +234,10 @@ def make_accelerator(device: str) -> Any:
 
 
 class Run:
-    """One training run in this process: its model, optimizer, counters and log.
+    """One training run in this process: its folder (locked), model, optimizer, counters, log.
 
-    The run's status is set here and nowhere else: ``running`` once ``setup`` has the model
-    and the checkpoint, then ``finished`` (``finish``), or ``interrupted``/``failed``
+    The run's status is set here and nowhere else: ``running`` once ``setup`` has the folder,
+    the model and the checkpoint, then ``finished`` (``finish``), or ``interrupted``/``failed``
     (``stopped``). Each change is written to run.json and handed to ``on_status`` — the CLI
     keeps it in SQLite. Under ``accelerate launch`` every process has a Run; only the main one
     writes files, and every process reaches each barrier in the same order.
@@ -250,25 +250,21 @@ class Run:
         *,
         method: TrainingMethod,
         accelerator: Any,
-        run_dir: Path,
-        may_resume: bool,
-        fingerprint: str,
         adapters_dir: Path,
         on_status: Callable[[RunUpdate], None] | None = None,
     ) -> None:
-        self.options = options
-        self.method = method
-        self.data = planned.data
-        self.plan = planned.plan
-        self.planned = planned
+        self.options, self.planned, self.method = options, planned, method
+        self.data, self.plan = planned.data, planned.plan
         self.accelerator = accelerator
-        self.run_dir = run_dir
-        self.may_resume = may_resume
-        self.fingerprint = fingerprint
-        self.adapters_dir = adapters_dir
-        self.on_status = on_status
         self.main = accelerator.is_main_process
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.adapters_dir = adapters_dir
+        self.on_status = on_status
+        # What the run is: the same trajectory on the same data continues the same run.
+        trajectory = json.dumps(options.trajectory(), sort_keys=True)
+        self.fingerprint = hash_strings([trajectory, self.data.data_hash])
+        self.run_dir = Path()  # claimed in setup
+        self._lock: RunLock | None = None
         self.state = ckpt.TrainerState(
             seed=options.seed, world_size=self.world, data_fingerprint=self.data.data_hash
         )
@@ -280,13 +276,14 @@ class Run:
         self.tokens_per_s = 0.0  # of the last step
         self._log_file: Any = None
 
-    # --- setup: the model, the checkpoint, run.json -----------------------------------------
-    def setup(self) -> None:
+    # --- setup: the run folder, the model, the checkpoint, run.json ---------------------------
+    def setup(self, runs_dir: Path) -> None:
         import torch
         from transformers import get_constant_schedule
         from transformers.optimization import Adafactor
 
         options, accelerator, plan = self.options, self.accelerator, self.plan
+        may_resume = self._claim_folder(runs_dir)
         if self.main:
             ckpt.remove_partial(self.run_dir)
         accelerator.wait_for_everyone()
@@ -331,7 +328,7 @@ class Run:
         self.setup_metrics = self.method.setup(self.unwrapped, self.scorer, self.data)
 
         # Resume from the newest checkpoint that loads; the log keeps the steps up to it.
-        if self.may_resume and options.resume:
+        if may_resume and options.resume:
             found = ckpt.load_latest(self.run_dir, self._load_checkpoint)
             if found is not None:
                 _, self.state = found
@@ -358,6 +355,21 @@ class Run:
         if self.main:
             self._log_file = (self.run_dir / LOG_FILE).open("a", encoding="utf-8")
         self.started = time.perf_counter() - self.state.elapsed_s
+
+    def _claim_folder(self, runs_dir: Path) -> bool:
+        """Pick and lock the run folder — the unfinished run of the same fingerprint, or a new
+        one — in the main process; the others follow it. Returns whether it may hold a
+        checkpoint to resume."""
+        picked: list[Any] = [None, False]
+        if self.main:
+            run_dir, self._lock, may_resume = locate_run(runs_dir, self.options, self.fingerprint)
+            picked = [str(run_dir), may_resume]
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            picked = broadcast_object_list(picked)
+        self.run_dir = Path(picked[0])
+        return bool(picked[1])
 
     def _load_checkpoint(self, folder: Path) -> ckpt.TrainerState:
         import torch
@@ -517,7 +529,7 @@ class Run:
 
     # --- finish: held-out loss, metrics, the adapter -----------------------------------------
     def finish(self) -> TrainResult:
-        self.close()
+        self._close_log()
         self.accelerator.wait_for_everyone()
         state, data = self.state, self.data
         metrics: dict[str, Any] = {}
@@ -586,6 +598,13 @@ class Run:
             self.on_status(RunUpdate(self.run_dir, status, dict(self.meta), reason))
 
     def close(self) -> None:
+        """Close the log and unlock the run folder (the Run cannot step any more)."""
+        self._close_log()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _close_log(self) -> None:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -603,23 +622,6 @@ class Run:
 def _tail_mean(entries: Sequence[dict[str, Any]], n: int) -> float | None:
     tail = [float(e["loss"]) for e in entries[-n:]]
     return sum(tail) / len(tail) if tail else None
-
-
-def _claim_run_folder(
-    accelerator: Any, runs_dir: Path, options: TrainOptions, fingerprint: str
-) -> tuple[Path, bool, RunLock | None]:
-    """The run folder (locked by the main process, which picks it; the others follow) and
-    whether it may hold a checkpoint to resume."""
-    picked: list[Any] = [None, False]
-    lock: RunLock | None = None
-    if accelerator.is_main_process:
-        run_dir, lock, may_resume = locate_run(runs_dir, options, fingerprint)
-        picked = [str(run_dir), may_resume]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        picked = broadcast_object_list(picked)
-    return Path(picked[0]), bool(picked[1]), lock
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -651,26 +653,20 @@ def train(
     if options.preflight:
         check(planned.preflight)
 
-    # The run folder: the unfinished run of the same trajectory and data, or a new one.
-    trajectory = json.dumps(options.trajectory(), sort_keys=True)
-    fingerprint = hash_strings([trajectory, planned.data.data_hash])
-    run_dir, may_resume, lock = _claim_run_folder(accelerator, runs_dir, options, fingerprint)
     run = Run(
         options,
         planned,
         method=method,
         accelerator=accelerator,
-        run_dir=run_dir,
-        may_resume=may_resume,
-        fingerprint=fingerprint,
         adapters_dir=adapters_dir,
         on_status=on_status if main else None,
     )
     stop = StopRequest()
     total = planned.plan.total_steps
     try:
-        # The model and optimizer, restored from the newest checkpoint when resuming.
-        run.setup()
+        # The run folder — the unfinished run of the same trajectory and data, or a new one —
+        # and the model and optimizer, restored from its newest checkpoint when resuming.
+        run.setup(runs_dir)
         progress = Progress(console if main else None, total, run.state.step)
         with progress, stop.on_ctrl_c():
             while run.state.step < total:
@@ -680,7 +676,7 @@ def train(
                 checkpoint = run.save() if run.checkpoint_due() else None
 
                 # Callbacks see every step; any of them may ask for a graceful stop.
-                event = StepEvent(run.state.step, total, loss, run_dir, checkpoint)
+                event = StepEvent(run.state.step, total, loss, run.run_dir, checkpoint)
                 for callback in callbacks:
                     if callback(event):
                         stop.request()
@@ -692,7 +688,7 @@ def train(
                         run.save()
                     raise TrainingInterruptedError(
                         f"stopped at step {run.state.step}/{total}; run the same "
-                        f"command again to resume ({run_dir.name})"
+                        f"command again to resume ({run.run_dir.name})"
                     )
 
         # Held-out loss, metrics, and the adapter folder.
@@ -702,5 +698,3 @@ def train(
         raise
     finally:
         run.close()
-        if lock is not None:
-            lock.release()
