@@ -160,7 +160,9 @@ def child(size: str, steps: int, threads: int, config_path: Path | None) -> dict
     import torch
 
     from doppelbot.config import DEFAULT_PERSONA
-    from doppelbot.training.trainer import LOG_FILE, TrainOptions, train
+    from doppelbot.training.runs import LOG_FILE
+    from doppelbot.training.trainer import train
+    from doppelbot.training.types import TrainOptions
 
     torch.set_num_threads(threads)
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-train-{size}-"))

@@ -236,7 +236,7 @@ class TrainWorld:
         write_persona_dataset(self.datasets)
 
     def options(self, device: str, precision: str, **overrides: Any) -> Any:
-        from doppelbot.training.trainer import TrainOptions
+        from doppelbot.training.types import TrainOptions
         from tests.training_helpers import PERSONA
 
         base = TrainOptions(
@@ -272,7 +272,7 @@ def check_train(world: TrainWorld, device: str, precision: str) -> dict[str, Any
     from doppelbot.prompt import decode_reply
     from doppelbot.training.data import load_dataset
     from doppelbot.training.evaluate import EvalOptions, evaluate_adapters
-    from doppelbot.training.trainer import RUN_FILE
+    from doppelbot.training.runs import RUN_FILE
     from tests.training_helpers import rule_for
 
     options = world.options(device, precision, run_name=f"sft-{device}-{precision}")
@@ -337,7 +337,7 @@ def check_train(world: TrainWorld, device: str, precision: str) -> dict[str, Any
 
 def check_resume(world: TrainWorld, device: str, precision: str) -> dict[str, Any]:
     from doppelbot.errors import TrainingInterruptedError
-    from doppelbot.training.trainer import LOG_FILE
+    from doppelbot.training.runs import LOG_FILE
 
     def options(name: str) -> Any:
         return world.options(

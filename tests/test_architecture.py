@@ -90,3 +90,113 @@ def test_no_environ_reads_outside_config() -> None:
         if ("os.environ" in text or "os.getenv" in text) and p.name != "config.py":
             offenders.append(str(p.relative_to(PKG)))
     assert offenders == []
+
+
+# --- import cycles: no module imports itself through others -----------------------------------
+# Packages whose modules may not import one another in a cycle even through imports inside
+# functions (the usual way to hide one).
+NO_HIDDEN_CYCLES = ("doppelbot.training",)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _import_nodes(body: list[ast.stmt], *, in_functions: bool) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements of a module: the ones run at import time (in ``try``/``if``/class
+    bodies too) and those under ``if TYPE_CHECKING`` (a cycle of types is still a cycle); with
+    ``in_functions``, also the ones inside functions."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    for node in body:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found.append(node)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not in_functions:
+            continue
+        else:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.stmt):
+                    found += _import_nodes([child], in_functions=in_functions)
+                elif isinstance(child, ast.excepthandler):
+                    found += _import_nodes(child.body, in_functions=in_functions)
+    return found
+
+
+def _import_graph(*, in_functions: bool) -> dict[str, set[str]]:
+    """doppelbot module → the doppelbot modules it imports. ``from a.b import c`` points at the
+    module ``a.b.c`` when there is one, else at ``a.b``; parent packages a module is imported
+    through are not counted (their ``__init__`` files import nothing of their children's)."""
+    paths = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        targets: set[str] = set()
+        for node in _import_nodes(tree.body, in_functions=in_functions):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name in paths}
+                continue
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([node.module] if node.module else [])])
+            for alias in node.names:
+                if f"{base}.{alias.name}" in paths:
+                    targets.add(f"{base}.{alias.name}")
+                elif base in paths:
+                    targets.add(base)
+        graph[name] = targets - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module."""
+
+    def reachable(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo += graph[module]
+        return seen
+
+    reach = {module: reachable(module) for module in graph}
+    components = {
+        frozenset({module, *(other for other in reach[module] if module in reach[other])})
+        for module in graph
+    }
+    return sorted(sorted(c) for c in components if len(c) > 1)
+
+
+def test_import_graph_sees_every_kind_of_import() -> None:
+    graph = _import_graph(in_functions=True)
+    assert (
+        "doppelbot.training.checkpoint" in graph["doppelbot.training.trainer"]
+    )  # from pkg import mod
+    assert (
+        "doppelbot.training.types" in graph["doppelbot.training.methods.sft"]
+    )  # from mod import name
+    assert "doppelbot.training.methods" in graph["doppelbot.training.plan"]  # a package
+    assert "doppelbot.training.service" in graph["doppelbot.cli.train_cmd"]  # inside a function
+    assert (
+        "doppelbot.training.service"
+        not in _import_graph(in_functions=False)["doppelbot.cli.train_cmd"]
+    )
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    assert _cycles(_import_graph(in_functions=False)) == []
+
+
+def test_no_cycle_hides_behind_an_import_inside_a_function() -> None:
+    cycles = _cycles(_import_graph(in_functions=True))
+    assert [c for c in cycles if any(m.startswith(NO_HIDDEN_CYCLES) for m in c)] == []

@@ -28,10 +28,10 @@ from doppelbot.training.dpo import (
     split_pairs,
 )
 from doppelbot.training.evaluate import EvalOptions, evaluate_adapters
-from doppelbot.training.methods import IGNORE_INDEX
 from doppelbot.training.registry import META_FILE
-from doppelbot.training.trainer import TrainOptions, TrainResult
+from doppelbot.training.trainer import TrainResult
 from doppelbot.training.trainer import train as run_train
+from doppelbot.training.types import IGNORE_INDEX, TrainOptions
 from tests.training_helpers import (
     PERSONA,
     RULES,

@@ -19,8 +19,10 @@ from doppelbot.training import checkpoint as ckpt
 from doppelbot.training.data import load_dataset
 from doppelbot.training.evaluate import METRICS, EvalOptions, evaluate_adapters
 from doppelbot.training.registry import META_FILE, heldout_key, read_json
-from doppelbot.training.trainer import LOG_FILE, PLOT_FILE, RUN_FILE, TrainOptions, TrainResult
+from doppelbot.training.runs import LOG_FILE, PLOT_FILE, RUN_FILE
+from doppelbot.training.trainer import TrainResult
 from doppelbot.training.trainer import train as run_train
+from doppelbot.training.types import TrainOptions
 from tests.training_helpers import PERSONA, build_tiny_model, rule_for, write_persona_dataset
 
 pytestmark = pytest.mark.slow
@@ -383,7 +385,7 @@ def test_feedback_method_continues_an_adapter_with_replay(
 
 
 def test_feedback_method_needs_an_adapter_to_continue(world: World, tmp_path: Path) -> None:
-    from doppelbot.training.trainer import plan_training
+    from doppelbot.training.plan import plan_training
 
     feedback = tmp_path / "fb.jsonl"
     feedback.write_text('{"context": [], "chosen": "да"}\n')
@@ -404,6 +406,21 @@ def test_preflight_refuses_before_loading_the_model(
     assert not (tmp_path / "runs").exists()  # refused before any run folder or model load
 
 
+def _train_cli(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, run_name: str
+) -> tuple[Path, list[str]]:
+    """A data folder on the module's dataset, and the command line of a short `train` run."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "datasets").symlink_to(world.datasets_dir)
+    monkeypatch.setenv("DOPPELBOT_PERSONA", PERSONA)
+    monkeypatch.setenv("DOPPELBOT_TORCH_THREADS", "1")
+    cli = ["--env-file", "/dev/null", "--data-dir", str(data_dir), "train"]
+    args = [*cli, "--model", str(world.model), "--max-steps", "2", "--batch-size", "6"]
+    args += ["--grad-accum", "1", "--lr", "0.005", "--run-name", run_name]
+    return data_dir, args
+
+
 def test_train_cli_records_the_run(
     world: World,
     tmp_path: Path,
@@ -414,14 +431,7 @@ def test_train_cli_records_the_run(
 
     from doppelbot.cli import main
 
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "datasets").symlink_to(world.datasets_dir)
-    monkeypatch.setenv("DOPPELBOT_PERSONA", PERSONA)
-    monkeypatch.setenv("DOPPELBOT_TORCH_THREADS", "1")
-    cli = ["--env-file", "/dev/null", "--data-dir", str(data_dir), "train"]
-    args = [*cli, "--model", str(world.model), "--max-steps", "2", "--batch-size", "6"]
-    args += ["--grad-accum", "1", "--lr", "0.005", "--run-name", "cli"]
+    data_dir, args = _train_cli(world, tmp_path, monkeypatch, run_name="cli")
     main([*args, "--dry-run"])
     assert "optimizer steps" in capsys.readouterr().out
     assert not (data_dir / "runs").exists()
@@ -441,3 +451,42 @@ def test_train_cli_records_the_run(
         main(args)
     assert again.value.code == 1
     assert "already finished" in capsys.readouterr().err
+
+
+def test_run_json_and_sqlite_agree_on_the_status_even_when_the_export_fails(
+    world: World,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One owner of a run's status: a failure after the last step (the adapter export) is
+    "failed" in run.json as in SQLite, and the same command then finishes the run in both."""
+    import sqlite3
+
+    from doppelbot.cli import main
+    from doppelbot.training import trainer
+
+    data_dir, args = _train_cli(world, tmp_path, monkeypatch, run_name="export")
+
+    def recorded() -> tuple[str, str, dict[str, object]]:
+        with sqlite3.connect(data_dir / "doppelbot.sqlite3") as conn:
+            status, metrics = conn.execute("SELECT status, metrics FROM training_runs").fetchone()
+        run = read_json(data_dir / "runs" / "export" / RUN_FILE)
+        return status, run["status"], json.loads(metrics)
+
+    def disk_full(*args: object, **kwargs: object) -> Path:
+        raise OSError("disk full")
+
+    export = trainer.export_adapter
+    monkeypatch.setattr(trainer, "export_adapter", disk_full)
+    with pytest.raises(SystemExit) as failed:
+        main(args)
+    assert failed.value.code == 1 and "disk full" in capsys.readouterr().err
+    sqlite_status, run_status, metrics = recorded()
+    assert sqlite_status == run_status == "failed" and metrics == {"error": "disk full"}
+
+    monkeypatch.setattr(trainer, "export_adapter", export)
+    main(args)  # resumes from the last step's checkpoint: only the export is left to do
+    assert "resuming from step 2" in capsys.readouterr().out
+    sqlite_status, run_status, metrics = recorded()
+    assert sqlite_status == run_status == "finished" and metrics["steps"] == 2

@@ -16,7 +16,7 @@ from doppelbot.store.database import Database
 from doppelbot.training import checkpoint as ckpt
 from doppelbot.training import registry
 from doppelbot.training.data import TrainRow, feedback_row, fit_to_budget, load_feedback
-from doppelbot.training.methods import METHODS, Example, get_method, subset
+from doppelbot.training.methods import METHODS, get_method
 from doppelbot.training.metrics import (
     chrf_from_statistics,
     chrf_statistics,
@@ -28,6 +28,8 @@ from doppelbot.training.metrics import (
     style_stats,
 )
 from doppelbot.training.preflight import GIB, ModelShape, check, preflight
+from doppelbot.training.seq2seq import subset
+from doppelbot.training.types import Example
 
 # --- chrF ---------------------------------------------------------------------------------------
 

@@ -8,10 +8,12 @@ worse than the served adapter's (``--force`` overrides); every choice is kept in
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.table import Table
 
 from doppelbot.cli.common import open_db, run_async, state
 
@@ -36,78 +38,36 @@ def use(
     app_state = state(ctx)
     settings = app_state.settings
     console = app_state.console
-    from doppelbot.errors import TrainingError
-    from doppelbot.training.registry import (
-        adapter_info,
-        check_not_worse,
-        current_choice,
-        resolve_adapter,
-        use_adapter,
+    from doppelbot.training.service import switch_adapter
+
+    switch = switch_adapter(
+        settings,
+        adapter,
+        force=force,
+        dataset=dataset,
+        measuring=lambda: app_state.err_console.status("measuring held-out loss…"),
     )
-
-    candidate = resolve_adapter(settings.adapters_dir, adapter)
-    if candidate is None:
-        raise TrainingError(
-            "`adapter use` needs an adapter folder (to serve no adapter, roll back)"
-        )
-    info = adapter_info(candidate)
-    if info.base_model and info.base_model != settings.model and not force:
-        raise TrainingError(
-            f"{info.name} was trained on {info.base_model}, but DOPPELBOT_MODEL is "
-            f"{settings.model}; use --force if they are the same weights"
-        )
-
-    async def read_current() -> AdapterChoice | None:
-        async with open_db(settings) as db:
-            return await current_choice(db)
-
-    current = run_async(read_current())
-    if current is not None and current.adapter_path.resolve() == candidate.resolve():
-        console.print(f"{info.name} is already served")
+    previous = switch.previous
+    if switch.choice is None:
+        console.print(f"{switch.info.name} is already served")
         return
-
-    loss: float | None = None
-    if not force:
-        from doppelbot.training.evaluate import EvalOptions, heldout_losses
-
-        options = EvalOptions(
-            model=settings.model,
-            data_dir=settings.data_dir,
-            dataset=dataset,
-            limit=settings.eval_max_samples,
-            device=settings.device,
-            precision=settings.train_precision,
-            batch_size=settings.batch_size,
-            max_input_tokens=settings.max_input_tokens,
-            max_target_tokens=settings.max_target_tokens,
-            metrics=("loss",),
-            torch_threads=settings.torch_threads,
+    if switch.previous_gone and previous is not None:
+        console.print(f"the served adapter {previous.adapter_path} is gone; not comparing")
+    if switch.loss is not None and switch.previous_loss is not None and previous is not None:
+        console.print(
+            f"held-out loss {switch.loss:.4f} vs {switch.previous_loss:.4f} "
+            f"({previous.adapter_name})"
         )
-        compare = [candidate]
-        if current is not None and current.adapter_path.is_dir():
-            compare.append(current.adapter_path)
-        elif current is not None:
-            console.print(f"the served adapter {current.adapter_path} is gone; not comparing")
-        with app_state.err_console.status("measuring held-out loss…"):
-            losses = heldout_losses(options, compare, datasets_dir=settings.datasets_dir)
-        loss = losses[0]
-        if len(losses) > 1 and current is not None:
-            check_not_worse(info.name, losses[0], current.adapter_name, losses[1])
-            console.print(
-                f"held-out loss {losses[0]:.4f} vs {losses[1]:.4f} ({current.adapter_name})"
-            )
-        else:
-            console.print(f"held-out loss {losses[0]:.4f}")
-
-    async def record() -> AdapterChoice:
-        async with open_db(settings) as db:
-            return await use_adapter(db, candidate, heldout_loss=loss, forced=force)
-
-    choice = run_async(record())
+    elif switch.loss is not None:
+        console.print(f"held-out loss {switch.loss:.4f}")
     console.print(
-        f"serving [bold]{choice.adapter_name}[/]"
+        f"serving [bold]{switch.choice.adapter_name}[/]"
         + (" (forced)" if force else "")
-        + (f"; previous: {current.adapter_name} (`doppelbot adapter rollback`)" if current else "")
+        + (
+            f"; previous: {previous.adapter_name} (`doppelbot adapter rollback`)"
+            if previous
+            else ""
+        )
     )
     if settings.adapter_path is not None:
         console.print(
@@ -137,8 +97,6 @@ def rollback(ctx: typer.Context) -> None:
 def list_(ctx: typer.Context) -> None:
     app_state = state(ctx)
     settings = app_state.settings
-    from rich.table import Table
-
     from doppelbot.training.registry import choice_history, current_adapter, list_adapters
 
     async def go() -> tuple[Path | None, list[AdapterChoice]]:
@@ -158,7 +116,6 @@ def list_(ctx: typer.Context) -> None:
     table = Table(title=str(settings.adapters_dir))
     for col in ("", "adapter", "method", "created", "steps", "val loss", "base model"):
         table.add_column(col)
-    import time
 
     for info in adapters:
         here = info.path.resolve()

@@ -100,13 +100,13 @@ async def _generate_all(
 
 
 def _sources(settings: Settings, adapter: str, against: str | None) -> dict[str, Path | None]:
-    from doppelbot.cli.train_cmd import resolve_spec
     from doppelbot.errors import DoppelbotError
     from doppelbot.ssa_flow import OWNER_SOURCE
+    from doppelbot.training.service import adapter_from_spec
 
     out: dict[str, Path | None] = {}
     for spec in [adapter] + ([against] if against else []):
-        path = resolve_spec(settings, spec)
+        path = adapter_from_spec(settings, spec)
         name = "base" if path is None else path.name
         if name in out:
             raise DoppelbotError(f"--adapter and --against are the same model ({name})")

@@ -1,68 +1,28 @@
 """``doppelbot train`` and ``doppelbot eval``: fine-tuning and held-out evaluation.
 
-Thin wrappers: option parsing, the SQLite bookkeeping (``training_runs``), and Rich output.
-The work is in ``doppelbot.training`` (imported inside the command bodies: torch must not load
-for ``doppelbot --help``).
+Each command parses its options, makes one call into ``doppelbot.training.service`` and prints
+the result with Rich. The training package is imported inside the command bodies: torch must
+not load for ``doppelbot --help``.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
+from rich.table import Table
 
-from doppelbot.cli.common import invoked_as, open_db, run_async, state
+from doppelbot.cli.common import invoked_as, state
 
 if TYPE_CHECKING:
-    from doppelbot.config import Settings
+    from rich.console import Console
+
     from doppelbot.training.evaluate import Comparison
-
-
-def _record_run(settings: Settings, **fields: Any) -> None:
-    from doppelbot.training.registry import record_run
-
-    async def go() -> None:
-        async with open_db(settings) as db:
-            await record_run(db, **fields)
-
-    run_async(go())
-
-
-def _current(settings: Settings) -> Path | None:
-    """The served adapter, exactly as the bot resolves it."""
-    from doppelbot.model.loader import serving_adapter
-
-    return run_async(serving_adapter(settings))
-
-
-def resolve_spec(settings: Settings, spec: str) -> Path | None:
-    """ADAPTER argument → folder: a path, a name under the adapters folder, ``base`` (no
-    adapter) or ``current`` (the served one)."""
-    from doppelbot.errors import TrainingError
-    from doppelbot.training.registry import CURRENT_SPEC, resolve_adapter
-
-    if spec == CURRENT_SPEC:
-        current = _current(settings)
-        if current is None:
-            raise TrainingError("no adapter is served yet (`doppelbot adapter use ADAPTER`)")
-        return current
-    return resolve_adapter(settings.adapters_dir, spec)
-
-
-def resolve_pairs(settings: Settings, spec: str) -> Path:
-    """``--pairs`` value → file: a path, or ``latest`` (the newest feedback export's pairs)."""
-    from doppelbot.errors import TrainingError
-    from doppelbot.training.dpo import latest_pairs
-
-    if spec == "latest":
-        return latest_pairs(settings.data_dir)
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise TrainingError(f"no preference pairs file {path}")
-    return path
+    from doppelbot.training.plan import PlannedRun
+    from doppelbot.training.trainer import RunUpdate
+    from doppelbot.training.types import TrainOptions
 
 
 def train(
@@ -125,35 +85,22 @@ def train(
 ) -> None:
     app = state(ctx)
     settings = app.settings
-    from doppelbot.errors import TrainingError, TrainingInterruptedError
-    from doppelbot.training.trainer import TrainOptions, plan_training
-    from doppelbot.training.trainer import train as run_train
+    from doppelbot.training.plan import plan_training
+    from doppelbot.training.runs import RUNNING
+    from doppelbot.training.service import served_adapter, train_and_record, train_options
 
-    init: Path | None = None
-    if init_adapter is not None:
-        init = resolve_spec(settings, init_adapter)
-    elif method in ("feedback", "dpo"):
-        init = _current(settings)
-    if method == "feedback" and feedback is None:
-        raise TrainingError("--method feedback needs --feedback PATH (`doppelbot feedback export`)")
-    pairs_path: Path | None = None
-    if method == "dpo":
-        pairs_path = resolve_pairs(settings, pairs or "latest")
-        lr = lr or settings.dpo_learning_rate
-    elif pairs is not None:
-        raise TrainingError("--pairs is for --method dpo")
-    options = TrainOptions.from_settings(
+    options = train_options(
         settings,
         method=method,
-        dataset=dataset,
+        init_adapter=init_adapter,
         feedback=feedback,
-        pairs=pairs_path,
-        init_adapter=init,
+        pairs=pairs,
+        lr=lr,
+        dataset=dataset,
         max_steps=max_steps,
         epochs=epochs,
         batch_size=batch_size,
         grad_accum=grad_accum,
-        lr=lr,
         save_steps=save_steps,
         run_name=run_name,
         device=device,
@@ -164,58 +111,16 @@ def train(
     )
     console = app.console
     if dry_run:
-        planned = plan_training(options, datasets_dir=settings.datasets_dir)
-        _print_plan(console, options, planned)
+        _print_plan(console, options, plan_training(options, datasets_dir=settings.datasets_dir))
         return
 
-    started_at = int(time.time())
-    recorded: dict[str, Any] = {}
+    def print_start(update: RunUpdate) -> None:
+        if update.status == RUNNING:
+            _print_start(console, update)
 
-    def on_start(run_dir: Path, meta: dict[str, Any]) -> None:
-        recorded.update(
-            run_dir=run_dir,
-            method=options.method,
-            base_model=options.model,
-            started_at=started_at,
-            dataset_hash=meta["data"]["dataset_hash"],
-            params={**meta["trajectory"], **meta["options"], "plan": meta["plan"]},
-        )
-        _record_run(settings, status="running", **recorded)
-        console.print(
-            f"run [bold]{run_dir.name}[/] — {meta['plan']['total_steps']} steps on "
-            f"{meta['plan']['device']}/{meta['plan']['precision']}, "
-            f"{meta['data']['train_examples']} training examples"
-            + (f"; resuming from step {meta['resumed_from']}" if meta["resumed_from"] else "")
-        )
-
-    try:
-        result = run_train(
-            options,
-            datasets_dir=settings.datasets_dir,
-            runs_dir=settings.runs_dir,
-            adapters_dir=settings.adapters_dir,
-            console=console,
-            on_start=on_start,
-        )
-    except BaseException as exc:
-        if recorded:
-            status = (
-                "interrupted"
-                if isinstance(exc, TrainingInterruptedError | KeyboardInterrupt)
-                else "failed"
-            )
-            _record_run(settings, status=status, metrics={"error": str(exc)[:500]}, **recorded)
-        raise
-    if not recorded:  # a non-main process under `accelerate launch`: the main one reports
+    result = train_and_record(settings, options, console=console, on_status=print_start)
+    if not result.main_process:  # under `accelerate launch` the main process reports
         return
-    _record_run(
-        settings,
-        status="finished",
-        metrics=result.metrics,
-        adapter_path=result.adapter_dir,
-        finished_at=int(time.time()),
-        **recorded,
-    )
     m = result.metrics
     console.print(f"adapter [bold]{result.adapter_dir.name}[/] → {result.adapter_dir}")
     if m.get("val_loss") is not None:
@@ -227,7 +132,7 @@ def train(
         )
     console.print(f"loss curve and log: {result.run_dir}")
     # Compare with what is served; on a first run nothing is, so with the base model.
-    against = "current" if _current(settings) is not None else "base"
+    against = "current" if served_adapter(settings) is not None else "base"
     doppelbot = invoked_as()
     console.print(
         f"next: {doppelbot} eval {result.adapter_dir.name} --against {against}; "
@@ -236,9 +141,17 @@ def train(
     )
 
 
-def _print_plan(console: Any, options: Any, planned: Any) -> None:
-    from rich.table import Table
+def _print_start(console: Console, update: RunUpdate) -> None:
+    meta = update.meta
+    console.print(
+        f"run [bold]{update.run_dir.name}[/] — {meta['plan']['total_steps']} steps on "
+        f"{meta['plan']['device']}/{meta['plan']['precision']}, "
+        f"{meta['data']['train_examples']} training examples"
+        + (f"; resuming from step {meta['resumed_from']}" if meta["resumed_from"] else "")
+    )
 
+
+def _print_plan(console: Console, options: TrainOptions, planned: PlannedRun) -> None:
     table = Table(title="training plan", show_header=False)
     plan = planned.plan
     rows = [
@@ -299,59 +212,28 @@ def evaluate(
     ),
 ) -> None:
     app = state(ctx)
-    settings = app.settings
-    from doppelbot.dataset.jsonl import write_json
-    from doppelbot.training.evaluate import EvalOptions, evaluate_adapters
+    from doppelbot.training.service import compare_adapters
 
-    specs = [adapter] + ([against] if against else [])
-    paths = [resolve_spec(settings, s) for s in specs]
-    options = EvalOptions(
-        model=model or settings.model,
-        data_dir=settings.data_dir,
-        dataset=dataset,
-        limit=limit or settings.eval_max_samples,
-        device=device or settings.device,
-        precision=precision or settings.train_precision,
-        batch_size=settings.batch_size,
-        max_new_tokens=settings.max_new_tokens,
-        max_input_tokens=settings.max_input_tokens,
-        max_target_tokens=settings.max_target_tokens,
-        torch_threads=settings.torch_threads,
-    )
-    extras: dict[str, Any] = {}
-    if pairs is not None:
-        from doppelbot.errors import TrainingError
-        from doppelbot.training.dpo import load_pairs, split_pairs
-
-        rows = load_pairs(resolve_pairs(settings, pairs))
-        scored = rows if all_pairs else split_pairs(rows, settings.pref_heldout_share)[1]
-        if not scored:
-            raise TrainingError(
-                f"no held-out pairs among {len(rows)} (DOPPELBOT_PREF_HELDOUT_SHARE="
-                f"{settings.pref_heldout_share}); use --all-pairs"
-            )
-        extras = {
-            "pairs": scored,
-            "max_input": settings.max_input_tokens,
-            "max_target": settings.max_target_tokens,
-        }
-    labels = [p.name if p is not None else "base" for p in paths]
-    if len(set(labels)) < len(labels):
-        labels = [f"{i + 1}:{label}" for i, label in enumerate(labels)]
     with app.err_console.status("evaluating on the validation split…"):
-        comparison = evaluate_adapters(
-            options, paths, datasets_dir=settings.datasets_dir, labels=labels, extras=extras
+        comparison, report = compare_adapters(
+            app.settings,
+            [adapter] + ([against] if against else []),
+            pairs=pairs,
+            all_pairs=all_pairs,
+            output=output,
+            model=model,
+            dataset=dataset,
+            limit=limit,
+            device=device,
+            precision=precision,
         )
-    report = comparison.to_json()
-    target = output or settings.runs_dir / "evals" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    write_json(target, report)
     if as_json:
-        typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
+        typer.echo(json.dumps(comparison.to_json(), ensure_ascii=False, indent=2))
         return
     _print_comparison(app.console, comparison)
     if show:
         _print_examples(app.console, comparison, show)
-    app.console.print(f"JSON report: {target}")
+    app.console.print(f"JSON report: {report}")
 
 
 def _fmt(value: float | None) -> str:
@@ -362,9 +244,7 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
-def _print_comparison(console: Any, comparison: Comparison) -> None:
-    from rich.table import Table
-
+def _print_comparison(console: Console, comparison: Comparison) -> None:
     table = Table(
         title=f"{comparison.dataset}: {comparison.samples} validation samples",
         caption="loss/perplexity: lower is better; chrF, distinct-n, pref_accuracy, "
@@ -386,9 +266,7 @@ def _print_comparison(console: Any, comparison: Comparison) -> None:
     console.print(table)
 
 
-def _print_examples(console: Any, comparison: Comparison, count: int) -> None:
-    from rich.table import Table
-
+def _print_examples(console: Console, comparison: Comparison, count: int) -> None:
     table = Table(title="generated vs real replies (private: your own data)")
     table.add_column("owner (real)")
     for report in comparison.reports:

@@ -1,4 +1,7 @@
-"""Preference tuning (DPO) for the encoder-decoder FRED-T5, on pairs from the owner's feedback.
+"""Preference tuning (DPO) for the encoder-decoder FRED-T5: pairs, their batches, the loss.
+
+The method that trains with them is ``methods/dpo.py``; the held-out preference metrics
+(``doppelbot eval --pairs``) use the same pairs and scores.
 
 Why our own few lines instead of TRL's ``DPOTrainer``: TRL is dropping encoder-decoder support
 (its KTO trainer lost it in huggingface/trl#4792, coordinated with the DPO refactor #3906), it
@@ -25,23 +28,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from doppelbot.dataset.jsonl import iter_json_objects
 from doppelbot.errors import TrainingError
-from doppelbot.training.data import file_sha256, hash_strings, load_dataset
-from doppelbot.training.methods import (
-    IGNORE_INDEX,
-    EncodeStats,
-    MethodContext,
-    PreparedData,
-    TrainingMethod,
-    encode_rows,
-    register_method,
-    subset,
-)
+from doppelbot.prompt import build_target
+from doppelbot.training.data import TrainRow, hash_strings
+from doppelbot.training.seq2seq import EncodeStats, encode_rows
+from doppelbot.training.types import IGNORE_INDEX, Example
 
 PAIRS_FILE = "pairs.jsonl"
 LATEST_FEEDBACK = "latest.txt"
@@ -74,6 +70,16 @@ def latest_pairs(data_dir: Path) -> Path:
     path = folder / PAIRS_FILE
     if not path.is_file():
         raise TrainingError(f"{path} does not exist: run `doppelbot feedback export` again")
+    return path
+
+
+def pairs_file(data_dir: Path, spec: str | None) -> Path:
+    """A ``--pairs`` value → the file: a path, or ``latest`` or None (the newest export's)."""
+    if spec is None or spec == "latest":
+        return latest_pairs(data_dir)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise TrainingError(f"no preference pairs file {path}")
     return path
 
 
@@ -137,8 +143,6 @@ def encode_pairs(
     stats: EncodeStats | None = None,
 ) -> list[PreferenceExample]:
     """Tokenize exactly as the SFT rows are (shared ``encode_rows``): same targets, same cuts."""
-    from doppelbot.prompt import build_target
-    from doppelbot.training.data import TrainRow
 
     def as_rows(pick: str) -> list[TrainRow]:
         return [
@@ -186,27 +190,6 @@ def collate_pairs(examples: Sequence[PreferenceExample], pad_id: int = 0) -> dic
     }
 
 
-def sequence_logprobs(model: Any, batch: dict[str, Any]) -> Any:
-    """log p(labels | input) per row: the sum of the target tokens' log-probabilities."""
-    import torch
-
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        labels=batch["labels"],
-        use_cache=False,
-    )
-    logits = out.logits.float()
-    labels = batch["labels"]
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(labels.shape)
-    return -nll.sum(dim=1)
-
-
 def dpo_loss(
     policy_chosen: Any,
     policy_rejected: Any,
@@ -242,129 +225,6 @@ class PreferenceScores:
 
 def score_pairs(scorer: Any, examples: Sequence[PreferenceExample]) -> PreferenceScores:
     """log p(chosen|x) and log p(rejected|x) under the scorer's model (eval mode, no grad)."""
-    from doppelbot.training.methods import Example
-
     chosen = scorer.sequence_logprobs([Example(e.input_ids, e.chosen) for e in examples])
     rejected = scorer.sequence_logprobs([Example(e.input_ids, e.rejected) for e in examples])
     return PreferenceScores(chosen, rejected)
-
-
-# --- the method ---------------------------------------------------------------------------------
-@dataclass
-class PreferenceData(PreparedData):
-    heldout: list[PreferenceExample] = field(default_factory=list)
-
-
-class DpoMethod(TrainingMethod):
-    """Direct Preference Optimization on feedback pairs, from the SFT adapter."""
-
-    name = "dpo"
-    description = "preference tuning (DPO) on feedback pairs (--pairs), from the SFT adapter"
-    rows_per_example = 2  # chosen and rejected
-
-    def initial_adapter(self, ctx: MethodContext) -> Path | None:
-        # None: a fresh LoRA, whose zero-initialised B makes the reference the base model.
-        return ctx.options.init_adapter
-
-    def prepare(self, ctx: MethodContext) -> PreparedData:
-        options = ctx.options
-        if options.pairs is None:
-            raise TrainingError("--method dpo needs preference pairs (--pairs PATH)")
-        pairs = load_pairs(options.pairs)
-        train_rows, held_rows = split_pairs(pairs, options.pref_heldout_share)
-        kwargs = {
-            "max_input": options.max_input_tokens,
-            "max_target": options.max_target_tokens,
-            "vocab_size": ctx.vocab_size,
-        }
-        stats = EncodeStats()
-        beta = options.dpo_beta
-        train = [
-            replace(e, beta=beta)
-            for e in encode_pairs(ctx.tokenizer, train_rows, stats=stats, **kwargs)
-        ]
-        heldout = encode_pairs(ctx.tokenizer, held_rows, stats=stats, **kwargs)
-        if not train:
-            raise TrainingError(
-                f"no usable preference pairs in {options.pairs} ({len(pairs)} pairs, "
-                f"{len(held_rows)} held out, {stats.dropped_long_input} over the input budget)"
-            )
-        # The dataset's validation split keeps the held-out loss comparable with the SFT
-        # adapter (`adapter use` refuses a worse one), so forgetting the owner's style shows.
-        dataset = load_dataset(ctx.datasets_dir, options.dataset)
-        val_rows = subset(dataset.validation, options.eval_max_samples)
-        validation, val_kept = encode_rows(ctx.tokenizer, val_rows, **kwargs)
-        summary: dict[str, Any] = {
-            "dataset": dataset.name,
-            "pairs_file": str(options.pairs),
-            "pairs": len(pairs),
-            "train_pairs": len(train),
-            "heldout_pairs": len(heldout),
-            "dropped_long_input": stats.dropped_long_input,
-            "truncated_target": stats.truncated_target,
-            "validation_examples": len(validation),
-            "dpo_beta": options.dpo_beta,
-        }
-        data_hash = hash_strings(
-            [
-                self.name,
-                file_sha256(options.pairs),
-                str(options.pref_heldout_share),
-                dataset.validation_hash,
-            ]
-        )
-        return PreferenceData(
-            train,  # type: ignore[arg-type]
-            validation,
-            val_kept,
-            dataset,
-            data_hash,
-            summary,
-            heldout=heldout,
-        )
-
-    def setup(self, model: Any, scorer: Any, data: PreparedData) -> dict[str, Any]:
-        """Reference log-probabilities of the starting policy, once, for every pair."""
-        assert isinstance(data, PreferenceData)
-        train = data.train  # type: ignore[assignment]
-        ref = score_pairs(scorer, train)  # type: ignore[arg-type]
-        data.train[:] = [
-            replace(e, ref_chosen=c, ref_rejected=r)  # type: ignore[type-var]
-            for e, c, r in zip(train, ref.chosen, ref.rejected, strict=True)
-        ]
-        held = score_pairs(scorer, data.heldout)
-        data.heldout[:] = [
-            replace(e, ref_chosen=c, ref_rejected=r)
-            for e, c, r in zip(data.heldout, held.chosen, held.rejected, strict=True)
-        ]
-        n = max(1, len(ref.chosen))
-        return {
-            "ref_chosen_mean": sum(ref.chosen) / n,
-            "ref_rejected_mean": sum(ref.rejected) / n,
-        }
-
-    def heldout_metrics(self, scorer: Any, data: PreparedData) -> dict[str, float]:
-        if not isinstance(data, PreferenceData) or not data.heldout:
-            return {}
-        scores = score_pairs(scorer, data.heldout)
-        metrics = scores.metrics()
-        beta = float(data.summary.get("dpo_beta", 0.1))
-        rewards = [
-            beta * ((c - e.ref_chosen) - (r - e.ref_rejected))
-            for e, c, r in zip(data.heldout, scores.chosen, scores.rejected, strict=True)
-        ]
-        metrics["reward_margin"] = sum(rewards) / len(rewards)
-        return metrics
-
-    def collate(self, examples: Sequence[Any], pad_id: int) -> dict[str, Any]:
-        return collate_pairs(examples, pad_id)
-
-    def loss(self, model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
-        logps = sequence_logprobs(model, batch)
-        n = logps.shape[0] // 2
-        ref = batch["ref"]
-        loss, _ = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], float(batch["beta"]))
-        return loss, n
-
-
-register_method(DpoMethod())

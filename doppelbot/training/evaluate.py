@@ -16,21 +16,36 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from doppelbot.errors import EmptyReplyError, TrainingError
+from doppelbot.model.local import model_source
+from doppelbot.model.tokenizer import load_tokenizer
+from doppelbot.prompt import decode_reply
 from doppelbot.training.data import TrainRow, load_dataset
-from doppelbot.training.methods import (
-    Example,
+from doppelbot.training.dpo import encode_pairs, score_pairs
+from doppelbot.training.metrics import corpus_chrf, diversity_stats, style_stats
+from doppelbot.training.modeling import (
+    load_adapter_for_eval,
+    load_base_model,
+    load_config,
+    resolve_device,
+    resolve_precision,
+)
+from doppelbot.training.registry import cached_eval, heldout_key, store_eval
+from doppelbot.training.seq2seq import (
     collate_seq2seq,
     encode_rows,
     seq2seq_token_nll,
+    sequence_logprobs,
     subset,
 )
-from doppelbot.training.metrics import corpus_chrf, diversity_stats, style_stats
-from doppelbot.training.registry import cached_eval, heldout_key, store_eval
+from doppelbot.training.types import Example
+
+if TYPE_CHECKING:
+    from doppelbot.config import Settings
 
 
 # --- model-side primitives ---------------------------------------------------------------------
@@ -48,24 +63,32 @@ class Scorer:
         for start in range(0, len(items), self.batch_size):
             yield items[start : start + self.batch_size]
 
-    def token_nll(self, examples: Sequence[Example]) -> tuple[float, int]:
-        """Summed token NLL over ``examples`` and the number of target tokens."""
+    def _on_device(self, examples: Sequence[Example]) -> Iterator[dict[str, Any]]:
+        for chunk in self._batches(examples):
+            yield {k: v.to(self.device) for k, v in collate_seq2seq(chunk, self.pad_id).items()}
+
+    @contextmanager
+    def _scoring(self) -> Iterator[None]:
+        """Eval mode without gradients; the model's mode is restored afterwards (the trainer
+        scores between steps)."""
         import torch
 
-        total, count = 0.0, 0
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                for chunk in self._batches(examples):
-                    batch = {
-                        k: v.to(self.device) for k, v in collate_seq2seq(chunk, self.pad_id).items()
-                    }
-                    nll, n = seq2seq_token_nll(self.model, batch)
-                    total += float(nll)
-                    count += n
+                yield
         finally:
             self.model.train(was_training)
+
+    def token_nll(self, examples: Sequence[Example]) -> tuple[float, int]:
+        """Summed token NLL over ``examples`` and the number of target tokens."""
+        total, count = 0.0, 0
+        with self._scoring():
+            for batch in self._on_device(examples):
+                nll, n = seq2seq_token_nll(self.model, batch)
+                total += float(nll)
+                count += n
         return total, count
 
     def mean_loss(self, examples: Sequence[Example]) -> float:
@@ -76,29 +99,15 @@ class Scorer:
 
     def sequence_logprobs(self, examples: Sequence[Example]) -> list[float]:
         """Log-probability of each example's target given its input (for preference metrics)."""
-        import torch
-
-        from doppelbot.training.dpo import sequence_logprobs
-
         out: list[float] = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for chunk in self._batches(examples):
-                    batch = {
-                        k: v.to(self.device) for k, v in collate_seq2seq(chunk, self.pad_id).items()
-                    }
-                    out += [float(x) for x in sequence_logprobs(self.model, batch)]
-        finally:
-            self.model.train(was_training)
+        with self._scoring():
+            for batch in self._on_device(examples):
+                out += [float(x) for x in sequence_logprobs(self.model, batch)]
         return out
 
     def generate(self, examples: Sequence[Example], *, max_new_tokens: int) -> list[str]:
         """Greedy replies, decoded exactly as the bot decodes them ('' when empty)."""
         import torch
-
-        from doppelbot.prompt import decode_reply
 
         replies: list[str] = []
         self.model.eval()
@@ -170,8 +179,6 @@ def _preference(ctx: EvalContext) -> dict[str, float]:
     pairs = ctx.extras.get("pairs")
     if not pairs:
         return {}
-    from doppelbot.training.dpo import encode_pairs, score_pairs
-
     encoded = ctx.extras.get("_pairs_encoded")
     if encoded is None:  # once per evaluation: every adapter scores the same pairs
         encoded = encode_pairs(
@@ -224,9 +231,24 @@ class EvalOptions:
         """Where the base model's files are read from."""
         if self.data_dir is None:
             return self.model
-        from doppelbot.model.local import model_source
-
         return model_source(self.model, self.data_dir)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> EvalOptions:
+        """Options from ``settings`` and the CLI (an override of None keeps the setting)."""
+        base = cls(
+            model=settings.model,
+            data_dir=settings.data_dir,
+            limit=settings.eval_max_samples,
+            device=settings.device,
+            precision=settings.train_precision,
+            batch_size=settings.batch_size,
+            max_new_tokens=settings.max_new_tokens,
+            max_input_tokens=settings.max_input_tokens,
+            max_target_tokens=settings.max_target_tokens,
+            torch_threads=settings.torch_threads,
+        )
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
@@ -301,15 +323,6 @@ def evaluate_adapters(
     """Evaluate each adapter (None = base model) on the same validation subset."""
     import torch
 
-    from doppelbot.model.tokenizer import load_tokenizer
-    from doppelbot.training.modeling import (
-        load_adapter_for_eval,
-        load_base_model,
-        load_config,
-        resolve_device,
-        resolve_precision,
-    )
-
     specs = selected_metrics(options.metrics)
     dataset = load_dataset(datasets_dir, options.dataset)
     rows = subset(dataset.validation, options.limit)
@@ -382,8 +395,6 @@ def heldout_losses(
 ) -> list[float]:
     """Held-out loss of each adapter on the current validation split, from the adapter's
     cached evaluation when the split, subset and lengths are the same, else measured now."""
-    from doppelbot.training.modeling import resolve_device, resolve_precision
-
     dataset = load_dataset(datasets_dir, options.dataset)
     precision = resolve_precision(options.precision, resolve_device(options.device))
     key = heldout_key(
@@ -402,7 +413,7 @@ def heldout_losses(
         else:
             missing.append(adapter)
     if missing:
-        opts = EvalOptions(**{**options.__dict__, "metrics": ("loss",)})
+        opts = replace(options, metrics=("loss",))
         comparison = evaluate_adapters(opts, missing, datasets_dir=datasets_dir)
         for report in comparison.reports:
             losses[str(report.adapter)] = report.metrics["loss"]

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from doppelbot.errors import ModelLoadError, TrainingError
+from doppelbot.model.loader import check_untied
+from doppelbot.model.loader import resolve_device as serving_rule
 
 PRECISIONS = ("auto", "int8", "bf16", "fp32")
 
 
 def resolve_device(requested: str) -> str:
     """auto → cuda when torch sees a GPU, else cpu (the serving loader's rule)."""
-    from doppelbot.model.loader import resolve_device as serving_rule
-
     return serving_rule(requested)
 
 
@@ -51,8 +51,6 @@ def load_base_model(model_name: str, *, device: str, precision: str, device_inde
     """The base seq2seq model on ``device`` at ``precision`` (frozen by the LoRA wrapper)."""
     import torch
     from transformers import AutoModelForSeq2SeqLM
-
-    from doppelbot.model.loader import check_untied
 
     kwargs: dict[str, Any] = {}
     if precision == "int8":
