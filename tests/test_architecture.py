@@ -4,6 +4,7 @@ model/training/knowledge/speech modules, and a CLI that starts without either.""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,9 +94,6 @@ def test_no_environ_reads_outside_config() -> None:
 
 
 # --- import cycles: no module imports itself through others -----------------------------------
-# Packages whose modules may not import one another in a cycle even through imports inside
-# functions (the usual way to hide one).
-NO_HIDDEN_CYCLES = ("doppelbot.training",)
 
 
 def _module_name(path: Path) -> str:
@@ -198,5 +196,51 @@ def test_no_module_imports_itself_through_others() -> None:
 
 
 def test_no_cycle_hides_behind_an_import_inside_a_function() -> None:
-    cycles = _cycles(_import_graph(in_functions=True))
-    assert [c for c in cycles if any(m.startswith(NO_HIDDEN_CYCLES) for m in c)] == []
+    assert _cycles(_import_graph(in_functions=True)) == []
+
+
+# --- SQL: every statement lives in doppelbot/store/ --------------------------------------------
+_SQL = re.compile(
+    r"\bSELECT\b[\s\S]*\bFROM\b|\bINSERT\s+INTO\b|\bUPDATE\s+\w+\s+SET\b|\bDELETE\s+FROM\b"
+    r"|\bCREATE\s+(?:TABLE|INDEX)\b|\bON\s+CONFLICT\b|\bPRAGMA\s+\w+",
+    re.IGNORECASE,
+)
+
+
+def _string_constants(tree: ast.AST) -> list[tuple[int, str]]:
+    """Every string literal of a module, f-strings by their literal parts."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.append((node.lineno, node.value))
+        elif isinstance(node, ast.JoinedStr):
+            parts = [v.value for v in node.values if isinstance(v, ast.Constant)]
+            found.append((node.lineno, "".join(str(p) for p in parts)))
+    return found
+
+
+def test_sql_only_in_the_store() -> None:
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path.relative_to(PKG).parts[0] == "store":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for line, text in _string_constants(tree):
+            if _SQL.search(text) and not _is_docstring(tree, line):
+                offenders.append(f"{path.relative_to(PKG)}:{line}: {text[:60]!r}")
+    assert offenders == []
+
+
+def _is_docstring(tree: ast.AST, line: int) -> bool:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            value = body[0].value
+            if isinstance(value, ast.Constant) and value.lineno == line:
+                return True
+    return False
+
+
+def test_the_sql_check_finds_sql() -> None:
+    tree = ast.parse('x = "SELECT a FROM b"\ny = f"UPDATE t SET a = {1}"\nz = "select me"\n')
+    assert sorted({line for line, text in _string_constants(tree) if _SQL.search(text)}) == [1, 2]

@@ -12,6 +12,7 @@ import pytest
 from doppelbot.domain import Role, Turn
 from doppelbot.errors import AdapterRejectedError, PreflightError, TrainingError
 from doppelbot.prompt import PromptFormat
+from doppelbot.store import adapters
 from doppelbot.store.database import Database
 from doppelbot.training import checkpoint as ckpt
 from doppelbot.training import registry
@@ -309,5 +310,5 @@ async def test_choice_history_and_rollback(db: Database, settings: object, tmp_p
     assert (await registry.rollback(db)).adapter_path == a
     with pytest.raises(TrainingError, match="first adapter chosen"):
         await registry.rollback(db)
-    history = await registry.choice_history(db)
+    history = await adapters.choice_history(db)
     assert [h.reason for h in history] == ["rollback", "rollback", "use", "use", "use"]

@@ -18,7 +18,7 @@ from rich.table import Table
 from doppelbot.cli.common import open_db, run_async, state
 
 if TYPE_CHECKING:
-    from doppelbot.training.registry import AdapterChoice
+    from doppelbot.store.adapters import AdapterChoice
 
 app = typer.Typer(no_args_is_help=True)
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def rollback(ctx: typer.Context) -> None:
 def list_(ctx: typer.Context) -> None:
     app_state = state(ctx)
     settings = app_state.settings
-    from doppelbot.training.registry import choice_history, current_adapter, list_adapters
+    from doppelbot.store.adapters import choice_history
+    from doppelbot.training.registry import current_adapter, list_adapters
 
     async def go() -> tuple[Path | None, list[AdapterChoice]]:
         async with open_db(settings) as db:

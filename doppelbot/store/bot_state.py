@@ -17,6 +17,10 @@ from typing import Any
 
 from doppelbot.domain import ReplyMode
 from doppelbot.store.database import Database, now
+from doppelbot.store.table import Table
+
+BOT_STATE = Table("bot_state", ("key", "value", "updated_at"), key=("key",))
+CHAT_SETTINGS = Table("chat_settings", ("chat_id", "reply_mode", "updated_at"), key=("chat_id",))
 
 PAUSED_KEY = "paused"
 REPLY_MODE_KEY = "reply_mode"  # the runtime default set by ``/mode MODE``; overrides settings
@@ -32,11 +36,7 @@ async def get_value(db: Database, key: str) -> str | None:
 
 
 async def set_value(db: Database, key: str, value: str) -> None:
-    await db.execute(
-        "INSERT INTO bot_state (key, value, updated_at) VALUES (?,?,?)"
-        " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-        (key, value, now()),
-    )
+    await db.execute(BOT_STATE.insert(conflict="update"), (key, value, now()))
 
 
 async def is_paused(db: Database) -> bool:
@@ -51,7 +51,7 @@ async def paused_since(db: Database) -> int | None:
     row = await db.fetchone(
         "SELECT updated_at FROM bot_state WHERE key = ? AND value = '1'", (PAUSED_KEY,)
     )
-    return None if row is None else int(row[0])
+    return None if row is None else int(row["updated_at"])
 
 
 async def chat_reply_mode(db: Database, chat_id: int) -> ReplyMode | None:
@@ -62,10 +62,7 @@ async def chat_reply_mode(db: Database, chat_id: int) -> ReplyMode | None:
 async def set_chat_reply_mode(db: Database, chat_id: int, mode: ReplyMode | None) -> None:
     """``None`` removes the override: the chat follows the global ``reply_mode`` again."""
     await db.execute(
-        "INSERT INTO chat_settings (chat_id, reply_mode, updated_at) VALUES (?,?,?)"
-        " ON CONFLICT (chat_id) DO UPDATE SET reply_mode = excluded.reply_mode,"
-        " updated_at = excluded.updated_at",
-        (chat_id, mode.value if mode else None, now()),
+        CHAT_SETTINGS.insert(conflict="update"), (chat_id, mode.value if mode else None, now())
     )
 
 
@@ -83,7 +80,7 @@ async def chat_mode_overrides(db: Database) -> dict[int, ReplyMode]:
     rows = await db.fetchall(
         "SELECT chat_id, reply_mode FROM chat_settings WHERE reply_mode IS NOT NULL"
     )
-    return {int(r[0]): ReplyMode(r[1]) for r in rows}
+    return {int(r["chat_id"]): ReplyMode(r["reply_mode"]) for r in rows}
 
 
 async def get_json(db: Database, key: str) -> dict[str, Any] | None:

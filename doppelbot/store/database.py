@@ -265,7 +265,7 @@ class Database:
         rows = await self.fetchall(
             "SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
         )
-        applied = tuple((int(r[0]), str(r[1]), int(r[2])) for r in rows)
+        applied = tuple((int(r["version"]), str(r["name"]), int(r["applied_at"])) for r in rows)
         done = {v for v, _, _ in applied}
         pending = tuple(
             m for m in discover_migrations(self.migrations_dir) if m.version not in done

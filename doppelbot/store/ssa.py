@@ -10,9 +10,36 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from doppelbot.ssa import Candidate, SsaLabel
 from doppelbot.store.database import Database, now
+from doppelbot.store.table import Table
+
+SSA_BATCHES = Table(
+    "ssa_batches",
+    ("batch_id", "dataset", "seed", "n_contexts", "sources", "created_at"),
+    key=("batch_id",),
+)
+SSA_ITEMS = Table(
+    "ssa_items",
+    (
+        "item_id",
+        "batch_id",
+        "context_key",
+        "source",
+        "position",
+        "context",
+        "model_input",
+        "reply",
+        "card_message_id",
+        "posted_at",
+    ),
+    key=("item_id",),
+)
+SSA_LABELS = Table(
+    "ssa_labels", ("item_id", "sensible", "specific", "raw", "labelled_at"), key=("item_id",)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,14 +68,12 @@ async def create_batch(
     sources = sorted({c.source for c in candidates})
     async with db.transaction() as conn:
         cur = await conn.execute(
-            "INSERT INTO ssa_batches (dataset, seed, n_contexts, sources, created_at)"
-            " VALUES (?,?,?,?,?)",
+            SSA_BATCHES.insert(columns=SSA_BATCHES.columns[1:]),
             (dataset, seed, n_contexts, json.dumps(sources), now()),
         )
         batch_id = int(cur.lastrowid or 0)
         await conn.executemany(
-            "INSERT INTO ssa_items (batch_id, context_key, source, position, context,"
-            " model_input, reply) VALUES (?,?,?,?,?,?,?)",
+            SSA_ITEMS.insert(columns=SSA_ITEMS.columns[1:8]),
             [
                 (
                     batch_id,
@@ -65,39 +90,31 @@ async def create_batch(
     return batch_id
 
 
-def _item(r: Sequence[object]) -> SsaItem:
-    turns = tuple((str(a), str(b)) for a, b in json.loads(str(r[5])))
+def _item(r: Any) -> SsaItem:
+    card = r["card_message_id"]
     return SsaItem(
-        int(r[0]),
-        int(r[1]),
-        str(r[2]),
-        str(r[3]),
-        int(r[4]),
-        turns,
-        str(r[6]),
-        str(r[7]),
-        None if r[8] is None else int(r[8]),  # type: ignore[arg-type]
+        item_id=int(r["item_id"]),
+        batch_id=int(r["batch_id"]),
+        context_key=str(r["context_key"]),
+        source=str(r["source"]),
+        position=int(r["position"]),
+        context=tuple((str(a), str(b)) for a, b in json.loads(str(r["context"]))),
+        model_input=str(r["model_input"]),
+        reply=str(r["reply"]),
+        card_message_id=None if card is None else int(card),
     )
-
-
-_ITEM_COLS = (
-    "item_id, batch_id, context_key, source, position, context, model_input, reply, card_message_id"
-)
 
 
 async def items(db: Database, batch_id: int, *, unposted_only: bool = False) -> list[SsaItem]:
     extra = " AND card_message_id IS NULL" if unposted_only else ""
     rows = await db.fetchall(
-        f"SELECT {_ITEM_COLS} FROM ssa_items WHERE batch_id = ?{extra} ORDER BY position",
-        (batch_id,),
+        SSA_ITEMS.select(f"batch_id = ?{extra}", tail="ORDER BY position"), (batch_id,)
     )
     return [_item(r) for r in rows]
 
 
 async def item_by_card(db: Database, card_message_id: int) -> SsaItem | None:
-    r = await db.fetchone(
-        f"SELECT {_ITEM_COLS} FROM ssa_items WHERE card_message_id = ?", (card_message_id,)
-    )
+    r = await db.fetchone(SSA_ITEMS.select("card_message_id = ?"), (card_message_id,))
     return _item(r) if r else None
 
 
@@ -119,14 +136,12 @@ async def card_ids(db: Database, batch_id: int | None = None) -> list[int]:
             " AND batch_id = ?",
             (batch_id,),
         )
-    return [int(r[0]) for r in rows]
+    return [int(r["card_message_id"]) for r in rows]
 
 
 async def save_label(db: Database, item_id: int, label: SsaLabel, raw: str) -> None:
     await db.execute(
-        "INSERT INTO ssa_labels (item_id, sensible, specific, raw, labelled_at)"
-        " VALUES (?,?,?,?,?) ON CONFLICT (item_id) DO UPDATE SET sensible=excluded.sensible,"
-        " specific=excluded.specific, raw=excluded.raw, labelled_at=excluded.labelled_at",
+        SSA_LABELS.insert(conflict="update"),
         (item_id, int(label.sensible), int(label.specific), raw, now()),
     )
 
@@ -148,18 +163,20 @@ async def labels_by_source(
     )
     out: dict[str, list[tuple[str, SsaLabel]]] = {}
     for r in rows:
-        out.setdefault(str(r[0]), []).append((str(r[1]), SsaLabel(bool(r[2]), bool(r[3]))))
+        label = SsaLabel(bool(r["sensible"]), bool(r["specific"]))
+        out.setdefault(str(r["source"]), []).append((str(r["context_key"]), label))
     return out
 
 
 async def batch_progress(db: Database, batch_id: int) -> tuple[int, int, int]:
     """(items, posted, labelled)."""
     r = await db.fetchone(
-        "SELECT count(*), count(i.card_message_id), count(l.item_id) FROM ssa_items i"
+        "SELECT count(*) AS items, count(i.card_message_id) AS posted,"
+        " count(l.item_id) AS labelled FROM ssa_items i"
         " LEFT JOIN ssa_labels l ON l.item_id = i.item_id WHERE i.batch_id = ?",
         (batch_id,),
     )
-    return int(r[0]), int(r[1]), int(r[2])
+    return int(r["items"]), int(r["posted"]), int(r["labelled"])
 
 
 async def count_labelled(db: Database, batch_id: int | None = None) -> int:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from doppelbot.dataset.jsonl import write_json
 from doppelbot.errors import AdapterRejectedError, TrainingError
+from doppelbot.store import adapters
+from doppelbot.store.adapters import AdapterChoice, current_choice, get_choice
 from doppelbot.store.database import Database, now
 
 if TYPE_CHECKING:
@@ -151,58 +153,6 @@ def store_eval(path: Path, key: str, metrics: dict[str, Any]) -> None:
 
 
 # --- the serving choice -----------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class AdapterChoice:
-    choice_id: int
-    adapter_path: Path
-    adapter_name: str
-    heldout_loss: float | None
-    forced: bool
-    reason: str
-    previous_choice_id: int | None
-    chosen_at: int
-
-
-_CHOICE_COLUMNS = (
-    "choice_id, adapter_path, adapter_name, heldout_loss, forced, reason, previous_choice_id,"
-    " chosen_at"
-)
-
-
-def _choice(row: Any) -> AdapterChoice:
-    return AdapterChoice(
-        choice_id=int(row[0]),
-        adapter_path=Path(row[1]),
-        adapter_name=str(row[2]),
-        heldout_loss=None if row[3] is None else float(row[3]),
-        forced=bool(row[4]),
-        reason=str(row[5]),
-        previous_choice_id=None if row[6] is None else int(row[6]),
-        chosen_at=int(row[7]),
-    )
-
-
-async def current_choice(db: Database) -> AdapterChoice | None:
-    row = await db.fetchone(
-        f"SELECT {_CHOICE_COLUMNS} FROM adapter_choices ORDER BY choice_id DESC LIMIT 1"
-    )
-    return None if row is None else _choice(row)
-
-
-async def get_choice(db: Database, choice_id: int) -> AdapterChoice | None:
-    row = await db.fetchone(
-        f"SELECT {_CHOICE_COLUMNS} FROM adapter_choices WHERE choice_id = ?", (choice_id,)
-    )
-    return None if row is None else _choice(row)
-
-
-async def choice_history(db: Database, limit: int = 20) -> list[AdapterChoice]:
-    rows = await db.fetchall(
-        f"SELECT {_CHOICE_COLUMNS} FROM adapter_choices ORDER BY choice_id DESC LIMIT ?", (limit,)
-    )
-    return [_choice(r) for r in rows]
-
-
 async def current_adapter(settings: Settings, db: Database) -> Path | None:
     """The adapter the reply runtime should load: ``DOPPELBOT_ADAPTER_PATH`` when set, else
     the one chosen with ``doppelbot adapter use`` (None: serve the base model alone)."""
@@ -236,22 +186,15 @@ async def record_choice(
     reason: str = "use",
     previous_choice_id: int | None = None,
 ) -> AdapterChoice:
-    async with db.transaction() as conn:
-        cursor = await conn.execute(
-            "INSERT INTO adapter_choices (adapter_path, adapter_name, heldout_loss, forced,"
-            " reason, previous_choice_id, chosen_at) VALUES (?,?,?,?,?,?,?)",
-            (
-                str(adapter),
-                adapter.name,
-                heldout_loss,
-                int(forced),
-                reason,
-                previous_choice_id,
-                now(),
-            ),
-        )
-        choice_id = cursor.lastrowid
-    choice = await get_choice(db, int(choice_id or 0))
+    choice_id = await adapters.insert_choice(
+        db,
+        adapter,
+        heldout_loss=heldout_loss,
+        forced=forced,
+        reason=reason,
+        previous_choice_id=previous_choice_id,
+    )
+    choice = await get_choice(db, choice_id)
     assert choice is not None
     return choice
 
@@ -309,23 +252,16 @@ async def record_run(
 ) -> None:
     """Insert or update the ``training_runs`` row of one run folder (a resumed run keeps its
     row: the folder is the natural key)."""
-    await db.execute(
-        "INSERT INTO training_runs (method, status, base_model, run_dir, adapter_path,"
-        " dataset_hash, params, metrics, started_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
-        " ON CONFLICT (run_dir) DO UPDATE SET status=excluded.status,"
-        " adapter_path=COALESCE(excluded.adapter_path, training_runs.adapter_path),"
-        " dataset_hash=excluded.dataset_hash, params=excluded.params,"
-        " metrics=excluded.metrics, finished_at=excluded.finished_at",
-        (
-            method,
-            status,
-            base_model,
-            str(run_dir),
-            None if adapter_path is None else str(adapter_path),
-            dataset_hash,
-            json.dumps(params or {}, ensure_ascii=False, sort_keys=True),
-            json.dumps(metrics or {}, ensure_ascii=False, sort_keys=True),
-            started_at,
-            finished_at,
-        ),
+    await adapters.upsert_run(
+        db,
+        run_dir=run_dir,
+        method=method,
+        status=status,
+        base_model=base_model,
+        started_at=started_at,
+        dataset_hash=dataset_hash,
+        params=params,
+        metrics=metrics,
+        adapter_path=adapter_path,
+        finished_at=finished_at,
     )

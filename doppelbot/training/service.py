@@ -18,16 +18,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from doppelbot.dataset.jsonl import write_json
 from doppelbot.errors import TrainingError
 from doppelbot.model.loader import serving_adapter
+from doppelbot.store.adapters import AdapterChoice, current_choice
 from doppelbot.store.database import Database
 from doppelbot.training.dpo import load_pairs, pairs_file, split_pairs
 from doppelbot.training.evaluate import Comparison, EvalOptions, evaluate_adapters, heldout_losses
 from doppelbot.training.registry import (
     CURRENT_SPEC,
-    AdapterChoice,
     AdapterInfo,
     adapter_info,
     check_not_worse,
-    current_choice,
     record_run,
     resolve_adapter,
     use_adapter,
