@@ -21,7 +21,7 @@ from doppelbot.config import Settings, load_settings
 from doppelbot.domain import Role, Turn
 from doppelbot.errors import KnowledgeError
 from doppelbot.knowledge import Embedder, KnowledgeBase
-from doppelbot.knowledge_policy import apply_fact_fallback, decide_fallback, fact_wins
+from doppelbot.knowledge.policy import apply_fact_fallback, decide_fallback, fact_wins
 from doppelbot.ports import FactRetriever, ScoredFact
 from doppelbot.prompt import FACTS_HEADER, PromptFormat
 from doppelbot.store.database import Database

@@ -537,7 +537,7 @@ async def test_feedback_export_from_a_review_session(
 
 
 async def test_ssa_card_answers_are_labels_while_the_bot_runs(tmp_path: Path) -> None:
-    from doppelbot.ssa import Candidate
+    from doppelbot.ssa.labels import Candidate
     from doppelbot.store import ssa as ssa_store
 
     tg = FakeTelegram()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from doppelbot.ssa import (
+from doppelbot.ssa.labels import (
     Candidate,
     LabelSyntaxError,
     SsaLabel,

@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from doppelbot.cli import app
-from doppelbot.ssa import SsaLabel, ssa_report, wilson_interval
-from doppelbot.ssa_flow import CARD_MARK, OWNER_SOURCE
+from doppelbot.ssa.flow import CARD_MARK, OWNER_SOURCE
+from doppelbot.ssa.labels import SsaLabel, ssa_report, wilson_interval
 from doppelbot.store import ssa as store
 from doppelbot.store.database import Database
 from tests.faketg import OWNER_ID, FakeTelegram

@@ -5,8 +5,7 @@ import pytest
 from doppelbot.domain import GenerationOptions, Role, Sample, Turn
 from doppelbot.errors import GenerationError
 from doppelbot.ports import ModelIdentity
-from doppelbot.ssa import LabelSyntaxError, SsaLabel
-from doppelbot.ssa_flow import (
+from doppelbot.ssa.flow import (
     OWNER_SOURCE,
     compare,
     context_key,
@@ -15,6 +14,7 @@ from doppelbot.ssa_flow import (
     prepare_batch,
     record_label,
 )
+from doppelbot.ssa.labels import LabelSyntaxError, SsaLabel
 from doppelbot.store import ssa as store
 from doppelbot.store.database import Database
 

@@ -15,7 +15,7 @@ app = typer.Typer(no_args_is_help=True)
 
 
 async def _collect(ctx: typer.Context):  # type: ignore[no-untyped-def]
-    from doppelbot.feedback import build_feedback
+    from doppelbot.feedback.export import build_feedback
     from doppelbot.store.feedback import feedback_replies
 
     settings = state(ctx).settings

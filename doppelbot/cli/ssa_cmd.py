@@ -4,7 +4,7 @@
 time, closed before the next, so memory stays that of one model), stores the blind-ordered
 batch and posts it as cards to Saved Messages (resumable with ``--batch``); ``collect`` reads
 the owner's answers to the cards and stores them as labels; ``report`` prints the figures with
-95% intervals. The flow itself is ``doppelbot.ssa_flow``; this module wires the model worker,
+95% intervals. The flow itself is ``doppelbot.ssa.flow``; this module wires the model worker,
 Telethon, SQLite and Rich around it (heavy imports inside the command bodies).
 """
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from doppelbot.config import Settings
     from doppelbot.domain import GenerationOptions, Sample
     from doppelbot.ports import ModelIdentity
-    from doppelbot.ssa_flow import SourceRow
+    from doppelbot.ssa.flow import SourceRow
     from doppelbot.store.database import Database
 
 app = typer.Typer(no_args_is_help=True)
@@ -101,7 +101,7 @@ async def _generate_all(
 
 def _sources(settings: Settings, adapter: str, against: str | None) -> dict[str, Path | None]:
     from doppelbot.errors import DoppelbotError
-    from doppelbot.ssa_flow import OWNER_SOURCE
+    from doppelbot.ssa.flow import OWNER_SOURCE
     from doppelbot.training.service import adapter_from_spec
 
     out: dict[str, Path | None] = {}
@@ -119,7 +119,7 @@ def _sources(settings: Settings, adapter: str, against: str | None) -> dict[str,
 async def _post(
     settings: Settings, db: Database, batch_id: int, client: Any, console: Console
 ) -> int:
-    from doppelbot.ssa_flow import post_batch
+    from doppelbot.ssa.flow import post_batch
     from doppelbot.store import ssa as store
     from doppelbot.telegram.saved import SavedMessagesPoster
 
@@ -149,7 +149,7 @@ async def start_batch(
     """Generate and post a batch (or, with ``batch``, post what is left of it)."""
     from doppelbot.dataset.jsonl import VALIDATION_FILE, read_samples, resolve_dataset_dir
     from doppelbot.errors import DatasetError, DoppelbotError
-    from doppelbot.ssa_flow import prepare_batch, sample_contexts
+    from doppelbot.ssa.flow import prepare_batch, sample_contexts
     from doppelbot.store import ssa as store
     from doppelbot.telegram.client import connected
 
@@ -246,8 +246,8 @@ def start(
 async def collect_labels(settings: Settings, console: Console, batch: int | None = None) -> int:
     """Read the owner's answers to the cards; store the well-formed ones; print a hint for
     each malformed one. Idempotent: labels are upserts, the newest answer to a card wins."""
-    from doppelbot.ssa import LabelSyntaxError
-    from doppelbot.ssa_flow import CARD_MARK, record_label
+    from doppelbot.ssa.flow import CARD_MARK, record_label
+    from doppelbot.ssa.labels import LabelSyntaxError
     from doppelbot.store import ssa as store
     from doppelbot.telegram.client import connected
     from doppelbot.telegram.saved import answers_to_cards
@@ -328,7 +328,7 @@ def _table(title: str, rows: Sequence[tuple[str, Any]]) -> Any:
 
 
 async def report_rows(settings: Settings, batch: int | None, all_batches: bool) -> tuple[Any, ...]:
-    from doppelbot.ssa_flow import compare
+    from doppelbot.ssa.flow import compare
     from doppelbot.store import ssa as store
 
     async with open_db(settings) as db:

@@ -3,7 +3,7 @@
 The only package (besides ``model``/``training``) that touches sentence-transformers/torch, and it
 imports them lazily, on ``Embedder.load``. Facts themselves live in SQLite
 (``doppelbot.store.facts``: add/list/remove/import, embedding cache); the fact-fallback rule is
-core (``doppelbot.knowledge_policy``).
+core (``doppelbot.knowledge.policy``).
 
 API (what the responder uses)::
 

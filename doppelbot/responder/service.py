@@ -46,7 +46,7 @@ from doppelbot.config import Settings
 from doppelbot.dataset.budget import CountTokens, fit_turns
 from doppelbot.domain import Message, Peer, PeerKind, Reply, ReplyMode, ReplyStatus, Role
 from doppelbot.errors import DoppelbotError, FloodWaitError, FloodWaitTooLongError, GenerationError
-from doppelbot.knowledge_policy import apply_fact_fallback
+from doppelbot.knowledge.policy import apply_fact_fallback
 from doppelbot.ports import FactRetriever, ReplyGenerator, ScoredFact
 from doppelbot.prompt import PromptFormat
 from doppelbot.responder import delivery

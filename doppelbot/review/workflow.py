@@ -468,8 +468,8 @@ class ReviewWorkflow:
         await self._command(message, text)
 
     async def _ssa_label(self, message: Message, target: int, text: str) -> bool:
-        from doppelbot.ssa import LabelSyntaxError
-        from doppelbot.ssa_flow import record_label
+        from doppelbot.ssa.flow import record_label
+        from doppelbot.ssa.labels import LabelSyntaxError
 
         try:
             outcome = await record_label(self.db, target, text)

@@ -24,7 +24,7 @@ from doppelbot.dataset.jsonl import (
 )
 from doppelbot.domain import Role, Turn
 from doppelbot.errors import DatasetError, EmptyReplyError, TrainingError
-from doppelbot.feedback import NEGATIVE_KINDS
+from doppelbot.feedback.export import NEGATIVE_KINDS
 from doppelbot.prompt import PromptFormat, decode_reply
 
 FEEDBACK_SOURCE = "feedback"

@@ -16,7 +16,14 @@ from typing import Protocol
 from doppelbot.domain import GenerationOptions, Sample
 from doppelbot.errors import GenerationError
 from doppelbot.ports import ReplyGenerator
-from doppelbot.ssa import LABEL_HELP, Candidate, SsaLabel, SsaReport, blind_order, parse_label
+from doppelbot.ssa.labels import (
+    LABEL_HELP,
+    Candidate,
+    SsaLabel,
+    SsaReport,
+    blind_order,
+    parse_label,
+)
 from doppelbot.store import ssa as store
 from doppelbot.store.database import Database
 
@@ -147,7 +154,7 @@ def compare(
     labels: Mapping[str, Sequence[tuple[str, SsaLabel]]],
 ) -> list[SourceRow]:
     """One row per source; ``common`` restricts every source to the contexts all share."""
-    from doppelbot.ssa import ssa_report
+    from doppelbot.ssa.labels import ssa_report
 
     shared: set[str] | None = None
     for rows in labels.values():
