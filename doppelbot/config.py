@@ -353,6 +353,12 @@ class Settings(BaseSettings):
         description="After downtime, answer chats whose newest message is younger than this "
         "(e.g. 6h, 90m; 0 = never answer what arrived while the bot was down).",
     )
+    shutdown_grace_s: float = Field(
+        5.0,
+        ge=0,
+        description="On stop, a reply being sent gets this long to finish; one cut short is "
+        "resumed at the next start.",
+    )
     watchdog_interval_s: float = Field(
         30.0, gt=0, description="How often the running bot checks its health and records it."
     )

@@ -226,7 +226,8 @@ class Fact:
 
 @dataclass(frozen=True, slots=True)
 class GenerationOptions:
-    """Decoding knobs for one request; defaults are the seed's."""
+    """Decoding knobs for one request (``Settings.generation_options`` gives the configured
+    ones; these defaults serve tools and tests)."""
 
     max_new_tokens: int = 50
     min_new_tokens: int = 0

@@ -15,14 +15,18 @@ class DoppelbotError(Exception):
     prefix: str = "error"  # what the CLI's line starts with; not every stop is an error
 
 
+def describe(exc: BaseException) -> str:
+    """An error for logs and stored error columns: type and our own message only — foreign
+    exception texts may quote user content (a message, a draft)."""
+    if isinstance(exc, DoppelbotError):
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return type(exc).__name__
+
+
 class ConfigError(DoppelbotError):
     """A setting is missing or has a bad value."""
 
     exit_code = 2
-
-
-class NotAvailableError(DoppelbotError):
-    """A command exists in the CLI but its feature has not landed yet."""
 
 
 class StoreError(DoppelbotError):
@@ -114,6 +118,10 @@ class InsufficientMemoryError(ModelLoadError):
 
 class GenerationError(ModelError):
     """One generation failed; the worker keeps serving."""
+
+
+class PromptTooLongError(GenerationError):
+    """The newest message alone does not fit in the model's input budget."""
 
 
 class EmptyReplyError(GenerationError):

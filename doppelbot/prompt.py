@@ -3,7 +3,8 @@
 One module builds every model input and target and decodes every model output, so training and
 serving can never disagree about the format. Pure Python: no tokenizer, no torch.
 
-Format (the seed's FRED-T5 "SC1" denoising prompt)::
+Format (FRED-T5's "SC1" denoising prompt, the task it was pretrained on, so a small dataset
+suffices to teach it the owner's replies)::
 
     input : <SC1>{persona}[ {facts}] Ваш прошлый диалог: \n{label}: {text}…
              Твой ответ: <extra_id_0>   (one line; wrapped here)

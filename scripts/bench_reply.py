@@ -162,7 +162,7 @@ def machine() -> dict[str, Any]:
 
 
 def build_prompt(tokenizer_dir: Path) -> str:
-    """A prompt in the seed's format with exactly ``PROMPT_TOKENS`` tokens: the newest turns
+    """A prompt in the bot's format with exactly ``PROMPT_TOKENS`` tokens: the newest turns
     that fit, then an oldest turn grown character by character to the exact count."""
     from doppelbot.config import DEFAULT_PERSONA
     from doppelbot.domain import Role, Turn

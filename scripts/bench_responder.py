@@ -76,12 +76,12 @@ async def _tiny_worker(settings_kw: dict[str, Any], workdir: Path) -> Any:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     from telethon.sessions import SQLiteSession
 
+    from doppelbot.app import App, run_live
     from doppelbot.config import load_settings
     from doppelbot.domain import ReplyStatus
     from doppelbot.responder.loopmon import LoopLagMonitor
     from doppelbot.store import replies
     from doppelbot.store.database import Database
-    from doppelbot.telegram.live import LiveSession, run_live
     from tests.faketg import FakeTelegram
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-responder-"))
@@ -111,15 +111,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     session_file = workdir / "data" / "bench.session"
     tg.file_session(session_file)
 
-    async def start() -> tuple[Any, asyncio.Event, asyncio.Task[Any], LiveSession]:
+    async def start() -> tuple[Any, asyncio.Event, asyncio.Task[Any], App]:
         client = tg.client(
             session=SQLiteSession(str(session_file)), flood_sleep_threshold=0, catch_up=True
         )
         await client.connect()
         stop = asyncio.Event()
-        ready: asyncio.Future[LiveSession] = asyncio.get_running_loop().create_future()
+        ready: asyncio.Future[App] = asyncio.get_running_loop().create_future()
 
-        async def on_ready(session: LiveSession) -> None:
+        async def on_ready(session: App) -> None:
             ready.set_result(session)
 
         task = asyncio.create_task(
@@ -127,7 +127,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         )
         return client, stop, task, await ready
 
-    async def settle(client: Any, session: LiveSession) -> None:
+    async def settle(client: Any, session: App) -> None:
         async def calm() -> bool:
             await tg.settle()
             return (

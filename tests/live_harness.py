@@ -20,10 +20,10 @@ from typing import Any
 from rich.console import Console
 from telethon.sessions import SQLiteSession
 
+from doppelbot.app import App
 from doppelbot.config import Settings
 from doppelbot.domain import GenerationOptions
 from doppelbot.ports import ModelIdentity
-from doppelbot.telegram.live import LiveSession
 from tests.faketg import OWNER_ID, FakeTelegram
 from tests.responder_fakes import fast_settings, wait_for
 
@@ -53,7 +53,7 @@ class Run:
 
     tg: FakeTelegram
     settings: Settings
-    session: LiveSession
+    session: App
     gen: Scripted
     task: asyncio.Task[Any]
     stop: asyncio.Event
@@ -122,7 +122,7 @@ class Life:
         self, gen: Scripted | None = None, *, patch: Any = None, **overrides: Any
     ) -> AsyncIterator[Run]:
         """Start ``doppelbot run`` (``serve``); stopped cleanly at the end of the block."""
-        from doppelbot.cli.run_cmd import serve
+        from doppelbot.app import serve
         from doppelbot.instance import invoked_with
 
         invoked_with(["run"])
@@ -138,9 +138,9 @@ class Life:
             catch_up=True,
         )
         stop = asyncio.Event()
-        ready: asyncio.Future[LiveSession] = asyncio.get_running_loop().create_future()
+        ready: asyncio.Future[App] = asyncio.get_running_loop().create_future()
 
-        async def on_ready(session: LiveSession) -> None:
+        async def on_ready(session: App) -> None:
             if patch is not None:
                 await patch(session)
             ready.set_result(session)
@@ -153,7 +153,6 @@ class Life:
                 generator=gen,
                 stop=stop,
                 on_ready=on_ready,
-                responder_kwargs={"shutdown_grace_s": 0.1},
             )
         )
         try:

@@ -15,6 +15,7 @@ from doppelbot.config import Settings, load_settings
 from doppelbot.domain import GenerationOptions, Message, Peer, PeerKind
 from doppelbot.errors import FloodWaitError, GenerationError
 from doppelbot.ports import ModelIdentity, ScoredFact
+from doppelbot.responder.compose import ReplyComposer
 from doppelbot.responder.service import Responder
 from doppelbot.store import history
 from doppelbot.store.database import Database
@@ -33,6 +34,7 @@ def fast_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "typing_chars_per_s": 1000.0,
         "typing_max_s": 0.01,
         "takeover_minutes": 30.0,
+        "shutdown_grace_s": 0.1,  # crash tests hang sends on purpose
     }
     values.update(overrides)
     return load_settings(env_file=None, **values)
@@ -199,5 +201,6 @@ def make_responder(
     generator: FakeGenerator,
     **kw: Any,
 ) -> Responder:
-    kw.setdefault("shutdown_grace_s", 0.1)  # crash tests hang sends on purpose
+    facts = kw.pop("facts", None)
+    kw.setdefault("composer", ReplyComposer(settings, facts=facts))
     return Responder(settings, db, owner_id=OWNER, transport=transport, generator=generator, **kw)

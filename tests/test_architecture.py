@@ -244,3 +244,86 @@ def _is_docstring(tree: ast.AST, line: int) -> bool:
 def test_the_sql_check_finds_sql() -> None:
     tree = ast.parse('x = "SELECT a FROM b"\ny = f"UPDATE t SET a = {1}"\nz = "select me"\n')
     assert sorted({line for line, text in _string_constants(tree) if _SQL.search(text)}) == [1, 2]
+
+
+#: The running bot's services: built by the composition root only (``doppelbot/app.py``).
+SERVICES = {
+    "Responder",
+    "LiveBot",
+    "DraftDesk",
+    "OwnerNotes",
+    "FeedbackCapture",
+    "MessageWriter",
+    "TelethonTransport",
+    "TelethonSavedMessages",
+    "Watchdog",
+    "LoopLagMonitor",
+}
+#: Outside the running bot, a command builds what it needs itself (``doppelbot ssa`` posts
+#: its cards through the same Saved Messages adapter).
+SERVICE_BUILDERS_ELSEWHERE = {("cli/ssa_cmd.py", "TelethonSavedMessages")}
+
+
+def _constructed(tree: ast.AST) -> set[str]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if name in SERVICES:
+                out.add(name)
+    return out
+
+
+def test_bot_services_are_built_only_in_the_composition_root() -> None:
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        if rel == "app.py":
+            continue
+        for name in _constructed(ast.parse(path.read_text(encoding="utf-8"))):
+            if (rel, name) not in SERVICE_BUILDERS_ELSEWHERE:
+                offenders.append(f"{rel}: {name}(...)")
+    assert offenders == []
+    built = _constructed(ast.parse((PKG / "app.py").read_text(encoding="utf-8")))
+    assert built == SERVICES
+
+
+def test_nothing_is_rewired_after_construction() -> None:
+    """No module sets or extends another object's collaborators (``x.responder = ...``,
+    ``x.listeners.append(...)``): they are passed in once, by the composition root."""
+    wiring = {
+        "responder",
+        "drafts",
+        "listeners",
+        "reaction_listeners",
+        "on_sent",
+        "on_owner_message",
+        "transport",
+        "generator",
+        "approver",
+        "saved",
+    }
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Assign):
+                targets = list(node.targets)
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("append", "extend", "insert")
+            ):
+                targets = [node.func.value]
+            for target in targets:
+                if (
+                    isinstance(target, ast.Attribute)
+                    and target.attr in wiring
+                    and not (isinstance(target.value, ast.Name) and target.value.id == "self")
+                ):
+                    offenders.append(f"{path.relative_to(PKG)}:{node.lineno}: .{target.attr}")
+    assert offenders == []

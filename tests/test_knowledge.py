@@ -313,7 +313,7 @@ FACT = ScoredFact(7, "I work as a nurse.", 0.50)
     [
         (0.10, True),  # the fact is far more relevant
         (0.55, True),  # the reply is better, but by less than the margin
-        (0.60, False),  # better by exactly the margin: the reply is kept (the seed's >=)
+        (0.60, False),  # better by exactly the margin: the reply is kept (>=)
         (0.75, False),  # clearly better
     ],
 )

@@ -603,7 +603,7 @@ async def test_shutdown_is_clean_with_pending_timers(h: Harness) -> None:
     assert reply.status is S.QUEUED  # picked up by the next start, not lost
 
 
-# --- review mode hooks (issue 8 builds the Saved Messages card on these) -----------------------
+# --- review mode hooks (the Saved Messages cards are built on these) ---------------------------
 class Drafts:
     def __init__(self) -> None:
         self.got: list[tuple[Reply, LiveContext]] = []
@@ -655,7 +655,7 @@ async def test_prompt_is_trimmed_to_the_token_budget(tmp_path: Path, db: Databas
         return len(text)
 
     h = await _harness(tmp_path, db, max_input_tokens=260, context_max_chars=2000)
-    h.responder.count_tokens = count
+    h.responder.composer.count_tokens = count
     now = int(time.time())
     older = []
     for i in range(5):  # an earlier exchange of the same session (the owner wrote long ago)
@@ -688,9 +688,9 @@ async def test_shutdown_lets_a_send_in_progress_finish(tmp_path: Path, db: Datab
             await asyncio.sleep(0.2)
             return await super().send_message(chat_id, text, **kw)
 
-    settings = fast_settings(tmp_path)
+    settings = fast_settings(tmp_path, shutdown_grace_s=3.0)
     transport = SlowSend()
-    responder = make_responder(settings, db, transport, FakeGenerator(), shutdown_grace_s=3.0)
+    responder = make_responder(settings, db, transport, FakeGenerator())
     await responder.start()
     h = Harness(db, settings, transport, FakeGenerator(), responder)
     await h.incoming(ANN, "привет")

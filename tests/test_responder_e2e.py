@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
+from doppelbot.app import App, run_live
 from doppelbot.config import Settings
 from doppelbot.domain import GenerationOptions, ReplyStatus
 from doppelbot.errors import GenerationError
 from doppelbot.ports import ModelIdentity, ReplyGenerator
 from doppelbot.store import bot_state, history, replies
 from doppelbot.store.database import Database
-from doppelbot.telegram.live import LiveSession, run_live
 from tests.faketg import OWNER_ID, FakeTelegram
 from tests.responder_fakes import fast_settings, wait_for
 
@@ -82,7 +82,7 @@ class Live:
     db: Database
     settings: Settings
     gen: Wrapped
-    session: LiveSession
+    session: App
     stop: asyncio.Event
     task: asyncio.Task[Any]
 
@@ -119,7 +119,7 @@ async def live_bot(
     generator: ReplyGenerator,
     *,
     tg: FakeTelegram | None = None,
-    patch: Callable[[LiveSession], Awaitable[None]] | None = None,
+    patch: Callable[[App], Awaitable[None]] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Live]:
     tg = tg or FakeTelegram()
@@ -129,9 +129,9 @@ async def live_bot(
     client = tg.client(flood_sleep_threshold=0)
     await client.connect()
     stop = asyncio.Event()
-    ready: asyncio.Future[LiveSession] = asyncio.get_running_loop().create_future()
+    ready: asyncio.Future[App] = asyncio.get_running_loop().create_future()
 
-    async def on_ready(session: LiveSession) -> None:
+    async def on_ready(session: App) -> None:
         if patch is not None:
             await patch(session)
         ready.set_result(session)
@@ -145,7 +145,9 @@ async def live_bot(
             generator=gen,
             stop=stop,
             on_ready=on_ready,
-            responder_kwargs={"shutdown_grace_s": 0.1},  # crash tests hang sends on purpose
+            # The responder alone: no copies of auto replies in Saved Messages, so every
+            # message the fake Telegram receives is a reply (the review has its own tests).
+            review=False,
         )
     )
     try:
@@ -325,7 +327,7 @@ async def test_crash_after_generation_before_send_then_restart_sends_once(
     tg = FakeTelegram()
     alice = tg.add_user("Alice")
 
-    async def no_send(session: LiveSession) -> None:
+    async def no_send(session: App) -> None:
         session.transport.send_message = _hang_forever  # type: ignore[method-assign]
 
     async with live_bot(tmp_path, db, model, tg=tg, patch=no_send) as live:
@@ -351,7 +353,7 @@ async def test_crash_after_send_before_record_is_not_resent(
     tg = FakeTelegram()
     alice = tg.add_user("Alice")
 
-    async def send_then_die(session: LiveSession) -> None:
+    async def send_then_die(session: App) -> None:
         real = session.transport.send_message
 
         async def patched(*args: Any, **kwargs: Any) -> Any:

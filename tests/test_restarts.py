@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from doppelbot.app import App
 from doppelbot.domain import ReplyStatus, Verdict
 from doppelbot.store import bot_state, replies
 from doppelbot.store import feedback as fstore
-from doppelbot.telegram.live import LiveSession
 from tests.live_harness import Life, Scripted
 
 S = ReplyStatus
@@ -130,7 +130,7 @@ async def test_an_interrupted_send_is_not_resumed_once_newer_messages_wait(
     life = Life(tmp_path)
     alice = life.tg.add_user("Alice")
 
-    async def hang(session: LiveSession) -> None:
+    async def hang(session: App) -> None:
         async def never(*args: Any, **kwargs: Any) -> Any:
             await asyncio.Event().wait()
 
@@ -273,8 +273,8 @@ async def test_a_message_that_cannot_be_stored_is_still_answered_and_stored_late
     life = Life(tmp_path)
     alice = life.tg.add_user("Alice")
     async with life.run() as run:
-        bot = run.session.bot
-        write = bot._write
+        writer = run.session.writer
+        write = writer._write
         failures = [1, 1]  # the write and its first background retry fail
 
         async def flaky(message: Any, peer: Any) -> None:
@@ -283,7 +283,7 @@ async def test_a_message_that_cannot_be_stored_is_still_answered_and_stored_late
                 raise StoreError("database is locked (simulated)")
             await write(message, peer)
 
-        bot._write = flaky  # type: ignore[method-assign]
+        writer._write = flaky  # type: ignore[method-assign]
         life.tg.push_incoming(alice, "ты тут?")
         await run.quiet()
         assert run.sent_to(alice) == ["ок"]  # answered while the message is not stored yet

@@ -2,7 +2,7 @@
 Telethon client and update loop against the in-process fake Telegram — draft cards, the owner's
 answers and reactions, expiry, restarts, owner commands, feedback capture and its export, and
 SSA labels given while the bot runs. The model is a scripted generator: these tests are about
-the workflow, and the responder's tests already cover the real model worker."""
+the review, and the responder's tests already cover the real model worker."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from doppelbot.app import App
 from doppelbot.config import Settings
 from doppelbot.domain import GenerationOptions, Reaction, ReplyMode, ReplyStatus, Verdict
 from doppelbot.ports import ModelIdentity
 from doppelbot.review.commands import HELP_TEXT
-from doppelbot.review.workflow import OUTCOME_EXPIRED
+from doppelbot.review.drafts import OUTCOME_EXPIRED
 from doppelbot.store import bot_state, facts, replies
 from doppelbot.store import feedback as fstore
 from doppelbot.store.database import Database
-from doppelbot.telegram.live import LiveSession
 from tests.faketg import OWNER_ID, FakeTelegram
 from tests.responder_fakes import fast_settings, wait_for
 
@@ -53,7 +53,7 @@ class Scripted:
 class Bot:
     tg: FakeTelegram
     settings: Settings
-    session: LiveSession
+    session: App
 
     @property
     def db(self) -> Database:
@@ -102,24 +102,25 @@ class Bot:
 async def review_bot(
     tmp_path: Path, tg: FakeTelegram, gen: Scripted, *, review: bool = True, **overrides: Any
 ) -> AsyncIterator[Bot]:
-    """``doppelbot run`` (``serve``) with the review workflow, or — ``review=False`` — the bare
+    """``doppelbot run`` (``serve``) with the review, or — ``review=False`` — the bare
     responder of a run without it (``run_live``), to leave drafts without cards behind."""
+    from doppelbot.app import run_live, serve
     from doppelbot.cli.common import open_db
-    from doppelbot.cli.run_cmd import serve
-    from doppelbot.telegram.live import run_live
 
     settings = fast_settings(tmp_path, **{"reply_mode": "review", **overrides})
     client = tg.client(flood_sleep_threshold=0)
     stop = asyncio.Event()
-    ready: asyncio.Future[LiveSession] = asyncio.get_running_loop().create_future()
+    ready: asyncio.Future[App] = asyncio.get_running_loop().create_future()
 
-    async def on_ready(session: LiveSession) -> None:
+    async def on_ready(session: App) -> None:
         ready.set_result(session)
 
-    async def bare() -> LiveSession:
+    async def bare() -> App:
         await client.connect()
         async with open_db(settings) as db:
-            return await run_live(settings, db, client, generator=gen, stop=stop, on_ready=on_ready)
+            return await run_live(
+                settings, db, client, generator=gen, stop=stop, on_ready=on_ready, review=False
+            )
 
     coro = (
         serve(
@@ -309,7 +310,7 @@ async def test_drafts_expire_and_a_late_ok_says_so(tmp_path: Path) -> None:
 async def test_restart_keeps_drafts_answerable(tmp_path: Path) -> None:
     tg = FakeTelegram()
     alice, bob = tg.add_user("Alice"), tg.add_user("Bob")
-    # A run without the workflow leaves Bob's draft without a card ...
+    # A run without the review leaves Bob's draft without a card ...
     async with review_bot(tmp_path, tg, Scripted("привет, Боб"), review=False) as bot:
         tg.push_incoming(bob, "привет")
         await bot.quiet()

@@ -98,7 +98,7 @@ def test_status_lists_last_replies_without_texts(tmp_path: Path) -> None:
 
 
 async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    from doppelbot.cli.run_cmd import serve
+    from doppelbot.app import serve
     from tests.tiny_model import make_tiny_model_dir
 
     # The real model path of `run`: ModelWorker.from_settings loads the (tiny) model, and its
@@ -130,7 +130,7 @@ async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
         session = await task
     assert not client.is_connected()
     assert session.responder.busy is False
-    assert session.responder.count_tokens is not None
+    assert session.responder.composer.count_tokens is not None
     async with await Database.open(settings.db_path) as db:
         [reply] = await replies.for_chat(db, alice.id)
         assert reply.status is ReplyStatus.SENT

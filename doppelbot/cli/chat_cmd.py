@@ -1,14 +1,12 @@
 """``doppelbot chat``: talk to the doppelganger in the terminal.
 
-The same pieces as the bot: the prompt format from settings (persona, role labels), facts from
-the knowledge base when there are any, the last turns of the conversation trimmed to the
-model's input budget exactly like the dataset does, and the model worker thread. You play the
-other person; the model answers as you.
+You play the other person; the model answers as you, through the running bot's own reply path
+(``doppelbot.app.open_chat``: facts, the prompt within the input budget, the fact fallback,
+the model worker thread). This module reads lines, handles ``/`` commands and prints.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -20,9 +18,6 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from doppelbot.config import Settings
-    from doppelbot.domain import Turn
-
-log = logging.getLogger(__name__)
 
 QUIT = {"/quit", "/exit", "/q"}
 RESET = "/reset"
@@ -82,48 +77,11 @@ def chat(
     )
 
 
-async def _open_facts(settings: Settings) -> tuple[Any, Any]:
-    """(knowledge base, database) when there are facts and the knowledge module is present;
-    (None, None) otherwise — chat works without facts."""
-    if settings.facts_top_k == 0 or not settings.db_path.exists():
-        return None, None
-    try:
-        from doppelbot.knowledge.knowledge_base import KnowledgeBase
-    except ImportError:
-        return None, None
-    from doppelbot.errors import DoppelbotError
-    from doppelbot.store.database import Database
-
-    db = await Database.open(settings.db_path)
-    try:
-        from doppelbot.store.facts import count_facts
-
-        if not await count_facts(db):
-            await db.close()
-            return None, None
-        return await KnowledgeBase.open(settings, db), db
-    except DoppelbotError as exc:
-        log.warning("chat: knowledge base unavailable (%s): answering without facts", exc)
-        await db.close()
-        return None, None
-
-
 def _read_line(console: Console) -> str | None:
     try:
         return console.input("[bold cyan]вы>[/] ")
     except EOFError:
         return None
-
-
-def add_turn(history: list[Turn], turn: Turn) -> None:
-    """Consecutive messages of one speaker are one turn (joined by newlines), as in the
-    dataset."""
-    from doppelbot.domain import Turn
-
-    if history and history[-1].role is turn.role:
-        history[-1] = Turn(turn.role, f"{history[-1].text}\n{turn.text}")
-    else:
-        history.append(turn)
 
 
 async def _chat(
@@ -138,38 +96,34 @@ async def _chat(
     show_prompt: bool,
 ) -> None:
     import asyncio
-    from dataclasses import replace
+    from contextlib import AsyncExitStack
 
     from rich.markup import escape
 
-    from doppelbot.dataset.budget import fit_turns
-    from doppelbot.domain import Role, Turn
-    from doppelbot.errors import GenerationError
-    from doppelbot.model.tokenizer import TokenCounter
-    from doppelbot.model.worker import ModelWorker
-    from doppelbot.prompt import PromptFormat
+    from doppelbot.app import open_chat
+    from doppelbot.errors import GenerationError, PromptTooLongError
 
-    fmt = PromptFormat(settings.persona, settings.role_other, settings.role_owner)
-    options = settings.generation_options()
-    if greedy:
-        options = replace(options, do_sample=False)
-    with load_progress(err_console) as progress:
-        worker = ModelWorker.from_settings(settings, adapter=adapter, progress=progress)
-        await worker.start()
-    kb, db = await _open_facts(settings) if use_facts else (None, None)
-    try:
-        model = worker.model
-        info = getattr(model, "info", {})
-        ident = worker.identity
+    async with AsyncExitStack() as stack:
+        with load_progress(err_console) as progress:  # shown while the model loads
+            session = await stack.enter_async_context(
+                open_chat(
+                    settings,
+                    adapter=adapter,
+                    max_turns=turns,
+                    greedy=greedy,
+                    use_facts=use_facts,
+                    progress=progress,
+                )
+            )
+        info = getattr(session.worker.model, "info", {})
+        ident = session.worker.identity
         console.print(
             f"[dim]{ident.model_id} + {ident.adapter_id or 'no adapter'} · "
-            f"{getattr(model, 'precision', '?')} on {info.get('device', '?')}"
+            f"{getattr(session.worker.model, 'precision', '?')} on {info.get('device', '?')}"
             f"{' (from cache)' if info.get('from_cache') else ''} · "
-            f"facts: {'on' if kb else 'off'} · {HELP} lists the commands, /quit or Ctrl+D "
-            "ends it[/]"
+            f"facts: {'on' if session.facts_on else 'off'} · {HELP} lists the commands, /quit "
+            "or Ctrl+D ends it[/]"
         )
-        count = TokenCounter(worker.tokenizer)
-        history: list[Turn] = []
         while True:
             line = await asyncio.to_thread(_read_line, console)
             if line is None:
@@ -179,7 +133,7 @@ async def _chat(
             if command == "quit":
                 break
             if command == "reset":
-                history.clear()
+                session.conversation.reset()
                 console.print("[dim](dialogue cleared)[/]")
                 continue
             if command == "help":
@@ -190,25 +144,14 @@ async def _chat(
                 continue
             if not text:
                 continue
-            add_turn(history, Turn(Role.OTHER, text))
-            found = [f.text for f in await kb.retrieve(text)] if kb is not None else []
-            fitted = fit_turns(history[-turns:], fmt, count, settings.max_input_tokens, found)
-            if fitted is None:
-                console.print("[yellow](too long for the model's input; write less)[/]")
-                history.pop()
-                continue
-            if show_prompt:
-                console.print(fitted[1], style="dim", markup=False, highlight=False)
             try:
-                reply = await worker.generate(fitted[1], options)
+                answer = await session.conversation.answer(text)
+            except PromptTooLongError:
+                console.print("[yellow](too long for the model's input; write less)[/]")
+                continue
             except GenerationError as exc:
                 console.print(f"[yellow](no answer: {escape(str(exc))})[/]")
                 continue
-            add_turn(history, Turn(Role.OWNER, reply))
-            console.print(f"[bold green]{escape(settings.role_owner)}>[/] {escape(reply)}")
-    finally:
-        await worker.aclose()
-        if kb is not None:
-            await kb.aclose()
-        if db is not None:
-            await db.close()
+            if show_prompt:
+                console.print(answer.prompt, style="dim", markup=False, highlight=False)
+            console.print(f"[bold green]{escape(settings.role_owner)}>[/] {escape(answer.reply)}")

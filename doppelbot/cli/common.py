@@ -100,10 +100,4 @@ async def open_db(settings: Settings) -> AsyncIterator[Database]:
         await db.close()
 
 
-def not_available(feature: str) -> None:
-    from doppelbot.errors import NotAvailableError
-
-    raise NotAvailableError(f"`{feature}` is not available yet in this version of doppelbot")
-
-
 log = logging.getLogger("doppelbot.cli")

@@ -1,24 +1,20 @@
 """``doppelbot run`` (the userbot) and ``doppelbot status``.
 
-``run`` takes the data directory's instance lock, connects with the stored session, starts the
-model worker and the knowledge base, and hands over to ``doppelbot.telegram.live.run_live``
-until SIGINT/SIGTERM; then it stops in order (events → replies in flight → knowledge base →
-model worker → Telegram → database), so a reply cut short stays recorded and the next start
-resumes it. It exits non-zero when Telegram stays unreachable past the watchdog's limit, so a
-supervisor restarts it. ``status`` reads only the database (and who holds the lock): it works
-while the bot runs, ``--pause``/``--resume`` flip the kill switch the running bot reads before
-every reply, and ``--health`` exits non-zero unless the bot runs and is healthy.
+``run`` is ``doppelbot.app.serve``: the instance lock, the workers, the connection and the
+running bot until SIGINT/SIGTERM, stopped in order so a reply cut short stays recorded and the
+next start resumes it. It exits non-zero when Telegram stays unreachable past the watchdog's
+limit, so a supervisor restarts it. ``status`` reads only the database (and who holds the
+lock): it works while the bot runs, ``--pause``/``--resume`` flip the kill switch the running
+bot reads before every reply, and ``--health`` exits non-zero unless the bot runs and is
+healthy.
 
 Heavy modules (telethon, torch) are imported inside the functions only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import logging
-import signal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -28,267 +24,14 @@ from doppelbot.cli.common import open_db, run_async, state
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
-    from doppelbot.ports import FactRetriever, ReplyGenerator
-    from doppelbot.review.workflow import ReviewWorkflow
-    from doppelbot.store.database import Database
-    from doppelbot.telegram.live import LiveSession
-
-log = logging.getLogger("doppelbot.run")
 
 
 def run(ctx: typer.Context) -> None:
     """Answer incoming private messages in your voice until Ctrl+C / SIGTERM."""
+    from doppelbot.app import serve
+
     st = state(ctx)
-    settings = st.settings
-    run_async(serve(settings, st.err_console))
-
-
-def _install_signals(stop: asyncio.Event) -> list[int]:
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            # First signal: stop cleanly. The handler is removed then, so a second Ctrl+C
-            # interrupts for real if a clean stop hangs.
-            def handler(s: int = sig) -> None:
-                log.info("run: signal %s received, stopping", signal.Signals(s).name)
-                stop.set()
-                loop.remove_signal_handler(s)
-
-            loop.add_signal_handler(sig, handler)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread/Windows
-            pass
-    return installed
-
-
-class _LazyFacts:
-    """A ``FactRetriever`` that opens the knowledge base once there is a fact to retrieve.
-
-    Without facts at start the embedder is not loaded at all (a bot without facts never pays
-    for it); the first ``/fact`` in Saved Messages (or ``doppelbot facts add``) is picked up by
-    the next reply, which opens the knowledge base then — once."""
-
-    def __init__(self, settings: Settings, db: Database) -> None:
-        self._settings = settings
-        self._db = db
-        self._kb: Any = None
-        self._failed = False
-        self._lock = asyncio.Lock()
-
-    async def _get(self) -> Any:
-        if self._kb is not None or self._failed:
-            return self._kb
-        async with self._lock:
-            if self._kb is None and not self._failed:
-                from doppelbot.store.facts import count_facts
-
-                if not await count_facts(self._db):
-                    return None
-                from doppelbot.errors import DoppelbotError
-                from doppelbot.knowledge.knowledge_base import KnowledgeBase
-
-                log.info("run: the first fact arrived: loading the knowledge base")
-                try:
-                    self._kb = await KnowledgeBase.open(self._settings, self._db)
-                except DoppelbotError as exc:
-                    self._failed = True
-                    log.warning("run: knowledge base unavailable (%s): answering without", exc)
-        return self._kb
-
-    async def retrieve(
-        self, query: str, *, top_k: int | None = None, threshold: float | None = None
-    ) -> list[Any]:
-        kb = await self._get()
-        return [] if kb is None else await kb.retrieve(query, top_k=top_k, threshold=threshold)
-
-    async def similarity(self, query: str, candidates: Any) -> list[float]:
-        kb = await self._get()
-        if kb is None:
-            return [0.0 for _ in candidates]
-        return list(await kb.similarity(query, candidates))
-
-    async def aclose(self) -> None:
-        if self._kb is not None:
-            await self._kb.aclose()
-
-
-async def _open_facts(settings: Settings, db: Database, console: Console) -> Any:
-    """The knowledge base, or None when it cannot load (the bot then answers without facts
-    rather than not at all). Without facts yet: a lazy one that opens on the first fact."""
-    if settings.facts_top_k == 0 and not settings.fact_fallback:
-        return None
-    from doppelbot.store.facts import count_facts
-
-    if not await count_facts(db):
-        log.info("run: no facts yet (`/fact` in Saved Messages or `doppelbot facts add`)")
-        return _LazyFacts(settings, db)
-    from doppelbot.errors import DoppelbotError
-    from doppelbot.knowledge.knowledge_base import KnowledgeBase
-
-    try:
-        with console.status("Loading the knowledge base…"):
-            return await KnowledgeBase.open(settings, db)
-    except DoppelbotError as exc:
-        log.warning("run: knowledge base unavailable (%s): answering without facts", exc)
-        return None
-
-
-def _token_counter(settings: Settings, worker: Any) -> Any:
-    """Counts prompt tokens so contexts are trimmed to ``max_input_tokens`` (oldest turns
-    first) exactly as in the dataset; None when no tokenizer is at hand."""
-    from doppelbot.errors import DoppelbotError
-    from doppelbot.model.local import model_source
-    from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
-
-    tokenizer = getattr(worker, "tokenizer", None)
-    try:
-        return TokenCounter(
-            tokenizer or load_tokenizer(model_source(settings.model, settings.data_dir))
-        )
-    except DoppelbotError as exc:
-        log.warning("run: no tokenizer for the prompt budget (%s)", exc)
-        return None
-
-
-def _review_sink(settings: Settings, db: Database) -> ReviewWorkflow:
-    """The review workflow (Saved Messages cards, owner commands, feedback capture); it is
-    attached to the running bot in ``on_ready``."""
-    from doppelbot.review.workflow import ReviewWorkflow
-
-    return ReviewWorkflow(settings, db)
-
-
-async def serve(
-    settings: Settings,
-    console: Console,
-    *,
-    client: Any = None,
-    generator: ReplyGenerator | None = None,
-    facts: FactRetriever | None = None,
-    stop: asyncio.Event | None = None,
-    on_ready: Any = None,
-    responder_kwargs: dict[str, Any] | None = None,
-) -> LiveSession:
-    """The whole ``run``; tests pass a fake-Telegram ``client``, a small ``generator``, their
-    own ``stop`` event and responder options."""
-    from doppelbot.errors import NotLoggedInError
-    from doppelbot.instance import InstanceLock
-
-    if client is None and settings.session_string is None and not settings.session_path.exists():
-        raise NotLoggedInError("not logged in to Telegram: run `doppelbot login` first")
-    with InstanceLock(settings.lock_path):
-        if generator is None:
-            from doppelbot.model.local import model_source
-
-            # Without the model files, say so before touching Telegram (one line, at once).
-            model_source(settings.model, settings.data_dir)
-        return await _serve(
-            settings,
-            console,
-            client=client,
-            generator=generator,
-            facts=facts,
-            stop=stop,
-            on_ready=on_ready,
-            responder_kwargs=responder_kwargs,
-        )
-
-
-async def _serve(
-    settings: Settings,
-    console: Console,
-    *,
-    client: Any,
-    generator: ReplyGenerator | None,
-    facts: FactRetriever | None,
-    stop: asyncio.Event | None,
-    on_ready: Any,
-    responder_kwargs: dict[str, Any] | None,
-) -> LiveSession:
-    from doppelbot.telegram.client import connected, create_client
-    from doppelbot.telegram.live import LiveBot, run_live
-
-    stop = stop or asyncio.Event()
-    signals = _install_signals(stop)
-    worker: Any = None
-    kb: Any = None
-    responder_kwargs = dict(responder_kwargs or {})
-    bot: Any = None
-
-    speech: Any = None
-    if settings.voice_transcription:
-        from doppelbot.speech import TranscriptionWorker
-
-        speech = TranscriptionWorker.from_settings(settings)  # loads on the first note
-
-    def listen_early(tg: Any) -> None:
-        # Handlers go in before connecting: Telethon replays missed updates right away.
-        nonlocal bot
-        bot = LiveBot(tg, db, settings, transcriber=speech)
-        bot.install()
-
-    try:
-        async with (
-            open_db(settings) as db,
-            connected(
-                settings,
-                client=client,
-                make_client=lambda: create_client(settings, catch_up=True),
-                before_connect=listen_early,
-                locked=True,
-            ) as tg,
-        ):
-            if generator is None:
-                from doppelbot.model.worker import ModelWorker
-
-                with console.status("Loading the reply model…"):
-                    worker = ModelWorker.from_settings(settings)
-                    await worker.start()
-                generator = worker
-                responder_kwargs["count_tokens"] = _token_counter(settings, worker)
-            if facts is None:
-                kb = facts = await _open_facts(settings, db, console)
-            from doppelbot.telegram.review import attach_review
-
-            workflow = _review_sink(settings, db)
-
-            async def ready(session: LiveSession) -> None:
-                await attach_review(session, workflow)
-                if on_ready is not None:
-                    await on_ready(session)
-
-            if settings.reply_mode == "review":
-                console.print(
-                    "reply_mode=review: drafts go to your Saved Messages; reply ok / no / again "
-                    "or your own text to a card (/help there lists the commands)."
-                )
-            console.print("doppelbot is running; Ctrl+C stops it.")
-            try:
-                return await run_live(
-                    settings,
-                    db,
-                    tg,
-                    generator=generator,
-                    facts=facts,
-                    stop=stop,
-                    drafts=workflow,
-                    on_ready=ready,
-                    responder_kwargs=responder_kwargs,
-                    bot=bot,
-                )
-            finally:
-                await workflow.aclose()
-                if speech is not None:
-                    await speech.aclose()
-                if kb is not None:
-                    await kb.aclose()
-                if worker is not None:
-                    await worker.aclose()
-    finally:
-        loop = asyncio.get_running_loop()
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    run_async(serve(st.settings, st.err_console))
 
 
 # --- status -------------------------------------------------------------------------------------

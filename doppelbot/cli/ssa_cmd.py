@@ -121,7 +121,7 @@ async def _post(
 ) -> int:
     from doppelbot.ssa.flow import post_batch
     from doppelbot.store import ssa as store
-    from doppelbot.telegram.saved import SavedMessagesPoster
+    from doppelbot.telegram.saved import TelethonSavedMessages
 
     total, posted, _ = await store.batch_progress(db, batch_id)
     with _progress(console) as progress:
@@ -129,7 +129,7 @@ async def _post(
         return await post_batch(
             db,
             batch_id,
-            SavedMessagesPoster(client, flood_bound=settings.flood_wait_max_s),
+            TelethonSavedMessages(client, flood_bound=settings.flood_wait_max_s),
             on_progress=lambda done, _n: progress.update(task, completed=posted + done),
         )
 

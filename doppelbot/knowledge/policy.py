@@ -1,7 +1,7 @@
-"""The seed's fact-fallback rule, as plain core logic (no embedder here).
+"""The fact-fallback rule, as plain core logic (no embedder here).
 
-The seed scored its generated reply and its best fact against the incoming message and sent the
-*fact* unless the reply was more relevant by at least a margin (0.1 cosine): a fine-tuned small
+The generated reply and the best fact are scored against the incoming message, and the *fact*
+is sent unless the reply is more relevant by at least a margin (0.1 cosine): a fine-tuned small
 model often answers "where do you work?" with a vague line, while a stored fact answers it. The
 rule is off by default (``DOPPELBOT_FACT_FALLBACK``) because a bare fact reads unlike chat.
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from doppelbot.ports import FactRetriever, ScoredFact
 
 # Cosines come out of float32 maths: 0.6 - 0.5 is 0.0999…; a reply better by exactly the margin
-# must be kept, as the seed intended.
+# must be kept (a tie goes to the model's own words).
 _EPS = 1e-6
 
 

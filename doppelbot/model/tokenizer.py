@@ -7,7 +7,7 @@ out-of-range id to the pad id.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +69,22 @@ def safe_ids(ids: Sequence[int], vocab_size: int, replacement: int = 0) -> list[
 
 
 class TokenCounter:
-    """Counts model-input tokens exactly as the model sees them (no special tokens added)."""
+    """Counts model-input tokens exactly as the model sees them (no special tokens added).
 
-    def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
+    ``source`` gives the tokenizer when it is first needed: the model worker's, which exists
+    only once the model is loaded (the bot is built before that)."""
+
+    def __init__(self, tokenizer: Any = None, *, source: Callable[[], Any] | None = None) -> None:
+        self._given = tokenizer
+        self._source = source
+
+    @property
+    def _tok(self) -> Any:
+        if self._given is None and self._source is not None:
+            self._given = self._source()
+        if self._given is None:
+            raise ModelLoadError("no tokenizer to count tokens with: the model is not loaded")
+        return self._given
 
     def __call__(self, text: str) -> int:
         return len(self._tok(text, add_special_tokens=False).input_ids)

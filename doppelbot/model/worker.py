@@ -42,6 +42,7 @@ from doppelbot.errors import (
     ModelLoadError,
     WorkerClosedError,
 )
+from doppelbot.model.tokenizer import TokenCounter
 from doppelbot.ports import ModelIdentity
 from doppelbot.prompt import decode_reply
 
@@ -166,6 +167,11 @@ class ModelWorker:
     @property
     def tokenizer(self) -> Any:
         return None if self.model is None else getattr(self.model, "tokenizer", None)
+
+    def token_counter(self) -> TokenCounter:
+        """Counts prompt tokens with this worker's tokenizer, once the model is loaded (the
+        running bot trims contexts to ``max_input_tokens`` with it, as the dataset does)."""
+        return TokenCounter(source=lambda: self.tokenizer)
 
     async def generate(self, prompt: str, options: GenerationOptions | None = None) -> str:
         """The decoded reply; raises ``GenerationError`` (timeout, empty reply, model error)

@@ -1,7 +1,8 @@
 """Turning a generated text into what is actually sent, and how human it looks.
 
 Pure helpers: cleaning the model's text, splitting a multi-line reply into separate messages
-(as the seed did — people send several short messages rather than one with line breaks), and
+(people send several short messages rather than one with line breaks, and the model learnt
+their replies that way), and
 how long "typing…" and the pause before answering last.
 """
 

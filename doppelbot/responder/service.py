@@ -6,7 +6,7 @@ points the chat's one ``queued`` reply at it; when the other person has been qui
 stored history, retrieves facts, generates in the model worker, post-processes and — in auto
 mode — claims a send slot (caps are counted in the same transaction) and delivers: a human
 pause, "typing…" proportional to the length, then the parts one by one. In review mode the
-draft goes to the review sink instead (issue 8 builds the Saved Messages card on that).
+draft goes to the ``DraftSink`` instead (the card in the owner's Saved Messages).
 
 Why it is shaped like this:
 
@@ -43,13 +43,17 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from doppelbot.config import Settings
-from doppelbot.dataset.budget import CountTokens, fit_turns
-from doppelbot.domain import Message, Peer, PeerKind, Reply, ReplyMode, ReplyStatus, Role
-from doppelbot.errors import DoppelbotError, FloodWaitError, FloodWaitTooLongError, GenerationError
-from doppelbot.knowledge.policy import apply_fact_fallback
-from doppelbot.ports import FactRetriever, ReplyGenerator, ScoredFact
-from doppelbot.prompt import PromptFormat
+from doppelbot.domain import Message, Peer, PeerKind, Reply, ReplyMode, ReplyStatus
+from doppelbot.errors import (
+    DoppelbotError,
+    FloodWaitError,
+    FloodWaitTooLongError,
+    GenerationError,
+    describe,
+)
+from doppelbot.ports import ReplyGenerator
 from doppelbot.responder import delivery
+from doppelbot.responder.compose import ReplyComposer
 from doppelbot.responder.context import (
     HISTORY_WINDOW,
     ContextBuilder,
@@ -92,14 +96,14 @@ FUTURE_SKEW_S = 300
 
 
 class DraftSink(Protocol):
-    """Receives drafts in review mode (the Saved Messages review card, issue 8)."""
+    """Receives drafts in review mode (the card in the owner's Saved Messages)."""
 
     async def draft_ready(self, reply: Reply, context: LiveContext) -> None: ...
 
 
 SentHook = Callable[[Reply], Awaitable[None]]
 #: Runs inside the transaction that claims an approved draft for sending, with that
-#: transaction's connection and the final text (the review workflow records the owner's verdict
+#: transaction's connection and the final text (the review records the owner's verdict
 #: there, so a crash can never separate the two).
 ClaimHook = Callable[[Any, str], Awaitable[None]]
 
@@ -122,7 +126,7 @@ class CatchUpCandidate:
     read_by_owner: bool  # the owner read it on another device meanwhile
 
 
-#: The owner wrote in a chat themselves (not the bot): the review workflow records takeover
+#: The owner wrote in a chat themselves (not the bot): feedback capture records takeover
 #: corrections from it.
 OwnerMessageHook = Callable[[Message], Awaitable[None]]
 
@@ -130,14 +134,6 @@ OwnerMessageHook = Callable[[Message], Awaitable[None]]
 def _answers_up_to(reply: Reply) -> int:
     """The newest incoming message a reply took into account."""
     return max((reply.trigger_message_id, *reply.context_message_ids))
-
-
-def describe(exc: BaseException) -> str:
-    """An error for logs and the ``replies.error`` column: type and our own message only —
-    foreign exception texts may quote user content."""
-    if isinstance(exc, DoppelbotError):
-        return f"{type(exc).__name__}: {exc}"[:300]
-    return type(exc).__name__
 
 
 @dataclass
@@ -172,35 +168,35 @@ class Responder:
         settings: Settings,
         db: Database,
         *,
-        owner_id: int,
         transport: ChatTransport,
         generator: ReplyGenerator,
-        facts: FactRetriever | None = None,
+        composer: ReplyComposer | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
         context_builder: ContextBuilder | None = None,
         drafts: DraftSink | None = None,
-        count_tokens: CountTokens | None = None,
-        shutdown_grace_s: float = 5.0,
+        on_sent: Sequence[SentHook] = (),
+        on_owner_message: Sequence[OwnerMessageHook] = (),
         unsaved: Callable[[int], Sequence[Message]] | None = None,
+        owner_id: int | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
+        #: The logged-in account; the running bot learns it on connecting (``start``).
         self.owner_id = owner_id
         self.transport = transport
         self.generator = generator
-        self.facts = facts
+        #: Facts, the prompt within the input budget, the fact fallback: shared with
+        #: ``doppelbot chat``, so the terminal answers as the bot would.
+        self.composer = composer or ReplyComposer(settings)
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
         self.drafts = drafts
-        self.count_tokens = count_tokens  # None: no token budget check (tests, fakes)
-        self.shutdown_grace_s = shutdown_grace_s
         # Messages the adapter could not store yet (the database was busy): still context.
         self._unsaved = unsaved
-        self.on_sent: list[SentHook] = []
-        self.on_owner_message: list[OwnerMessageHook] = []
+        self.on_sent = tuple(on_sent)
+        self.on_owner_message = tuple(on_owner_message)
         self.policy = PolicyConfig.from_settings(settings)
-        self._format = PromptFormat(settings.persona, settings.role_other, settings.role_owner)
         self._options = settings.generation_options()
         self._context = context_builder or default_context_builder(settings)
         self._debouncer: Debouncer[int] = Debouncer(settings.debounce_s, self._schedule)
@@ -217,10 +213,14 @@ class Responder:
         self.sent_log: deque[SentRecord] = deque(maxlen=10_000)
 
     # --- lifecycle --------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, owner_id: int | None = None) -> None:
         """Pick up what a previous run left open: re-queue unfinished generations, re-arm
         deferred replies and reconcile interrupted sends. Everything resumed waits a full
         debounce first, so a burst still arriving after the restart is answered as one."""
+        if owner_id is not None:
+            self.owner_id = owner_id
+        if self.owner_id is None:
+            raise ValueError("the responder starts once the logged-in account is known")
         open_rows = await replies.with_status(
             self.db, (S.QUEUED, S.DEFERRED, S.GENERATING, S.SENDING)
         )
@@ -281,7 +281,7 @@ class Responder:
 
     async def aclose(self) -> None:
         """Stop: no new work, cancel timers, let deliveries in progress finish (up to
-        ``shutdown_grace_s``), cancel the rest and wait for it. Replies cut short stay
+        ``settings.shutdown_grace_s``), cancel the rest and wait for it. Replies cut short stay
         ``generating``/``sending`` in the store and are picked up by the next start."""
         self._closing = True
         self._debouncer.close()
@@ -291,9 +291,9 @@ class Responder:
             for s in self._chats.values()
             if s.runner is not None and not s.runner.done() and not s.idle.is_set()
         ]
-        if delivering and self.shutdown_grace_s > 0:
+        if delivering and self.settings.shutdown_grace_s > 0:
             # A reply half-way out is better finished than resumed by the next start.
-            await asyncio.wait(delivering, timeout=self.shutdown_grace_s)
+            await asyncio.wait(delivering, timeout=self.settings.shutdown_grace_s)
         while self._tasks:
             tasks = list(self._tasks)
             for task in tasks:
@@ -371,7 +371,7 @@ class Responder:
 
     async def _on_outgoing(self, message: Message) -> None:
         if message.chat_id == self.owner_id:
-            return  # Saved Messages: the review workflow's business, never a takeover
+            return  # Saved Messages: the review's business, never a takeover
         state = self._chats.get(message.chat_id)
         if state is None:
             # Nothing pending or remembered here; the stored message alone keeps the chat
@@ -510,9 +510,9 @@ class Responder:
             if not context.answerable:
                 await self._drop(reply_id, frm, Skip.NOTHING_TO_ANSWER, chat_id)
                 return
-            facts = await self._retrieve(context.query)
+            facts = await self.composer.retrieve(context.query)
             try:
-                prompt = await self._prompt(context, facts)
+                prompt = await self.composer.prompt(context.turns, facts)
             except GenerationError as exc:
                 await replies.transition(
                     self.db, reply_id, frm, S.FAILED, now=self._now(), error=describe(exc)
@@ -537,7 +537,7 @@ class Responder:
             started = self.clock.monotonic()
             try:
                 text = await self.generator.generate(prompt, self._options)
-                text = await self._fact_fallback(context.query, text, facts)
+                text = await self.composer.finish(context.query, text, facts)
                 parts = delivery.split_reply(text, split_lines=self.settings.split_lines)
             except Exception as exc:
                 gen_ms = int((self.clock.monotonic() - started) * 1000)
@@ -597,7 +597,7 @@ class Responder:
             if not self._warned_no_drafts:
                 self._warned_no_drafts = True
                 log.warning(
-                    "responder: review mode, but no review workflow is attached: drafts are "
+                    "responder: review mode, but no draft desk: drafts are "
                     "stored as 'awaiting_review' and nothing is sent"
                 )
             return
@@ -979,7 +979,7 @@ class Responder:
             approved=reply.mode is ReplyMode.REVIEW,
         )
 
-    # --- for the review workflow ------------------------------------------------------------
+    # --- for the owner's review ---------------------------------------------------------------
     async def send_approved(
         self, reply_id: int, text: str | None = None, *, on_claim: ClaimHook | None = None
     ) -> Approval:
@@ -1064,54 +1064,3 @@ class Responder:
             return override
         # ``/mode MODE`` in Saved Messages changes the default at runtime (stored).
         return await bot_state.global_reply_mode(self.db) or ReplyMode(self.settings.reply_mode)
-
-    async def _prompt(self, context: LiveContext, facts: Sequence[ScoredFact]) -> str:
-        """The model input within ``max_input_tokens``: the oldest turns go first, then the
-        facts. Counting runs in a thread (the tokenizer is pure Python)."""
-        texts = [f.text for f in facts]
-        if self.count_tokens is None:
-            return self._format.build_input(context.turns, texts)
-        for attempt in (texts, []) if texts else ([],):
-            fit = await asyncio.to_thread(
-                fit_turns,
-                context.turns,
-                self._format,
-                self.count_tokens,
-                self.settings.max_input_tokens,
-                attempt,
-            )
-            if fit is not None:
-                kept, prompt, _ = fit
-                if kept and kept[-1].role is Role.OTHER:
-                    return prompt
-        raise GenerationError("the newest message alone exceeds max_input_tokens")
-
-    async def _retrieve(self, query: str) -> list[ScoredFact]:
-        if self.facts is None or self.settings.facts_top_k == 0 or not query:
-            return []
-        try:
-            return await self.facts.retrieve(
-                query, top_k=self.settings.facts_top_k, threshold=self.settings.facts_threshold
-            )
-        except Exception as exc:  # facts make replies better; their absence is not fatal
-            log.warning("responder: fact retrieval failed: %s", describe(exc))
-            return []
-
-    async def _fact_fallback(self, query: str, text: str, facts: Sequence[ScoredFact]) -> str:
-        if not self.settings.fact_fallback or not facts or self.facts is None:
-            return text
-        try:
-            decision = await apply_fact_fallback(
-                self.facts,
-                query,
-                text,
-                facts,
-                enabled=True,
-                margin=self.settings.fact_fallback_margin,
-            )
-        except Exception as exc:
-            log.warning("responder: fact fallback skipped: %s", describe(exc))
-            return text
-        if decision.use_fact:
-            log.info("responder: answered with fact=%s instead of the reply", decision.fact_id)
-        return decision.text

@@ -1,14 +1,20 @@
-"""Owner commands typed in Saved Messages: parsing only.
+"""Owner commands typed in Saved Messages: parsing, and the table that dispatches them.
 
 Only the owner's own messages in their own Saved Messages chat ever reach this parser (the
-Telegram side checks that); the parser itself is strict so that ordinary notes the owner keeps
-in Saved Messages are never mistaken for commands.
+review checks that); the parser itself is strict so that ordinary notes the owner keeps in
+Saved Messages are never mistaken for commands, and any text that starts with "/" is one.
+
+``CommandTable`` maps each command to its handler (registered with ``@table.register(NAME)``,
+as aiogram's dispatcher does); ``dispatch`` parses, calls the handler and turns a user error
+into the answer to show. The owner's commands are ``doppelbot.review.owner_commands``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Generic, TypeVar
 
 from doppelbot.domain import ReplyMode
 from doppelbot.errors import DoppelbotError
@@ -76,3 +82,49 @@ def parse_command(text: str) -> Command | None:
     if len(parts) == 2 and parts[1].lower() in modes:
         return Command(cmd, chat=parts[0], mode=ReplyMode(parts[1].lower()))
     raise CommandError("usage: /mode CHAT auto|review|off (CHAT = id or @username), or /mode MODE")
+
+
+C = TypeVar("C")
+Handler = Callable[[Command, C], Awaitable[str]]
+
+
+class CommandTable(Generic[C]):
+    """Command name → handler; ``C`` is what every handler gets besides the command."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[CommandName, Handler[C]] = {}
+
+    def register(self, name: CommandName) -> Callable[[Handler[C]], Handler[C]]:
+        def add(handler: Handler[C]) -> Handler[C]:
+            if name in self._handlers:
+                raise ValueError(f"/{name} has a handler already")
+            self._handlers[name] = handler
+            return handler
+
+        return add
+
+    @property
+    def names(self) -> frozenset[CommandName]:
+        return frozenset(self._handlers)
+
+    async def dispatch(self, text: str, context: C) -> str | None:
+        """The answer to ``text`` (None: it is not a command); a malformed or unknown
+        command, or a handler's ``DoppelbotError``, is answered with what went wrong."""
+        try:
+            command = parse_command(text)
+            if command is None:
+                return None
+            handler = self._handlers.get(command.name)
+            if handler is None:
+                raise CommandError(f"/{command.name} is not available here (see /help)")
+            return await handler(command, context)
+        except DoppelbotError as exc:
+            return f"⚠️ {exc}"
+
+
+def is_command(text: str) -> bool:
+    """Whether ``text`` is meant as a command (well-formed or not)."""
+    try:
+        return parse_command(text) is not None
+    except CommandError:
+        return True

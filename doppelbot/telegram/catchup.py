@@ -23,7 +23,8 @@ from telethon import errors as tg_errors
 from telethon.tl import types
 
 from doppelbot.domain import Message, Peer
-from doppelbot.responder.service import CatchUpCandidate, describe
+from doppelbot.errors import describe
+from doppelbot.responder.service import CatchUpCandidate
 from doppelbot.store import history
 from doppelbot.store.database import Database
 from doppelbot.telegram.errors import translate

@@ -22,10 +22,12 @@ from telethon.sessions import SQLiteSession, StringSession
 
 from doppelbot import __version__
 from doppelbot.config import Settings
-from doppelbot.errors import ConfigError, NotLoggedInError, StoreError
+from doppelbot.domain import Account
+from doppelbot.errors import ConfigError, DoppelbotError, NotLoggedInError, StoreError
 from doppelbot.files import private_dir, private_file
 from doppelbot.instance import InstanceLock
-from doppelbot.telegram.errors import session_errors
+from doppelbot.telegram.errors import session_errors, telegram_errors
+from doppelbot.telegram.mapping import map_account
 
 SESSION_MODE = 0o600
 
@@ -129,3 +131,12 @@ async def connected(
             yield client
         finally:
             await client.disconnect()
+
+
+async def logged_in_account(client: TelegramClient) -> Account:
+    """The account the connected client is logged in as."""
+    with telegram_errors():
+        me = await client.get_me()
+    if me is None:
+        raise DoppelbotError("Telegram did not return the logged-in account")
+    return map_account(me)

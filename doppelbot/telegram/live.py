@@ -4,10 +4,9 @@
 ``TelegramClient`` (errors translated to ours: FloodWait becomes ``FloodWaitError`` so the core
 decides how long to wait). ``LiveBot`` turns Telethon's update events into domain messages,
 writes every private message it sees (incoming and outgoing, from any device) into SQLite —
-so the reply context is always the real recent history — and hands new ones to the responder.
-``run_live`` wires it all for ``doppelbot run`` with the model and the knowledge base passed in,
-so this module never imports torch: it catches up with what happened while the bot was down
-(``doppelbot.telegram.catchup``) and keeps the connection honest (``...watchdog``).
+so the reply context is always the real recent history — and hands new ones to the responder
+and to its listeners (the owner's notes in Saved Messages, reactions). Both are built by the
+composition root (``doppelbot.app``), which also runs the start-up catch-up.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from telethon import TelegramClient, events
@@ -26,19 +24,15 @@ from telethon.tl import functions, types
 
 from doppelbot.config import Settings
 from doppelbot.domain import Message, Peer, PeerKind, Reaction
-from doppelbot.errors import DoppelbotError, FloodWaitError
-from doppelbot.health import Health, State
-from doppelbot.ports import FactRetriever, ReplyGenerator, Transcriber
-from doppelbot.responder.loopmon import LoopLagMonitor
-from doppelbot.responder.service import DraftSink, Responder, describe
+from doppelbot.errors import FloodWaitError, describe
+from doppelbot.ports import Transcriber
+from doppelbot.responder.service import Responder
 from doppelbot.responder.transport import Clock
-from doppelbot.store import bot_state, history
 from doppelbot.store.database import Database
-from doppelbot.telegram.catchup import CatchUpReport, sync_after_downtime
+from doppelbot.store.writer import MessageWriter
 from doppelbot.telegram.errors import translate
-from doppelbot.telegram.mapping import map_account, map_message, map_peer
+from doppelbot.telegram.mapping import map_message, map_peer
 from doppelbot.telegram.voice import transcribe_incoming
-from doppelbot.telegram.watchdog import Watchdog
 from doppelbot.voice import VoiceLimits
 
 log = logging.getLogger("doppelbot.live")
@@ -76,8 +70,11 @@ def map_reactions(chat_id: int, message_id: int, reactions: Any) -> list[Reactio
 class TelethonTransport:
     """``ChatTransport`` over Telethon."""
 
-    def __init__(self, client: TelegramClient, owner_id: int) -> None:
+    def __init__(self, client: TelegramClient) -> None:
         self.client = client
+        self.owner_id = 0  # known once logged in (``start``)
+
+    def start(self, owner_id: int) -> None:
         self.owner_id = owner_id
 
     async def send_message(
@@ -116,14 +113,14 @@ class TelethonTransport:
 
 
 class LiveBot:
-    """Telethon update events → the store → the responder (and any extra listeners).
+    """Telethon update events → the store → the responder and the listeners.
 
     Installed before the client connects, so nothing Telethon's catch-up replays right after
-    connecting is missed: events that arrive before ``start`` are kept and handled then.
-    Every message is stored at once, but incoming ones reach the responder only after the
-    start-up sync (``caught_up``), and only when newer than what the sync saw in that chat —
-    what arrived while the bot was down is the catch-up's to decide (``run_live``), however
-    it is delivered (Telethon replays it as updates too).
+    connecting is missed: events that arrive before ``start`` (the logged-in account is not
+    known until then) are kept and handled then. Every message is stored at once, but
+    incoming ones reach the responder only after the start-up sync (``caught_up``), and only
+    when newer than what the sync saw in that chat — what arrived while the bot was down is
+    the catch-up's to decide, however it is delivered (Telethon replays it as updates too).
     """
 
     def __init__(
@@ -132,39 +129,41 @@ class LiveBot:
         db: Database,
         settings: Settings,
         *,
-        clock: Clock | None = None,
+        writer: MessageWriter,
+        responder: Responder | None,
+        listeners: Sequence[MessageListener] = (),
+        reaction_listeners: Sequence[ReactionListener] = (),
         transcriber: Transcriber | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.client = client
         self.db = db
         self.settings = settings
-        self.clock = clock or Clock()
+        self.writer = writer
+        self.responder = responder
+        #: Called for every new message the bot sees, Saved Messages included (the owner's
+        #: notes are read there).
+        self.listeners = tuple(listeners)
+        #: Called with the current reactions of a message, in any chat (feedback capture,
+        #: reactions on review cards).
+        self.reaction_listeners = tuple(reaction_listeners)
         #: Voice and round-video notes in private chats are transcribed (bounded in time)
         #: before the responder hears of them, so a reply answers what they said.
         self.transcriber = transcriber
+        self.clock = clock or Clock()
         self._voice_limits = VoiceLimits.from_settings(settings)
         self.owner_id: int | None = None
-        self.responder: Responder | None = None
-        #: Called for every new message the bot sees, Saved Messages included (the review
-        #: workflow reads owner commands there).
-        self.listeners: list[MessageListener] = []
-        #: Called with the current reactions of a message, in any chat (feedback capture,
-        #: reactions on review cards).
-        self.reaction_listeners: list[ReactionListener] = []
         #: When the newest update of any kind arrived, and Telegram's account-wide sequence
         #: number (pts) of the newest one that carries it: the watchdog compares both.
         self.last_update_at = self.clock.time()
         self.last_pts: int | None = None
-        self._peers: dict[int, Peer] = {}
         self._inflight: set[asyncio.Task[Any]] = set()
         self._early: list[tuple[Callable[[Any], Awaitable[None]], Any]] = []
         self._started = False
         self._closing = False
         self._installed = False
-        self._unsaved: dict[tuple[int, int], tuple[Message, Peer]] = {}
         self._synced: dict[int, int] | None = None  # None until the start-up sync is done
         self._held: list[tuple[Message, Peer]] = []
-        self._retrier: asyncio.Task[None] | None = None
         self._handlers: list[tuple[Callable[..., Any], Any]] = [
             (self._on_new, events.NewMessage()),
             (self._on_edit, events.MessageEdited()),
@@ -173,16 +172,17 @@ class LiveBot:
         ]
 
     def install(self) -> None:
+        """Add the event handlers (before connecting: see the class docstring)."""
         if self._installed:
             return
         self._installed = True
         for callback, event in self._handlers:
             self.client.add_event_handler(callback, event)
 
-    async def start(self, owner_id: int, responder: Responder | None) -> None:
+    async def start(self, owner_id: int) -> None:
         """Begin handling events as ``owner_id`` (those that came early are handled now)."""
         self.owner_id = owner_id
-        self.responder = responder
+        self.install()
         self._started = True
         early, self._early = self._early, []
         for handler, event in early:
@@ -214,11 +214,6 @@ class LiveBot:
             self.client.remove_event_handler(callback, event)
         if self._inflight:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
-        if self._retrier is not None:
-            self._retrier.cancel()
-            await asyncio.gather(self._retrier, return_exceptions=True)
-        if self._unsaved:
-            await self._retry_unsaved(once=True)
 
     def stores(self, peer: Peer) -> bool:
         """Which chats are kept current in the store: private chats with people, and groups
@@ -234,49 +229,6 @@ class LiveBot:
         if entity is None:
             return None
         return map_peer(entity)
-
-    async def _save(self, message: Message, peer: Peer) -> None:
-        """Store the message; when the store fails even after its retries, keep it and try
-        again in the background — the responder is told about the message either way."""
-        try:
-            await self._write(message, peer)
-        except Exception as exc:
-            log.error(
-                "live: message not stored yet chat=%d msg=%d (%s); retrying in the background",
-                message.chat_id,
-                message.message_id,
-                describe(exc),
-            )
-            self._unsaved[(message.chat_id, message.message_id)] = (message, peer)
-            if self._retrier is None or self._retrier.done():
-                self._retrier = asyncio.get_running_loop().create_task(self._retry_unsaved())
-
-    def unsaved_in(self, chat_id: int) -> list[Message]:
-        """Messages of ``chat_id`` not stored yet (the responder adds them to the context)."""
-        return [m for (chat, _), (m, _) in self._unsaved.items() if chat == chat_id]
-
-    async def _write(self, message: Message, peer: Peer) -> None:
-        async with self.db.transaction() as conn:
-            if self._peers.get(peer.peer_id) != peer:
-                await history.upsert_peers_in(conn, [peer])
-            await history.upsert_messages_in(conn, [message])
-        self._peers[peer.peer_id] = peer
-
-    async def _retry_unsaved(self, *, once: bool = False) -> None:
-        delay = 1.0
-        while self._unsaved:
-            for key, (message, peer) in list(self._unsaved.items()):
-                try:
-                    await self._write(message, peer)
-                except Exception as exc:
-                    log.debug("live: store retry failed: %s", describe(exc))
-                    continue
-                self._unsaved.pop(key, None)
-            if once or not self._unsaved:
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
-        log.info("live: the messages that could not be stored are stored now")
 
     @contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -360,7 +312,7 @@ class LiveBot:
                     return
                 message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
                 if self.stores(peer):
-                    await self._save(message, peer)
+                    await self.writer.save(message, peer)
                 if message.is_voice_note and peer.kind is PeerKind.USER and not peer.is_self:
                     await self.transcribe(event.message)
                 await self._to_responder(message, peer)
@@ -382,7 +334,7 @@ class LiveBot:
                     message = map_message(
                         event.message, owner_id=self.owner_id, chat_id=peer.peer_id
                     )
-                    await self._save(message, peer)
+                    await self.writer.save(message, peer)
                 # Reactions may arrive as an edit of the message that carries them; no field
                 # means "no news about reactions", not "none".
                 reactions = getattr(event.message, "reactions", None)
@@ -413,141 +365,3 @@ def _is_channel_update(update: Any) -> bool:
         return True
     message = getattr(update, "message", None)
     return isinstance(getattr(message, "peer_id", None), types.PeerChannel)
-
-
-@dataclass
-class LiveSession:
-    """What ``run_live`` built; passed to ``on_ready`` (tests, the review workflow)."""
-
-    client: TelegramClient
-    db: Database
-    owner_id: int
-    transport: TelethonTransport
-    responder: Responder
-    bot: LiveBot
-    monitor: LoopLagMonitor
-    catch_up: CatchUpReport = field(default_factory=CatchUpReport)
-    #: The previous run's last sign of life (None: the first run here).
-    down_since: float | None = None
-    watchdog: Watchdog | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-async def run_live(
-    settings: Settings,
-    db: Database,
-    client: TelegramClient,
-    *,
-    generator: ReplyGenerator,
-    facts: FactRetriever | None = None,
-    stop: asyncio.Event,
-    drafts: DraftSink | None = None,
-    on_ready: Callable[[LiveSession], Awaitable[None]] | None = None,
-    responder_kwargs: dict[str, Any] | None = None,
-    bot: LiveBot | None = None,
-) -> LiveSession:
-    """Run the bot on a connected, authorised ``client`` until ``stop`` is set; then stop in
-    order: events → responder → (caller closes the rest). Raises ``TelegramOutageError`` when
-    Telegram stays unreachable past the watchdog's limit (the caller exits non-zero).
-
-    Start-up order matters: the store learns what happened while the bot was down before the
-    responder resumes anything (so a resumed reply is checked against the real history), and
-    the owner's notes written meanwhile are applied before any draft can expire."""
-    bot = bot or LiveBot(client, db, settings)
-    bot.install()
-    me = await client.get_me()
-    if me is None:
-        raise DoppelbotError("Telegram did not return the logged-in account")
-    owner_id = int(me.id)
-    await history.save_account(db, map_account(me))
-    previous = Health.from_json(await bot_state.get_json(db, bot_state.HEALTH_KEY))
-    transport = TelethonTransport(client, owner_id)
-    responder = Responder(
-        settings,
-        db,
-        owner_id=owner_id,
-        transport=transport,
-        generator=generator,
-        facts=facts,
-        drafts=drafts,
-        unsaved=bot.unsaved_in,
-        **(responder_kwargs or {}),
-    )
-    monitor = LoopLagMonitor(interval_s=0.05)
-    watchdog = Watchdog(
-        client,
-        bot,
-        interval_s=settings.watchdog_interval_s,
-        idle_s=settings.watchdog_idle_s,
-        max_outage_s=settings.watchdog_max_outage_s,
-        record=lambda h: bot_state.set_json(db, bot_state.HEALTH_KEY, h.to_json()),
-    )
-    session = LiveSession(client, db, owner_id, transport, responder, bot, monitor)
-    session.watchdog = watchdog
-    await watchdog.beat()
-    first_run = await bot_state.first_run_at(db, int(bot.clock.time()))
-    await bot.start(owner_id, responder)
-    monitor.start()
-    checker: asyncio.Task[None] | None = None
-    try:
-        saved_seen = await bot_state.get_int(db, bot_state.SAVED_SEEN_KEY)
-        session.catch_up = await sync_after_downtime(
-            client, db, owner_id=owner_id, stores=bot.stores, saved_seen=saved_seen
-        )
-        # The previous run's last sign of life (a crash happens after its last heartbeat):
-        # what arrived since then is what this start has to catch up with.
-        if previous is not None:
-            session.down_since = previous.heartbeat_at - 2 * previous.interval_s
-        await responder.start()
-        if on_ready is not None:
-            await on_ready(session)
-        since = session.down_since if previous is not None else float(first_run)
-        for candidate in session.catch_up.candidates:
-            notes = await history.voice_notes_since(db, candidate.peer.peer_id, int(since))
-            await bot.transcribe_recent(candidate.peer.peer_id, notes)
-        outcome = await responder.catch_up(
-            session.catch_up.candidates,
-            first_run_at=first_run,
-            down_since=since,
-        )
-        await bot.caught_up(session.catch_up.tops)
-        summary = {**session.catch_up.summary(), **outcome, "at": int(bot.clock.time())}
-        await bot_state.set_json(db, bot_state.CATCH_UP_KEY, summary)
-        log.info(
-            "live: caught up: %d chat(s) synced, %d message(s) stored, %d chat(s) answered, "
-            "%d not (too old or read elsewhere)",
-            session.catch_up.chats_synced,
-            session.catch_up.messages_stored,
-            outcome.get("answered", 0),
-            sum(v for k, v in outcome.items() if k.startswith("not_answered")),
-        )
-        log.info(
-            "live: running as user %d, mode=%s, debounce=%.1fs",
-            owner_id,
-            settings.reply_mode,
-            settings.debounce_s,
-        )
-        checker = asyncio.ensure_future(watchdog.run())
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({checker, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            await asyncio.gather(stopped, return_exceptions=True)
-        if checker.done() and not checker.cancelled() and checker.exception() is not None:
-            raise checker.exception()  # type: ignore[misc]
-    finally:
-        if checker is not None and not checker.done():
-            checker.cancel()
-            await asyncio.gather(checker, return_exceptions=True)
-        await bot.aclose()
-        await responder.aclose()
-        await monitor.stop()
-        if watchdog.health.state is not State.FAILED:
-            await watchdog.beat(State.STOPPED, detail="stopped")
-        log.info(
-            "live: stopped (sent=%d, loop lag p99=%.0f ms)",
-            responder.stats["sent"],
-            monitor.percentile(99) * 1000,
-        )
-    return session

@@ -1,8 +1,10 @@
-"""Saved Messages as a place for cards: posting them and reading the owner's answers.
+"""Saved Messages as a place for cards: posting and editing them, reading the owner's answers.
 
-Used by ``doppelbot ssa`` (labelling cards) outside the running bot; the live bot reads answers
-from its update handlers instead. Only the owner's own messages in their own Saved Messages are
-read — nobody else can write there.
+The running bot's draft cards and ``doppelbot ssa``'s labelling cards are posted here; the bot
+reads answers from its update handlers, ``doppelbot ssa`` (outside the bot) with
+``answers_to_cards``. Only the owner's own messages in their own Saved Messages are read —
+nobody else can write there. Texts go out with ``parse_mode=None``: a card shows a draft (and
+what the other person wrote) exactly as it is, never as Markdown.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from telethon import TelegramClient
+from telethon import errors as tg_errors
 
 from doppelbot.telegram.errors import telegram_errors
 
@@ -23,17 +26,34 @@ class CardAnswer:
     date: int
 
 
-class SavedMessagesPoster:
-    """``CardPoster`` over Telethon: posts to the owner's Saved Messages ("me")."""
+class TelethonSavedMessages:
+    """The review's ``SavedMessages`` and SSA's ``CardPoster`` over Telethon ("me")."""
 
     def __init__(self, client: TelegramClient, *, flood_bound: int | None = None) -> None:
         self._client = client
         self._flood_bound = flood_bound
 
-    async def post(self, text: str) -> int:
+    async def post(self, text: str, *, reply_to: int | None = None) -> int:
         with telegram_errors(flood_bound=self._flood_bound):
-            message = await self._client.send_message("me", text, link_preview=False)
+            message = await self._client.send_message(
+                "me", text, reply_to=reply_to, link_preview=False, parse_mode=None
+            )
         return int(message.id)
+
+    async def edit(self, message_id: int, text: str) -> None:
+        with telegram_errors(flood_bound=self._flood_bound):
+            try:
+                await self._client.edit_message(
+                    "me", message_id, text, link_preview=False, parse_mode=None
+                )
+            except tg_errors.MessageNotModifiedError:
+                return
+
+    async def text_of(self, message_id: int) -> str | None:
+        with telegram_errors(flood_bound=self._flood_bound):
+            message = await self._client.get_messages("me", ids=message_id)
+        text = getattr(message, "message", None)
+        return text if isinstance(text, str) else None
 
 
 async def answers_to_cards(

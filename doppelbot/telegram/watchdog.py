@@ -26,9 +26,8 @@ from telethon import TelegramClient
 from telethon import errors as tg_errors
 from telethon.tl import functions
 
-from doppelbot.errors import NotLoggedInError, TelegramOutageError
+from doppelbot.errors import NotLoggedInError, TelegramOutageError, describe
 from doppelbot.health import Health, State
-from doppelbot.responder.service import describe
 from doppelbot.responder.transport import Clock
 from doppelbot.telegram.errors import translate
 
