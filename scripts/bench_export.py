@@ -1,6 +1,7 @@
 """Benchmark: ``doppelbot export`` throughput and memory against the in-process fake Telegram.
 
-Why: the issue's target is >= 20,000 messages/s through the *real* Telethon stack (only the
+Why: a large account's history (hundreds of thousands of messages) should export in seconds of
+CPU, not minutes. The target is >= 20,000 messages/s through the *real* Telethon stack (only the
 MTProto sender is replaced, every answer is serialised and parsed by Telethon) into SQLite, and
 a peak RSS that does not grow with the number of messages. Each size runs in its own
 subprocess, so peak RSS (``ru_maxrss``) is measured honestly per run. The fake computes the

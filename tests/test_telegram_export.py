@@ -114,13 +114,13 @@ async def test_multi_page_chats_are_exported_completely(db: Database, client_for
 
 
 @pytest.mark.parametrize("size", [0, 1, 99, 100, 101, 250])
-async def test_raw_pager_pages_exactly_like_iter_messages(size: int, client_for: Any) -> None:
+async def test_history_pages_page_exactly_like_iter_messages(size: int, client_for: Any) -> None:
     """The exporter pages with raw messages.getHistory; Telethon's iter_messages is the
     reference: same messages in the same order with the same number of requests, for every
     direction, from cursors at the ends, in the middle and on page boundaries."""
     from telethon.tl.functions.messages import GetHistoryRequest
 
-    from doppelbot.telegram.export import _Pager
+    from doppelbot.telegram.history_pages import HistoryPages
 
     tg = FakeTelegram()
     alice, bob = tg.add_user("Alice"), tg.add_user("Bob")
@@ -135,11 +135,12 @@ async def test_raw_pager_pages_exactly_like_iter_messages(size: int, client_for:
     if len(ids) > 100:
         marks.append(ids[-101])
 
-    async def pager_ids(pager: _Pager) -> tuple[list[int], int]:
+    def pages(**kwargs: Any) -> HistoryPages:
+        return HistoryPages(client, entity, **kwargs)
+
+    async def pager_ids(pager: HistoryPages) -> tuple[list[int], int]:
         before = tg.calls["GetHistoryRequest"]
-        got: list[int] = []
-        while not pager.done:
-            got += [m.id for m in pager.take(await client(pager.request))]
+        got = [m.id async for page in pager for m in page.messages]
         return got, tg.calls["GetHistoryRequest"] - before
 
     async def telethon_ids(**kwargs: Any) -> tuple[list[int], int]:
@@ -147,19 +148,19 @@ async def test_raw_pager_pages_exactly_like_iter_messages(size: int, client_for:
         got = [m.id async for m in client.iter_messages(alice, wait_time=0, **kwargs)]
         return got, tg.calls["GetHistoryRequest"] - before
 
-    assert isinstance(_Pager(entity, offset_id=0).request, GetHistoryRequest)
-    assert await pager_ids(_Pager(entity, offset_id=0)) == await telethon_ids()
+    assert isinstance(pages(offset_id=0).request, GetHistoryRequest)
+    assert await pager_ids(pages(offset_id=0)) == await telethon_ids()
     for mark in marks:
-        back = await pager_ids(_Pager(entity, offset_id=mark))
+        back = await pager_ids(pages(offset_id=mark))
         assert back == await telethon_ids(**({"offset_id": mark} if mark else {}))
         if mark:  # the exporter looks forward / refetches only from a stored newest id
-            forward = await pager_ids(_Pager(entity, reverse=True, offset_id=mark + 1))
+            forward = await pager_ids(pages(reverse=True, offset_id=mark + 1))
             assert forward == await telethon_ids(min_id=mark, reverse=True)
             for limit in (1, 20, 100, 150):
-                recent = await pager_ids(_Pager(entity, offset_id=mark + 1, limit=limit))
+                recent = await pager_ids(pages(offset_id=mark + 1, limit=limit))
                 assert recent == await telethon_ids(limit=limit, max_id=mark + 1)
     if size:
-        forward_all, _ = await pager_ids(_Pager(entity, reverse=True, offset_id=ids[0] + 1))
+        forward_all, _ = await pager_ids(pages(reverse=True, offset_id=ids[0] + 1))
         assert forward_all == ids[1:]
 
 

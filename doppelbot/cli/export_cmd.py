@@ -1,12 +1,14 @@
 """``doppelbot login``, ``export`` and ``import``: getting the owner's history into SQLite.
 
-Telethon is imported inside the command bodies only (``doppelbot --help`` must stay light);
-the Rich progress for the export lives here because drawing is the CLI's job — the exporter
-only reports events through ``ExportProgress``.
+Each command parses its options, calls the library and prints what came back. Telethon (and
+the settings) are imported inside the command bodies only, so ``doppelbot --help`` stays light.
+The Rich progress displays live here because drawing is the CLI's job: the exporter and the
+importer only report events to a progress sink.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,9 +26,15 @@ from rich.progress import (
 from rich.table import Table
 
 from doppelbot.cli.common import open_db, run_async, state
+from doppelbot.cli.voice_cmd import export_notes, print_report
+from doppelbot.errors import ExportIncompleteError
 
 if TYPE_CHECKING:
-    from doppelbot.telegram.export import ChatReport, ExportReport
+    from doppelbot.config import Settings
+    from doppelbot.importers.desktop import ImportResult
+    from doppelbot.telegram.export_types import ChatReport, ExportReport
+    from doppelbot.telegram.login import LoginResult
+    from doppelbot.voice import VoiceReport
 
 
 def login(
@@ -47,8 +55,6 @@ def login(
     err = st.err_console
 
     async def ask(text: str, hide: bool = False) -> str:
-        import asyncio
-
         # Prompts run in a thread so the client's network tasks keep running meanwhile.
         return await asyncio.to_thread(typer.prompt, text, hide_input=hide, err=True)
 
@@ -59,31 +65,35 @@ def login(
         notice=lambda text: err.print(text),
     )
 
-    async def go() -> None:
+    async def go() -> LoginResult:
         result = await login_interactive(
             settings, prompts, print_session_string=print_session_string
         )
         async with open_db(settings) as db:
             await history.save_account(db, result.account)
-        who = result.account.first_name or ""
-        if result.account.username:
-            who += f" (@{result.account.username})"
-        verb = "Already logged in" if result.already else "Logged in"
-        where = (
-            "string session"
-            if result.session_string is not None or settings.session_string is not None
-            else f"session file {settings.session_path} (mode 0600)"
-        )
-        err.print(f"{verb} as {who.strip() or result.account.user_id}; {where}.")
-        if result.session_string is not None:
-            err.print(
-                "Put the next line into DOPPELBOT_SESSION_STRING (it grants full access to your "
-                "account: keep it secret):"
-            )
-            # stdout carries only the string, so `... > file` captures exactly it.
-            typer.echo(result.session_string)
+        return result
 
-    run_async(go())
+    _print_login(st.err_console, settings, run_async(go()))
+
+
+def _print_login(err: Console, settings: Settings, result: LoginResult) -> None:
+    who = result.account.first_name or ""
+    if result.account.username:
+        who += f" (@{result.account.username})"
+    verb = "Already logged in" if result.already else "Logged in"
+    where = (
+        "string session"
+        if result.session_string is not None or settings.session_string is not None
+        else f"session file {settings.session_path} (mode 0600)"
+    )
+    err.print(f"{verb} as {who.strip() or result.account.user_id}; {where}.")
+    if result.session_string is not None:
+        err.print(
+            "Put the next line into DOPPELBOT_SESSION_STRING (it grants full access to your "
+            "account: keep it secret):"
+        )
+        # stdout carries only the string, so `... > file` captures exactly it.
+        typer.echo(result.session_string)
 
 
 def _parse_date(value: str | None) -> int | None:
@@ -112,7 +122,6 @@ class RichExportProgress:
         )
         self.overall: TaskID | None = None
         self.tasks: dict[int, TaskID] = {}
-        self.names: dict[int, str] = {}
 
     def __enter__(self) -> RichExportProgress:
         self.progress.__enter__()
@@ -126,7 +135,6 @@ class RichExportProgress:
 
     def chat_started(self, chat_id: int, name: str, stored: int, total: int | None) -> None:
         short = name if len(name) <= 28 else name[:27] + "…"
-        self.names[chat_id] = short
         self.tasks[chat_id] = self.progress.add_task(
             f"  {short}", total=total, completed=stored, extra=""
         )
@@ -170,9 +178,7 @@ def _summary(report: ExportReport) -> Table:
     table.add_column("on server", justify="right")
     table.add_column("status")
     for c in report.chats:
-        colour = "green" if not c.note else "yellow"
-        if c.status in ("failed", "stopped: flood wait"):
-            colour = "red"
+        colour = "red" if c.stopped else "yellow" if c.note else "green"
         table.add_row(
             c.name,
             str(c.chat_id),
@@ -244,7 +250,8 @@ def export(
     settings = st.settings
     floor = _parse_date(since)
     from doppelbot.telegram.client import connected
-    from doppelbot.telegram.export import ExportOptions, export_history
+    from doppelbot.telegram.export import export_history
+    from doppelbot.telegram.export_types import ExportOptions
 
     options = ExportOptions.from_settings(
         settings,
@@ -260,48 +267,44 @@ def export(
     )
     console = st.err_console
 
-    voice_report = None
-
-    async def go() -> ExportReport:
-        nonlocal voice_report
+    async def go() -> tuple[ExportReport, VoiceReport | None]:
         async with open_db(settings) as db, connected(settings, receive_updates=False) as client:
             with RichExportProgress(console) as progress:
-                result = await export_history(client, db, options, progress=progress)
+                report = await export_history(client, db, options, progress=progress)
+            notes = None
             if voice:
-                from doppelbot.cli.voice_cmd import export_notes
+                # The voice notes of the chats just exported, on the same connection.
+                chat_ids = report.private_chat_ids
+                notes = await export_notes(settings, client, db, chat_ids, console)
+            return report, notes
 
-                users = [c.chat_id for c in result.chats if c.kind == "user"]
-                voice_report = await export_notes(settings, client, db, users, console)
-            return result
-
-    report = run_async(go())
-    for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    st.console.print(_summary(report))
-    skipped = ", ".join(f"{n} {what}" for what, n in sorted(report.skipped.items()))
-    st.console.print(
-        f"{report.fetched} new messages from {len(report.chats)} chats in {report.seconds:.1f}s"
-        + (" (takeout)" if report.used_takeout else " (normal API, paced)")
-        + (f"; skipped: {skipped}" if skipped else "")
-    )
-    gaps = len(report.problems) - len(report.incomplete)
-    if gaps:
-        st.console.print(
-            f"[yellow]{gaps} chat(s) have gaps — run `doppelbot export` again later to fill "
-            "them.[/]"
-        )
+    report, voice_report = run_async(go())
+    _print_export(st.console, console, report)
     if report.incomplete:
-        from doppelbot.errors import ExportIncompleteError
-
         raise ExportIncompleteError(
             f"{len(report.incomplete)} of {len(report.chats)} chat(s) failed or stopped (see "
             "the summary); what was fetched is kept — run `doppelbot export` again later to "
             "continue where they stopped"
         )
     if voice_report is not None:
-        from doppelbot.cli.voice_cmd import print_report
-
         print_report(st.console, voice_report)
+
+
+def _print_export(out: Console, err: Console, report: ExportReport) -> None:
+    for note in report.notes:
+        err.print(f"[yellow]note:[/] {note}")
+    out.print(_summary(report))
+    skipped = ", ".join(f"{n} {what}" for what, n in sorted(report.skipped.items()))
+    out.print(
+        f"{report.fetched} new messages from {len(report.chats)} chats in {report.seconds:.1f}s"
+        + (" (takeout)" if report.used_takeout else " (normal API, paced)")
+        + (f"; skipped: {skipped}" if skipped else "")
+    )
+    if report.with_gaps:
+        out.print(
+            f"[yellow]{len(report.with_gaps)} chat(s) have gaps — run `doppelbot export` again "
+            "later to fill them.[/]"
+        )
 
 
 def import_desktop(
@@ -341,29 +344,47 @@ def import_desktop(
         owner_id=owner_id,
     )
 
-    async def go() -> None:
-        with Progress(
+    async def go() -> ImportResult:
+        with RichImportProgress(st.err_console) as progress:
+            async with open_db(settings) as db:
+                return await import_desktop_export(db, path, options, progress=progress)
+
+    _print_import(st.console, run_async(go()))
+
+
+class RichImportProgress:
+    """One transient bar over the messages written (only on a terminal)."""
+
+    def __init__(self, console: Console) -> None:
+        self.bar = Progress(
             TextColumn("writing messages"),
             BarColumn(),
             MofNCompleteColumn(),
-            console=st.err_console,
+            console=console,
             transient=True,
-            disable=not st.err_console.is_terminal,
-        ) as bar:
-            task = bar.add_task("import", total=None)
-
-            def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            async with open_db(settings) as db:
-                result = await import_desktop_export(db, path, options, progress=progress)
-        line = (
-            f"imported {result.messages} messages from {result.chats} chat(s): "
-            f"{result.new} new, {result.already} already stored"
+            disable=not console.is_terminal,
         )
-        if result.skipped:
-            parts = ", ".join(f"{n} {what}" for what, n in sorted(result.skipped.items()))
-            line += f"; skipped {parts} (see --help to include them)"
-        st.console.print(line)
+        self.task: TaskID | None = None
 
-    run_async(go())
+    def __enter__(self) -> RichImportProgress:
+        self.bar.__enter__()
+        self.task = self.bar.add_task("import", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=done, total=total)
+
+
+def _print_import(out: Console, result: ImportResult) -> None:
+    line = (
+        f"imported {result.messages} messages from {result.chats} chat(s): "
+        f"{result.new} new, {result.already} already stored"
+    )
+    if result.skipped:
+        parts = ", ".join(f"{n} {what}" for what, n in sorted(result.skipped.items()))
+        line += f"; skipped {parts} (see --help to include them)"
+    out.print(line)
