@@ -63,7 +63,7 @@ def current_command(argv: list[str] | None = None) -> str:
         if skip:
             skip = False
             continue
-        if arg in ("--env-file", "--data-dir"):
+        if arg in ("--env-file", "--data-dir", "--account"):
             skip = True
             continue
         if arg.startswith("-"):
@@ -107,7 +107,7 @@ class InstanceLock:
             holder = _read_holder(self.path)
             who = holder.describe() if holder else "another doppelbot process"
             raise InstanceLockedError(
-                f"{who} is using this data directory's Telegram session ({self.path.parent}); "
+                f"{who} is using this data directory's Telegram session (lock {self.path}); "
                 "stop it first — one process per account and data directory"
             ) from None
         record = {"command": self.command, "pid": os.getpid(), "since": time.time()}

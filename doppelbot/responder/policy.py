@@ -29,6 +29,7 @@ class Skip(StrEnum):
     SERVICE = "service"
     OWN = "own_message"
     SAVED_MESSAGES = "saved_messages"
+    OWN_ACCOUNT = "own_account"  # the owner's other account (its own bot may be running)
     CHANNEL = "channel"
     BOT = "bot"
     DELETED = "deleted_account"
@@ -85,6 +86,9 @@ class PolicyConfig:
     tz: tzinfo | None = None  # None = the system's local time
     takeover_s: float = 1800.0
     catch_up_max_age_s: float = 6 * HOUR_S
+    #: The user ids of the owner's other own accounts: a chat with one of them is the owner
+    #: talking to themself (and two bots answering each other would never stop).
+    own_accounts: frozenset[int] = frozenset()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PolicyConfig:
@@ -120,6 +124,8 @@ def chat_eligibility(peer: Peer, owner_id: int, cfg: PolicyConfig) -> Skip | Non
     """Whether this chat is ever answered: its kind, the lists, the contacts rule."""
     if peer.is_self or peer.peer_id == owner_id:
         return Skip.SAVED_MESSAGES
+    if peer.peer_id in cfg.own_accounts:
+        return Skip.OWN_ACCOUNT
     if peer.kind is PeerKind.CHANNEL:
         return Skip.CHANNEL
     if peer.kind is PeerKind.BOT or peer.is_bot:

@@ -38,7 +38,7 @@ import logging
 import random
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -213,12 +213,17 @@ class Responder:
         self.sent_log: deque[SentRecord] = deque(maxlen=10_000)
 
     # --- lifecycle --------------------------------------------------------------------------
-    async def start(self, owner_id: int | None = None) -> None:
+    async def start(
+        self, owner_id: int | None = None, *, other_own: frozenset[int] = frozenset()
+    ) -> None:
         """Pick up what a previous run left open: re-queue unfinished generations, re-arm
         deferred replies and reconcile interrupted sends. Everything resumed waits a full
-        debounce first, so a burst still arriving after the restart is answered as one."""
+        debounce first, so a burst still arriving after the restart is answered as one.
+        ``other_own``: the owner's other accounts (their chats are never answered)."""
         if owner_id is not None:
             self.owner_id = owner_id
+        if other_own:
+            self.policy = replace(self.policy, own_accounts=frozenset(other_own))
         if self.owner_id is None:
             raise ValueError("the responder starts once the logged-in account is known")
         open_rows = await replies.with_status(

@@ -64,8 +64,8 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
 
 
 def account_user_id(conn: sqlite3.Connection) -> int | None:
-    row = conn.execute("SELECT user_id FROM account ORDER BY updated_at DESC LIMIT 1").fetchone()
-    return int(row[0]) if row else None
+    row = conn.execute("SELECT user_id FROM accounts WHERE account_id = 1").fetchone()
+    return int(row[0]) if row and row[0] is not None else None
 
 
 def chats_with_peers(conn: sqlite3.Connection) -> list[tuple[int, Peer | None]]:
