@@ -215,7 +215,7 @@ class DatasetBuilder:
         turn_dates = tuple(int64s(part.turn_dates))
         ends = [*starts[1:], len(ids)]
         turn_sizes = tuple(map(sub, ends, starts))
-        heads = part.heads
+        heads, no_head = part.heads, NO_HEAD
         prefix, suffix = self._frame
         build_input = self._fmt.build_input
         dedup_exact, dedup_near = self.options.dedup_exact, self.options.dedup_near
@@ -229,13 +229,14 @@ class DatasetBuilder:
         # a reply turn is the owner's: its line is the owner's prefix + the sanitized text,
         # which is what the target wraps
         target_prefix, target_suffix = self._target_frame
-        # the chars of turns lo:k are running[k] - running[lo]
+        # the texts of turns lo:k are running[k] - running[lo] chars long
         running = [0, *accumulate(map(len, texts))]
         lengths = self._lengths
         add_ctx_chars = lengths.context_chars.append
         add_ctx_turns = lengths.context_turns.append
         add_reply_chars = lengths.reply_chars.append
-        # ``CANDIDATE_FIELDS`` order; one iterator zipped with itself reads them five at a time
+        # five int64s per candidate in ``CANDIDATE_FIELDS`` order (``lo``: the context's first
+        # whole turn, ``k``: the reply's turn); one iterator zipped with itself reads them in fives
         fields = iter(int64s(part.candidates))
         for lo, k, key, near_key, head in zip(fields, fields, fields, fields, fields, strict=True):
             if dedup_exact:
@@ -248,12 +249,12 @@ class DatasetBuilder:
                     dropped["duplicate_near"] += 1
                     continue
                 seen_near.add(near_key)
-            rs = starts[k]
-            src = ids[starts[lo] : rs]
-            if head == NO_HEAD:  # the whole turns lo:k, one slice of the dialog string
+            reply_start = starts[k]
+            src = ids[starts[lo] : reply_start]
+            if head == no_head:  # the whole turns lo:k, one slice of the dialog string
                 ctx = turns[lo:k]
                 text = f"{prefix}{body[line_starts[lo] : line_ends[k - 1]]}{suffix}"
-                add_ctx_chars(running[k] - running[lo] + k - lo - 1)
+                add_ctx_chars(running[k] - running[lo] + k - lo - 1)  # texts + newlines
                 add_ctx_turns(k - lo)
                 first_date = turn_dates[lo]
             else:
@@ -267,7 +268,7 @@ class DatasetBuilder:
             reply = texts[k]
             add_reply_chars(len(reply))
             if budget and not surely_fits(text, max_tokens):
-                if head == NO_HEAD:
+                if head == no_head:
                     sizes, dates = turn_sizes[lo:k], turn_dates[lo:k]
                 else:
                     sizes = (len(h.message_ids), *turn_sizes[lo:k])
@@ -280,7 +281,7 @@ class DatasetBuilder:
                         reply,
                         turn_dates[k],
                         src,
-                        ids[rs : ends[k]],
+                        ids[reply_start : ends[k]],
                         sizes,
                         dates,
                         text,
@@ -297,7 +298,7 @@ class DatasetBuilder:
                     turn_dates[k],
                     first_date,
                     src,
-                    ids[rs : ends[k]],
+                    ids[reply_start : ends[k]],
                     text,
                     f"{target_prefix}{body[text_starts[k] : line_ends[k]]}{target_suffix}",
                 )

@@ -168,13 +168,13 @@ class ChatMaker:
                 lo, j, quote = window
                 head = NO_HEAD
                 if j >= 0:  # only the newest messages j: of the last turn fit
-                    rs = starts[k]
-                    text = "\n".join(texts[j:rs])
-                    heads.append(ContextHead(turn_outs[last], text, ids[j:rs], dates[j]))
+                    reply_start = starts[k]
+                    text = "\n".join(texts[j:reply_start])
+                    heads.append(ContextHead(turn_outs[last], text, ids[j:reply_start], dates[j]))
                     head = len(heads) - 1
                     lo = k  # so no whole turns follow the head
                     key_texts: tuple[object, ...] = (text,)
-                    key_norms: tuple[object, ...] = (" ".join(norms[j:rs]),)
+                    key_norms: tuple[object, ...] = (" ".join(norms[j:reply_start]),)
                 else:
                     key_texts = turn_texts[lo:k]
                     key_norms = turn_norms[lo:k]
