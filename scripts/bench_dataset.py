@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from doppelbot.dataset.builder import build_from_db, default_workers  # noqa: E402
+from doppelbot.dataset.from_store import build_from_db, default_workers  # noqa: E402
 from doppelbot.dataset.options import DatasetOptions  # noqa: E402
 from doppelbot.store.database import Database  # noqa: E402
 from doppelbot.store.history import MESSAGES, UPSERT_PEER_SQL  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 
 from doppelbot.cli import main
 from doppelbot.dataset import jsonl
-from doppelbot.dataset.builder import build_from_db
+from doppelbot.dataset.from_store import build_from_db
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.domain import Account, MediaKind, Message, Peer, PeerKind, Role, Sample, Turn
 from doppelbot.errors import DatasetError, StoreError

@@ -10,10 +10,9 @@ from hypothesis import strategies as st
 from doppelbot.dataset.builder import build_dataset
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.render import MemoPromptFormat
-from doppelbot.dataset.stats import summarize
 from doppelbot.domain import MediaKind, Message, Role, Turn
 from doppelbot.prompt import PromptFormat
-from tests.dataset_helpers import T0, source
+from tests.dataset_helpers import T0, assert_stats_describe_the_samples, source
 
 H = 3600
 FRAGMENTS = [
@@ -139,16 +138,7 @@ def test_invariants(chats: tuple[list[Message], ...], options: DatasetOptions) -
             per[s.chat_id] = per.get(s.chat_id, 0) + 1
         assert max(per.values()) <= options.max_contact_share * len(samples) + 1e-9
     # the stats describe the samples that came out
-    stats = result.stats
-    assert stats.context_chars == summarize(
-        [len("\n".join(t.text for t in s.context)) for s in samples]
-    )
-    assert stats.context_turns == summarize([len(s.context) for s in samples])
-    assert stats.reply_chars == summarize([len(s.reply) for s in samples])
-    for chat_id, chat in stats.per_chat.items():
-        assert chat.train == sum(1 for s in result.train if s.chat_id == chat_id)
-        assert chat.validation == sum(1 for s in result.validation if s.chat_id == chat_id)
-        assert chat.samples == chat.train + chat.validation
+    assert_stats_describe_the_samples(result)
     # deterministic
     again = build_dataset([source(c, names=("Маша",)) for c in reversed(chats)], options)
     assert again.train == result.train and again.validation == result.validation

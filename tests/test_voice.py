@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from doppelbot.cli import main
-from doppelbot.dataset.builder import _worker_chunk, build_from_db
+from doppelbot.dataset.from_store import build_from_db, make_chunk
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.rules import KIND_MEDIA, KIND_TEXT, rule_row
 from doppelbot.domain import MediaKind, Message, Peer, PeerKind, TranscriptStatus, VoiceNote
@@ -239,8 +239,8 @@ async def test_dataset_uses_transcripts_and_counts_them(db: Database) -> None:
     assert without.stats.samples_voice_reply == 0
     assert without.stats.messages_dropped["media_only"] == 1
     # a worker process reads transcripts the same way
-    parts, *_ = _worker_chunk(db.path, options, [(CHAT, ())], True)
-    plain, *_ = _worker_chunk(db.path, options, [(CHAT, ())], False)
+    parts, *_ = make_chunk(db.path, options, [(CHAT, ())], True)
+    plain, *_ = make_chunk(db.path, options, [(CHAT, ())], False)
     assert parts[0].kept == plain[0].kept + 1
 
 
