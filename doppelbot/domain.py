@@ -258,6 +258,42 @@ class VoiceNote:
     attempts: int = 0
 
 
+# --- SSA labelling (sensibleness and specificity of replies) --------------------------------
+@dataclass(frozen=True, slots=True)
+class SsaLabel:
+    """The owner's two marks on one reply."""
+
+    sensible: bool
+    specific: bool
+
+    @property
+    def score(self) -> float:
+        """Per-reply SSA contribution: 0, 0.5 or 1."""
+        return (int(self.sensible) + int(self.specific)) / 2
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One reply to label; ``source`` is hidden from the owner until the report."""
+
+    context_key: str
+    source: str  # an adapter id, or "owner" for the owner's real reply
+    reply: str
+
+
+#: A message as the dataset rules read it, from the store (computed in SQL) or from a
+#: ``Message``: ``(message_id, is_outgoing, date, text, reply_to_message_id, kind)``.
+Row = tuple[int, int, int, str, "int | None", int]
+
+# The row's ``kind``: plain ints, compared in the dataset's hot loop.
+KIND_TEXT = 0
+KIND_SERVICE = 1
+KIND_FORWARDED = 2
+KIND_STICKER = 3  # text holds the sticker's emoji
+KIND_WEBPAGE = 4  # a link preview: the message carries a link
+KIND_MEDIA = 5  # photo, voice, document…; text is the caption, maybe empty
+
+
 def voice_message_text(caption: str, transcript: str) -> str:
     """The text a transcribed note stands for in dialogues (dataset and live context): the
     transcript, after the caption if the note had one."""

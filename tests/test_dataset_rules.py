@@ -9,12 +9,6 @@ import pytest
 from doppelbot.dataset import rules
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.rules import (
-    KIND_FORWARDED,
-    KIND_MEDIA,
-    KIND_SERVICE,
-    KIND_STICKER,
-    KIND_TEXT,
-    KIND_WEBPAGE,
     chat_skip_reason,
     letter_share,
     make_cleaner,
@@ -23,7 +17,18 @@ from doppelbot.dataset.rules import (
     rule_row,
     truncate_text,
 )
-from doppelbot.domain import MediaKind, Message, Peer, PeerKind
+from doppelbot.domain import (
+    KIND_FORWARDED,
+    KIND_MEDIA,
+    KIND_SERVICE,
+    KIND_STICKER,
+    KIND_TEXT,
+    KIND_WEBPAGE,
+    MediaKind,
+    Message,
+    Peer,
+    PeerKind,
+)
 from doppelbot.errors import DatasetError
 
 OPTS = DatasetOptions()

@@ -15,8 +15,17 @@ import pytest
 from doppelbot.cli import main
 from doppelbot.dataset.from_store import build_from_db, make_chunk
 from doppelbot.dataset.options import DatasetOptions
-from doppelbot.dataset.rules import KIND_MEDIA, KIND_TEXT, rule_row
-from doppelbot.domain import MediaKind, Message, Peer, PeerKind, TranscriptStatus, VoiceNote
+from doppelbot.dataset.rules import rule_row
+from doppelbot.domain import (
+    KIND_MEDIA,
+    KIND_TEXT,
+    MediaKind,
+    Message,
+    Peer,
+    PeerKind,
+    TranscriptStatus,
+    VoiceNote,
+)
 from doppelbot.errors import (
     AudioTooLongError,
     TranscriberClosedError,

@@ -46,11 +46,11 @@ from doppelbot.dataset.budget import (
 from doppelbot.dataset.candidates import NO_HEAD, ChatMaker, ChatPart, MadeChunk, int64s
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.render import MemoPromptFormat, line_prefixes, prompt_frame, target_frame
-from doppelbot.dataset.rules import DROP_REASONS, STICKER_EMOJI, TRUNCATED, Row, new_counters
+from doppelbot.dataset.rules import DROP_REASONS, STICKER_EMOJI, TRUNCATED, new_counters
 from doppelbot.dataset.sessions import ROLES
 from doppelbot.dataset.split import split_by_time
 from doppelbot.dataset.stats import ChatStats, DatasetStats, summarize
-from doppelbot.domain import Sample, Turn
+from doppelbot.domain import Row, Sample, Turn
 from doppelbot.errors import DatasetError
 
 Progress = Callable[[str, int, int], None]
@@ -63,7 +63,7 @@ _CHAT_ID = attrgetter("chat_id")
 @dataclass(frozen=True, slots=True)
 class ChatSource:
     """One chat's history for the builder: rows in ``(date, message_id)`` order (see
-    ``rules.Row``)."""
+    ``domain.Row``)."""
 
     chat_id: int
     rows: Sequence[Row]

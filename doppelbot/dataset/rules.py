@@ -19,20 +19,23 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from doppelbot.dataset.scrub import Scrubber, has_link
-from doppelbot.domain import MediaKind, Message, Peer, PeerKind, voice_message_text
+from doppelbot.domain import (
+    KIND_FORWARDED,
+    KIND_MEDIA,
+    KIND_SERVICE,
+    KIND_STICKER,
+    KIND_TEXT,
+    KIND_WEBPAGE,
+    MediaKind,
+    Message,
+    Peer,
+    PeerKind,
+    Row,
+    voice_message_text,
+)
 
 if TYPE_CHECKING:
     from doppelbot.dataset.options import DatasetOptions
-
-Row = tuple[int, int, int, str, "int | None", int]
-"""(message_id, is_outgoing, date, text, reply_to_message_id, kind)"""
-
-KIND_TEXT = 0
-KIND_SERVICE = 1
-KIND_FORWARDED = 2
-KIND_STICKER = 3  # text holds the sticker's emoji
-KIND_WEBPAGE = 4  # a link preview: the message carries a link
-KIND_MEDIA = 5  # photo, voice, document…; text is the caption, maybe empty
 
 
 def rule_row(m: Message) -> Row:

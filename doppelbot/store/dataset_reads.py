@@ -13,16 +13,17 @@ from itertools import islice
 from operator import itemgetter, le
 from pathlib import Path
 
-from doppelbot.dataset.rules import (
+from doppelbot.domain import (
     KIND_FORWARDED,
     KIND_MEDIA,
     KIND_SERVICE,
     KIND_STICKER,
     KIND_TEXT,
     KIND_WEBPAGE,
+    Peer,
     Row,
+    voice_message_text,
 )
-from doppelbot.domain import Peer, voice_message_text
 from doppelbot.errors import StoreError
 from doppelbot.store.history import PEERS, row_peer
 
