@@ -9,7 +9,6 @@ beside a running bot).
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import sqlite3
@@ -210,18 +209,20 @@ def make_chunk(
     names)``), each a packed ``ChatPart``, in order."""
     from doppelbot.store.dataset_reads import chat_rows, open_readonly
 
-    gc.disable()  # a short-lived process of acyclic tuples (see ``builder.gc_paused``)
     maker = ChatMaker(options)
     parts = []
     read_s = build_s = 0.0
-    conn = open_readonly(db_path)
-    try:
-        for chat_id, names in chats:
-            started = time.perf_counter()
-            rows = chat_rows(conn, chat_id, transcripts=voice)
-            read_s += time.perf_counter() - started
-            parts.append(maker.part(chat_id, rows, names, pack=True))
-            build_s += time.perf_counter() - started
-    finally:
-        conn.close()
+    # Acyclic tuples only (see ``builder.gc_paused``); the collector's state is restored, as
+    # this also runs in the calling process.
+    with gc_paused():
+        conn = open_readonly(db_path)
+        try:
+            for chat_id, names in chats:
+                started = time.perf_counter()
+                rows = chat_rows(conn, chat_id, transcripts=voice)
+                read_s += time.perf_counter() - started
+                parts.append(maker.part(chat_id, rows, names, pack=True))
+                build_s += time.perf_counter() - started
+        finally:
+            conn.close()
     return MadeChunk(parts, maker.counters, maker.pii, read_s, build_s - read_s)
