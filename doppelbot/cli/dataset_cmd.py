@@ -9,7 +9,6 @@ writes ``train.jsonl``, ``validation.jsonl`` and ``stats.json`` under
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ def _load_counter(settings: Any, tokenizer: Path | None) -> Any:
                 raise DatasetError(f"--tokenizer {tokenizer}: no such folder; {skip}")
             source = str(tokenizer.expanduser())
         else:
-            source = model_source(settings.model, settings.data_dir)
+            source = model_source(settings.model.base, settings.store.data_dir)
         return TokenCounter(load_tokenizer(source))
     except ModelLoadError as exc:
         raise DatasetError(
@@ -102,7 +101,7 @@ def dataset(
 
     from doppelbot.dataset import jsonl
     from doppelbot.dataset.builder import build_from_db
-    from doppelbot.dataset.options import DatasetOptions
+    from doppelbot.dataset.options import dataset_options
     from doppelbot.errors import DatasetError
 
     st = state(ctx)
@@ -123,7 +122,7 @@ def dataset(
     if session_gap_hours is not None:
         if session_gap_hours <= 0:
             raise DatasetError("--session-gap-hours must be positive")
-        overrides["session_gap_s"] = round(session_gap_hours * 3600)
+        overrides["session_gap_hours"] = session_gap_hours
     if context_max_chars is not None:
         overrides["context_max_chars"] = context_max_chars
     if max_contact_share is not None:
@@ -132,13 +131,12 @@ def dataset(
         overrides["dedup_exact"] = overrides["dedup_near"] = False
     if voice is not None:
         overrides["voice_transcripts"] = voice
-    options = DatasetOptions.from_settings(settings)
-    options = replace(options, **overrides)
+    options = dataset_options(settings, **overrides)
 
     folder_name = name or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     if "/" in folder_name or folder_name in ("", ".", "..", "latest", "latest.txt"):
         raise DatasetError(f"bad dataset name {folder_name!r}")
-    target = settings.datasets_dir / folder_name
+    target = settings.store.datasets_dir / folder_name
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise DatasetError(f"dataset {target} already exists: choose another --name or --overwrite")
 
@@ -167,7 +165,11 @@ def dataset(
             bar.update(tasks[stage], completed=done, total=total)
 
         result = build_from_db(
-            settings.db_path, options, count_tokens=counter, progress=progress, workers=workers
+            settings.store.db_path,
+            options,
+            count_tokens=counter,
+            progress=progress,
+            workers=workers,
         )
 
     stats = result.stats
@@ -191,7 +193,7 @@ def dataset(
             "stats": stats.to_dict(),
         },
     )
-    jsonl.set_latest(settings.datasets_dir, folder_name)
+    jsonl.set_latest(settings.store.datasets_dir, folder_name)
     for table in stats.rich_tables():
         console.print(table)
     console.print(
