@@ -225,24 +225,6 @@ class Fact:
 
 
 @dataclass(frozen=True, slots=True)
-class GenerationOptions:
-    """Decoding knobs for one request (``Settings.generation_options`` gives the configured
-    ones; these defaults serve tools and tests)."""
-
-    max_new_tokens: int = 50
-    min_new_tokens: int = 0
-    do_sample: bool = True
-    temperature: float = 0.8
-    top_p: float = 0.85
-    top_k: int = 50
-    num_beams: int = 1
-    no_repeat_ngram_size: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    timeout_s: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class VoiceNote:
     """A voice or round-video note waiting for (or past) transcription."""
 

@@ -65,12 +65,12 @@ class EchoGenerator:
 
 async def _tiny_worker(settings_kw: dict[str, Any], workdir: Path) -> Any:
     from doppelbot.config import load_settings
-    from doppelbot.model.worker import ModelWorker
+    from doppelbot.model.worker import model_worker
     from tests.tiny_model import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(workdir / "tiny-model")
     settings = load_settings(env_file=None, **{**settings_kw, "model": str(model_dir)})
-    worker = ModelWorker.from_settings(settings)
+    worker = model_worker(settings)
     await worker.start()
     return worker
 
@@ -107,7 +107,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         generator = await _tiny_worker(settings_kw, workdir)
     else:
         generator = EchoGenerator()
-    db = await Database.open(settings.db_path)
+    db = await Database.open(settings.store.db_path)
     tg = FakeTelegram()
     users = [tg.add_user(f"Contact{i}", username=f"contact{i}") for i in range(args.chats)]
     session_file = workdir / "data" / "bench.session"

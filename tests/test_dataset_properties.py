@@ -7,11 +7,11 @@ from itertools import pairwise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from doppelbot.config import PromptSettings
 from doppelbot.dataset.builder import build_dataset
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.render import MemoPromptFormat
 from doppelbot.domain import MediaKind, Message, Role, Turn
-from doppelbot.prompt import PromptFormat
 from tests.dataset_helpers import T0, assert_stats_describe_the_samples, source
 
 H = 3600
@@ -155,7 +155,7 @@ def chats_of(chats: tuple[list[Message], ...], chat_id: int) -> list[Message]:
 )
 def test_memo_format_renders_exactly_like_prompt_format(texts: list[str], persona: str) -> None:
     turns = tuple(Turn(Role.OWNER if i % 2 else Role.OTHER, t) for i, t in enumerate(texts))
-    plain = PromptFormat(persona)
+    plain = PromptSettings(persona=persona).format
     memo = MemoPromptFormat.of(plain)
     for _ in range(2):  # the second round is served from the memo
         assert memo.build_input(turns) == plain.build_input(turns)

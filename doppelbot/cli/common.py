@@ -93,7 +93,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 async def open_db(settings: Settings) -> AsyncIterator[Database]:
     from doppelbot.store.database import Database
 
-    db = await Database.open(settings.db_path)
+    db = await Database.open(settings.store.db_path)
     try:
         yield db
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from doppelbot.dataset.budget import CountTokens
 from doppelbot.dataset.builder import DatasetResult, Progress
 from doppelbot.dataset.from_store import build_from_db
 from doppelbot.dataset.options import DatasetOptions
+from doppelbot.dataset.options import dataset_options as build_options
 from doppelbot.dataset.stats import DatasetStats
 from doppelbot.errors import DatasetError, ModelLoadError
 
@@ -90,7 +91,7 @@ def dataset_options(settings: Settings, request: DatasetRequest) -> DatasetOptio
     if request.session_gap_hours is not None:
         if request.session_gap_hours <= 0:
             raise DatasetError("--session-gap-hours must be positive")
-        overrides["session_gap_s"] = round(request.session_gap_hours * 3600)
+        overrides["session_gap_hours"] = request.session_gap_hours
     if request.context_max_chars is not None:
         overrides["context_max_chars"] = request.context_max_chars
     if request.max_contact_share is not None:
@@ -99,7 +100,7 @@ def dataset_options(settings: Settings, request: DatasetRequest) -> DatasetOptio
         overrides["dedup_exact"] = overrides["dedup_near"] = False
     if request.voice is not None:
         overrides["voice_transcripts"] = request.voice
-    return replace(DatasetOptions.from_settings(settings), **overrides)
+    return build_options(settings, **overrides)
 
 
 def token_counter(settings: Settings, tokenizer: Path | None) -> CountTokens:
@@ -115,7 +116,7 @@ def token_counter(settings: Settings, tokenizer: Path | None) -> CountTokens:
                 raise DatasetError(f"--tokenizer {tokenizer}: no such folder; {skip}")
             source = str(tokenizer.expanduser())
         else:
-            source = model_source(settings.model, settings.data_dir)
+            source = model_source(settings.model.base, settings.store.data_dir)
         counter: CountTokens = TokenCounter(load_tokenizer(source))
         return counter
     except ModelLoadError as exc:
@@ -136,19 +137,23 @@ def build_dataset_files(
     name = request.name or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     if "/" in name or name in _RESERVED_NAMES:
         raise DatasetError(f"bad dataset name {name!r}")
-    folder = settings.datasets_dir / name
+    folder = settings.store.datasets_dir / name
     if folder.exists() and any(folder.iterdir()) and not request.overwrite:
         raise DatasetError(f"dataset {folder} already exists: choose another --name or --overwrite")
 
     counter = token_counter(settings, request.tokenizer) if request.token_budget else None
 
     async def migrate() -> None:  # the builder reads the tables directly: schema must be current
-        db = await Database.open(settings.db_path)
+        db = await Database.open(settings.store.db_path)
         await db.close()
 
     asyncio.run(migrate())
     result = build_from_db(
-        settings.db_path, options, count_tokens=counter, progress=progress, workers=request.workers
+        settings.store.db_path,
+        options,
+        count_tokens=counter,
+        progress=progress,
+        workers=request.workers,
     )
     stats = result.stats
     if not result.train and not result.validation:
@@ -166,5 +171,5 @@ def build_dataset_files(
             "stats": stats.to_dict(),
         },
     )
-    jsonl.set_latest(settings.datasets_dir, name)
+    jsonl.set_latest(settings.store.datasets_dir, name)
     return BuiltDataset(folder, result, token_budget=counter is not None)

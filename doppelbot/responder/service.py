@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from doppelbot.config import Settings
+from doppelbot.config import HOUR_S, Settings
 from doppelbot.domain import Message, Peer, PeerKind, Reply, ReplyMode, ReplyStatus
 from doppelbot.errors import (
     DoppelbotError,
@@ -63,9 +63,7 @@ from doppelbot.responder.context import (
 from doppelbot.responder.debounce import Debouncer
 from doppelbot.responder.policy import (
     DEFER_REASONS,
-    HOUR_S,
     GateInputs,
-    PolicyConfig,
     Skip,
     catch_up_skip,
     chat_eligibility,
@@ -196,16 +194,16 @@ class Responder:
         self._unsaved = unsaved
         self.on_sent = tuple(on_sent)
         self.on_owner_message = tuple(on_owner_message)
-        self.policy = PolicyConfig.from_settings(settings)
-        self._options = settings.generation_options()
+        self.policy = settings.responder
+        self._options = settings.generation
         self._context = context_builder or default_context_builder(settings)
-        self._debouncer: Debouncer[int] = Debouncer(settings.debounce_s, self._schedule)
+        self._debouncer: Debouncer[int] = Debouncer(settings.responder.debounce_s, self._schedule)
         # Deferred replies wake up here when their window opens (one timer per chat).
         self._wakeups: Debouncer[int] = Debouncer(0.0, self._wake)
         self._chats: dict[int, _Chat] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gen_slots = asyncio.Semaphore(
-            max(1, min(settings.worker_queue_size, MAX_PARALLEL_GENERATIONS))
+            max(1, min(settings.model.worker_queue_size, MAX_PARALLEL_GENERATIONS))
         )
         self._closing = False
         self._warned_no_drafts = False
@@ -281,8 +279,8 @@ class Responder:
 
     async def aclose(self) -> None:
         """Stop: no new work, cancel timers, let deliveries in progress finish (up to
-        ``settings.shutdown_grace_s``), cancel the rest and wait for it. Replies cut short stay
-        ``generating``/``sending`` in the store and are picked up by the next start."""
+        ``settings.daemon.shutdown_grace_s``), cancel the rest and wait for it. Replies cut short
+        stay ``generating``/``sending`` in the store and are picked up by the next start."""
         self._closing = True
         self._debouncer.close()
         self._wakeups.close()
@@ -291,9 +289,9 @@ class Responder:
             for s in self._chats.values()
             if s.runner is not None and not s.runner.done() and not s.idle.is_set()
         ]
-        if delivering and self.settings.shutdown_grace_s > 0:
+        if delivering and self.settings.daemon.shutdown_grace_s > 0:
             # A reply half-way out is better finished than resumed by the next start.
-            await asyncio.wait(delivering, timeout=self.settings.shutdown_grace_s)
+            await asyncio.wait(delivering, timeout=self.settings.daemon.shutdown_grace_s)
         while self._tasks:
             tasks = list(self._tasks)
             for task in tasks:
@@ -538,7 +536,7 @@ class Responder:
             try:
                 text = await self.generator.generate(prompt, self._options)
                 text = await self.composer.finish(context.query, text, facts)
-                parts = delivery.split_reply(text, split_lines=self.settings.split_lines)
+                parts = delivery.split_reply(text, split_lines=self.settings.responder.split_lines)
             except Exception as exc:
                 gen_ms = int((self.clock.monotonic() - started) * 1000)
                 await replies.transition(
@@ -799,7 +797,9 @@ class Responder:
         try:
             if pause:
                 wait = delivery.human_delay(
-                    self.rng, self.settings.human_delay_min_s, self.settings.human_delay_max_s
+                    self.rng,
+                    self.settings.responder.human_delay_min_s,
+                    self.settings.responder.human_delay_max_s,
                 )
                 delays += wait
                 await self.clock.sleep(wait)
@@ -842,7 +842,12 @@ class Responder:
             return False
         finally:
             state.idle.set()
-        latency = self.clock.monotonic() - state.last_arrival - delays - self.settings.debounce_s
+        latency = (
+            self.clock.monotonic()
+            - state.last_arrival
+            - delays
+            - self.settings.responder.debounce_s
+        )
         self.sent_log.append(SentRecord(reply_id, chat_id, max(0.0, latency)))
         self.stats["sent"] += 1
         log.info("responder: reply sent chat=%d reply=%d parts=%d", chat_id, reply_id, len(parts))
@@ -859,7 +864,7 @@ class Responder:
 
     async def _type(self, chat_id: int, text: str) -> float:
         seconds = delivery.typing_seconds(
-            text, self.settings.typing_chars_per_s, self.settings.typing_max_s
+            text, self.settings.responder.typing_chars_per_s, self.settings.responder.typing_max_s
         )
         if seconds <= 0:
             return 0.0
@@ -875,7 +880,7 @@ class Responder:
         return seconds
 
     async def _send(self, chat_id: int, text: str) -> Message:
-        bound = self.settings.flood_wait_max_s
+        bound = self.settings.export.flood_wait_max_s
         waited = 0
         while True:
             try:
@@ -909,7 +914,7 @@ class Responder:
         chat_id = state.chat_id
         text = reply.final_text or reply.draft_text or ""
         try:
-            parts = delivery.split_reply(text, split_lines=self.settings.split_lines)
+            parts = delivery.split_reply(text, split_lines=self.settings.responder.split_lines)
         except DoppelbotError:
             await replies.transition(
                 self.db, reply.reply_id, S.SENDING, S.FAILED, now=self._now(), error="no text"
@@ -992,7 +997,7 @@ class Responder:
         if reply is None:
             return Approval.NOT_WAITING
         final = text if text is not None else (reply.draft_text or "")
-        parts = delivery.split_reply(final, split_lines=self.settings.split_lines)
+        parts = delivery.split_reply(final, split_lines=self.settings.responder.split_lines)
         state = self._state(reply.chat_id)
         async with state.lock:
             await self._sync_last_incoming(state)
@@ -1063,4 +1068,6 @@ class Responder:
         if override is not None:
             return override
         # ``/mode MODE`` in Saved Messages changes the default at runtime (stored).
-        return await bot_state.global_reply_mode(self.db) or ReplyMode(self.settings.reply_mode)
+        return await bot_state.global_reply_mode(self.db) or ReplyMode(
+            self.settings.responder.reply_mode
+        )

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiosqlite
 
+from doppelbot.config import VoiceSettings, default_of
 from doppelbot.domain import (
     VOICE_KINDS,
     MediaKind,
@@ -236,7 +237,7 @@ async def notes_to_transcribe(
     db: Database,
     *,
     chat_ids: Sequence[int] | None = None,
-    max_attempts: int = 3,
+    max_attempts: int = default_of(VoiceSettings, "max_attempts"),
     max_duration_s: float | None = None,
     max_bytes: int | None = None,
     with_file: bool | None = None,
