@@ -13,6 +13,7 @@ whichever account a process runs as.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,13 +68,13 @@ def is_default(name: str | None) -> bool:
 def session_path(settings: Settings, name: str | None) -> Path:
     if is_default(name):
         return settings.session_path
-    return settings.data_dir / ACCOUNTS_DIR / f"{check_name(str(name))}.session"
+    return settings.store.data_dir / ACCOUNTS_DIR / f"{check_name(str(name))}.session"
 
 
 def lock_path(settings: Settings, name: str | None) -> Path:
     if is_default(name):
         return settings.lock_path
-    return settings.data_dir / ACCOUNTS_DIR / f"{check_name(str(name))}.lock"
+    return settings.store.data_dir / ACCOUNTS_DIR / f"{check_name(str(name))}.lock"
 
 
 def settings_for(settings: Settings, name: str | None) -> Settings:
@@ -82,7 +83,8 @@ def settings_for(settings: Settings, name: str | None) -> Settings:
     if is_default(name):
         return settings
     check_name(str(name))
-    scoped = settings.model_copy(update={"session_name": f"{ACCOUNTS_DIR}/{name}"})
+    telegram = dataclasses.replace(settings.telegram, session_name=f"{ACCOUNTS_DIR}/{name}")
+    scoped = settings.model_copy(update={"telegram": telegram})
     # The session file and lock come from the session name; should that ever change, fail
     # here rather than let two accounts share one session.
     assert scoped.session_path == session_path(settings, name)
@@ -96,7 +98,7 @@ def login_hint(name: str | None) -> str:
 
 
 def _has_session(settings: Settings, name: str | None) -> bool:
-    return settings.session_string is not None or session_path(settings, name).exists()
+    return settings.telegram.session_string is not None or session_path(settings, name).exists()
 
 
 async def open_account(db: Database, settings: Settings, name: str | None, need: Need) -> Database:

@@ -112,8 +112,8 @@ class App:
             log.info(
                 "live: running as user %d, mode=%s, debounce=%.1fs",
                 owner,
-                self.settings.reply_mode,
-                self.settings.debounce_s,
+                self.settings.responder.reply_mode,
+                self.settings.responder.debounce_s,
             )
             checker = asyncio.ensure_future(self.watchdog.run())
             stopped = asyncio.ensure_future(stop.wait())
@@ -227,7 +227,9 @@ def build_bot(
     transport = TelethonTransport(client)
     drafts = (
         DraftDesk(
-            settings, db, TelethonSavedMessages(client, flood_bound=settings.flood_wait_max_s)
+            settings,
+            db,
+            TelethonSavedMessages(client, flood_bound=settings.export.flood_wait_max_s),
         )
         if review
         else None
@@ -264,9 +266,9 @@ def build_bot(
     watchdog = Watchdog(
         client,
         bot,
-        interval_s=settings.watchdog_interval_s,
-        idle_s=settings.watchdog_idle_s,
-        max_outage_s=settings.watchdog_max_outage_s,
+        interval_s=settings.daemon.watchdog_interval_s,
+        idle_s=settings.daemon.watchdog_idle_s,
+        max_outage_s=settings.daemon.watchdog_max_outage_s,
         record=lambda h: bot_state.set_json(db, bot_state.HEALTH_KEY, h.to_json()),
     )
     return App(
@@ -349,14 +351,18 @@ async def serve(
     from doppelbot.instance import InstanceLock
 
     settings = settings_for(settings, account)
-    if client is None and settings.session_string is None and not settings.session_path.exists():
+    if (
+        client is None
+        and settings.telegram.session_string is None
+        and not settings.session_path.exists()
+    ):
         raise NotLoggedInError(f"not logged in to Telegram: run {login_hint(account)} first")
     with InstanceLock(settings.lock_path):
         if generator is None:
             from doppelbot.model.local import model_source
 
             # Without the model files, say so before anything else (one line, at once).
-            model_source(settings.model, settings.data_dir)
+            model_source(settings.model.base, settings.store.data_dir)
         stop = stop or asyncio.Event()
         signals = _install_signals(stop)
         try:
@@ -393,21 +399,22 @@ async def _serve(
 
     async with AsyncExitStack() as stack:
         # Closed in reverse: the connection, the knowledge base, the workers, the store.
-        db = await Database.open(settings.db_path)
+        db = await Database.open(settings.store.db_path)
         stack.push_async_callback(db.close)
         db = await open_account(db, settings, account, "session")
         speech: Any = None
-        if settings.voice_transcription:
+        if settings.voice.transcription:
             from doppelbot.speech import TranscriptionWorker
+            from doppelbot.speech.model import whisper_spec
 
-            speech = TranscriptionWorker.from_settings(settings)  # loads on the first note
+            speech = TranscriptionWorker(whisper_spec(settings))  # loads on the first note
             stack.push_async_callback(speech.aclose)
         worker: Any = None
         count_tokens: CountTokens | None = None
         if generator is None:
-            from doppelbot.model.worker import ModelWorker
+            from doppelbot.model.worker import model_worker
 
-            worker = ModelWorker.from_settings(settings)  # loads once connected (below)
+            worker = model_worker(settings)  # loads once connected (below)
             stack.push_async_callback(worker.aclose)
             generator, count_tokens = worker, worker.token_counter()
         kb: Any = None
@@ -439,7 +446,7 @@ async def _serve(
         if kb is not None:
             with console.status("Loading the knowledge base…"):
                 await kb.warm()
-        if settings.reply_mode == "review":
+        if settings.responder.reply_mode == "review":
             console.print(
                 "reply_mode=review: drafts go to your Saved Messages; reply ok / no / again "
                 "or your own text to a card (/help there lists the commands)."
@@ -470,19 +477,19 @@ async def open_chat(
     """The model worker (with ``adapter``), the knowledge base when there are facts, and a
     conversation answered through the bot's ``ReplyComposer``; closed on exit."""
     from doppelbot.knowledge.lazy import knowledge_for
-    from doppelbot.model.worker import ModelWorker
+    from doppelbot.model.worker import model_worker
 
-    options = settings.generation_options()
+    options = settings.generation
     if greedy:
         options = replace(options, do_sample=False)
     async with AsyncExitStack() as stack:
-        worker = ModelWorker.from_settings(settings, adapter=adapter, progress=progress)
+        worker = model_worker(settings, adapter=adapter, progress=progress)
         stack.push_async_callback(worker.aclose)
         await worker.start()
         kb = None
         # No database yet (nothing exported): no facts, and none is created just for chat.
-        if use_facts and settings.db_path.exists():
-            db = await Database.open(settings.db_path)
+        if use_facts and settings.store.db_path.exists():
+            db = await Database.open(settings.store.db_path)
             stack.push_async_callback(db.close)
             kb = knowledge_for(settings, db)
             if kb is not None:

@@ -169,6 +169,8 @@ class Sample:
     reply_message_ids: tuple[int, ...]
     model_input: str = ""
     model_target: str = ""
+    #: The own account whose chat it comes from ("": not recorded; message ids are per account).
+    account: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,24 +227,6 @@ class Fact:
 
 
 @dataclass(frozen=True, slots=True)
-class GenerationOptions:
-    """Decoding knobs for one request (``Settings.generation_options`` gives the configured
-    ones; these defaults serve tools and tests)."""
-
-    max_new_tokens: int = 50
-    min_new_tokens: int = 0
-    do_sample: bool = True
-    temperature: float = 0.8
-    top_p: float = 0.85
-    top_k: int = 50
-    num_beams: int = 1
-    no_repeat_ngram_size: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    timeout_s: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class VoiceNote:
     """A voice or round-video note waiting for (or past) transcription."""
 
@@ -256,6 +240,42 @@ class VoiceNote:
     file_path: str | None = None  # the local file (Desktop export), if any
     status: TranscriptStatus = TranscriptStatus.PENDING
     attempts: int = 0
+
+
+# --- SSA labelling (sensibleness and specificity of replies) --------------------------------
+@dataclass(frozen=True, slots=True)
+class SsaLabel:
+    """The owner's two marks on one reply."""
+
+    sensible: bool
+    specific: bool
+
+    @property
+    def score(self) -> float:
+        """Per-reply SSA contribution: 0, 0.5 or 1."""
+        return (int(self.sensible) + int(self.specific)) / 2
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One reply to label; ``source`` is hidden from the owner until the report."""
+
+    context_key: str
+    source: str  # an adapter id, or "owner" for the owner's real reply
+    reply: str
+
+
+#: A message as the dataset rules read it, from the store (computed in SQL) or from a
+#: ``Message``: ``(message_id, is_outgoing, date, text, reply_to_message_id, kind)``.
+Row = tuple[int, int, int, str, "int | None", int]
+
+# The row's ``kind``: plain ints, compared in the dataset's hot loop.
+KIND_TEXT = 0
+KIND_SERVICE = 1
+KIND_FORWARDED = 2
+KIND_STICKER = 3  # text holds the sticker's emoji
+KIND_WEBPAGE = 4  # a link preview: the message carries a link
+KIND_MEDIA = 5  # photo, voice, document…; text is the caption, maybe empty
 
 
 def voice_message_text(caption: str, transcript: str) -> str:

@@ -92,8 +92,8 @@ def setup_logging(
     from rich.logging import RichHandler
 
     global _show_texts
-    level = logging.DEBUG if debug else getattr(logging, settings.log_level)
-    _show_texts = bool(settings.log_message_texts and level <= logging.DEBUG)
+    level = logging.DEBUG if debug else getattr(logging, settings.log.level)
+    _show_texts = bool(settings.log.message_texts and level <= logging.DEBUG)
     quiet_libraries(debug=debug)
     handler = RichHandler(console=console, show_path=debug, rich_tracebacks=debug, markup=False)
     handler.addFilter(_NotPrintedYet())

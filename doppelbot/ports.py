@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from doppelbot.domain import GenerationOptions
+from doppelbot.config import GenerationOptions
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,9 +53,11 @@ def fake_turn_pattern(*labels: str) -> re.Pattern[str]:
 
 @dataclass(frozen=True, slots=True)
 class PromptFormat:
+    """How a prompt is written; ``settings.prompt.format`` is the configured one."""
+
     persona: str
-    role_other: str = "Собеседник"
-    role_owner: str = "Я"
+    role_other: str
+    role_owner: str
 
     def label(self, role: Role) -> str:
         return self.role_owner if role is Role.OWNER else self.role_other

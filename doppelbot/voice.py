@@ -23,9 +23,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from doppelbot.domain import TranscriptStatus, VoiceNote
 from doppelbot.errors import (
@@ -41,7 +41,7 @@ from doppelbot.store import transcripts
 from doppelbot.store.database import Database
 
 if TYPE_CHECKING:
-    from doppelbot.config import Settings
+    from doppelbot.config import VoiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,28 +52,6 @@ AudioSource = Callable[[VoiceNote], Awaitable["bytes | Path"]]
 """Gets one note's audio: its bytes (downloaded) or its local file. Raises
 ``NoteUnavailableError`` or ``NoteTooLargeError`` (the note is marked, the run goes on); any
 other ``DoppelbotError`` stops the run."""
-
-
-@dataclass(frozen=True, slots=True)
-class VoiceLimits:
-    max_duration_s: float = 300.0
-    max_bytes: int = 50 * _MB
-    max_attempts: int = 3
-    budget_s: float | None = 10 * 3600.0  # audio one run transcribes at most (None: no limit)
-    budget_bytes: int | None = 2000 * _MB  # data one run downloads at most (None: no limit)
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> VoiceLimits:
-        hours = settings.voice_history_max_hours
-        mb = settings.voice_history_max_download_mb
-        base = cls(
-            max_duration_s=settings.voice_max_duration_s,
-            max_bytes=int(settings.voice_max_file_mb * _MB),
-            max_attempts=settings.voice_max_attempts,
-            budget_s=hours * 3600 if hours > 0 else None,
-            budget_bytes=int(mb * _MB) if mb > 0 else None,
-        )
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 class VoiceProgress(Protocol):
@@ -128,7 +106,7 @@ def _eta(remaining: Sequence[VoiceNote], report: VoiceReport, done: int) -> floa
 
 
 def plan_notes(
-    notes: Sequence[VoiceNote], limits: VoiceLimits
+    notes: Sequence[VoiceNote], limits: VoiceSettings
 ) -> tuple[list[VoiceNote], list[VoiceNote], int]:
     """Split ``notes`` (in the order to work on them) into (to transcribe, over a per-note
     limit, left for the next run by the budget). Unknown durations and sizes count as zero
@@ -156,7 +134,7 @@ def plan_notes(
     return todo, over, left
 
 
-async def _mark_too_long(db: Database, note: VoiceNote, limits: VoiceLimits) -> None:
+async def _mark_too_long(db: Database, note: VoiceNote, limits: VoiceSettings) -> None:
     if note.size_bytes is not None and note.size_bytes > limits.max_bytes:
         why = f"file of {note.size_bytes / _MB:.1f} MB > {limits.max_bytes / _MB:g} MB"
     else:
@@ -235,7 +213,7 @@ async def transcribe_notes(
     transcriber: Transcriber,
     notes: Sequence[VoiceNote],
     fetch: AudioSource,
-    limits: VoiceLimits,
+    limits: VoiceSettings,
     *,
     progress: VoiceProgress | None = None,
 ) -> VoiceReport:

@@ -130,7 +130,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         embedder = Embedder.load(model, device="cpu")
         model_name = "/".join(Path(embedder.model_id).parts[-2:])
         load_s = time.perf_counter() - t0
-        db = await Database.open(settings.db_path)
+        db = await Database.open(settings.store.db_path)
         try:
             facts_file = Path(tmp) / "facts.txt"
             facts_file.write_text("\n".join(make_facts(args.facts)), encoding="utf-8")
@@ -154,7 +154,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 times: list[float] = []
                 for q in queries[args.warmup :]:
                     t = time.perf_counter()
-                    await kb.retrieve(q, top_k=settings.facts_top_k, threshold=-1.0)
+                    await kb.retrieve(q, top_k=settings.knowledge.facts_top_k, threshold=-1.0)
                     times.append((time.perf_counter() - t) * 1000)
                 encodes = kb.stats.query_encodes
             finally:
@@ -173,7 +173,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             search_ms = []
             for _ in range(200):
                 t = time.perf_counter()
-                kb.index.search(vec, settings.facts_top_k, -1.0)
+                kb.index.search(vec, settings.knowledge.facts_top_k, -1.0)
                 search_ms.append((time.perf_counter() - t) * 1000)
         finally:
             await db.close()

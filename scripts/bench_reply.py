@@ -164,13 +164,12 @@ def machine() -> dict[str, Any]:
 def build_prompt(tokenizer_dir: Path) -> str:
     """A prompt in the bot's format with exactly ``PROMPT_TOKENS`` tokens: the newest turns
     that fit, then an oldest turn grown character by character to the exact count."""
-    from doppelbot.config import DEFAULT_PERSONA
+    from doppelbot.config import PromptSettings
     from doppelbot.domain import Role, Turn
     from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
-    from doppelbot.prompt import PromptFormat
 
     count = TokenCounter(load_tokenizer(tokenizer_dir))
-    fmt = PromptFormat(DEFAULT_PERSONA)
+    fmt = PromptSettings().format
     turns = [
         Turn(Role.OTHER if i % 2 == 0 else Role.OWNER, PHRASES[i % len(PHRASES)]) for i in range(60)
     ]
@@ -260,15 +259,14 @@ def phase_build(args: argparse.Namespace) -> dict[str, Any]:
     """The first start: ``load_engine`` streams the checkpoint (+ adapter) into the cache."""
     import torch
 
+    from doppelbot.config import ModelSettings
     from doppelbot.model.loader import ModelSpec, load_engine
 
     torch.set_num_threads(args.threads)
     base_dir, adapter_dir, cache_dir = _dirs(args)
     spec = ModelSpec(
-        base=str(base_dir),
+        ModelSettings(base=str(base_dir), device="cpu", precision="int8"),
         adapter=adapter_dir if args.variant == "lora" else None,
-        device="cpu",
-        precision="int8",
         cache_dir=cache_dir,
     )
     info: dict[str, Any] = {}
@@ -332,16 +330,15 @@ def phase_serve(args: argparse.Namespace) -> dict[str, Any]:
     On CUDA: the checkpoint read through the real loader, same workload."""
     import asyncio
 
-    from doppelbot.config import load_settings
-    from doppelbot.domain import GenerationOptions
-    from doppelbot.model.worker import ModelWorker
+    from doppelbot.config import GenerationOptions, load_settings
+    from doppelbot.model.worker import model_worker
     from doppelbot.responder.loopmon import LoopLagMonitor
 
     work = Path(args.workdir)
     adapter = work / "adapter" if args.variant == "lora" else None
     settings = load_settings(
         None,
-        data_dir=work,  # → settings.cache_dir = work / "cache", where the build phase wrote
+        data_dir=work,  # → settings.store.cache_dir = work / "cache", where the build phase wrote
         model=str(work / "base"),
         adapter_path=adapter,
         device=args.device,
@@ -366,7 +363,7 @@ def phase_serve(args: argparse.Namespace) -> dict[str, Any]:
         return time.perf_counter() - t
 
     async def main() -> dict[str, Any]:
-        worker = ModelWorker.from_settings(settings)
+        worker = model_worker(settings)
         await worker.start()
         cold = time.perf_counter() - PROC_START
         model = worker.model
@@ -518,6 +515,7 @@ def phase_numeric(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from reply_variants import apply_variant
 
+    from doppelbot.config import ModelSettings, PromptSettings
     from doppelbot.model.check import compare, reference_logprobs
     from doppelbot.model.checkpoint import Checkpoint, LoraDeltas, WeightSource
     from doppelbot.model.generate import engine_target_logits
@@ -535,21 +533,19 @@ def phase_numeric(args: argparse.Namespace) -> dict[str, Any]:
     write_persona_dataset(root / "datasets")
     trained = train(
         TrainOptions(
-            model=str(model_dir),
-            persona=PERSONA,
-            device="cpu",
+            model=ModelSettings(base=str(model_dir), device="cpu", torch_threads=args.threads),
+            prompt=PromptSettings(persona=PERSONA),
             batch_size=12,
             grad_accum=1,
             lr=5e-3,
             max_steps=40,
             gradient_checkpointing=False,
-            torch_threads=args.threads,
         ),
         datasets_dir=root / "datasets",
         runs_dir=root / "runs",
         adapters_dir=root / "adapters",
     )
-    spec = ModelSpec(base=str(model_dir), adapter=trained.adapter_dir, device="cpu")
+    spec = ModelSpec(ModelSettings(base=str(model_dir), device="cpu"), trained.adapter_dir)
     cfg = engine_config(str(model_dir))
     tok = load_tokenizer(model_dir)
 

@@ -21,9 +21,11 @@ must answer exactly the fresh bursts, once each: ``caught_up_answered`` == ``dow
 ``caught_up_stored_only`` == ``down_old``, ``duplicates`` 0 over both phases.
 
 Usage: ``flock /tmp/doppelbot-bench.lock .venv/bin/python scripts/bench_responder.py
-[--chats 50] [--messages 10] [--debounce 1.0] [--generator tiny|echo]``. ``echo`` replaces the
-model by an instant fake (isolates the pipeline's own cost). Prints a table; the last line is
-one JSON object.
+[--chats 50] [--messages 10] [--debounce 1.0] [--generator tiny|echo] [--no-review]``. ``echo``
+replaces the model by an instant fake (isolates the pipeline's own cost). The bot runs as
+``doppelbot run`` builds it, review included (in auto mode every sent reply is copied to the
+owner's Saved Messages: ``cards_posted``); ``--no-review`` runs the responder alone. Prints a
+table; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -63,12 +65,12 @@ class EchoGenerator:
 
 async def _tiny_worker(settings_kw: dict[str, Any], workdir: Path) -> Any:
     from doppelbot.config import load_settings
-    from doppelbot.model.worker import ModelWorker
+    from doppelbot.model.worker import model_worker
     from tests.tiny_model import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(workdir / "tiny-model")
     settings = load_settings(env_file=None, **{**settings_kw, "model": str(model_dir)})
-    worker = ModelWorker.from_settings(settings)
+    worker = model_worker(settings)
     await worker.start()
     return worker
 
@@ -105,7 +107,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         generator = await _tiny_worker(settings_kw, workdir)
     else:
         generator = EchoGenerator()
-    db = await Database.open(settings.db_path)
+    db = await Database.open(settings.store.db_path)
     tg = FakeTelegram()
     users = [tg.add_user(f"Contact{i}", username=f"contact{i}") for i in range(args.chats)]
     session_file = workdir / "data" / "bench.session"
@@ -123,7 +125,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             ready.set_result(session)
 
         task = asyncio.create_task(
-            run_live(settings, db, client, generator=generator, stop=stop, on_ready=on_ready)
+            run_live(
+                settings,
+                db,
+                client,
+                generator=generator,
+                stop=stop,
+                on_ready=on_ready,
+                review=not args.no_review,
+            )
         )
         return client, stop, task, await ready
 
@@ -192,7 +202,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     await db.close()
     if hasattr(generator, "aclose"):
         await generator.aclose()
-    stray = sum(1 for s in tg.sent if s.message_id not in accounted)
+    # Auto replies are copied to the owner's Saved Messages (cards to correct them later):
+    # those are the review's, one per sent reply; anything else unaccounted is a stray send.
+    owner_chat = tg.me.id
+    cards = sum(1 for s in tg.sent if s.chat_id == owner_chat)
+    stray = sum(1 for s in tg.sent if s.chat_id != owner_chat and s.message_id not in accounted)
     duplicates = sum(n - 1 for n in per_chat_sent.values() if n > 1) + stray
     return {
         "chats": args.chats,
@@ -200,7 +214,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "generator": args.generator,
         "replies_sent": sum(1 for u in users if per_chat_sent[u.id] >= 1),
         "duplicates": duplicates,
-        "messages_sent": len(tg.sent),
+        "messages_sent": len(tg.sent) - cards,
+        "review": not args.no_review,
+        "cards_posted": cards,
         "dropped": statuses[ReplyStatus.DROPPED],
         "failed": statuses[ReplyStatus.FAILED],
         "loop_lag_p50_ms": round(monitor.percentile(50) * 1000, 2),
@@ -227,6 +243,11 @@ def main() -> None:
     parser.add_argument("--generator", choices=("tiny", "echo"), default="tiny")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--limit-s", type=float, default=300.0)
+    parser.add_argument(
+        "--no-review",
+        action="store_true",
+        help="The responder alone: no copies of auto replies in Saved Messages.",
+    )
     parser.add_argument("--down-fresh", type=int, default=20, help="Bursts within the age.")
     parser.add_argument("--down-old", type=int, default=10, help="Bursts older than the age.")
     parser.add_argument("--down-age", type=float, default=3.0, help="Catch-up age, seconds.")

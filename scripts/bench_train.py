@@ -125,13 +125,12 @@ def build_model(folder: Path, size: str, config_path: Path | None) -> int:
 
 
 def write_dataset(datasets_dir: Path, n: int) -> None:
-    from doppelbot.config import DEFAULT_PERSONA
+    from doppelbot.config import PromptSettings
     from doppelbot.dataset.jsonl import set_latest, write_samples
     from doppelbot.domain import Role, Sample, Turn
-    from doppelbot.prompt import PromptFormat
 
     rng = random.Random(0)
-    prompt = PromptFormat(persona=DEFAULT_PERSONA)
+    prompt = PromptSettings().format
 
     def text(lo: int, hi: int) -> str:
         return " ".join(rng.choices(WORDS, k=rng.randint(lo, hi)))
@@ -159,7 +158,7 @@ def child(size: str, steps: int, threads: int, config_path: Path | None) -> dict
     """One size, in this (fresh) process."""
     import torch
 
-    from doppelbot.config import DEFAULT_PERSONA
+    from doppelbot.config import ModelSettings, PromptSettings
     from doppelbot.training.runs import LOG_FILE
     from doppelbot.training.trainer import train
     from doppelbot.training.types import TrainOptions
@@ -176,16 +175,14 @@ def child(size: str, steps: int, threads: int, config_path: Path | None) -> dict
             rss_after.append(rss_mb())
 
         options = TrainOptions(
-            model=str(tmp / "model"),
-            persona=DEFAULT_PERSONA,
-            device="cpu",
+            model=ModelSettings(base=str(tmp / "model"), device="cpu", torch_threads=threads),
+            prompt=PromptSettings(),
             precision="fp32",
             batch_size=batch,
             grad_accum=1,
             max_steps=steps + 1,
             save_steps=10_000,  # the final checkpoint only
             eval_max_samples=6,
-            torch_threads=threads,
             resume=False,
         )
         start_rss = rss_mb()

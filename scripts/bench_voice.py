@@ -4,7 +4,7 @@ Why: voice notes are transcribed on the owner's CPU, beside the reply model, so 
 speech model must run well faster than real time on a laptop-class machine (target: at least
 3x, i.e. ``rtf`` <= 0.33, on 2 threads). This times the product's own path — ``load_whisper``
 (faster-whisper / CTranslate2, int8 on CPU), ``decode_audio`` (PyAV) of a generated 30 s
-OGG/Opus note, the product's ``DecodeOptions`` — on random weights of the exact shape of the
+OGG/Opus note, the product's ``decode_kwargs`` — on random weights of the exact shape of the
 chosen model (``--model``, default ``small``, the product's default: 12+12 layers, d_model
 768, the 51,865-token multilingual vocabulary; ``base`` is 6+6 layers, d_model 512), converted
 with CTranslate2's own converter and stored as float16 like the published faster-whisper
@@ -65,29 +65,30 @@ def _build(workdir: Path, model: str) -> Path:
 
 def _serve(args: argparse.Namespace) -> dict[str, float | int | str]:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from doppelbot.config import VoiceSettings
     from doppelbot.speech.audio import SAMPLE_RATE, decode_audio
-    from doppelbot.speech.model import DecodeOptions, WhisperSpec, load_whisper
+    from doppelbot.speech.model import WhisperSpec, decode_kwargs, load_whisper
     from tests.tiny_whisper import make_ogg_opus
 
     note = make_ogg_opus(args.seconds)
     spec = WhisperSpec(
-        model=args.model_dir,
-        device="cpu",
-        compute_type="auto",
-        threads=args.threads,
-        decode=DecodeOptions(
-            language=None if args.language == "auto" else args.language,
+        VoiceSettings(
+            model=args.model_dir,
+            device="cpu",
+            compute_type="auto",
+            threads=args.threads,
+            language=args.language,
             beam_size=args.beam_size,
             temperature_fallback=False,
             vad_filter=False,  # timed separately below: on a tone it would drop everything
-        ),
+        )
     )
     t0 = time.perf_counter()
     model = load_whisper(spec)
     load_s = time.perf_counter() - t0
     eot = model.hf_tokenizer.token_to_id("<|endoftext|>")
     timestamps = model.hf_tokenizer.token_to_id("<|notimestamps|>") + 1
-    kwargs = spec.decode.kwargs()
+    kwargs = decode_kwargs(spec.voice)
     # CTranslate2 generates at most half of max_length (= prompt + max_new_tokens), Whisper's
     # rule: with the 4-token prompt (start, language, task, no-timestamps) this asks for exactly
     # ``tokens``. End-of-text and the timestamp tokens (which a real model never emits in

@@ -144,12 +144,14 @@ def check_serve(
 ) -> dict[str, Any]:
     import torch
 
-    from doppelbot.domain import GenerationOptions
+    from doppelbot.config import GenerationOptions, ModelSettings
     from doppelbot.errors import GenerationTimeoutError
     from doppelbot.model.loader import ModelSpec, load_reply_model
     from doppelbot.model.worker import ModelWorker
 
-    spec = ModelSpec(base=str(model_dir), adapter=adapter_dir, device=device, precision=precision)
+    spec = ModelSpec(
+        ModelSettings(base=str(model_dir), device=device, precision=precision), adapter=adapter_dir
+    )
     model = load_reply_model(spec)
     expect(model.device == device, f"served on {model.device}")
     weights = _weights_report(model)
@@ -184,7 +186,7 @@ def check_serve(
     sample = GenerationOptions(max_new_tokens=12, seed=3)
 
     async def serve(model: Any) -> dict[str, Any]:
-        async with ModelWorker(model, timeout_s=60) as worker:
+        async with ModelWorker(model, settings=ModelSettings(generation_timeout_s=60)) as worker:
             out: dict[str, Any] = {}
             g = await worker.submit(lambda m, check: m.generate(PROMPT, greedy, check))
             ids = model.encode(g)
@@ -236,13 +238,13 @@ class TrainWorld:
         write_persona_dataset(self.datasets)
 
     def options(self, device: str, precision: str, **overrides: Any) -> Any:
+        from doppelbot.config import ModelSettings, PromptSettings
         from doppelbot.training.types import TrainOptions
         from tests.training_helpers import PERSONA
 
         base = TrainOptions(
-            model=str(self.model),
-            persona=PERSONA,
-            device=device,
+            model=ModelSettings(base=str(self.model), device=device),
+            prompt=PromptSettings(persona=PERSONA),
             precision=precision,
             batch_size=12,
             grad_accum=1,
@@ -266,7 +268,7 @@ class TrainWorld:
 
 
 def check_train(world: TrainWorld, device: str, precision: str) -> dict[str, Any]:
-    from doppelbot.domain import GenerationOptions
+    from doppelbot.config import GenerationOptions, ModelSettings
     from doppelbot.errors import EmptyReplyError
     from doppelbot.model.loader import ModelSpec, load_reply_model
     from doppelbot.prompt import decode_reply
@@ -290,11 +292,11 @@ def check_train(world: TrainWorld, device: str, precision: str) -> dict[str, Any
 
     comparison = evaluate_adapters(
         EvalOptions(
-            model=str(world.model),
-            device=device,
+            model=ModelSettings(base=str(world.model), device=device),
             precision=precision,
-            limit=20,
+            eval_max_samples=20,
             max_new_tokens=8,
+            batch_size=8,
             metrics=("loss", "chrf"),
             use_cache=False,
         ),
@@ -310,7 +312,8 @@ def check_train(world: TrainWorld, device: str, precision: str) -> dict[str, Any
     rows = load_dataset(world.datasets).validation
     model = load_reply_model(
         ModelSpec(
-            base=str(world.model), adapter=result.adapter_dir, device=device, precision=precision
+            ModelSettings(base=str(world.model), device=device, precision=precision),
+            adapter=result.adapter_dir,
         )
     )
     opts = GenerationOptions(max_new_tokens=8, do_sample=False)
@@ -385,12 +388,14 @@ def main() -> int:
 
     import torch
 
-    from doppelbot.domain import GenerationOptions, Role, Turn
+    from doppelbot.config import GenerationOptions, ModelSettings, PromptSettings
+    from doppelbot.domain import Role, Turn
     from doppelbot.model.loader import ModelSpec, load_reply_model
-    from doppelbot.prompt import PromptFormat
     from tests.tiny_model import make_tiny_lora_dir, make_tiny_model_dir
 
-    PROMPT = PromptFormat(persona="Я Вася.").build_input([Turn(Role.OTHER, "привет, как дела?")])
+    PROMPT = PromptSettings(persona="Я Вася.").format.build_input(
+        [Turn(Role.OTHER, "привет, как дела?")]
+    )
     print(
         f"torch {torch.__version__}, cuda {torch.version.cuda}, "
         f"available {torch.cuda.is_available()}",
@@ -407,7 +412,10 @@ def main() -> int:
             model_dir = make_tiny_model_dir(root / "tiny", seed=7)
             adapter_dir = make_tiny_lora_dir(root / "v0001-sft", model_dir)
             reference = load_reply_model(
-                ModelSpec(base=str(model_dir), adapter=adapter_dir, device="cpu", precision="fp32")
+                ModelSpec(
+                    ModelSettings(base=str(model_dir), device="cpu", precision="fp32"),
+                    adapter=adapter_dir,
+                )
             )
             greedy = GenerationOptions(max_new_tokens=12, min_new_tokens=12, do_sample=False)
             ref = {

@@ -54,13 +54,13 @@ try:
 except DoppelbotError as exc:
     print(f"settings {exc}")
     raise SystemExit
-if settings.api_id is None or settings.api_hash is None:
+if settings.telegram.api_id is None or settings.telegram.api_hash is None:
     print("credentials")
-elif settings.session_string is None and not settings.session_path.exists():
+elif settings.telegram.session_string is None and not settings.session_path.exists():
     print("login")
 else:
     try:
-        model_source(settings.model, settings.data_dir)
+        model_source(settings.model.base, settings.store.data_dir)
     except ModelMissingError as exc:
         print(f"model {exc}")
     else:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from doppelbot.dataset.builder import ChatSource
+from doppelbot.dataset.builder import ChatSource, DatasetResult
 from doppelbot.dataset.rules import rule_row
+from doppelbot.dataset.stats import summarize
 from doppelbot.domain import MediaKind, Message
 
 T0 = 1_700_000_000
@@ -43,3 +44,19 @@ def conv(chat_id: int, *specs: Sequence[Any], start: int = T0) -> list[Message]:
 def source(messages: Sequence[Message], name: str = "", names: tuple[str, ...] = ()) -> ChatSource:
     rows = [rule_row(m) for m in sorted(messages, key=lambda m: (m.date, m.message_id))]
     return ChatSource(messages[0].chat_id, rows, name, names)
+
+
+def assert_stats_describe_the_samples(result: DatasetResult) -> None:
+    """The stats' length distributions and per-chat counts are those of the samples that came
+    out (the builder measures them as it makes the samples, not from the result)."""
+    samples = [*result.train, *result.validation]
+    stats = result.stats
+    assert stats.context_chars == summarize(
+        [len("\n".join(t.text for t in s.context)) for s in samples]
+    )
+    assert stats.context_turns == summarize([len(s.context) for s in samples])
+    assert stats.reply_chars == summarize([len(s.reply) for s in samples])
+    for chat_id, chat in stats.per_chat.items():
+        assert chat.train == sum(1 for s in result.train if s.chat_id == chat_id)
+        assert chat.validation == sum(1 for s in result.validation if s.chat_id == chat_id)
+        assert chat.samples == chat.train + chat.validation

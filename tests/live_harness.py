@@ -21,8 +21,7 @@ from rich.console import Console
 from telethon.sessions import SQLiteSession
 
 from doppelbot.app import App
-from doppelbot.config import Settings
-from doppelbot.domain import GenerationOptions
+from doppelbot.config import GenerationOptions, Settings
 from doppelbot.ports import ModelIdentity
 from tests.faketg import OWNER_ID, FakeTelegram
 from tests.responder_fakes import fast_settings, wait_for

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppelbot.config import Settings, load_settings
-from doppelbot.domain import GenerationOptions, Message, Peer, PeerKind
+from doppelbot.config import GenerationOptions, Settings, load_settings
+from doppelbot.domain import Message, Peer, PeerKind
 from doppelbot.errors import FloodWaitError, GenerationError
 from doppelbot.ports import ModelIdentity, ScoredFact
 from doppelbot.responder.compose import ReplyComposer

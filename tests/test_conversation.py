@@ -24,12 +24,14 @@ def chars(text: str) -> int:
 
 
 def _conversation(
-    tmp_path: Path, *, facts: FakeFacts | None = None, budget: int = 712, **settings: object
+    tmp_path: Path, *, facts: FakeFacts | None = None, budget: int | None = None, **settings: object
 ) -> tuple[Conversation, FakeGenerator]:
-    s = fast_settings(tmp_path, max_input_tokens=budget, **settings)
+    if budget is not None:
+        settings["max_input_tokens"] = budget
+    s = fast_settings(tmp_path, **settings)
     gen = FakeGenerator("ну привет")
     composer = ReplyComposer(s, facts=facts, count_tokens=chars)
-    return Conversation(gen, composer, s.generation_options(), max_turns=8), gen
+    return Conversation(gen, composer, s.generation, max_turns=8), gen
 
 
 async def test_turns_alternate_and_the_prompt_is_the_bots(tmp_path: Path) -> None:

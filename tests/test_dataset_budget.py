@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from doppelbot.config import PromptSettings
 from doppelbot.dataset.budget import calibrate
 from doppelbot.dataset.builder import build_dataset
 from doppelbot.dataset.options import DatasetOptions
@@ -83,7 +84,9 @@ def counter(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("persona", ["Ты — это я.", "", "  <SC1> персона с числом 5  "])
 def test_inputs_add_up_line_by_line(counter, persona: str) -> None:  # type: ignore[no-untyped-def]
-    options = DatasetOptions(persona=persona, validation_share=0.0, max_contact_share=1.0)
+    options = DatasetOptions(
+        prompt=PromptSettings(persona=persona), validation_share=0.0, max_contact_share=1.0
+    )
     fmt = options.prompt_format
     shape = calibrate(fmt, counter.count_many)
     assert shape is not None
@@ -108,7 +111,7 @@ def test_calibrate_refuses_a_counter_that_does_not_add_up() -> None:
 @pytest.mark.parametrize("max_tokens", [40, 90, 160])
 def test_line_budget_builds_what_whole_counting_builds(counter, max_tokens: int) -> None:  # type: ignore[no-untyped-def]
     options = DatasetOptions(
-        persona="Ты — это я.",
+        prompt=PromptSettings(persona="Ты — это я."),
         max_input_tokens=max_tokens,
         validation_share=0.1,
         max_contact_share=1.0,

@@ -6,13 +6,13 @@ from dataclasses import replace
 
 import pytest
 
+from doppelbot.config import PromptSettings
 from doppelbot.dataset.builder import build_dataset
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.quality import cap_unsatisfiable, contact_cap, evenly_spaced
 from doppelbot.dataset.sessions import build_live_context
 from doppelbot.dataset.split import split_by_time, validation_count
 from doppelbot.domain import Role, Sample, Turn
-from doppelbot.prompt import PromptFormat
 from tests.dataset_helpers import T0, conv, source
 
 OPTS = DatasetOptions(validation_share=0.0, max_contact_share=1.0)
@@ -41,7 +41,7 @@ def test_one_sample_per_owner_turn_with_the_shared_prompt() -> None:
     first, second = samples
     assert first.context == turns(("you", "привет"))
     assert second.context == turns(("you", "привет"), ("me", "привет!"), ("you", "как дела?"))
-    fmt = PromptFormat(OPTS.persona, OPTS.role_other, OPTS.role_owner)
+    fmt = OPTS.prompt_format
     assert second.model_input == fmt.build_input(second.context)
     assert second.model_target == fmt.build_target("норм, работаю")
     assert second.source_message_ids == (1, 2, 3)
@@ -88,7 +88,7 @@ def test_sessions_split_at_gaps() -> None:
         turns(("you", "вечер")),
         turns(("you", "вечер"), ("me", "добрый"), ("you", "ночь")),
     ]
-    hours = replace(OPTS, session_gap_s=10 * H)
+    hours = replace(OPTS, session_gap_hours=10)
     assert len(build(chat, options=hours)[1].context) == 3
 
 
@@ -291,7 +291,7 @@ def test_token_budget_with_the_real_tokenizer(tokenizer_dir) -> None:  # type: i
     from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
 
     counter = TokenCounter(load_tokenizer(tokenizer_dir))
-    opts = replace(OPTS, max_input_tokens=70, persona="Ты — это я.")
+    opts = replace(OPTS, max_input_tokens=70, prompt=PromptSettings(persona="Ты — это я."))
     long_turn = "длинное сообщение про всякое разное " * 4
     chat = conv(
         10,

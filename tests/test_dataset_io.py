@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from doppelbot.cli import main
+from doppelbot.config import ModelSettings, default_of
 from doppelbot.dataset import jsonl
-from doppelbot.dataset.builder import build_from_db
+from doppelbot.dataset.from_store import build_from_db
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.domain import Account, MediaKind, Message, Peer, PeerKind, Role, Sample, Turn
 from doppelbot.errors import DatasetError, StoreError
@@ -160,8 +161,9 @@ def test_cli_dataset(
     assert len(rows) == 4 and all(r.model_input.startswith("<SC1>") for r in rows)
     stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
     assert stats["stats"]["samples"] == 4 and stats["token_budget"] is True
-    assert stats["options"]["max_input_tokens"] == 712
-    assert stats["stats"]["input_tokens_counted"]["max"] <= 712
+    budget = default_of(ModelSettings, "max_input_tokens")
+    assert stats["options"]["max_input_tokens"] == budget
+    assert stats["stats"]["input_tokens_counted"]["max"] <= budget
 
     with pytest.raises(SystemExit) as exc:
         main([*base, "--name", "first", "--no-token-budget"])

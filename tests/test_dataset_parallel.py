@@ -8,15 +8,16 @@ from typing import Any
 
 import pytest
 
-from doppelbot.dataset import builder
-from doppelbot.dataset.builder import DatasetResult, build_from_db
+from doppelbot.dataset import from_store
+from doppelbot.dataset.builder import DatasetResult
+from doppelbot.dataset.from_store import build_from_db
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.render import prompt_frame
-from doppelbot.dataset.stats import summarize
 from doppelbot.domain import MediaKind, Message, Peer, PeerKind, Role, Turn
 from doppelbot.prompt import PromptFormat
 from doppelbot.store.database import Database
 from doppelbot.store.history import upsert_messages, upsert_peers
+from tests.dataset_helpers import assert_stats_describe_the_samples
 
 WORDS = [
     "привет",
@@ -80,18 +81,8 @@ def _history(chats: int, per_chat: int, seed: int = 3) -> tuple[list[Peer], list
 
 
 def _stats_describe_the_samples(result: DatasetResult) -> None:
-    samples = [*result.train, *result.validation]
-    stats = result.stats
-    assert stats.samples == len(samples)
-    assert stats.context_chars == summarize(
-        [len("\n".join(t.text for t in s.context)) for s in samples]
-    )
-    assert stats.context_turns == summarize([len(s.context) for s in samples])
-    assert stats.reply_chars == summarize([len(s.reply) for s in samples])
-    for chat_id, chat in stats.per_chat.items():
-        assert chat.train == sum(1 for s in result.train if s.chat_id == chat_id)
-        assert chat.validation == sum(1 for s in result.validation if s.chat_id == chat_id)
-        assert chat.samples == chat.train + chat.validation
+    assert result.stats.samples == len(result.train) + len(result.validation)
+    assert_stats_describe_the_samples(result)
 
 
 def _same(a: DatasetResult, b: DatasetResult) -> None:
@@ -121,7 +112,7 @@ async def test_workers_build_the_same_dataset(
     peers, messages = _history(chats=24, per_chat=60)
     await upsert_peers(db, peers)
     await upsert_messages(db, messages)
-    monkeypatch.setattr(builder, "MIN_MESSAGES_PER_WORKER", 1)  # a tiny DB still forks
+    monkeypatch.setattr(from_store, "MIN_MESSAGES_PER_WORKER", 1)  # a tiny DB still forks
 
     def counter(text: str) -> int:  # a deterministic stand-in: trims and drops some inputs
         return len(text) // 3
@@ -135,7 +126,7 @@ async def test_workers_build_the_same_dataset(
         _stats_describe_the_samples(single)
         for workers in (2, 3):
             multi = build_from_db(db.path, opts, count_tokens=count, workers=workers)
-            if builder._can_fork():
+            if from_store._can_fork():
                 assert "chats_wall" in multi.stats.seconds  # the worker path really ran
             _same(single, multi)
     assert single.stats.token_trimmed > 0 and single.stats.samples_dropped["input_too_long"] > 0

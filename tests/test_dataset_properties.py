@@ -7,13 +7,12 @@ from itertools import pairwise
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from doppelbot.config import PromptSettings
 from doppelbot.dataset.builder import build_dataset
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.render import MemoPromptFormat
-from doppelbot.dataset.stats import summarize
 from doppelbot.domain import MediaKind, Message, Role, Turn
-from doppelbot.prompt import PromptFormat
-from tests.dataset_helpers import T0, source
+from tests.dataset_helpers import T0, assert_stats_describe_the_samples, source
 
 H = 3600
 FRAGMENTS = [
@@ -139,16 +138,7 @@ def test_invariants(chats: tuple[list[Message], ...], options: DatasetOptions) -
             per[s.chat_id] = per.get(s.chat_id, 0) + 1
         assert max(per.values()) <= options.max_contact_share * len(samples) + 1e-9
     # the stats describe the samples that came out
-    stats = result.stats
-    assert stats.context_chars == summarize(
-        [len("\n".join(t.text for t in s.context)) for s in samples]
-    )
-    assert stats.context_turns == summarize([len(s.context) for s in samples])
-    assert stats.reply_chars == summarize([len(s.reply) for s in samples])
-    for chat_id, chat in stats.per_chat.items():
-        assert chat.train == sum(1 for s in result.train if s.chat_id == chat_id)
-        assert chat.validation == sum(1 for s in result.validation if s.chat_id == chat_id)
-        assert chat.samples == chat.train + chat.validation
+    assert_stats_describe_the_samples(result)
     # deterministic
     again = build_dataset([source(c, names=("Маша",)) for c in reversed(chats)], options)
     assert again.train == result.train and again.validation == result.validation
@@ -165,7 +155,7 @@ def chats_of(chats: tuple[list[Message], ...], chat_id: int) -> list[Message]:
 )
 def test_memo_format_renders_exactly_like_prompt_format(texts: list[str], persona: str) -> None:
     turns = tuple(Turn(Role.OWNER if i % 2 else Role.OTHER, t) for i, t in enumerate(texts))
-    plain = PromptFormat(persona)
+    plain = PromptSettings(persona=persona).format
     memo = MemoPromptFormat.of(plain)
     for _ in range(2):  # the second round is served from the memo
         assert memo.build_input(turns) == plain.build_input(turns)

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from doppelbot.config import DatasetSettings, load_settings
 from doppelbot.dataset import rules
-from doppelbot.dataset.options import DatasetOptions
+from doppelbot.dataset.options import DatasetOptions, dataset_options
 from doppelbot.dataset.rules import (
-    KIND_FORWARDED,
-    KIND_MEDIA,
-    KIND_SERVICE,
-    KIND_STICKER,
-    KIND_TEXT,
-    KIND_WEBPAGE,
     chat_skip_reason,
     letter_share,
     make_cleaner,
@@ -23,7 +19,18 @@ from doppelbot.dataset.rules import (
     rule_row,
     truncate_text,
 )
-from doppelbot.domain import MediaKind, Message, Peer, PeerKind
+from doppelbot.domain import (
+    KIND_FORWARDED,
+    KIND_MEDIA,
+    KIND_SERVICE,
+    KIND_STICKER,
+    KIND_TEXT,
+    KIND_WEBPAGE,
+    MediaKind,
+    Message,
+    Peer,
+    PeerKind,
+)
 from doppelbot.errors import DatasetError
 
 OPTS = DatasetOptions()
@@ -186,11 +193,16 @@ def test_options_validate() -> None:
         DatasetOptions(long_message_policy="shorten")  # type: ignore[arg-type]
 
 
-def test_options_from_settings(settings) -> None:  # type: ignore[no-untyped-def]
-    opts = DatasetOptions.from_settings(settings, include_groups=True)
-    assert opts.session_gap_s == 3 * 3600
+def test_options_of_the_settings(tmp_path: Path) -> None:
+    settings = load_settings(
+        env_file=None, data_dir=tmp_path, session_gap_hours=2.5, max_input_tokens=300
+    )
+    opts = dataset_options(settings, include_groups=True)
+    assert isinstance(opts, DatasetSettings) and opts.session_gap_s == 9000
     assert opts.max_message_chars == 200 and opts.context_max_chars == 500
     assert opts.min_letter_share == 0.5 and opts.long_message_policy == "drop"
-    assert opts.max_input_tokens == settings.max_input_tokens == 712
-    assert opts.persona == settings.persona and opts.include_groups
-    assert opts.prompt_format.role_owner == settings.role_owner
+    assert opts.max_input_tokens == settings.model.max_input_tokens == 300
+    assert opts.prompt is settings.prompt and opts.include_groups
+    assert opts.prompt_format is settings.prompt.format  # built once
+    with pytest.raises(DatasetError, match="max_input_tokens"):
+        dataset_options(settings, max_input_tokens=8)

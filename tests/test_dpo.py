@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from doppelbot.config import ModelSettings, PromptSettings
 from doppelbot.errors import TrainingError, TrainingInterruptedError
-from doppelbot.prompt import PromptFormat
 from doppelbot.training.dpo import (
     PairRow,
     PreferenceExample,
@@ -115,12 +115,11 @@ class World:
 
     def options(self, **overrides: object) -> TrainOptions:
         base = TrainOptions(
-            model=str(self.model),
+            model=ModelSettings(base=str(self.model), device="cpu", torch_threads=1),
+            prompt=PromptSettings(persona=PERSONA),
             method="dpo",
             pairs=self.pairs,
             init_adapter=self.init_adapter,
-            persona=PERSONA,
-            device="cpu",
             batch_size=8,
             grad_accum=1,
             lr=3e-3,
@@ -130,7 +129,6 @@ class World:
             max_steps=24,
             gradient_checkpointing=False,
             lora_dropout=0.0,
-            torch_threads=1,
         )
         return replace(base, **overrides)
 
@@ -152,7 +150,7 @@ def _write_pairs(path: Path, n: int, seed: int = 3) -> list[PairRow]:
     from doppelbot.domain import Role, Turn
 
     rng = random.Random(seed)
-    prompt = PromptFormat(persona=PERSONA)
+    prompt = PromptSettings(persona=PERSONA).format
     rows = []
     for _ in range(n):
         key = rng.choice(list(RULES))
@@ -185,16 +183,14 @@ def world(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Worl
     # The starting point is a real (short) SFT run that has learned the persona rule.
     sft = run_train(
         TrainOptions(
-            model=str(model),
-            persona=PERSONA,
-            device="cpu",
+            model=ModelSettings(base=str(model), device="cpu", torch_threads=1),
+            prompt=PromptSettings(persona=PERSONA),
             batch_size=12,
             grad_accum=1,
             lr=5e-3,
             max_steps=15,
             save_steps=15,
             gradient_checkpointing=False,
-            torch_threads=1,
         ),
         datasets_dir=root / "datasets",
         runs_dir=root / "runs",
@@ -214,16 +210,18 @@ def dpo_run(world: World) -> tuple[TrainResult, str]:
 def _pref_eval(world: World, adapters: list[Path | None], pairs: list[PairRow]) -> list[dict]:
     comparison = evaluate_adapters(
         EvalOptions(  # on the CPU, like the runs whose figures it must reproduce
-            model=str(world.model),
-            device="cpu",
-            limit=4,
-            torch_threads=1,
+            model=ModelSettings(base=str(world.model), device="cpu", torch_threads=1),
+            eval_max_samples=4,
             metrics=("preference",),
             batch_size=16,
         ),
         adapters,
         datasets_dir=world.datasets_dir,
-        extras={"pairs": pairs, "max_input": 712, "max_target": 64},
+        extras={
+            "pairs": pairs,
+            "max_input": world.options().model.max_input_tokens,
+            "max_target": world.options().max_target_tokens,
+        },
     )
     return [r.metrics for r in comparison.reports]
 

@@ -130,8 +130,8 @@ def test_statuses_exist() -> None:  # the strings feedback export relies on
 
 async def test_export_feeds_the_trainer_and_dpo(db: Database, tmp_path: Path) -> None:
     """The files `feedback export` writes are exactly what `train --method feedback|dpo` reads."""
+    from doppelbot.config import PromptSettings
     from doppelbot.dataset.jsonl import write_jsonl
-    from doppelbot.prompt import PromptFormat
     from doppelbot.training.data import load_feedback
     from doppelbot.training.dpo import load_pairs
 
@@ -142,10 +142,10 @@ async def test_export_feeds_the_trainer_and_dpo(db: Database, tmp_path: Path) ->
     write_jsonl(tmp_path / "positives.jsonl", result.positives)
     write_jsonl(tmp_path / "pairs.jsonl", result.pairs)
     write_jsonl(tmp_path / "negatives.jsonl", result.negatives)
-    rows, _ = load_feedback(tmp_path / "positives.jsonl", PromptFormat(persona="x"))
+    rows, _ = load_feedback(tmp_path / "positives.jsonl", PromptSettings(persona="x").format)
     assert sorted(r.reply for r in rows) == sorted(p["reply"] for p in result.positives)
     assert all(r.model_target.startswith("<extra_id_0>") for r in rows)
-    negatives, _ = load_feedback(tmp_path / "negatives.jsonl", PromptFormat(persona="x"))
+    negatives, _ = load_feedback(tmp_path / "negatives.jsonl", PromptSettings(persona="x").format)
     assert negatives == []  # nothing the owner rejected is ever imitated
     pairs = load_pairs(tmp_path / "pairs.jsonl")
     assert {(p.rejected, p.chosen) for p in pairs} == {

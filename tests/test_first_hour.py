@@ -84,8 +84,10 @@ def test_the_bot_refuses_it_too(foreign_model: Path, data: Path) -> None:
     from doppelbot.config import load_settings
     from doppelbot.model.loader import ModelSpec, load_reply_model
 
-    settings = load_settings(env_file=None, data_dir=data, model=str(foreign_model))
-    spec = ModelSpec.from_settings(settings, device="cpu", precision="fp32", cache_dir=None)
+    settings = load_settings(
+        env_file=None, data_dir=data, model=str(foreign_model), device="cpu", precision="fp32"
+    )
+    spec = ModelSpec(settings.model)  # no quantised-model cache
     with pytest.raises(ModelLoadError, match="FRED-T5's tokenizer"):
         load_reply_model(spec)
 

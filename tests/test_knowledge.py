@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from doppelbot.cli import main
-from doppelbot.config import Settings, load_settings
+from doppelbot.config import PromptSettings, Settings, load_settings
 from doppelbot.domain import Role, Turn
 from doppelbot.errors import KnowledgeError
 from doppelbot.knowledge import Embedder, KnowledgeBase
 from doppelbot.knowledge.policy import apply_fact_fallback, decide_fallback, fact_wins
 from doppelbot.ports import FactRetriever, ScoredFact
-from doppelbot.prompt import FACTS_HEADER, PromptFormat
+from doppelbot.prompt import FACTS_HEADER
 from doppelbot.store.database import Database
 from doppelbot.store.facts import add_fact, fact_hash, get_embeddings, put_embeddings, remove_fact
 
@@ -198,7 +198,7 @@ async def test_threshold_and_top_k_are_respected(kb: KnowledgeBase, kb_settings:
     assert await kb.retrieve("   ", top_k=5, threshold=-1) == []
     # Defaults come from settings (facts_top_k=3, facts_threshold=0.35).
     defaults = await kb.retrieve(query)
-    expected = [h for h in everything[: kb_settings.facts_top_k] if h.score >= 0.35]
+    expected = [h for h in everything[: kb_settings.knowledge.facts_top_k] if h.score >= 0.35]
     assert defaults == expected
 
 
@@ -297,7 +297,7 @@ async def test_bad_model_is_a_knowledge_error(db: Database, tmp_path: Path) -> N
 
 async def test_retrieved_facts_go_into_the_persona_part(kb: KnowledgeBase) -> None:
     hits = await kb.retrieve("Do you have any pets?", top_k=1, threshold=0.2)
-    fmt = PromptFormat(persona="Ты — это я.")
+    fmt = PromptSettings(persona="Ты — это я.").format
     prompt = fmt.build_input(
         [Turn(Role.OTHER, "Do you have any pets?")], facts=[h.text for h in hits]
     )

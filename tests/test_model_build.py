@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from doppelbot.config import ModelSettings
 from doppelbot.errors import InsufficientMemoryError, ModelLoadError
 from doppelbot.model import loader, memory
 from doppelbot.model.checkpoint import Checkpoint, LoraDeltas, UnsupportedAdapter
@@ -39,7 +40,9 @@ def _old_build(base: Path, adapter: Path | None, precision: str) -> T5Engine:
 
 
 def _streamed(base: Path, adapter: Path | None, precision: str, **kw: object) -> T5Engine:
-    spec = ModelSpec(base=str(base), adapter=adapter, device="cpu", precision=precision)
+    spec = ModelSpec(
+        ModelSettings(base=str(base), device="cpu", precision=precision), adapter=adapter
+    )
     return build_engine(spec, engine_config(str(base)), **kw)  # type: ignore[arg-type]
 
 
@@ -131,10 +134,8 @@ def test_cache_is_written_during_the_build(
     from safetensors.torch import load_file
 
     spec = ModelSpec(
-        base=str(model_dir),
+        ModelSettings(base=str(model_dir), device="cpu", precision="int8"),
         adapter=adapter_dir,
-        device="cpu",
-        precision="int8",
         cache_dir=tmp_path,
     )
     built = load_reply_model(spec)
@@ -163,7 +164,9 @@ def test_a_failed_build_leaves_no_cache(model_dir: Path, tmp_path: Path) -> None
     sd = load_file(str(model_dir / "model.safetensors"))
     del sd["decoder.block.1.layer.2.DenseReluDense.wo.weight"]
     save_file(sd, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    spec = ModelSpec(base=str(broken), device="cpu", precision="int8", cache_dir=tmp_path / "c")
+    spec = ModelSpec(
+        ModelSettings(base=str(broken), device="cpu", precision="int8"), cache_dir=tmp_path / "c"
+    )
     with pytest.raises(ModelLoadError, match=r"wo\.weight"):
         load_reply_model(spec)
     assert list((tmp_path / "c" / "reply-model").iterdir()) == []
@@ -249,7 +252,9 @@ def test_a_load_that_does_not_fit_stops_before_reading_weights(
 
     monkeypatch.setattr(Checkpoint, "__init__", no_read)
     monkeypatch.setattr(loader, "load_hf_model", no_read)
-    spec = ModelSpec(base=str(model_dir), device="cpu", precision="int8", cache_dir=tmp_path)
+    spec = ModelSpec(
+        ModelSettings(base=str(model_dir), device="cpu", precision="int8"), cache_dir=tmp_path
+    )
     with pytest.raises(InsufficientMemoryError, match="building the int8 model"):
         load_reply_model(spec)
     monkeypatch.undo()
@@ -259,7 +264,8 @@ def test_a_load_that_does_not_fit_stops_before_reading_weights(
         load_reply_model(spec)
     from dataclasses import replace
 
-    assert load_reply_model(replace(spec, memory_check=False)).info["from_cache"] is True
+    unchecked = replace(spec, model=replace(spec.model, memory_check=False))
+    assert load_reply_model(unchecked).info["from_cache"] is True
 
 
 def test_available_memory_counts_swap_and_cgroup_limits(
@@ -301,7 +307,7 @@ def test_cuda_auto_precision_follows_free_memory() -> None:
 
 
 def test_gpu_loads_are_checked_against_free_gpu_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = ModelSpec(base="x", device="cuda", precision="bf16")
+    spec = ModelSpec(ModelSettings(base="x", device="cuda", precision="bf16"))
     monkeypatch.setattr(loader, "cuda_free_bytes", lambda: 2 * GB)
     with pytest.raises(InsufficientMemoryError, match=r"of GPU memory.*DOPPELBOT_PRECISION=int8"):
         loader._preflight_hf(spec, FRED)
@@ -311,7 +317,9 @@ def test_gpu_loads_are_checked_against_free_gpu_memory(monkeypatch: pytest.Monke
 
 
 def test_auto_precision_on_the_cpu_loads_int8(model_dir: Path) -> None:
-    model = load_reply_model(ModelSpec(base=str(model_dir), device="cpu", precision="auto"))
+    model = load_reply_model(
+        ModelSpec(ModelSettings(base=str(model_dir), device="cpu", precision="auto"))
+    )
     assert model.precision == "int8" and model.info["precision_reason"] == "int8 on the CPU"
 
 
@@ -321,7 +329,9 @@ def test_layer_by_layer_reference_equals_the_full_model(
 ) -> None:
     from doppelbot.model import check
 
-    spec = ModelSpec(base=str(model_dir), adapter=adapter_dir, device="cpu", precision="fp32")
+    spec = ModelSpec(
+        ModelSettings(base=str(model_dir), device="cpu", precision="fp32"), adapter=adapter_dir
+    )
     full = load_reply_model(spec)
     texts = [("<SC1>привет<extra_id_0>", "<extra_id_0>да</s>"), ("<SC1>ну<extra_id_0>", "ok</s>")]
     samples = [(full.encode(i), full.encode(t)) for i, t in texts]
@@ -334,13 +344,16 @@ def test_layer_by_layer_reference_equals_the_full_model(
     real = loader.load_reply_model
 
     def counting(s: ModelSpec, *a: object) -> object:
-        loads.append(s.precision)
+        loads.append(s.model.precision)
         return real(s, *a)  # type: ignore[arg-type]
 
     monkeypatch.setattr(loader, "load_reply_model", counting)
     pairs = [check.CheckPair(i, t) for i, t in texts]
     report = check.run_check(
-        ModelSpec(base=str(model_dir), adapter=adapter_dir, device="cpu", precision="int8"), pairs
+        ModelSpec(
+            ModelSettings(base=str(model_dir), device="cpu", precision="int8"), adapter=adapter_dir
+        ),
+        pairs,
     )
     assert loads == ["int8"]
     assert report.candidate == "int8" and report.reference == "fp32" and report.mean_kl > 0

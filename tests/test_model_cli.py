@@ -10,13 +10,13 @@ import torch
 from typer.testing import CliRunner
 
 from doppelbot.cli import app
+from doppelbot.config import PromptSettings
 from doppelbot.dataset.jsonl import write_samples
 from doppelbot.domain import Role, Sample, Turn
 from doppelbot.model.check import compare, load_pairs
-from doppelbot.prompt import PromptFormat
 from tests.tiny_model import make_tiny_model_dir
 
-FMT = PromptFormat(persona="Я.")
+FMT = PromptSettings(persona="Я.").format
 
 
 @pytest.fixture(scope="module")

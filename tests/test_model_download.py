@@ -165,10 +165,15 @@ def test_download_then_every_command_loads_the_local_copy_offline(
 
     # From here on the hub is gone: the loader and the knowledge base use the local copies.
     online.close()
-    from doppelbot.model.loader import ModelSpec, load_reply_model
+    from dataclasses import replace
 
-    spec = ModelSpec.from_settings(settings, device="cpu", precision="fp32", cache_dir=None)
-    assert spec.base == MODEL_ID and spec.files == str(model.folder)
+    from doppelbot.model.loader import load_reply_model, model_spec
+
+    spec = model_spec(settings)
+    assert spec.cache_dir == settings.store.cache_dir
+    cpu = replace(settings.model, device="cpu", precision="fp32")
+    spec = replace(spec, model=cpu, cache_dir=None)
+    assert spec.model.base == MODEL_ID and spec.files == str(model.folder)
     reply = load_reply_model(spec)
     assert reply.identity.model_id == MODEL_ID
     assert os.environ["HF_HUB_OFFLINE"] == "1"
@@ -190,10 +195,11 @@ def test_download_then_every_command_loads_the_local_copy_offline(
     assert asyncio.run(open_kb()) == EMBEDDER_ID  # the embedding cache keys on the hub id
 
     # The voice-note model (DOPPELBOT_VOICE_MODEL=small) came along and loads offline too.
-    from doppelbot.speech.model import WhisperSpec, load_whisper
+    from doppelbot.speech.model import load_whisper, whisper_spec
 
     assert manifest["Systran/faster-whisper-small"].role == "speech"
-    spec_speech = WhisperSpec.from_settings(settings, device="cpu")
+    spec_speech = whisper_spec(settings)
+    spec_speech = replace(spec_speech, voice=replace(spec_speech.voice, device="cpu"))
     assert load_whisper(spec_speech) is not None
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from doppelbot.domain import GenerationOptions
+from doppelbot.config import GenerationOptions
 from doppelbot.model.engine import (
     DenseLinear,
     Int8Linear,

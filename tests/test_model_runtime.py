@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from doppelbot.domain import GenerationOptions, Role, Turn
+from doppelbot.config import GenerationOptions, ModelSettings, PromptSettings
+from doppelbot.domain import Role, Turn
 from doppelbot.errors import EmptyReplyError, ModelLoadError
 from doppelbot.model import loader
 from doppelbot.model.cache import adapter_fingerprint, cache_key
 from doppelbot.model.loader import ModelSpec, load_reply_model, select_runtime
-from doppelbot.prompt import PromptFormat, decode_reply
+from doppelbot.prompt import decode_reply
 from tests.tiny_model import make_tiny_lora_dir, make_tiny_model_dir, make_tiny_t5
 
-FMT = PromptFormat(persona="Я Вася.")
+FMT = PromptSettings(persona="Я Вася.").format
 PROMPT = FMT.build_input([Turn(Role.OTHER, "привет, как дела?")])
 
 
@@ -34,8 +35,15 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Pa
     return make_tiny_lora_dir(tmp_path_factory.mktemp("lora") / "v0001-sft", model_dir)
 
 
-def spec(model_dir: Path, **kw: object) -> ModelSpec:
-    return ModelSpec(base=str(model_dir), device="cpu", **kw)  # type: ignore[arg-type]
+def spec(
+    model_dir: Path,
+    *,
+    adapter: Path | None = None,
+    cache_dir: Path | None = None,
+    **model: object,
+) -> ModelSpec:
+    settings = ModelSettings(base=str(model_dir), device="cpu", **model)  # type: ignore[arg-type]
+    return ModelSpec(settings, adapter=adapter, cache_dir=cache_dir)
 
 
 # --- choices --------------------------------------------------------------------------------------
@@ -213,7 +221,7 @@ async def test_serving_adapter_follows_settings(tmp_path: Path, adapter_dir: Pat
     assert await loader.serving_adapter(pinned) == adapter_dir
     fresh = load_settings(None, data_dir=tmp_path / "empty")
     assert await loader.serving_adapter(fresh) is None  # no database: the base model alone
-    assert not fresh.db_path.exists()  # and none was created just to look
+    assert not fresh.store.db_path.exists()  # and none was created just to look
 
 
 def test_transformers_runtime_matches_the_engine(model_dir: Path) -> None:

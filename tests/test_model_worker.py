@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from doppelbot.config import Settings
-from doppelbot.domain import GenerationOptions, Role, Turn
+from doppelbot.config import GenerationOptions, ModelSettings, load_settings
+from doppelbot.domain import Role, Turn
 from doppelbot.errors import (
     EmptyReplyError,
     GenerationError,
@@ -20,9 +20,8 @@ from doppelbot.errors import (
     ModelLoadError,
     WorkerClosedError,
 )
-from doppelbot.model.worker import ModelWorker
+from doppelbot.model.worker import ModelWorker, model_worker
 from doppelbot.ports import ModelIdentity, ReplyGenerator
-from doppelbot.prompt import PromptFormat
 from tests.tiny_model import make_tiny_model_dir
 
 OPTS = GenerationOptions(max_new_tokens=8)
@@ -73,7 +72,7 @@ async def test_served_one_at_a_time_in_order() -> None:
 
 async def test_timeout_and_errors_do_not_kill_the_worker() -> None:
     model = FakeModel()
-    async with ModelWorker(model, timeout_s=0.05) as worker:
+    async with ModelWorker(model, settings=ModelSettings(generation_timeout_s=0.05)) as worker:
         started = time.monotonic()
         with pytest.raises(GenerationTimeoutError):
             await worker.generate("spin", OPTS)
@@ -143,7 +142,7 @@ async def test_shutdown_fails_queued_requests_and_joins_the_thread() -> None:
 async def test_a_full_queue_refuses_at_once() -> None:
     model = FakeModel()
     model.gate.clear()
-    async with ModelWorker(model, queue_size=1) as worker:
+    async with ModelWorker(model, settings=ModelSettings(worker_queue_size=1)) as worker:
         running = asyncio.create_task(worker.generate("block", OPTS))
         await asyncio.to_thread(model.running.wait, 5)
         waiting = asyncio.create_task(worker.generate("waiting", OPTS))
@@ -185,11 +184,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=11)
 
 
-async def test_from_settings_generates_and_keeps_the_loop_responsive(
+async def test_configured_worker_generates_and_keeps_the_loop_responsive(
     model_dir: Path, tmp_path: Path
 ) -> None:
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+    settings = load_settings(
+        env_file=None,
         data_dir=tmp_path,
         model=str(model_dir),
         device="cpu",
@@ -197,9 +196,8 @@ async def test_from_settings_generates_and_keeps_the_loop_responsive(
         torch_threads=1,
         max_new_tokens=60,
     )
-    fmt = PromptFormat(settings.persona, settings.role_other, settings.role_owner)
-    prompt = fmt.build_input([Turn(Role.OTHER, "привет! как дела?")])
-    worker = ModelWorker.from_settings(settings)
+    prompt = settings.prompt.format.build_input([Turn(Role.OTHER, "привет! как дела?")])
+    worker = model_worker(settings)
     async with worker:
         assert worker.identity == ModelIdentity(str(model_dir), None)
         assert worker.tokenizer is not None
@@ -221,7 +219,7 @@ async def test_from_settings_generates_and_keeps_the_loop_responsive(
         assert isinstance(reply, str) and reply.strip() and "<" not in reply
         assert len(lags) >= 10  # the loop kept ticking during the generations
         assert max(lags) < 0.25
-    # a second start reads the quantised model from settings.cache_dir
-    async with ModelWorker.from_settings(settings) as again:
+    # a second start reads the quantised model from settings.store.cache_dir
+    async with model_worker(settings) as again:
         assert again.model is not None and again.model.info["from_cache"] is True
-        assert str(settings.cache_dir) in again.model.info["cache"]
+        assert str(settings.store.cache_dir) in again.model.info["cache"]

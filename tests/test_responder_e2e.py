@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from doppelbot.app import App, run_live
-from doppelbot.config import Settings
-from doppelbot.domain import GenerationOptions, ReplyStatus
+from doppelbot.config import GenerationOptions, Settings
+from doppelbot.domain import ReplyStatus
 from doppelbot.errors import GenerationError
 from doppelbot.ports import ModelIdentity, ReplyGenerator
 from doppelbot.store import bot_state, history, replies
@@ -54,21 +54,22 @@ class Wrapped:
 def tiny_reply_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A tiny random FRED-T5-shaped model, loaded (int8, like serving) once per module."""
     from doppelbot.config import load_settings
-    from doppelbot.model.loader import ModelSpec, load_reply_model
+    from doppelbot.model.loader import load_reply_model, model_spec
     from tests.tiny_model import make_tiny_model_dir
 
     root = tmp_path_factory.mktemp("tiny-reply-model")
     model_dir = make_tiny_model_dir(root / "model")
     settings = load_settings(env_file=None, data_dir=root / "data", model=str(model_dir))
-    return load_reply_model(ModelSpec.from_settings(settings))
+    return load_reply_model(model_spec(settings))
 
 
 @pytest.fixture
 async def model(tiny_reply_model: Any) -> AsyncIterator[ReplyGenerator]:
     """The real model worker thread serving the tiny model."""
+    from doppelbot.config import ModelSettings
     from doppelbot.model.worker import ModelWorker
 
-    worker = ModelWorker(tiny_reply_model, timeout_s=30)
+    worker = ModelWorker(tiny_reply_model, settings=ModelSettings(generation_timeout_s=30))
     await worker.start()
     try:
         yield worker

@@ -10,13 +10,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from doppelbot.config import ResponderSettings
 from doppelbot.domain import Message, Peer, PeerKind, ReplyMode, ReplyStatus
 from doppelbot.errors import EmptyReplyError
 from doppelbot.responder import delivery
 from doppelbot.responder.debounce import Debouncer
 from doppelbot.responder.policy import (
     GateInputs,
-    PolicyConfig,
     Skip,
     eligibility,
     gate,
@@ -40,7 +40,7 @@ def _user(peer_id: int = 7, **kw: object) -> Peer:
     return Peer(peer_id, kw.pop("kind", PeerKind.USER), **kw)  # type: ignore[arg-type]
 
 
-CFG = PolicyConfig()
+CFG = ResponderSettings()
 
 
 @pytest.mark.parametrize(
@@ -65,26 +65,24 @@ def test_eligibility(message: Message, peer: Peer, expected: Skip | None) -> Non
 
 
 def test_lists_from_settings(tmp_path: Path) -> None:
-    cfg = PolicyConfig.from_settings(
-        fast_settings(tmp_path, allow_list="@Ann, 8 ,bob", deny_list="@eve,-100123")
-    )
+    cfg = fast_settings(tmp_path, allow_list="@Ann, 8 ,bob", deny_list="@eve,-100123").responder
     assert cfg.allow_ids == {8} and cfg.allow_usernames == {"ann", "bob"}
     assert cfg.deny_ids == {-100123} and cfg.deny_usernames == {"eve"}
     ann = _user(7, username="ANN", is_contact=False)
     assert eligibility(_msg(), ann, OWNER, cfg) is None  # allowed beats "unknown contact"
     assert eligibility(_msg(chat_id=9, sender=9), _user(9), OWNER, cfg) == Skip.NOT_ALLOWED
     eve = _user(10, username="eve")
-    denied = PolicyConfig(deny_usernames=frozenset({"eve"}), allow_usernames=frozenset({"eve"}))
+    denied = ResponderSettings(deny_list=("@eve",), allow_list=("eve",))
     assert eligibility(_msg(chat_id=10, sender=10), eve, OWNER, denied) == Skip.DENIED
 
 
 def test_unknown_contacts_setting() -> None:
-    cfg = PolicyConfig(answer_unknown_contacts=True)
+    cfg = ResponderSettings(answer_unknown_contacts=True)
     assert eligibility(_msg(), _user(is_contact=False), OWNER, cfg) is None
 
 
 def test_group_opt_in_probability() -> None:
-    cfg = PolicyConfig(group_reply_probability=0.3)
+    cfg = ResponderSettings(group_reply_probability=0.3)
     group = _user(-5, kind=PeerKind.GROUP)
     assert eligibility(_msg(chat_id=-5, sender=7), group, OWNER, cfg) is None
     assert group_dice(group, cfg, 0.29) is None
@@ -97,7 +95,7 @@ def _ts(hour: int, minute: int, tz: str) -> float:
 
 
 def test_quiet_hours_wrap_midnight_in_time_zone() -> None:
-    cfg = PolicyConfig(quiet_hours=(dt.time(23, 0), dt.time(8, 0)), tz=ZoneInfo("Asia/Vladivostok"))
+    cfg = ResponderSettings(quiet_hours="23:00-08:00", timezone="Asia/Vladivostok")
     assert in_quiet_hours(_ts(23, 30, "Asia/Vladivostok"), cfg)
     assert in_quiet_hours(_ts(7, 59, "Asia/Vladivostok"), cfg)
     assert not in_quiet_hours(_ts(8, 0, "Asia/Vladivostok"), cfg)
@@ -107,10 +105,10 @@ def test_quiet_hours_wrap_midnight_in_time_zone() -> None:
 
 
 def test_quiet_hours_same_day_and_off() -> None:
-    day = PolicyConfig(quiet_hours=(dt.time(9, 0), dt.time(18, 0)), tz=ZoneInfo("UTC"))
+    day = ResponderSettings(quiet_hours="9:00-18:00", timezone="UTC")
     assert in_quiet_hours(_ts(9, 0, "UTC"), day) and not in_quiet_hours(_ts(18, 0, "UTC"), day)
-    assert not in_quiet_hours(_ts(3, 0, "UTC"), PolicyConfig())
-    same = PolicyConfig(quiet_hours=(dt.time(9, 0), dt.time(9, 0)), tz=ZoneInfo("UTC"))
+    assert not in_quiet_hours(_ts(3, 0, "UTC"), ResponderSettings())
+    same = ResponderSettings(quiet_hours="09:00-09:00", timezone="UTC")
     assert not in_quiet_hours(_ts(9, 0, "UTC"), same)
 
 
@@ -127,7 +125,7 @@ def _inputs(**kw: object) -> GateInputs:
 
 
 def test_gate_rules() -> None:
-    cfg = PolicyConfig(per_chat_hourly_cap=2, global_hourly_cap=5, takeover_s=600)
+    cfg = ResponderSettings(per_chat_hourly_cap=2, global_hourly_cap=5, takeover_minutes=10)
     assert gate(_inputs(), cfg) is None
     assert gate(_inputs(paused=True), cfg) == Skip.PAUSED
     assert gate(_inputs(last_owner_message_at=9_500.0), cfg) == Skip.TAKEOVER

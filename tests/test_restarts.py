@@ -298,9 +298,10 @@ async def test_a_voice_note_is_transcribed_answered_and_shown_on_the_card(
 ) -> None:
     from types import SimpleNamespace
 
+    from doppelbot.config import VoiceSettings
     from doppelbot.domain import TranscriptStatus
     from doppelbot.speech import TranscriptionWorker
-    from doppelbot.speech.model import DecodeOptions, WhisperSpec
+    from doppelbot.speech.model import WhisperSpec
     from doppelbot.store import transcripts
     from tests import faketg
 
@@ -322,7 +323,7 @@ async def test_a_voice_note_is_transcribed_answered_and_shown_on_the_card(
         row = await transcripts.get(run.db, alice.id, first.id)
         assert row is not None and row.status is TranscriptStatus.DONE
         # With known words: they reach the prompt and the owner's card.
-        spec = WhisperSpec(model="says", decode=DecodeOptions(language="ru"))
+        spec = WhisperSpec(VoiceSettings(model="says", language="ru"))
         async with TranscriptionWorker(spec, loader=Says) as says:
             run.session.bot.transcriber = says
             second = life.tg.push_incoming(alice, "", media=faketg.voice(2, data=voice_ogg))

@@ -19,8 +19,8 @@ import pytest
 from rich.console import Console
 
 from doppelbot.app import App
-from doppelbot.config import Settings
-from doppelbot.domain import GenerationOptions, Reaction, ReplyMode, ReplyStatus, Verdict
+from doppelbot.config import GenerationOptions, Settings
+from doppelbot.domain import Reaction, ReplyMode, ReplyStatus, Verdict
 from doppelbot.ports import ModelIdentity
 from doppelbot.review.commands import HELP_TEXT
 from doppelbot.review.drafts import OUTCOME_EXPIRED
@@ -503,7 +503,7 @@ async def test_feedback_export_from_a_review_session(
         await bot.quiet()
         settings = bot.settings
     out = tmp_path / "fb"
-    base = ["--env-file", "/dev/null", "--data-dir", str(settings.data_dir)]
+    base = ["--env-file", "/dev/null", "--data-dir", str(settings.store.data_dir)]
     # The CLI runs its own event loop: a thread, as from a second terminal.
     await asyncio.to_thread(main, [*base, "feedback", "export", "--out", str(out)])
 

@@ -101,7 +101,7 @@ async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
     from doppelbot.app import serve
     from tests.tiny_model import make_tiny_model_dir
 
-    # The real model path of `run`: ModelWorker.from_settings loads the (tiny) model, and its
+    # The real model path of `run`: model_worker loads the (tiny) model, and its
     # tokenizer gives the prompt budget.
     model_dir = make_tiny_model_dir(tmp_path / "model")
     settings = fast_settings(tmp_path, model=str(model_dir), do_sample=False, max_new_tokens=8)
@@ -131,7 +131,7 @@ async def test_serve_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> Non
     assert not client.is_connected()
     assert session.responder.busy is False
     assert session.responder.composer.count_tokens is not None
-    async with await Database.open(settings.db_path) as db:
+    async with await Database.open(settings.store.db_path) as db:
         [reply] = await replies.for_chat(db, alice.id)
         assert reply.status is ReplyStatus.SENT
         assert reply.model_id == str(model_dir)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from doppelbot.config import Settings
+from doppelbot.config import Settings, VoiceSettings
 from doppelbot.errors import (
     AudioDecodeError,
     AudioTooLongError,
@@ -25,7 +25,12 @@ from doppelbot.errors import (
 )
 from doppelbot.speech import TranscriptionWorker, WhisperSpec
 from doppelbot.speech.audio import SAMPLE_RATE, decode_audio, probe_duration
-from doppelbot.speech.model import DecodeOptions, load_whisper, resolve_compute_type
+from doppelbot.speech.model import (
+    decode_kwargs,
+    load_whisper,
+    resolve_compute_type,
+    whisper_spec,
+)
 from tests.tiny_whisper import make_mp4_aac, make_ogg_opus
 
 
@@ -59,17 +64,21 @@ def test_bad_audio_is_a_decode_error(tmp_path: Path) -> None:
 # --- loading -------------------------------------------------------------------------------------
 def test_real_loading_code_on_a_tiny_converted_model(whisper_dir: Path, voice_ogg: bytes) -> None:
     spec = WhisperSpec(
-        model=str(whisper_dir),
-        device="cpu",
-        threads=1,
-        decode=DecodeOptions(language="ru", temperature_fallback=False, vad_filter=False),
+        VoiceSettings(
+            model=str(whisper_dir),
+            device="cpu",
+            threads=1,
+            language="ru",
+            temperature_fallback=False,
+            vad_filter=False,
+        )
     )
     model = load_whisper(spec)
     assert model.model.is_multilingual  # Whisper's vocabulary layout is right
     assert spec.name == whisper_dir.name
     from doppelbot.speech.engine import transcribe_audio
 
-    t = transcribe_audio(model, voice_ogg, spec.decode, model_name=spec.name)
+    t = transcribe_audio(model, voice_ogg, spec.voice, model_name=spec.name)
     assert t.language == "ru" and t.model == whisper_dir.name
     assert t.duration_s == pytest.approx(2.0, abs=0.1) and t.seconds > 0
     assert t.language_probability is None  # given, not detected
@@ -80,38 +89,44 @@ def test_language_detection_and_vad_work_offline(whisper_dir: Path, voice_ogg: b
     from doppelbot.speech.engine import transcribe_audio
 
     spec = WhisperSpec(
-        model=str(whisper_dir),
-        device="cpu",
-        threads=1,
-        decode=DecodeOptions(language=None, temperature_fallback=False, vad_filter=True),
+        VoiceSettings(
+            model=str(whisper_dir),
+            device="cpu",
+            threads=1,
+            language="auto",
+            temperature_fallback=False,
+            vad_filter=True,
+        )
     )
-    t = transcribe_audio(load_whisper(spec), voice_ogg, spec.decode, model_name="tiny")
+    t = transcribe_audio(load_whisper(spec), voice_ogg, spec.voice, model_name="tiny")
     assert t.language and t.language_probability is not None
     assert t.text == ""  # a tone is not speech: the VAD leaves nothing to transcribe
 
 
 def test_load_errors_are_one_clear_line(tmp_path: Path) -> None:
     with pytest.raises(SpeechModelError, match="not found"):
-        load_whisper(WhisperSpec(model=str(tmp_path / "nope"), device="cpu"))
+        load_whisper(WhisperSpec(VoiceSettings(model=str(tmp_path / "nope"), device="cpu")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(SpeechModelError, match=r"no model\.bin"):
-        load_whisper(WhisperSpec(model=str(tmp_path / "empty"), device="cpu"))
+        load_whisper(WhisperSpec(VoiceSettings(model=str(tmp_path / "empty"), device="cpu")))
     # a hub id goes through the hub download (offline in tests: a clear hint, no traceback)
     with pytest.raises(SpeechModelError, match="DOPPELBOT_VOICE_MODEL"):
-        load_whisper(WhisperSpec(model="base", device="cpu", download_root=tmp_path / "hub"))
+        load_whisper(
+            WhisperSpec(VoiceSettings(model="base", device="cpu"), download_root=tmp_path / "hub")
+        )
     assert resolve_compute_type("cpu", "auto") == "int8"
     assert resolve_compute_type("cuda", "auto") == "float16"
     assert resolve_compute_type("cpu", "float32") == "float32"
 
 
-def test_spec_from_settings(settings: Settings) -> None:
-    spec = WhisperSpec.from_settings(settings)
-    assert spec.model == "small" and spec.decode.language == "ru"
-    assert spec.download_root == settings.data_dir / "cache" / "speech"
-    assert spec.decode.kwargs()["without_timestamps"] is True
-    assert "temperature" not in spec.decode.kwargs()  # fallback on: faster-whisper's ladder
-    auto = WhisperSpec.from_settings(settings.model_copy(update={"voice_language": "auto"}))
-    assert auto.decode.language is None
+def test_spec_of_the_settings(settings: Settings) -> None:
+    spec = whisper_spec(settings)
+    assert spec.voice is settings.voice and spec.voice.model == "small"
+    assert spec.download_root == settings.store.data_dir / "cache" / "speech"
+    kwargs = decode_kwargs(spec.voice)
+    assert kwargs["language"] == "ru" and kwargs["without_timestamps"] is True
+    assert "temperature" not in kwargs  # fallback on: faster-whisper's ladder
+    assert decode_kwargs(VoiceSettings(language="auto"))["language"] is None
 
 
 # --- the worker ----------------------------------------------------------------------------------
@@ -127,7 +142,7 @@ async def test_worker_transcribes_off_the_event_loop(
             ticks += 1
             await asyncio.sleep(0.005)
 
-    worker = TranscriptionWorker.from_settings(voice_settings)
+    worker = TranscriptionWorker(whisper_spec(voice_settings))
     async with worker:
         await worker.start()
         beat = asyncio.create_task(heartbeat())
@@ -136,7 +151,7 @@ async def test_worker_transcribes_off_the_event_loop(
         during = ticks - before
         stop.set()
         await beat
-        assert t.model == Path(voice_settings.voice_model).name
+        assert t.model == Path(voice_settings.voice.model).name
         assert t.duration_s == pytest.approx(2.0, abs=0.1)
         assert during >= 1  # the loop kept running while the thread worked
         with pytest.raises(AudioTooLongError):
@@ -166,13 +181,13 @@ class _SlowModel:
         return gen(), SimpleNamespace(language="ru", language_probability=1.0)
 
 
-def _spec() -> WhisperSpec:
-    return WhisperSpec(model="fake", decode=DecodeOptions(language="ru"))
+def _spec(**voice: Any) -> WhisperSpec:
+    return WhisperSpec(VoiceSettings(model="fake", language="ru", **voice))
 
 
 async def test_timeout_frees_the_thread_and_the_worker_goes_on(voice_ogg: bytes) -> None:
     slow = _SlowModel(windows=200, each_s=0.01)
-    worker = TranscriptionWorker(_spec(), loader=lambda: slow, timeout_s=0.3)
+    worker = TranscriptionWorker(_spec(timeout_s=0.3), loader=lambda: slow)
     async with worker:
         with pytest.raises(TranscriptionTimeoutError, match="DOPPELBOT_VOICE_TIMEOUT_S"):
             await worker.transcribe(voice_ogg)
@@ -186,7 +201,7 @@ async def test_timeout_frees_the_thread_and_the_worker_goes_on(voice_ogg: bytes)
 
 async def test_full_queue_and_cancelled_callers(voice_ogg: bytes) -> None:
     slow = _SlowModel(windows=30, each_s=0.01)
-    worker = TranscriptionWorker(_spec(), loader=lambda: slow, queue_size=1, timeout_s=None)
+    worker = TranscriptionWorker(_spec(queue_size=1, timeout_s=60), loader=lambda: slow)
     async with worker:
         await worker.start()
         first = asyncio.create_task(worker.transcribe(voice_ogg))
@@ -236,7 +251,7 @@ def test_compute_type_setting_is_checked(tmp_path: Path) -> None:
     from doppelbot.errors import ConfigError
 
     ok = load_settings(env_file=None, data_dir=tmp_path, voice_compute_type=" INT8 ")
-    assert ok.voice_compute_type == "int8"
+    assert ok.voice.compute_type == "int8"
     with pytest.raises(ConfigError, match="DOPPELBOT_VOICE_COMPUTE_TYPE: expected one of auto"):
         load_settings(env_file=None, data_dir=tmp_path, voice_compute_type="int4")
     with pytest.raises(ConfigError, match="DOPPELBOT_VOICE_LANGUAGE"):
@@ -251,7 +266,7 @@ def test_a_size_name_loads_the_downloaded_copy_and_says_how_to_get_it(
     from doppelbot.model.local import LocalModel, record, speech_repo
 
     data = tmp_path / "data"
-    spec = WhisperSpec(model="small", device="cpu", data_dir=data)
+    spec = WhisperSpec(VoiceSettings(model="small", device="cpu"), data_dir=data)
     with pytest.raises(SpeechModelError, match=r"run `doppelbot model download speech`"):
         load_whisper(spec)
     folder = data / "models" / "Systran--faster-whisper-small"

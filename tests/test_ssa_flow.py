@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from doppelbot.domain import GenerationOptions, Role, Sample, Turn
+from doppelbot.config import GenerationOptions
+from doppelbot.domain import Role, Sample, Turn
 from doppelbot.errors import GenerationError
 from doppelbot.ports import ModelIdentity
 from doppelbot.ssa.flow import (

@@ -136,7 +136,8 @@ def test_a_second_connection_in_the_same_process_keeps_other_processes_coherent(
             await second.close()
             for word in ("one", "two"):
                 await db.execute(
-                    "INSERT INTO bot_state (account_id, key, value, updated_at) VALUES (1, ?, ?, 0)",
+                    "INSERT INTO bot_state (account_id, key, value, updated_at)"
+                    " VALUES (1, ?, ?, 0)",
                     (word, word),
                 )
                 print(word, flush=True)

@@ -498,11 +498,18 @@ async def test_completeness_reports_gaps(db: Database, client_for: Any) -> None:
     assert chat.status is ChatStatus.GAPS and chat.missing == 10 and "10 of 120" in chat.note
 
 
-def test_export_options_follow_settings(settings: Any) -> None:
-    s = settings.model_copy(update={"export_batch_size": 7, "flood_wait_max_s": 3})
-    opts = ExportOptions.from_settings(s, include_groups=True, use_takeout=None)
+def test_export_options_follow_settings(tmp_path: Path) -> None:
+    from doppelbot.config import load_settings
+    from doppelbot.errors import ConfigError
+    from doppelbot.telegram.export_types import export_options
+
+    s = load_settings(env_file=None, data_dir=tmp_path, export_batch_size=7, flood_wait_max_s=3)
+    opts = export_options(s, include_groups=True, use_takeout=None)
     assert (opts.batch_size, opts.flood_wait_max_s, opts.include_groups) == (7, 3, True)
-    assert opts.use_takeout is s.export_use_takeout
+    assert opts.use_takeout is s.export.use_takeout
+    assert export_options(s, batch_size=50).batch_size == 50
+    with pytest.raises(ConfigError, match="batch_size"):
+        export_options(s, batch_size=10**6)
 
 
 def test_since_date_is_utc_midnight() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from doppelbot.config import ModelSettings, PromptSettings
 from doppelbot.errors import PreflightError, TrainingError, TrainingInterruptedError
 from doppelbot.training import checkpoint as ckpt
 from doppelbot.training.data import load_dataset
@@ -47,15 +48,13 @@ class World:
 
     def options(self, **overrides: object) -> TrainOptions:
         base = TrainOptions(
-            model=str(self.model),
-            persona=PERSONA,
-            device="cpu",
+            # One thread: on a few shared cores, two threads spin against other processes.
+            model=ModelSettings(base=str(self.model), device="cpu", torch_threads=1),
+            prompt=PromptSettings(persona=PERSONA),
             batch_size=12,
             grad_accum=1,
             lr=5e-3,
             save_steps=20,
-            # One thread: on a few shared cores, two threads spin against other processes.
-            torch_threads=1,
         )
         return replace(base, **overrides)
 
@@ -84,7 +83,10 @@ def _eval_options(world: World, **kw: object) -> EvalOptions:
     # device pinned like the training runs: on a machine with a GPU, "auto" would evaluate in
     # int8 on CUDA and no longer reproduce the CPU-trained run's figures.
     base = EvalOptions(
-        model=str(world.model), device="cpu", limit=20, max_new_tokens=8, torch_threads=1
+        model=ModelSettings(base=str(world.model), device="cpu", torch_threads=1),
+        eval_max_samples=20,
+        max_new_tokens=8,
+        batch_size=8,
     )
     return replace(base, **kw)
 
@@ -133,7 +135,14 @@ def test_run_folder_and_versioned_adapter(world: World, trained: TrainResult) ->
     assert meta["dataset"]["hash"] == dataset.dataset_hash
     assert meta["settings"]["lora_r"] == 16 and meta["settings"]["lora_targets"] == ["q", "v"]
     assert meta["metrics"]["val_loss"] == trained.metrics["val_loss"]
-    key = heldout_key(dataset.validation_hash, 200, 712, 64, "fp32")
+    options = world.options()
+    key = heldout_key(
+        dataset.validation_hash,
+        options.eval_max_samples,
+        options.model.max_input_tokens,
+        options.max_target_tokens,
+        "fp32",
+    )
     assert meta["evals"][key]["loss"] == trained.metrics["val_loss"]
 
 
@@ -295,7 +304,7 @@ def test_adapter_use_refuses_a_worse_adapter_and_rolls_back(
     settings = load_settings(None, data_dir=data_dir, model=str(world.model))
 
     async def served() -> Path | None:
-        async with await Database.open(settings.db_path) as db:
+        async with await Database.open(settings.store.db_path) as db:
             return await current_adapter(settings, db)
 
     main([*cli, "adapter", "use", "good"])
@@ -317,10 +326,10 @@ def test_adapter_use_refuses_a_worse_adapter_and_rolls_back(
     with pytest.raises(SystemExit):
         main([*cli, "adapter", "rollback"])  # "good" was the first choice: nothing before it
 
-    pinned = settings.model_copy(update={"adapter_path": bad})
+    pinned = settings.model_copy(update={"model": replace(settings.model, adapter_path=bad)})
 
     async def pinned_choice() -> Path | None:
-        async with await Database.open(settings.db_path) as db:
+        async with await Database.open(settings.store.db_path) as db:
             return await current_adapter(pinned, db)
 
     assert run_async(pinned_choice()) == bad
@@ -329,7 +338,7 @@ def test_adapter_use_refuses_a_worse_adapter_and_rolls_back(
 def test_saved_adapter_loads_in_the_reply_runtime_and_changes_its_output(
     world: World, trained: TrainResult
 ) -> None:
-    from doppelbot.domain import GenerationOptions
+    from doppelbot.config import GenerationOptions
     from doppelbot.model.loader import ModelSpec, load_reply_model
     from doppelbot.prompt import decode_reply
 
@@ -338,7 +347,9 @@ def test_saved_adapter_loads_in_the_reply_runtime_and_changes_its_output(
 
     def reply(adapter: Path | None) -> str:
         spec = ModelSpec(
-            base=str(world.model), adapter=adapter, device="cpu", precision="fp32", cache_dir=None
+            ModelSettings(base=str(world.model), device="cpu", precision="fp32"),
+            adapter=adapter,
+            cache_dir=None,
         )
         return load_reply_model(spec).generate(row.model_input, greedy)
 
@@ -351,9 +362,8 @@ def test_feedback_method_continues_an_adapter_with_replay(
     world: World, trained: TrainResult, tmp_path: Path
 ) -> None:
     from doppelbot.domain import Role, Turn
-    from doppelbot.prompt import PromptFormat
 
-    prompt = PromptFormat(persona=PERSONA)
+    prompt = PromptSettings(persona=PERSONA).format
     feedback = tmp_path / "feedback.jsonl"
     rows = [
         {"context": [{"role": "other", "text": "где ты"}], "chosen": "дома"},

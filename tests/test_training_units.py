@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from doppelbot.config import PromptSettings
 from doppelbot.domain import Role, Turn
 from doppelbot.errors import AdapterRejectedError, PreflightError, TrainingError
-from doppelbot.prompt import PromptFormat
 from doppelbot.store import adapters
 from doppelbot.store.database import Database
 from doppelbot.training import checkpoint as ckpt
@@ -98,7 +98,7 @@ def test_distinct_and_repetition_by_hand() -> None:
 
 
 def test_feedback_rows_both_shapes_and_bad_rows(tmp_path: Path) -> None:
-    prompt = PromptFormat(persona="Я.")
+    prompt = PromptSettings(persona="Я.").format
     row = feedback_row(
         {"context": [{"role": "other", "text": "как ты"}], "chosen": "норм"}, prompt, "x"
     )
@@ -119,7 +119,7 @@ def test_feedback_rows_both_shapes_and_bad_rows(tmp_path: Path) -> None:
 
 
 def test_fit_to_budget_drops_oldest_turns() -> None:
-    prompt = PromptFormat(persona="Я.")
+    prompt = PromptSettings(persona="Я.").format
     turns = tuple(Turn(Role.OTHER, f"сообщение {i}") for i in range(5))
     row = TrainRow(prompt.build_input(turns), "<extra_id_0>ок</s>", "ок", "feedback", turns)
 

@@ -13,10 +13,20 @@ from typing import Any
 import pytest
 
 from doppelbot.cli import main
-from doppelbot.dataset.builder import _worker_chunk, build_from_db
+from doppelbot.config import VoiceSettings
+from doppelbot.dataset.from_store import build_from_db, make_chunk
 from doppelbot.dataset.options import DatasetOptions
-from doppelbot.dataset.rules import KIND_MEDIA, KIND_TEXT, rule_row
-from doppelbot.domain import MediaKind, Message, Peer, PeerKind, TranscriptStatus, VoiceNote
+from doppelbot.dataset.rules import rule_row
+from doppelbot.domain import (
+    KIND_MEDIA,
+    KIND_TEXT,
+    MediaKind,
+    Message,
+    Peer,
+    PeerKind,
+    TranscriptStatus,
+    VoiceNote,
+)
 from doppelbot.errors import (
     AudioTooLongError,
     TranscriberClosedError,
@@ -28,7 +38,6 @@ from doppelbot.store import history, transcripts
 from doppelbot.store.database import Database
 from doppelbot.voice import (
     NoteUnavailableError,
-    VoiceLimits,
     local_files,
     transcribe_and_store,
     transcribe_notes,
@@ -122,7 +131,9 @@ async def test_limits_budget_and_order(db: Database) -> None:
         fetched.append(note.message_id)
         return await _by_audio(note)
 
-    limits = VoiceLimits(max_duration_s=300, budget_s=35, budget_bytes=None)
+    limits = VoiceSettings(
+        max_duration_s=300, history_max_hours=35 / 3600, history_max_download_mb=0
+    )
     fake = FakeTranscriber()
     report = await transcribe_notes(db, fake, notes, fetch, limits)
     assert fetched == [6, 4, 3]  # 35 s of budget: three 10 s notes
@@ -143,7 +154,7 @@ async def test_limits_budget_and_order(db: Database) -> None:
 
 async def test_a_killed_run_loses_at_most_the_note_in_progress(db: Database) -> None:
     await _seed(db, {1: 5.0, 2: 5.0, 3: 5.0, 4: 5.0})
-    limits = VoiceLimits(budget_s=None, budget_bytes=None)
+    limits = VoiceSettings(history_max_hours=0, history_max_download_mb=0)
     killer = FakeTranscriber(fail={3: KeyboardInterrupt()})
     with pytest.raises(KeyboardInterrupt):
         await transcribe_notes(
@@ -162,7 +173,7 @@ async def test_a_killed_run_loses_at_most_the_note_in_progress(db: Database) -> 
 
 async def test_failures_are_retried_up_to_the_limit(db: Database) -> None:
     await _seed(db, {1: 5.0})
-    limits = VoiceLimits(max_attempts=2, budget_s=None, budget_bytes=None)
+    limits = VoiceSettings(max_attempts=2, history_max_hours=0, history_max_download_mb=0)
     for _ in range(2):
         notes = await transcripts.notes_to_transcribe(db, max_attempts=2)
         fake = FakeTranscriber(fail={1: TranscriptionError("decoder exploded")})
@@ -179,7 +190,7 @@ async def test_unavailable_and_forwarded_notes(db: Database, tmp_path: Path) -> 
     notes = await transcripts.notes_to_transcribe(db)
     assert [n.message_id for n in notes] == [1]
     report = await transcribe_notes(
-        db, FakeTranscriber(), notes, local_files(10**6), VoiceLimits(budget_s=None)
+        db, FakeTranscriber(), notes, local_files(10**6), VoiceSettings(history_max_hours=0)
     )
     assert report.unavailable == 1
     row = await transcripts.get(db, CHAT, 1)
@@ -239,8 +250,8 @@ async def test_dataset_uses_transcripts_and_counts_them(db: Database) -> None:
     assert without.stats.samples_voice_reply == 0
     assert without.stats.messages_dropped["media_only"] == 1
     # a worker process reads transcripts the same way
-    parts, *_ = _worker_chunk(db.path, options, [(CHAT, ())], True)
-    plain, *_ = _worker_chunk(db.path, options, [(CHAT, ())], False)
+    parts, *_ = make_chunk(db.path, options, [(CHAT, (), 1)], True)
+    plain, *_ = make_chunk(db.path, options, [(CHAT, (), 1)], False)
     assert parts[0].kept == plain[0].kept + 1
 
 

@@ -7,28 +7,29 @@ and the live helpers (``note_of``, ``download_note``)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from telethon.errors import FileReferenceExpiredError, LimitInvalidError
 from telethon.tl import functions, types
 
-from doppelbot.config import Settings
+from doppelbot.config import Settings, VoiceSettings
 from doppelbot.domain import MediaKind, TranscriptStatus
 from doppelbot.errors import FloodWaitTooLongError, NoteTooLargeError
 from doppelbot.speech import TranscriptionWorker
+from doppelbot.speech.model import whisper_spec
 from doppelbot.store import transcripts
 from doppelbot.store.database import Database
 from doppelbot.telegram.export import ExportOptions, export_history
 from doppelbot.telegram.voice import download_note, export_voice, note_of, transcribe_incoming
-from doppelbot.voice import VoiceLimits
 from tests import faketg
 from tests.faketg import FakeTelegram
 from tests.tiny_whisper import make_mp4_aac, make_ogg_opus
 
 CAROL = 1001
 OPTS = ExportOptions(use_takeout=False, fallback_wait_s=0, flood_wait_max_s=10)
-LIMITS = VoiceLimits(max_duration_s=60, budget_s=None, budget_bytes=None)
+LIMITS = VoiceSettings(max_duration_s=60, history_max_hours=0, history_max_download_mb=0)
 
 
 class FakeSleep:
@@ -70,7 +71,7 @@ async def test_export_voice_downloads_and_transcribes_both_directions(
     tg, client, msgs = world
     report = await export_history(client, db, OPTS)
     chat_ids = [c.chat_id for c in report.chats]
-    async with TranscriptionWorker.from_settings(voice_settings) as worker:
+    async with TranscriptionWorker(whisper_spec(voice_settings)) as worker:
         voice = await export_voice(client, db, worker, LIMITS, chat_ids=chat_ids)
         assert (voice.done, voice.too_long, voice.failed) == (3, 1, 0)
         assert voice.audio_s > 20 and voice.downloaded_bytes > 0 and voice.rtf
@@ -102,8 +103,8 @@ async def test_budget_floodwait_and_resume(
     sleep = FakeSleep()
     tg.fail_next("GetFileRequest", "FLOOD_WAIT_3")
     # 5 s of budget: the newest note (the round video, 1.5 s) and the 2 s one fit, not the 20 s
-    small = VoiceLimits(max_duration_s=60, budget_s=5, budget_bytes=None)
-    async with TranscriptionWorker.from_settings(voice_settings) as worker:
+    small = VoiceSettings(max_duration_s=60, history_max_hours=5 / 3600, history_max_download_mb=0)
+    async with TranscriptionWorker(whisper_spec(voice_settings)) as worker:
         first = await export_voice(client, db, worker, small, chat_ids=chat_ids, sleep=sleep)
         assert sleep.slept == [3]  # the FloodWait was waited out, the note retried
         assert first.done == 2 and first.left_for_next_run == 1
@@ -163,7 +164,7 @@ async def test_transcribe_incoming_is_one_call_that_never_blocks_a_reply(
     tg, client, msgs = world
     await client.get_dialogs()
     got = {k: (await client.get_messages(CAROL, ids=[m.id]))[0] for k, m in msgs.items()}
-    async with TranscriptionWorker.from_settings(voice_settings) as worker:
+    async with TranscriptionWorker(whisper_spec(voice_settings)) as worker:
         row = await transcribe_incoming(client, db, worker, got["in"], LIMITS)
         assert row is not None and row.status is TranscriptStatus.DONE
         assert row.model == worker.model_name and row.duration_s == pytest.approx(2, abs=0.1)
@@ -196,7 +197,9 @@ async def test_cli_voice_export_shows_progress_and_a_summary(
     chat_ids = [c.chat_id for c in (await export_history(client, db, OPTS)).chats]
     out = io.StringIO()
     console = Console(file=out, width=120, force_terminal=False)
-    settings = voice_settings.model_copy(update={"voice_max_duration_s": 60.0})
+    settings = voice_settings.model_copy(
+        update={"voice": replace(voice_settings.voice, max_duration_s=60.0)}
+    )
     report = await export_notes(settings, client, db, chat_ids, console)
     print_report(console, report)
     text = out.getvalue()

@@ -12,6 +12,7 @@ import random
 import shutil
 from pathlib import Path
 
+from doppelbot.config import PromptSettings
 from doppelbot.dataset.jsonl import set_latest, write_samples
 from doppelbot.domain import Role, Sample, Turn
 from doppelbot.prompt import PromptFormat
@@ -88,7 +89,7 @@ def write_persona_dataset(
 ) -> Path:
     """``datasets_dir/name/{train,validation}.jsonl`` following ``RULES``; set as latest."""
     rng = random.Random(seed)
-    prompt = PromptFormat(persona=PERSONA)
+    prompt = PromptSettings(persona=PERSONA).format
     samples = [persona_sample(rng, prompt, 1_000_000 + 100 * i)[0] for i in range(n_train + n_val)]
     folder = datasets_dir / name
     write_samples(folder / "train.jsonl", samples[:n_train])

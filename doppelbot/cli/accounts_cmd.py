@@ -51,7 +51,7 @@ def accounts(ctx: typer.Context) -> None:
             f"pid {info.running.pid} ({info.running.command})" if info.running else "-",
         )
     st.console.print(table)
-    if settings.session_string is not None:
+    if settings.telegram.session_string is not None:
         st.console.print(
             "DOPPELBOT_SESSION_STRING is set: it is the session of whichever account a command "
             "runs as (--account)."

@@ -69,9 +69,9 @@ def use(
             else ""
         )
     )
-    if settings.adapter_path is not None:
+    if settings.model.adapter_path is not None:
         console.print(
-            f"note: DOPPELBOT_ADAPTER_PATH={settings.adapter_path} is set and wins over this "
+            f"note: DOPPELBOT_ADAPTER_PATH={settings.model.adapter_path} is set and wins over this "
             "choice until you unset it"
         )
     console.print("restart `doppelbot run` to load it")
@@ -110,11 +110,13 @@ def list_(ctx: typer.Context) -> None:
     previous_path = next(
         (c.adapter_path.resolve() for c in history if c.choice_id == previous), None
     )
-    adapters = list_adapters(settings.adapters_dir)
+    adapters = list_adapters(settings.store.adapters_dir)
     if not adapters:
-        app_state.console.print(f"no adapters in {settings.adapters_dir} yet (`doppelbot train`)")
+        app_state.console.print(
+            f"no adapters in {settings.store.adapters_dir} yet (`doppelbot train`)"
+        )
         return
-    table = Table(title=str(settings.adapters_dir))
+    table = Table(title=str(settings.store.adapters_dir))
     for col in ("", "adapter", "method", "created", "steps", "val loss", "base model"):
         table.add_column(col)
 
@@ -134,5 +136,5 @@ def list_(ctx: typer.Context) -> None:
         )
     app_state.console.print(table)
     app_state.console.print("● served   ↶ previous (rollback target)")
-    if settings.adapter_path is not None:
-        app_state.console.print(f"DOPPELBOT_ADAPTER_PATH pins {settings.adapter_path}")
+    if settings.model.adapter_path is not None:
+        app_state.console.print(f"DOPPELBOT_ADAPTER_PATH pins {settings.model.adapter_path}")

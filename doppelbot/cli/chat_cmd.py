@@ -154,4 +154,6 @@ async def _chat(
                 continue
             if show_prompt:
                 console.print(answer.prompt, style="dim", markup=False, highlight=False)
-            console.print(f"[bold green]{escape(settings.role_owner)}>[/] {escape(answer.reply)}")
+            console.print(
+                f"[bold green]{escape(settings.prompt.role_owner)}>[/] {escape(answer.reply)}"
+            )

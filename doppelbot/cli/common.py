@@ -157,7 +157,7 @@ async def open_db(
     from doppelbot.accounts import open_account
     from doppelbot.store.database import Database
 
-    db = await Database.open(settings.db_path)
+    db = await Database.open(settings.store.db_path)
     try:
         yield await open_account(db, settings, account, need)
     finally:

@@ -1,44 +1,25 @@
 """``doppelbot dataset``: build the fine-tuning set from the stored history.
 
-Reads the SQLite history (read-only), applies the dataset rules (``doppelbot.dataset``), counts
-tokens with the real FRED-T5 tokenizer (loaded here, lazily: ``--help`` stays torch-free) and
-writes ``train.jsonl``, ``validation.jsonl`` and ``stats.json`` under
-``<data dir>/datasets/<name>/``, then points ``datasets/latest.txt`` at it.
+Parses the flags, makes one call into ``doppelbot.dataset.service`` (which reads the history,
+applies the rules, counts tokens with the real FRED-T5 tokenizer and writes the dataset folder)
+and prints its stats. The tokenizer loads lazily there: ``--help`` stays torch-free.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from doppelbot.cli.common import open_db, run_async, state
+from doppelbot.cli.common import state
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-def _load_counter(settings: Any, tokenizer: Path | None) -> Any:
-    """The token counter: the ``--tokenizer`` folder, else DOPPELBOT_MODEL's (a folder or a
-    downloaded hub model); it must be FRED-T5's tokenizer, or the budget would count wrong."""
-    from doppelbot.errors import DatasetError, ModelLoadError
-    from doppelbot.model.local import model_source
-    from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
-
-    skip = "or pass --no-token-budget to skip the token limit"
-    try:
-        if tokenizer is not None:
-            if not tokenizer.expanduser().is_dir():
-                raise DatasetError(f"--tokenizer {tokenizer}: no such folder; {skip}")
-            source = str(tokenizer.expanduser())
-        else:
-            source = model_source(settings.model, settings.data_dir)
-        return TokenCounter(load_tokenizer(source))
-    except ModelLoadError as exc:
-        raise DatasetError(
-            f"{exc}; pass --tokenizer PATH (a folder with FRED-T5's vocab.json and "
-            f"merges.txt), {skip}"
-        ) from None
+    from doppelbot.dataset.stats import DatasetStats
 
 
 def dataset(
@@ -97,105 +78,83 @@ def dataset(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing dataset of the same --name."
     ),
+    account: str | None = typer.Option(
+        None,
+        "--account",
+        metavar="NAME",
+        help="Only this own account's chats (default: every account's; see `doppelbot accounts`).",
+    ),
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from doppelbot.dataset import jsonl
-    from doppelbot.dataset.builder import build_from_db
-    from doppelbot.dataset.options import DatasetOptions
-    from doppelbot.errors import DatasetError
+    from doppelbot.dataset.service import DatasetRequest, NoSamplesError, build_dataset_files
 
     st = state(ctx)
+    chosen = st.use_account(account)
     settings = st.settings
-    overrides: dict[str, Any] = {}
-    if include_groups:
-        overrides["include_groups"] = True
-    if truncate_long:
-        overrides["long_message_policy"] = "truncate"
-    if no_scrub:
-        overrides["scrub_pii"] = False
-    if scrub_names:
-        overrides["keep_names"] = False
-    if validation_share is not None:
-        overrides["validation_share"] = validation_share
-    if max_input_tokens is not None:
-        overrides["max_input_tokens"] = max_input_tokens
-    if session_gap_hours is not None:
-        if session_gap_hours <= 0:
-            raise DatasetError("--session-gap-hours must be positive")
-        overrides["session_gap_s"] = round(session_gap_hours * 3600)
-    if context_max_chars is not None:
-        overrides["context_max_chars"] = context_max_chars
-    if max_contact_share is not None:
-        overrides["max_contact_share"] = max_contact_share
-    if keep_duplicates:
-        overrides["dedup_exact"] = overrides["dedup_near"] = False
-    if voice is not None:
-        overrides["voice_transcripts"] = voice
-    options = DatasetOptions.from_settings(settings)
-    options = replace(options, **overrides)
-
-    folder_name = name or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    if "/" in folder_name or folder_name in ("", ".", "..", "latest", "latest.txt"):
-        raise DatasetError(f"bad dataset name {folder_name!r}")
-    target = settings.datasets_dir / folder_name
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise DatasetError(f"dataset {target} already exists: choose another --name or --overwrite")
-
-    counter = None if no_token_budget else _load_counter(settings, tokenizer)
-
-    async def migrate() -> None:  # the schema must be current before reading it directly
-        async with open_db(settings):
-            pass
-
-    run_async(migrate())
-
+    request = DatasetRequest(
+        name=name,
+        include_groups=include_groups,
+        truncate_long=truncate_long,
+        scrub_pii=not no_scrub,
+        scrub_names=scrub_names,
+        validation_share=validation_share,
+        max_input_tokens=max_input_tokens,
+        session_gap_hours=session_gap_hours,
+        context_max_chars=context_max_chars,
+        max_contact_share=max_contact_share,
+        keep_duplicates=keep_duplicates,
+        voice=voice,
+        tokenizer=tokenizer,
+        token_budget=not no_token_budget,
+        workers=workers,
+        overwrite=overwrite,
+        account=chosen,
+    )
     console = st.console
-    with Progress(
+    try:
+        with _progress_bar(st.err_console) as progress:
+            built = build_dataset_files(settings, request, progress=progress)
+    except NoSamplesError as exc:
+        _print_stats(console, exc.stats)
+        raise
+    stats = built.stats
+    _print_stats(console, stats)
+    console.print(
+        f"wrote {stats.train} training and {stats.validation} validation samples to {built.folder}"
+    )
+    if not built.token_budget:
+        console.print("[yellow]token budget skipped (--no-token-budget)[/yellow]")
+
+
+@contextmanager
+def _progress_bar(console: Console) -> Iterator[Callable[[str, int, int], None]]:
+    """A ``progress(stage, done, total)`` callback drawing one bar per stage, shown from the
+    first call on (the build, not the loading before it) and cleared at the end."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        console=st.err_console,
+        console=console,
         transient=True,
-    ) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                label = {"chats": "reading chats", "tokens": "counting tokens"}.get(stage, stage)
-                tasks[stage] = bar.add_task(label, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        result = build_from_db(
-            settings.db_path, options, count_tokens=counter, progress=progress, workers=workers
-        )
-
-    stats = result.stats
-    if not result.train and not result.validation:
-        for table in stats.rich_tables():
-            console.print(table)
-        raise DatasetError(
-            "the rules left no samples (see the counts above); relax them, e.g. "
-            "--truncate-long or --include-groups"
-        )
-    target.mkdir(parents=True, exist_ok=True)
-    jsonl.write_samples(target / jsonl.TRAIN_FILE, result.train)
-    jsonl.write_samples(target / jsonl.VALIDATION_FILE, result.validation)
-    jsonl.write_json(
-        target / jsonl.STATS_FILE,
-        {
-            "name": folder_name,
-            "created_at": int(time.time()),
-            "token_budget": counter is not None,
-            "options": options.to_dict(),
-            "stats": stats.to_dict(),
-        },
     )
-    jsonl.set_latest(settings.datasets_dir, folder_name)
+    tasks: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()
+        if stage not in tasks:
+            label = {"chats": "reading chats", "tokens": "counting tokens"}.get(stage, stage)
+            tasks[stage] = bar.add_task(label, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    try:
+        yield progress
+    finally:
+        if tasks:
+            bar.stop()
+
+
+def _print_stats(console: Console, stats: DatasetStats) -> None:
     for table in stats.rich_tables():
         console.print(table)
-    console.print(
-        f"wrote {stats.train} training and {stats.validation} validation samples to {target}"
-    )
-    if counter is None:
-        console.print("[yellow]token budget skipped (--no-token-budget)[/yellow]")

@@ -23,7 +23,7 @@ def migrate(
     st = state(ctx)
 
     async def go() -> None:
-        db = await Database.open(st.settings.db_path, migrate=False)
+        db = await Database.open(st.settings.store.db_path, migrate=False)
         try:
             applied = await db.migrate(target=to)
             status = await db.migration_status()
@@ -32,7 +32,7 @@ def migrate(
         for m in applied:
             st.console.print(f"applied {m.version:04d}_{m.name}")
         st.console.print(
-            f"database {st.settings.db_path} at level {status.current:04d}"
+            f"database {st.settings.store.db_path} at level {status.current:04d}"
             + (f", {len(status.pending)} pending" if status.pending else ", up to date")
         )
 
@@ -46,12 +46,12 @@ def status(ctx: typer.Context) -> None:
     st = state(ctx)
 
     async def go() -> None:
-        db = await Database.open(st.settings.db_path, migrate=False)
+        db = await Database.open(st.settings.store.db_path, migrate=False)
         try:
             s = await db.migration_status()
         finally:
             await db.close()
-        table = Table(title=f"Migrations — {st.settings.db_path}")
+        table = Table(title=f"Migrations — {st.settings.store.db_path}")
         table.add_column("#", justify="right")
         table.add_column("name")
         table.add_column("applied")
@@ -72,10 +72,11 @@ def show(ctx: typer.Context) -> None:
     table = Table(title="Effective settings")
     table.add_column("variable")
     table.add_column("value")
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        text = "" if value is None else str(value)
-        if name in {"api_hash", "session_string"} and value is not None:
+    from doppelbot.config import setting_items
+
+    for setting, value in setting_items(settings):
+        text = "" if value is None else str(list(value) if isinstance(value, tuple) else value)
+        if setting.key in {"api_hash", "session_string"} and value is not None:
             text = "********"
-        table.add_row("DOPPELBOT_" + name.upper(), text)
+        table.add_row(setting.env, text)
     st.console.print(table)

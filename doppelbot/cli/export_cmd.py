@@ -65,7 +65,7 @@ def login(
         return await asyncio.to_thread(typer.prompt, text, hide_input=hide, err=True)
 
     prompts = LoginPrompts(
-        phone=lambda: settings.phone or ask("Phone number (international format, +…)"),
+        phone=lambda: settings.telegram.phone or ask("Phone number (international format, +…)"),
         code=lambda: ask("Login code Telegram sent you"),
         password=lambda: ask("Two-step verification password", hide=True),
         notice=lambda text: err.print(text),
@@ -94,7 +94,7 @@ def _print_login(
     verb = "Already logged in" if result.already else "Logged in"
     where = (
         "string session"
-        if result.session_string is not None or settings.session_string is not None
+        if result.session_string is not None or settings.telegram.session_string is not None
         else f"session file {settings.session_path} (mode 0600)"
     )
     named = f" (account {account!r})" if account else ""
@@ -265,9 +265,9 @@ def export(
     floor = _parse_date(since)
     from doppelbot.telegram.client import connected
     from doppelbot.telegram.export import export_history
-    from doppelbot.telegram.export_types import ExportOptions
+    from doppelbot.telegram.export_types import export_options
 
-    options = ExportOptions.from_settings(
+    options = export_options(
         settings,
         include_groups=groups,
         include_channels=channels,

@@ -132,7 +132,7 @@ def search(
                 console=st.err_console,
                 transient=True,
             ) as bar:
-                loading = bar.add_task(f"loading {settings.embedder_model}", total=None)
+                loading = bar.add_task(f"loading {settings.knowledge.embedder_model}", total=None)
                 encoding: list[TaskID] = []
 
                 def progress(done: int, total: int) -> None:
@@ -151,14 +151,19 @@ def search(
         if not hits:
             st.console.print("no facts match" if len(kb) else "no facts yet")
             return
-        table = Table(title=f"Facts for the query (of {len(kb)})", caption=settings.embedder_model)
+        table = Table(
+            title=f"Facts for the query (of {len(kb)})", caption=settings.knowledge.embedder_model
+        )
         table.add_column("#", justify="right")
         table.add_column("score", justify="right")
         table.add_column("id", justify="right")
         table.add_column("fact", overflow="fold")
         table.add_column("in prompt", justify="center")
         for rank, hit in enumerate(hits, start=1):
-            used = rank <= settings.facts_top_k and hit.score >= settings.facts_threshold
+            used = (
+                rank <= settings.knowledge.facts_top_k
+                and hit.score >= settings.knowledge.facts_threshold
+            )
             table.add_row(
                 str(rank),
                 f"{hit.score:.3f}",
@@ -169,8 +174,8 @@ def search(
             )
         st.console.print(table)
         st.console.print(
-            f"✓ = would go into a reply's prompt (top {settings.facts_top_k}, score ≥ "
-            f"{settings.facts_threshold})",
+            f"✓ = would go into a reply's prompt (top {settings.knowledge.facts_top_k}, score ≥ "
+            f"{settings.knowledge.facts_threshold})",
             style="dim",
         )
 

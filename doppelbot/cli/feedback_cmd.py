@@ -23,8 +23,8 @@ async def _collect(ctx: typer.Context):  # type: ignore[no-untyped-def]
         replies = await feedback_replies(db)
     return build_feedback(
         replies,
-        positive_emoji=settings.positive_reactions,
-        negative_emoji=settings.negative_reactions,
+        positive_emoji=settings.review.positive_reactions,
+        negative_emoji=settings.review.negative_reactions,
     )
 
 
@@ -37,14 +37,14 @@ def export(
 ) -> None:
     st = state(ctx)
     result = run_async(_collect(ctx))
-    folder = out or st.settings.data_dir / "feedback" / time.strftime("%Y%m%d-%H%M%S")
+    folder = out or st.settings.store.data_dir / "feedback" / time.strftime("%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
     from doppelbot.dataset.jsonl import write_jsonl
 
     write_jsonl(folder / "positives.jsonl", result.positives)
     write_jsonl(folder / "pairs.jsonl", result.pairs)
     write_jsonl(folder / "negatives.jsonl", result.negatives)
-    latest = st.settings.data_dir / "feedback" / "latest.txt"
+    latest = st.settings.store.data_dir / "feedback" / "latest.txt"
     latest.parent.mkdir(parents=True, exist_ok=True)
     latest.write_text(str(folder.resolve()) + "\n", encoding="utf-8")
     st.console.print(

@@ -61,7 +61,7 @@ def resolve_adapter_option(settings: Settings, spec: str | None) -> Path | str |
         return "serving"
     from doppelbot.training.registry import resolve_adapter
 
-    return resolve_adapter(settings.adapters_dir, spec)
+    return resolve_adapter(settings.store.adapters_dir, spec)
 
 
 def _dataset_file(settings: Settings, dataset: Path | None) -> Path:
@@ -70,7 +70,7 @@ def _dataset_file(settings: Settings, dataset: Path | None) -> Path:
 
     if dataset is not None and dataset.is_file():
         return dataset
-    folder = resolve_dataset_dir(settings.datasets_dir, dataset)
+    folder = resolve_dataset_dir(settings.store.datasets_dir, dataset)
     for name in (VALIDATION_FILE, TRAIN_FILE):
         path = folder / name
         if path.is_file() and path.stat().st_size > 0:
@@ -94,19 +94,19 @@ def check(
     settings = app_state.settings
     from doppelbot.errors import ModelError
 
-    if settings.precision == "fp32":
+    if settings.model.precision == "fp32":
         raise ModelError("DOPPELBOT_PRECISION is fp32: there is no quantisation to check")
     path = _dataset_file(settings, dataset)
 
     from doppelbot.model.check import load_pairs, run_check
-    from doppelbot.model.loader import ModelSpec, apply_torch_threads, serving_adapter
+    from doppelbot.model.loader import apply_torch_threads, model_spec, serving_adapter
 
     pairs = load_pairs(path, samples)
     chosen = resolve_adapter_option(settings, adapter)
     if chosen == "serving":
         chosen = run_async(serving_adapter(settings))
-    spec = ModelSpec.from_settings(settings, adapter=None if chosen is None else Path(chosen))
-    apply_torch_threads(settings.torch_threads)
+    spec = model_spec(settings, adapter=None if chosen is None else Path(chosen))
+    apply_torch_threads(settings.model.torch_threads)
     console = app_state.console
     with load_progress(app_state.err_console) as progress:
         report = run_check(spec, pairs, progress=progress)
@@ -163,7 +163,7 @@ def download(
     settings = app_state.settings
     from doppelbot.errors import ModelDownloadError
 
-    default = [w for w in WHAT_CHOICES if w != "speech" or settings.voice_transcription]
+    default = [w for w in WHAT_CHOICES if w != "speech" or settings.voice.transcription]
     chosen = list(dict.fromkeys(what or default))
     for item in chosen:
         if item not in WHAT_CHOICES:
@@ -177,9 +177,9 @@ def download(
     from doppelbot.model.local import SETTING, WHAT, is_hub_id, speech_repo
 
     targets = {
-        "model": model or settings.model,
-        "embedder": embedder or settings.embedder_model,
-        "speech": speech_repo(settings.voice_model),
+        "model": model or settings.model.base,
+        "embedder": embedder or settings.knowledge.embedder_model,
+        "speech": speech_repo(settings.voice.model),
     }
 
     console, err = app_state.console, app_state.err_console
@@ -200,7 +200,7 @@ def download(
         with _byte_progress(err) as progress:
             report = download_model(
                 name,
-                settings.data_dir,
+                settings.store.data_dir,
                 role,  # type: ignore[arg-type]
                 revision=revision,
                 verify=verify,
@@ -219,9 +219,9 @@ def download(
         done.append((role, name))
     for role, name in done:
         configured = {
-            "model": settings.model,
-            "embedder": settings.embedder_model,
-            "speech": speech_repo(settings.voice_model),
+            "model": settings.model.base,
+            "embedder": settings.knowledge.embedder_model,
+            "speech": speech_repo(settings.voice.model),
         }[role]
         if name != configured:
             console.print(
@@ -272,9 +272,9 @@ def _print_downloads(console: Console, settings: Settings) -> None:
     from doppelbot.model.download import human_size
     from doppelbot.model.local import SETTING, WHAT, models_dir, read_manifest
 
-    found = read_manifest(settings.data_dir)
-    configured = {"model": settings.model, "embedder": settings.embedder_model}
-    console.print(f"models in {models_dir(settings.data_dir)}:")
+    found = read_manifest(settings.store.data_dir)
+    configured = {"model": settings.model.base, "embedder": settings.knowledge.embedder_model}
+    console.print(f"models in {models_dir(settings.store.data_dir)}:")
     for repo_id, entry in sorted(found.items(), key=lambda kv: (kv[1].role, kv[0])):
         problems = entry.problems()
         state_text = f"[red]incomplete: {escape(problems[0])}[/]" if problems else "complete"

@@ -81,7 +81,7 @@ async def _health(settings: Settings, account: str | None = None) -> tuple[bool,
     from doppelbot.store import bot_state
 
     holder = holder_of(settings.lock_path)
-    if not settings.db_path.exists():
+    if not settings.store.db_path.exists():
         return False, "not running: no database yet"
     async with open_db(settings, account) as db:
         record = Health.from_json(await bot_state.get_json(db, bot_state.HEALTH_KEY))
@@ -159,19 +159,19 @@ async def _status(
     if account:
         console.print(f"Account: {account}")
     console.print(f"Bot: {state_line}")
-    quiet = settings.quiet_hours or "off"
+    quiet = settings.responder.quiet_hours or "off"
     mode = (
         f"{runtime_mode.value} (set by /mode in Saved Messages)"
         if runtime_mode
-        else settings.reply_mode
+        else settings.responder.reply_mode
     )
     console.print(
-        f"Mode: {mode} · debounce {settings.debounce_s:g}s · quiet hours {quiet}"
-        f" · takeover {settings.takeover_minutes:g} min"
+        f"Mode: {mode} · debounce {settings.responder.debounce_s:g}s · quiet hours {quiet}"
+        f" · takeover {settings.responder.takeover_minutes:g} min"
     )
     console.print(
-        f"Sent in the last hour: {sent_hour} (global cap {settings.global_hourly_cap}, "
-        f"per chat {settings.per_chat_hourly_cap})"
+        f"Sent in the last hour: {sent_hour} (global cap {settings.responder.global_hourly_cap}, "
+        f"per chat {settings.responder.per_chat_hourly_cap})"
     )
     summary = " · ".join(f"{s.value} {counts[s]}" for s in ReplyStatus if counts[s])
     console.print(f"Replies: {summary or 'none yet'}")

@@ -23,8 +23,8 @@ from doppelbot.cli.common import account_option, open_db, run_async, state
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from doppelbot.config import Settings
-    from doppelbot.domain import GenerationOptions, Sample
+    from doppelbot.config import GenerationOptions, Settings
+    from doppelbot.domain import Sample
     from doppelbot.ports import ModelIdentity
     from doppelbot.ssa.flow import SourceRow
     from doppelbot.store.database import Database
@@ -76,16 +76,16 @@ async def _generate_all(
     contexts: Sequence[Sample],
 ) -> dict[str, _Replies]:
     from doppelbot.errors import GenerationError
-    from doppelbot.model.worker import ModelWorker
+    from doppelbot.model.worker import model_worker
 
-    options = settings.generation_options()
+    options = settings.generation
     out: dict[str, _Replies] = {}
     with _progress(console) as progress:
         for source, adapter in sources.items():
             task = progress.add_task(f"generating with {source}", total=len(contexts))
             replies: dict[str, str | None] = {}
             # One model at a time: started, used for every context, closed before the next.
-            worker = ModelWorker.from_settings(settings, adapter=adapter)
+            worker = model_worker(settings, adapter=adapter)
             async with worker:
                 for sample in contexts:
                     try:
@@ -129,7 +129,7 @@ async def _post(
         return await post_batch(
             db,
             batch_id,
-            TelethonSavedMessages(client, flood_bound=settings.flood_wait_max_s),
+            TelethonSavedMessages(client, flood_bound=settings.export.flood_wait_max_s),
             on_progress=lambda done, _n: progress.update(task, completed=posted + done),
         )
 
@@ -165,7 +165,7 @@ async def start_batch(
                 return batch
         async with connected(settings, receive_updates=False) as client:
             if batch is None:
-                folder = resolve_dataset_dir(settings.datasets_dir, dataset)
+                folder = resolve_dataset_dir(settings.store.datasets_dir, dataset)
                 path = folder / VALIDATION_FILE
                 if not path.is_file():
                     raise DatasetError(
@@ -182,7 +182,7 @@ async def start_batch(
                     db,
                     contexts,
                     generators,
-                    settings.generation_options(),
+                    settings.generation,
                     dataset=folder.name,
                     n=n,
                     seed=seed,

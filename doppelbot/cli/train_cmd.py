@@ -111,7 +111,9 @@ def train(
     )
     console = app.console
     if dry_run:
-        _print_plan(console, options, plan_training(options, datasets_dir=settings.datasets_dir))
+        _print_plan(
+            console, options, plan_training(options, datasets_dir=settings.store.datasets_dir)
+        )
         return
 
     def print_start(update: RunUpdate) -> None:
@@ -156,7 +158,7 @@ def _print_plan(console: Console, options: TrainOptions, planned: PlannedRun) ->
     plan = planned.plan
     rows = [
         ("method", options.method),
-        ("base model", options.model),
+        ("base model", options.model.base),
         ("device / precision", f"{plan.device} / {plan.precision}"),
         ("dataset", str(planned.data.dataset.folder)),
         ("training examples", str(plan.train_examples)),

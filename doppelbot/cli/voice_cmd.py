@@ -100,14 +100,15 @@ def print_report(console: Console, report: VoiceReport, *, missing_files: int = 
 
 
 def _worker(settings: Settings) -> Any:
-    if not settings.voice_transcription:
+    if not settings.voice.transcription:
         raise ConfigError(
             "voice transcription is off (DOPPELBOT_VOICE_TRANSCRIPTION=false); turn it on to "
             "transcribe notes"
         )
     from doppelbot.speech import TranscriptionWorker
+    from doppelbot.speech.model import whisper_spec
 
-    return TranscriptionWorker.from_settings(settings)
+    return TranscriptionWorker(whisper_spec(settings))
 
 
 async def export_notes(
@@ -119,7 +120,6 @@ async def export_notes(
 ) -> VoiceReport:
     """``export --voice``: download and transcribe the notes of ``chat_ids``."""
     from doppelbot.telegram.voice import export_voice
-    from doppelbot.voice import VoiceLimits
 
     worker = _worker(settings)
     try:
@@ -128,9 +128,9 @@ async def export_notes(
                 client,
                 db,
                 worker,
-                VoiceLimits.from_settings(settings),
+                settings.voice,
                 chat_ids=chat_ids,
-                flood_wait_max_s=settings.flood_wait_max_s,
+                flood_wait_max_s=settings.export.flood_wait_max_s,
                 progress=progress,
             )
     finally:
@@ -164,16 +164,13 @@ def transcribe(
     name = st.use_account(account)
     settings = st.settings
     from doppelbot.store import transcripts
-    from doppelbot.voice import VoiceLimits, local_files, transcribe_notes
+    from doppelbot.voice import local_files, transcribe_notes
 
-    overrides: dict[str, Any] = {}
+    limits = settings.voice
     if max_hours is not None:
-        overrides["budget_s"] = max_hours * 3600 if max_hours > 0 else None
-    limits = VoiceLimits.from_settings(settings)
-    if overrides:
         from dataclasses import replace
 
-        limits = replace(limits, **overrides)
+        limits = replace(limits, history_max_hours=max_hours)
     chat_ids = list(chat) or None
 
     async def go() -> tuple[VoiceReport, int]:

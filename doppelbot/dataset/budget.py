@@ -10,11 +10,19 @@ space some BPE set-ups add). Only longer inputs are counted, in batches.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from doppelbot.domain import Role, Turn
 from doppelbot.prompt import PromptFormat
 
 CountTokens = Callable[[str], int]
+OnBatch = Callable[[int, int], None]
+"""``on_batch(done, total)``: progress of counting, after each batch."""
+
+TOKEN_BATCH = 512
+LINE_BATCH = 4096
+LINE_SUM_MARGIN = 8
+"""Inputs whose line-by-line token sum is this close to the limit are also counted whole."""
 
 
 def surely_fits(text: str, max_tokens: int) -> bool:
@@ -102,3 +110,103 @@ def calibrate(
     if any(o != first + step * (len(ls) - 1) for o, ls in zip(overheads, line_sets, strict=True)):
         return None
     return first, step
+
+
+# --- fitting many dataset inputs ----------------------------------------------------------------
+class Fit(NamedTuple):
+    """A model input that fits the budget once its oldest ``cut`` context turns are gone."""
+
+    cut: int
+    tokens: int
+    model_input: str
+
+
+def fit_by_inputs(
+    contexts: Sequence[tuple[Turn, ...]],
+    inputs: Sequence[str],
+    fmt: PromptFormat,
+    count: CountTokens,
+    max_tokens: int,
+    on_batch: OnBatch | None = None,
+) -> list[Fit | None]:
+    """Per context (``inputs``: its model input), the ``Fit`` — or ``None`` when not even the
+    newest turn fits — counting every input whole."""
+    fits: list[Fit | None] = []
+    for b in range(0, len(inputs), TOKEN_BATCH):
+        batch = inputs[b : b + TOKEN_BATCH]
+        counted = count_many(count, batch)
+        for ctx, text, n in zip(contexts[b : b + TOKEN_BATCH], batch, counted, strict=True):
+            fits.append(trim_exactly(ctx, 0, n, text, fmt, count, max_tokens))
+        if on_batch is not None:
+            on_batch(min(b + TOKEN_BATCH, len(inputs)), len(inputs))
+    return fits
+
+
+def fit_by_lines(
+    contexts: Sequence[tuple[Turn, ...]],
+    inputs: Sequence[str],
+    fmt: PromptFormat,
+    count: CountTokens,
+    count_lines: Callable[[Sequence[str]], list[int]],
+    shape: tuple[int, int],
+    max_tokens: int,
+    on_batch: OnBatch | None = None,
+) -> list[Fit | None]:
+    """``fit_by_inputs``, but each distinct dialog line is counted once (``count_lines``, in
+    batches) and an input's tokens are added up from its lines (``shape``: what ``calibrate``
+    found for ``count_lines``).
+    Inputs that end up within ``LINE_SUM_MARGIN`` tokens of the limit are counted whole as
+    well, so a tokenizer that ever merged across a line break could not push one over it.
+
+    ``fmt`` should be a ``render.MemoPromptFormat``: each turn's line is made once although
+    it sits in several contexts."""
+    first, step = shape
+    line_tokens: dict[str, int] = {}
+    pending: list[str] = []
+    for ctx in contexts:
+        for line in fmt.dialog_lines(ctx):
+            if line not in line_tokens:
+                line_tokens[line] = 0
+                pending.append(line)
+    for b in range(0, len(pending), LINE_BATCH):
+        batch = pending[b : b + LINE_BATCH]
+        line_tokens.update(zip(batch, count_lines(batch), strict=True))
+        if on_batch is not None:
+            on_batch(min(b + LINE_BATCH, len(pending)), len(pending))
+    fits: list[Fit | None] = []
+    for ctx, whole in zip(contexts, inputs, strict=True):
+        counts = list(map(line_tokens.__getitem__, fmt.dialog_lines(ctx)))
+        total = first + sum(counts) + step * (len(counts) - 1)
+        cut = 0
+        while total > max_tokens and cut < len(counts) - 1:
+            total -= counts[cut] + step
+            cut += 1
+        if total > max_tokens + LINE_SUM_MARGIN:
+            fits.append(None)  # not even the newest turn fits
+            continue
+        text = whole if not cut else fmt.build_input(ctx[cut:])
+        if total > max_tokens - LINE_SUM_MARGIN:
+            fits.append(trim_exactly(ctx, cut, count(text), text, fmt, count, max_tokens))
+        else:
+            fits.append(Fit(cut, total, text))
+    return fits
+
+
+def trim_exactly(
+    ctx: tuple[Turn, ...],
+    cut: int,
+    n: int,
+    text: str,
+    fmt: PromptFormat,
+    count: CountTokens,
+    max_tokens: int,
+) -> Fit | None:
+    """From ``ctx[cut:]`` (``n`` tokens, input ``text``), drop the oldest turns until the
+    input fits, counting each try whole; ``None`` when not even the newest turn fits."""
+    while n > max_tokens:
+        cut += 1
+        if cut >= len(ctx):
+            return None
+        text = fmt.build_input(ctx[cut:])
+        n = count(text)
+    return Fit(cut, n, text)

@@ -19,20 +19,23 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from doppelbot.dataset.scrub import Scrubber, has_link
-from doppelbot.domain import MediaKind, Message, Peer, PeerKind, voice_message_text
+from doppelbot.domain import (
+    KIND_FORWARDED,
+    KIND_MEDIA,
+    KIND_SERVICE,
+    KIND_STICKER,
+    KIND_TEXT,
+    KIND_WEBPAGE,
+    MediaKind,
+    Message,
+    Peer,
+    PeerKind,
+    Row,
+    voice_message_text,
+)
 
 if TYPE_CHECKING:
     from doppelbot.dataset.options import DatasetOptions
-
-Row = tuple[int, int, int, str, "int | None", int]
-"""(message_id, is_outgoing, date, text, reply_to_message_id, kind)"""
-
-KIND_TEXT = 0
-KIND_SERVICE = 1
-KIND_FORWARDED = 2
-KIND_STICKER = 3  # text holds the sticker's emoji
-KIND_WEBPAGE = 4  # a link preview: the message carries a link
-KIND_MEDIA = 5  # photo, voice, document…; text is the caption, maybe empty
 
 
 def rule_row(m: Message) -> Row:
@@ -204,16 +207,23 @@ def make_scrubber(options: DatasetOptions) -> Scrubber | None:
 
 
 def chat_skip_reason(
-    chat_id: int, peer: Peer | None, account_id: int | None, include_groups: bool
+    chat_id: int,
+    peer: Peer | None,
+    account_id: int | None,
+    include_groups: bool,
+    other_own: frozenset[int] = frozenset(),
 ) -> str | None:
     """Why a chat is left out of the dataset (``None``: it is used).
 
     By default only private chats with people: not bots, not deleted accounts, not Saved
-    Messages (everything there is the owner's own). A chat without a peer row is judged by its
-    marked id (positive = a user).
+    Messages (everything there is the owner's own), not chats with the owner's other own
+    accounts (``other_own``: their user ids; both sides are the owner). A chat without a peer
+    row is judged by its marked id (positive = a user).
     """
     if account_id is not None and chat_id == account_id:
         return "saved_messages"
+    if chat_id in other_own:
+        return "own_account"
     if peer is None:
         return None if chat_id > 0 or include_groups else "group"
     if peer.is_self:

@@ -44,7 +44,7 @@ class FeedbackCapture:
 
     async def on_owner_message(self, message: Message) -> None:
         """The responder's hook: the owner wrote in a chat themselves (not the bot)."""
-        window_s = self.settings.takeover_correction_minutes * 60
+        window_s = self.settings.review.takeover_correction_minutes * 60
         if window_s <= 0 or not message.text.strip() or message.chat_id == self.owner_id:
             return
         async with self._takeover_lock:  # one verdict per bot reply, even for a burst

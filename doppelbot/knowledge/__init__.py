@@ -9,18 +9,20 @@ API (what the responder uses)::
 
     from doppelbot.knowledge import KnowledgeBase
 
-    kb = await KnowledgeBase.open(settings, db)   # loads settings.embedder_model in the worker
-    try:                                          # thread, encodes uncached facts, builds index
+    kb = await KnowledgeBase.open(settings, db)   # loads the embedder (settings.knowledge) in
+    try:                                          # the worker thread, encodes uncached facts,
+                                                  # builds the index
         facts = await kb.retrieve(message_text)   # list[ScoredFact]; top_k / threshold default
-                                                  # to settings.facts_top_k / facts_threshold
+                                                  # to settings.knowledge's facts_top_k and
+                                                  # facts_threshold
         prompt = fmt.build_input(turns, facts=[f.text for f in facts])
         sims = await kb.similarity(message_text, [reply])   # for the fact-fallback rule
     finally:
         await kb.aclose()                         # stops the worker thread; db stays open
 
 ``KnowledgeBase`` implements ``doppelbot.ports.FactRetriever``. All encoding runs in one worker
-thread owned by the object (torch threads there: ``settings.embedder_threads``); the index
-follows fact changes made by any process, checked cheaply before each query. Tests and scripts
+thread owned by the object (torch threads there: ``settings.knowledge.embedder_threads``); the
+index follows fact changes made by any process, checked cheaply before each query. Tests and scripts
 may pass ``embedder=Embedder.load(path)`` to ``open`` to share one loaded model.
 """
 

@@ -99,7 +99,7 @@ class KnowledgeBase:
             max_workers=1,
             thread_name_prefix="doppelbot-embedder",
             initializer=set_worker_threads,
-            initargs=(settings.embedder_threads,),
+            initargs=(settings.knowledge.embedder_threads,),
         )
         try:
             if embedder is None:
@@ -107,9 +107,9 @@ class KnowledgeBase:
                 from doppelbot.model.local import model_source
 
                 loop = asyncio.get_running_loop()
-                name, device = settings.embedder_model, _device(settings.device)
+                name, device = settings.knowledge.embedder_model, _device(settings.model.device)
                 try:  # a hub id must have been downloaded: no fetching (and waiting) here
-                    folder = model_source(name, settings.data_dir, "embedder")
+                    folder = model_source(name, settings.store.data_dir, "embedder")
                 except ModelMissingError as exc:
                     raise KnowledgeError(str(exc)) from None
                 embedder = await loop.run_in_executor(
@@ -119,8 +119,8 @@ class KnowledgeBase:
                 db,
                 embedder,
                 executor,
-                top_k=settings.facts_top_k,
-                threshold=settings.facts_threshold,
+                top_k=settings.knowledge.facts_top_k,
+                threshold=settings.knowledge.facts_threshold,
             )
             await kb.refresh(progress=progress)
         except BaseException:

@@ -82,6 +82,6 @@ class LazyKnowledgeBase:
 
 def knowledge_for(settings: Settings, db: Database) -> LazyKnowledgeBase | None:
     """The bot's knowledge base, or None when replies use no facts at all (settings)."""
-    if settings.facts_top_k == 0 and not settings.fact_fallback:
+    if settings.knowledge.facts_top_k == 0 and not settings.knowledge.fact_fallback:
         return None
     return LazyKnowledgeBase(settings, db)

@@ -3,8 +3,8 @@
 Quantising FRED-T5-1.7B means reading the 7 GB fp32 checkpoint, merging the LoRA adapter and
 converting every linear layer: a minute or more (streamed weight by weight, see
 ``doppelbot.model.checkpoint``). The result (~2 GB) is written under
-``settings.cache_dir / "reply-model" / <key>`` while it is built, so every later start reads it
-directly.
+``settings.store.cache_dir / "reply-model" / <key>`` while it is built, so every later start
+reads it directly.
 
 The key covers everything that changes the weights or their file format: the base model (its id
 or path plus a fingerprint of its files), the adapter's *content* (a retrained adapter in the

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -227,7 +227,7 @@ def run_check(
         return target_logprobs(model, pairs, tick)
 
     cfg = engine_config(spec.files)
-    cpu = resolve_device(spec.device) == "cpu"
+    cpu = resolve_device(spec.model.device) == "cpu"
     # Known up front, before minutes of loading: the reference pass, with both sides'
     # log-probabilities (targets are short: 64 tokens per sample is generous).
     held = 2 * len(pairs) * 64 * cfg.vocab_size * 4
@@ -236,7 +236,7 @@ def run_check(
             f"model check's {reference_precision} reference (layer by layer)",
             streamed_reference_bytes(cfg, reference_precision) + held,
             hints=["fewer --samples"],
-            enabled=spec.memory_check,
+            enabled=spec.model.memory_check,
         )
     candidate = load_reply_model(spec, report)
     targets = [candidate.encode(p.model_target) for p in pairs]
@@ -255,7 +255,7 @@ def run_check(
         except UnsupportedAdapter as exc:
             log.info("adapter not plain LoRA (%s): loading the whole reference model", exc)
     if ref is None:
-        reference = load_reply_model(replace(spec, precision=reference_precision), report)
+        reference = load_reply_model(spec.at(reference_precision), report)
         ref = scored(reference, reference_precision)
         del reference
         gc.collect()

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from doppelbot.domain import GenerationOptions
+from doppelbot.config import GenerationOptions
 from doppelbot.model.engine import T5Engine
 
 Check = Callable[[], None]

@@ -32,11 +32,11 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from doppelbot.domain import GenerationOptions
+from doppelbot.config import GenerationOptions, ModelSettings, default_of
 from doppelbot.errors import ModelLoadError
 from doppelbot.ports import ModelIdentity
 
@@ -61,43 +61,38 @@ def _no_progress(stage: str, done: int, total: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """What to load. ``cache_dir`` None disables the quantised-model cache. ``base`` is the
-    model's name (a hub id or a folder, as configured); ``source`` the local folder its files
-    are read from when that differs (a downloaded hub model, ``doppelbot.model.local``)."""
+    """What to load: the model section (its ``base`` — a hub id or a folder, as configured —
+    device, precision, memory check and input budget) with this load's adapter.
+    ``cache_dir`` None disables the quantised-model cache; ``source`` is the local folder the
+    base model's files are read from when that differs from ``base`` (a downloaded hub model,
+    ``doppelbot.model.local``)."""
 
-    base: str
+    model: ModelSettings = field(default_factory=ModelSettings)
     adapter: Path | None = None
-    device: str = "auto"
-    precision: str = "int8"  # or "auto": see ``resolve_precision``
     cache_dir: Path | None = None
-    max_input_tokens: int = 712
     source: str | None = None
-    memory_check: bool = True
 
     @property
     def files(self) -> str:
-        """Where the base model's files are read from (``base`` names the model)."""
-        return self.source or self.base
+        """Where the base model's files are read from (``model.base`` names the model)."""
+        return self.source or self.model.base
 
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, *, adapter: Path | None = None, **overrides: Any
-    ) -> ModelSpec:
-        from doppelbot.model.local import model_source
+    def at(self, precision: str) -> ModelSpec:
+        """This spec at another precision (checked: one of the model section's)."""
+        return replace(self, model=replace(self.model, precision=precision))  # type: ignore[arg-type]
 
-        values: dict[str, Any] = {
-            "base": settings.model,
-            "adapter": adapter,
-            "device": settings.device,
-            "precision": settings.precision,
-            "cache_dir": settings.cache_dir,
-            "max_input_tokens": settings.max_input_tokens,
-            "memory_check": settings.memory_check,
-        }
-        values.update(overrides)
-        if "source" not in overrides:
-            values["source"] = model_source(values["base"], settings.data_dir)
-        return cls(**values)
+
+def model_spec(settings: Settings, *, adapter: Path | None = None) -> ModelSpec:
+    """The configured model (``settings.model``) with ``adapter``, the data directory's cache,
+    and the downloaded copy of a hub model (``ModelMissingError`` when there is none)."""
+    from doppelbot.model.local import model_source
+
+    return ModelSpec(
+        settings.model,
+        adapter,
+        settings.store.cache_dir,
+        model_source(settings.model.base, settings.store.data_dir),
+    )
 
 
 # --- choices ------------------------------------------------------------------------------------
@@ -384,7 +379,7 @@ class ReplyModel:
     identity: ModelIdentity
     device: str = "cpu"
     precision: str = "fp32"
-    max_input_tokens: int = 712
+    max_input_tokens: int = default_of(ModelSettings, "max_input_tokens")
     info: dict[str, Any] = field(default_factory=dict)  # load stats: seconds, from_cache, …
     stop_ids: list[int] = field(default_factory=list)  # default: </s> and <extra_id_1…>
 
@@ -435,17 +430,15 @@ class ReplyModel:
 # --- loading ------------------------------------------------------------------------------------
 def load_reply_model(spec: ModelSpec, progress: Progress = _no_progress) -> ReplyModel:
     """Load ``spec``; see the module docstring for what happens per device/precision."""
-    from dataclasses import replace
-
     from doppelbot.model.tokenizer import load_tokenizer
 
     started = time.perf_counter()
-    device = resolve_device(spec.device)
+    device = resolve_device(spec.model.device)
     cfg = engine_config(spec.files)
-    choice = resolve_precision(spec.precision, device, cfg)
-    spec = replace(spec, precision=choice.precision)
+    choice = resolve_precision(spec.model.precision, device, cfg)
+    spec = spec.at(choice.precision)
     log.info("reply model on %s: %s", device, choice.reason)
-    runtime_kind = select_runtime(device, spec.precision)
+    runtime_kind = select_runtime(device, spec.model.precision)
     tokenizer = load_tokenizer(spec.files)
     info: dict[str, Any] = {
         "runtime": runtime_kind,
@@ -463,24 +456,24 @@ def load_reply_model(spec: ModelSpec, progress: Progress = _no_progress) -> Repl
             spec.files,
             spec.adapter,
             device=device,
-            precision=spec.precision,
-            merge=spec.precision != "int8",
+            precision=spec.model.precision,
+            merge=spec.model.precision != "int8",
         )
         progress("loading the model", 1, 1)
         runtime = HFRuntime(model)
     if runtime.vocab_size > len(tokenizer):
         raise ModelLoadError(
-            f"{spec.base}: the model has {runtime.vocab_size} embeddings but the tokenizer only "
-            f"{len(tokenizer)} ids"
+            f"{spec.model.base}: the model has {runtime.vocab_size} embeddings but the tokenizer "
+            f"only {len(tokenizer)} ids"
         )
     info["load_s"] = round(time.perf_counter() - started, 3)
     return ReplyModel(
         runtime=runtime,
         tokenizer=tokenizer,
-        identity=ModelIdentity(spec.base, adapter_id(spec.adapter)),
+        identity=ModelIdentity(spec.model.base, adapter_id(spec.adapter)),
         device=device,
-        precision=spec.precision,
-        max_input_tokens=spec.max_input_tokens,
+        precision=spec.model.precision,
+        max_input_tokens=spec.model.max_input_tokens,
         info=info,
     )
 
@@ -490,13 +483,13 @@ def _preflight_hf(spec: ModelSpec, cfg: EngineConfig) -> None:
     pass through host RAM on their way there."""
     from doppelbot.model.memory import CUDA_WORK, RUNTIME, cuda_weight_bytes, preflight
 
-    p = spec.precision
+    p = spec.model.precision
     smaller = ["DOPPELBOT_PRECISION=int8"] if p != "int8" else []
     preflight(
         f"the {p} model on the GPU",
         cuda_weight_bytes(cfg, p) + CUDA_WORK,
         hints=[*smaller, "a smaller DOPPELBOT_MODEL", "DOPPELBOT_DEVICE=cpu"],
-        enabled=spec.memory_check,
+        enabled=spec.model.memory_check,
         available=cuda_free_bytes(),
         resource="GPU memory",
     )
@@ -505,7 +498,7 @@ def _preflight_hf(spec: ModelSpec, cfg: EngineConfig) -> None:
         f"loading the {p} model",
         host,
         hints=["a smaller DOPPELBOT_MODEL"],
-        enabled=spec.memory_check,
+        enabled=spec.model.memory_check,
     )
 
 
@@ -525,16 +518,16 @@ def load_engine(
     info = {} if info is None else info
     cfg = config or engine_config(spec.files)
     folder = None
-    if spec.cache_dir is not None and spec.precision == "int8":
-        key = cache.cache_key(spec.files, spec.adapter, spec.precision)
+    if spec.cache_dir is not None and spec.model.precision == "int8":
+        key = cache.cache_key(spec.files, spec.adapter, spec.model.precision)
         folder = cache.cache_folder(spec.cache_dir, key)
         info["cache"] = str(folder)
         if cache.is_complete(folder):
             preflight(
                 "loading the int8 model",
-                serve_bytes(cfg, spec.precision),
+                serve_bytes(cfg, spec.model.precision),
                 hints=["a smaller DOPPELBOT_MODEL"],
-                enabled=spec.memory_check,
+                enabled=spec.model.memory_check,
             )
             try:
                 engine = T5Engine.load(
@@ -548,7 +541,7 @@ def load_engine(
                 info["from_cache"] = True
                 return engine
     info["from_cache"] = False
-    entry = None if folder is None else cache.PendingEntry(folder, cfg, spec.precision)
+    entry = None if folder is None else cache.PendingEntry(folder, cfg, spec.model.precision)
     try:
         engine = build_engine(spec, cfg, progress=progress, sink=entry, info=info)
     except BaseException:
@@ -556,7 +549,7 @@ def load_engine(
             entry.discard()
         raise
     release_free_memory()
-    engine.meta.update({"base": spec.base, "adapter": adapter_id(spec.adapter)})
+    engine.meta.update({"base": spec.model.base, "adapter": adapter_id(spec.adapter)})
     if entry is not None:
         progress("writing the model cache", 0, 1)
         entry.commit(engine.meta)
@@ -572,7 +565,7 @@ def build_engine(
     sink: PendingEntry | None = None,
     info: dict[str, Any] | None = None,
 ) -> T5Engine:
-    """``T5Engine`` at ``spec.precision`` from the checkpoint + adapter, streamed weight by
+    """``T5Engine`` at ``spec.model.precision`` from the checkpoint + adapter, streamed weight by
     weight (or, for an adapter that is more than plain LoRA, through transformers + peft)."""
     from doppelbot.model.checkpoint import (
         Checkpoint,
@@ -585,7 +578,7 @@ def build_engine(
     from doppelbot.model.engine import T5Engine
     from doppelbot.model.memory import build_bytes, preflight, whole_model_bytes
 
-    p = spec.precision
+    p = spec.model.precision
     stage = "quantising to int8" if p == "int8" else f"converting to {p}"
     hints = ["DOPPELBOT_PRECISION=int8"] if p != "int8" else []
     hints.append("a smaller DOPPELBOT_MODEL")
@@ -598,7 +591,7 @@ def build_engine(
             f"building the {p} model (adapter merged by peft)",
             whole_model_bytes(cfg, p),
             hints=hints,
-            enabled=spec.memory_check,
+            enabled=spec.model.memory_check,
         )
         info["build"] = "peft"
         progress("loading the fp32 checkpoint", 0, 1)
@@ -617,13 +610,13 @@ def build_engine(
         f"building the {p} model",
         build_bytes(cfg, p, resident_bytes(files)),
         hints=hints,
-        enabled=spec.memory_check,
+        enabled=spec.model.memory_check,
     )
     info["build"] = "streamed"
     with Checkpoint(files) as checkpoint:
         if "lm_head.weight" not in checkpoint and _declared_untied(spec.files):
             raise ModelLoadError(
-                f"{spec.base}: the checkpoint has no lm_head although its config declares it "
+                f"{spec.model.base}: the checkpoint has no lm_head although its config declares it "
                 "separate from the input embeddings (tie_word_embeddings=false)"
             )
         source = WeightSource(checkpoint, deltas)
@@ -635,14 +628,14 @@ def build_engine(
 async def serving_adapter(settings: Settings) -> Path | None:
     """The adapter the bot serves: ``DOPPELBOT_ADAPTER_PATH`` when set, else the one chosen
     with ``doppelbot adapter use`` (recorded in the database); None = the base model alone."""
-    if settings.adapter_path is not None:
-        return settings.adapter_path
-    if not settings.db_path.exists():
+    if settings.model.adapter_path is not None:
+        return settings.model.adapter_path
+    if not settings.store.db_path.exists():
         return None
     from doppelbot.store.database import Database
     from doppelbot.training.registry import current_adapter
 
-    db = await Database.open(settings.db_path)
+    db = await Database.open(settings.store.db_path)
     try:
         return await current_adapter(settings, db)
     finally:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from doppelbot.domain import GenerationOptions
+from doppelbot.config import GenerationOptions, ModelSettings
 from doppelbot.errors import (
     DoppelbotError,
     GenerationError,
@@ -94,12 +94,13 @@ class ModelWorker:
         model: ReplyModel | Loader,
         *,
         identity: ModelIdentity | None = None,
-        queue_size: int = 32,
-        timeout_s: float | None = 120.0,
-        torch_threads: int | None = None,
+        settings: ModelSettings | None = None,
         default_options: GenerationOptions | None = None,
         name: str = "doppelbot-model",
     ) -> None:
+        """``settings``: the queue size, the default time limit of a generation and the torch
+        threads (the model section; its defaults when None)."""
+        settings = settings or ModelSettings()
         if callable(model) and not hasattr(model, "generate"):
             self._loader: Loader | None = model  # type: ignore[assignment]
             self.model: ReplyModel | None = None
@@ -107,53 +108,14 @@ class ModelWorker:
             self._loader = None
             self.model = model  # type: ignore[assignment]
         self._identity = identity
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
-        self.timeout_s = timeout_s
-        self.torch_threads = torch_threads
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.worker_queue_size)
+        self.timeout_s = settings.generation_timeout_s
+        self.torch_threads = settings.torch_threads
         self.default_options = default_options or GenerationOptions()
         self._name = name
         self._thread: threading.Thread | None = None
         self._closed = False
         self._ready: asyncio.Future[None] | None = None
-
-    # --- construction ----------------------------------------------------------------------
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Settings,
-        *,
-        adapter: Path | str | None = "serving",
-        progress: Progress | None = None,
-        **spec_overrides: Any,
-    ) -> ModelWorker:
-        """A worker that loads ``settings.model`` when started, with ``adapter`` — by default
-        the serving one: ``DOPPELBOT_ADAPTER_PATH``, else the one chosen with ``doppelbot
-        adapter use`` (None: the base model alone)."""
-        from doppelbot.model.loader import ModelSpec
-
-        spec = ModelSpec.from_settings(settings, **spec_overrides)
-
-        def load() -> ReplyModel:
-            from dataclasses import replace
-
-            from doppelbot.model.loader import load_reply_model, serving_adapter
-
-            # Runs in the worker thread, which has no event loop of its own: a short-lived one
-            # reads the serving choice from the database.
-            chosen = asyncio.run(serving_adapter(settings)) if adapter == "serving" else adapter
-            target = replace(spec, adapter=None if chosen is None else Path(chosen))
-            if progress is None:
-                return load_reply_model(target)
-            return load_reply_model(target, progress)
-
-        return cls(
-            load,
-            identity=ModelIdentity(settings.model, None),
-            queue_size=settings.worker_queue_size,
-            timeout_s=settings.generation_timeout_s,
-            torch_threads=settings.torch_threads,
-            default_options=settings.generation_options(),
-        )
 
     # --- ReplyGenerator --------------------------------------------------------------------
     @property
@@ -312,3 +274,37 @@ class ModelWorker:
             job.resolve(error=error)
         else:
             job.resolve(result)
+
+
+def model_worker(
+    settings: Settings,
+    *,
+    adapter: Path | str | None = "serving",
+    progress: Progress | None = None,
+) -> ModelWorker:
+    """A worker that loads ``settings.model`` when started, with ``adapter`` — by default the
+    serving one: ``DOPPELBOT_ADAPTER_PATH``, else the one chosen with ``doppelbot adapter use``
+    (None: the base model alone)."""
+    from doppelbot.model.loader import model_spec
+
+    spec = model_spec(settings)
+
+    def load() -> ReplyModel:
+        from dataclasses import replace
+
+        from doppelbot.model.loader import load_reply_model, serving_adapter
+
+        # Runs in the worker thread, which has no event loop of its own: a short-lived one
+        # reads the serving choice from the database.
+        chosen = asyncio.run(serving_adapter(settings)) if adapter == "serving" else adapter
+        target = replace(spec, adapter=None if chosen is None else Path(chosen))
+        if progress is None:
+            return load_reply_model(target)
+        return load_reply_model(target, progress)
+
+    return ModelWorker(
+        load,
+        identity=ModelIdentity(settings.model.base, None),
+        settings=settings.model,
+        default_options=settings.generation,
+    )

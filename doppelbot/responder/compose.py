@@ -18,7 +18,6 @@ from doppelbot.domain import Role, Turn
 from doppelbot.errors import PromptTooLongError, describe
 from doppelbot.knowledge.policy import apply_fact_fallback
 from doppelbot.ports import FactRetriever, ScoredFact
-from doppelbot.prompt import PromptFormat
 
 log = logging.getLogger("doppelbot.responder")
 
@@ -35,16 +34,18 @@ class ReplyComposer:
         self.facts = facts
         #: None: no token budget check (tests, fakes without a tokenizer).
         self.count_tokens = count_tokens
-        self.format = PromptFormat(settings.persona, settings.role_other, settings.role_owner)
+        self.format = settings.prompt.format
 
     async def retrieve(self, query: str) -> list[ScoredFact]:
         """Facts for ``query``; none when retrieval fails (facts make replies better, their
         absence is not fatal)."""
-        if self.facts is None or self.settings.facts_top_k == 0 or not query:
+        if self.facts is None or self.settings.knowledge.facts_top_k == 0 or not query:
             return []
         try:
             return await self.facts.retrieve(
-                query, top_k=self.settings.facts_top_k, threshold=self.settings.facts_threshold
+                query,
+                top_k=self.settings.knowledge.facts_top_k,
+                threshold=self.settings.knowledge.facts_threshold,
             )
         except Exception as exc:
             log.warning("responder: fact retrieval failed: %s", describe(exc))
@@ -63,7 +64,7 @@ class ReplyComposer:
         assert self.count_tokens is not None
         for attempt in (facts, []) if facts else ([],):
             fit = fit_turns(
-                turns, self.format, self.count_tokens, self.settings.max_input_tokens, attempt
+                turns, self.format, self.count_tokens, self.settings.model.max_input_tokens, attempt
             )
             if fit is not None:
                 kept, prompt, _ = fit
@@ -74,7 +75,7 @@ class ReplyComposer:
     async def finish(self, query: str, text: str, facts: Sequence[ScoredFact]) -> str:
         """The reply to send: the model's ``text``, or the best fact when the fact fallback
         finds it answers ``query`` better."""
-        if not self.settings.fact_fallback or not facts or self.facts is None:
+        if not self.settings.knowledge.fact_fallback or not facts or self.facts is None:
             return text
         try:
             decision = await apply_fact_fallback(
@@ -83,7 +84,7 @@ class ReplyComposer:
                 text,
                 facts,
                 enabled=True,
-                margin=self.settings.fact_fallback_margin,
+                margin=self.settings.knowledge.fact_fallback_margin,
             )
         except Exception as exc:
             log.warning("responder: fact fallback skipped: %s", describe(exc))

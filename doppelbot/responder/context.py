@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from doppelbot.config import Settings
-from doppelbot.dataset.options import DatasetOptions
+from doppelbot.dataset.options import dataset_options
 from doppelbot.dataset.sessions import build_live_context
 from doppelbot.domain import Message, Peer, Role, Turn
 
@@ -58,8 +58,8 @@ def session_message_ids(messages: Sequence[Message], now: int, gap_s: float) -> 
 
 
 def default_context_builder(settings: Settings) -> ContextBuilder:
-    """The dataset's rules (``DatasetOptions.from_settings``) applied to the live chat."""
-    options = DatasetOptions.from_settings(settings)
+    """The dataset's rules (``dataset_options``) applied to the live chat."""
+    options = dataset_options(settings)
 
     def build(messages: Sequence[Message], now: int, peer: Peer) -> LiveContext:
         names = (peer.first_name, peer.last_name, peer.username)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from doppelbot.domain import GenerationOptions, Role, Turn
+from doppelbot.config import GenerationOptions
+from doppelbot.domain import Role, Turn
 from doppelbot.errors import PromptTooLongError
 from doppelbot.ports import ReplyGenerator
 from doppelbot.responder.compose import ReplyComposer

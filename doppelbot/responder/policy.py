@@ -7,20 +7,19 @@ generation and again before sending (dynamic: pause, quiet hours, takeover, hour
 A rule that says no returns a short reason string, stored with the dropped reply. Quiet hours
 and the hourly caps say "not now" rather than "no": ``defer_until`` tells when to try again.
 After downtime, ``catch_up_skip`` decides which unanswered chats are still worth answering.
+Every rule reads its numbers and lists from the responder section of the settings
+(``ResponderSettings``, which also holds them parsed: chat ids, usernames, the time zone).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, tzinfo
+from datetime import datetime, timedelta
 from enum import StrEnum
-from zoneinfo import ZoneInfo
 
-from doppelbot.config import Settings
+from doppelbot.config import HOUR_S, ResponderSettings
 from doppelbot.domain import Message, Peer, PeerKind
-
-HOUR_S = 3600
 
 
 class Skip(StrEnum):
@@ -58,73 +57,21 @@ class Skip(StrEnum):
 DEFER_REASONS = frozenset({Skip.QUIET_HOURS, Skip.CHAT_CAP, Skip.GLOBAL_CAP})
 
 
-def _parse_list(entries: list[str]) -> tuple[frozenset[int], frozenset[str]]:
-    ids: set[int] = set()
-    names: set[str] = set()
-    for raw in entries:
-        entry = raw.strip()
-        if not entry:
-            continue
-        try:
-            ids.add(int(entry))
-        except ValueError:
-            names.add(entry.lstrip("@").lower())
-    return frozenset(ids), frozenset(names)
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyConfig:
-    allow_ids: frozenset[int] = frozenset()
-    allow_usernames: frozenset[str] = frozenset()
-    deny_ids: frozenset[int] = frozenset()
-    deny_usernames: frozenset[str] = frozenset()
-    answer_unknown_contacts: bool = False
-    group_reply_probability: float = 0.0
-    per_chat_hourly_cap: int = 10
-    global_hourly_cap: int = 60
-    quiet_hours: tuple[time, time] | None = None
-    tz: tzinfo | None = None  # None = the system's local time
-    takeover_s: float = 1800.0
-    catch_up_max_age_s: float = 6 * HOUR_S
-    #: The user ids of the owner's other own accounts: a chat with one of them is the owner
-    #: talking to themself (and two bots answering each other would never stop).
-    own_accounts: frozenset[int] = frozenset()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> PolicyConfig:
-        allow_ids, allow_names = _parse_list(settings.allow_list)
-        deny_ids, deny_names = _parse_list(settings.deny_list)
-        return cls(
-            allow_ids=allow_ids,
-            allow_usernames=allow_names,
-            deny_ids=deny_ids,
-            deny_usernames=deny_names,
-            answer_unknown_contacts=settings.answer_unknown_contacts,
-            group_reply_probability=settings.group_reply_probability,
-            per_chat_hourly_cap=settings.per_chat_hourly_cap,
-            global_hourly_cap=settings.global_hourly_cap,
-            quiet_hours=settings.quiet_hours_range,
-            tz=ZoneInfo(settings.timezone) if settings.timezone else None,
-            takeover_s=settings.takeover_minutes * 60,
-            catch_up_max_age_s=settings.catch_up_max_age,
-        )
-
-    @property
-    def has_allow_list(self) -> bool:
-        return bool(self.allow_ids or self.allow_usernames)
-
-
 def _listed(peer: Peer, ids: frozenset[int], names: frozenset[str]) -> bool:
     if peer.peer_id in ids:
         return True
     return bool(peer.username) and peer.username.lower() in names  # type: ignore[union-attr]
 
 
-def chat_eligibility(peer: Peer, owner_id: int, cfg: PolicyConfig) -> Skip | None:
-    """Whether this chat is ever answered: its kind, the lists, the contacts rule."""
+def chat_eligibility(
+    peer: Peer, owner_id: int, cfg: ResponderSettings, other_own: frozenset[int] = frozenset()
+) -> Skip | None:
+    """Whether this chat is ever answered: its kind, the lists, the contacts rule.
+    ``other_own``: the user ids of the owner's other own accounts — a chat with one of them is
+    the owner talking to themself (and two bots answering each other would never stop)."""
     if peer.is_self or peer.peer_id == owner_id:
         return Skip.SAVED_MESSAGES
-    if peer.peer_id in cfg.own_accounts:
+    if peer.peer_id in other_own:
         return Skip.OWN_ACCOUNT
     if peer.kind is PeerKind.CHANNEL:
         return Skip.CHANNEL
@@ -144,7 +91,13 @@ def chat_eligibility(peer: Peer, owner_id: int, cfg: PolicyConfig) -> Skip | Non
     return None
 
 
-def eligibility(message: Message, peer: Peer, owner_id: int, cfg: PolicyConfig) -> Skip | None:
+def eligibility(
+    message: Message,
+    peer: Peer,
+    owner_id: int,
+    cfg: ResponderSettings,
+    other_own: frozenset[int] = frozenset(),
+) -> Skip | None:
     """Static rules for an incoming message in ``peer``'s chat; ``None``: it may be answered."""
     if message.is_service:
         return Skip.SERVICE
@@ -159,14 +112,14 @@ def eligibility(message: Message, peer: Peer, owner_id: int, cfg: PolicyConfig) 
     ):
         # In a private chat only the other person writes; anything else is not theirs.
         return Skip.NOT_FROM_CHAT
-    return chat_eligibility(peer, owner_id, cfg)
+    return chat_eligibility(peer, owner_id, cfg, other_own)
 
 
-def in_quiet_hours(now: float, cfg: PolicyConfig) -> bool:
+def in_quiet_hours(now: float, cfg: ResponderSettings) -> bool:
     """Whether ``now`` (UTC unix seconds) falls into the local quiet-hours range."""
-    if cfg.quiet_hours is None:
+    if cfg.quiet_hours_range is None:
         return False
-    start, end = cfg.quiet_hours
+    start, end = cfg.quiet_hours_range
     if start == end:
         return False
     local = datetime.fromtimestamp(now, tz=cfg.tz) if cfg.tz else datetime.fromtimestamp(now)
@@ -187,7 +140,7 @@ class GateInputs:
     global_sends_last_hour: int
 
 
-def gate(inputs: GateInputs, cfg: PolicyConfig) -> Skip | None:
+def gate(inputs: GateInputs, cfg: ResponderSettings) -> Skip | None:
     """Dynamic rules; ``None`` means the bot may answer now."""
     if inputs.paused:
         return Skip.PAUSED
@@ -205,12 +158,12 @@ def gate(inputs: GateInputs, cfg: PolicyConfig) -> Skip | None:
     return None
 
 
-def quiet_hours_end(now: float, cfg: PolicyConfig) -> float:
+def quiet_hours_end(now: float, cfg: ResponderSettings) -> float:
     """When the quiet hours that ``now`` falls into end (UTC unix seconds); ``now`` itself
     when it is not in quiet hours."""
-    if not in_quiet_hours(now, cfg) or cfg.quiet_hours is None:
+    if not in_quiet_hours(now, cfg) or cfg.quiet_hours_range is None:
         return now
-    end = cfg.quiet_hours[1]
+    end = cfg.quiet_hours_range[1]
     local = datetime.fromtimestamp(now, tz=cfg.tz) if cfg.tz else datetime.fromtimestamp(now)
     candidate = local.replace(hour=end.hour, minute=end.minute, second=0, microsecond=0)
     if candidate.timestamp() <= now:
@@ -232,7 +185,7 @@ def cap_frees_at(send_times: Sequence[float], cap: int, now: float) -> float:
 def defer_until(
     reason: Skip,
     now: float,
-    cfg: PolicyConfig,
+    cfg: ResponderSettings,
     *,
     chat_send_times: Sequence[float] = (),
     global_send_times: Sequence[float] = (),
@@ -255,7 +208,7 @@ def catch_up_skip(
     now: float,
     first_run_at: float,
     read_by_owner: bool,
-    cfg: PolicyConfig,
+    cfg: ResponderSettings,
 ) -> Skip | None:
     """Whether an unanswered message that arrived while the bot was down is answered now:
     not when the owner already read it elsewhere (they chose), not when it is older than
@@ -269,7 +222,7 @@ def catch_up_skip(
     return None
 
 
-def group_dice(peer: Peer, cfg: PolicyConfig, roll: float) -> Skip | None:
+def group_dice(peer: Peer, cfg: ResponderSettings, roll: float) -> Skip | None:
     """Groups are answered only with the opt-in probability (``roll`` is uniform in [0, 1))."""
     if peer.kind is PeerKind.GROUP and roll >= cfg.group_reply_probability:
         return Skip.GROUP_DICE

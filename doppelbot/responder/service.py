@@ -38,11 +38,11 @@ import logging
 import random
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from doppelbot.config import Settings
+from doppelbot.config import HOUR_S, Settings
 from doppelbot.domain import Message, Peer, PeerKind, Reply, ReplyMode, ReplyStatus
 from doppelbot.errors import (
     DoppelbotError,
@@ -63,9 +63,7 @@ from doppelbot.responder.context import (
 from doppelbot.responder.debounce import Debouncer
 from doppelbot.responder.policy import (
     DEFER_REASONS,
-    HOUR_S,
     GateInputs,
-    PolicyConfig,
     Skip,
     catch_up_skip,
     chat_eligibility,
@@ -196,16 +194,18 @@ class Responder:
         self._unsaved = unsaved
         self.on_sent = tuple(on_sent)
         self.on_owner_message = tuple(on_owner_message)
-        self.policy = PolicyConfig.from_settings(settings)
-        self._options = settings.generation_options()
+        self.policy = settings.responder
+        #: The owner's other own accounts (known once started): never answered.
+        self.other_own: frozenset[int] = frozenset()
+        self._options = settings.generation
         self._context = context_builder or default_context_builder(settings)
-        self._debouncer: Debouncer[int] = Debouncer(settings.debounce_s, self._schedule)
+        self._debouncer: Debouncer[int] = Debouncer(settings.responder.debounce_s, self._schedule)
         # Deferred replies wake up here when their window opens (one timer per chat).
         self._wakeups: Debouncer[int] = Debouncer(0.0, self._wake)
         self._chats: dict[int, _Chat] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gen_slots = asyncio.Semaphore(
-            max(1, min(settings.worker_queue_size, MAX_PARALLEL_GENERATIONS))
+            max(1, min(settings.model.worker_queue_size, MAX_PARALLEL_GENERATIONS))
         )
         self._closing = False
         self._warned_no_drafts = False
@@ -222,8 +222,7 @@ class Responder:
         ``other_own``: the owner's other accounts (their chats are never answered)."""
         if owner_id is not None:
             self.owner_id = owner_id
-        if other_own:
-            self.policy = replace(self.policy, own_accounts=frozenset(other_own))
+        self.other_own = frozenset(other_own)
         if self.owner_id is None:
             raise ValueError("the responder starts once the logged-in account is known")
         open_rows = await replies.with_status(
@@ -286,8 +285,8 @@ class Responder:
 
     async def aclose(self) -> None:
         """Stop: no new work, cancel timers, let deliveries in progress finish (up to
-        ``settings.shutdown_grace_s``), cancel the rest and wait for it. Replies cut short stay
-        ``generating``/``sending`` in the store and are picked up by the next start."""
+        ``settings.daemon.shutdown_grace_s``), cancel the rest and wait for it. Replies cut short
+        stay ``generating``/``sending`` in the store and are picked up by the next start."""
         self._closing = True
         self._debouncer.close()
         self._wakeups.close()
@@ -296,9 +295,9 @@ class Responder:
             for s in self._chats.values()
             if s.runner is not None and not s.runner.done() and not s.idle.is_set()
         ]
-        if delivering and self.settings.shutdown_grace_s > 0:
+        if delivering and self.settings.daemon.shutdown_grace_s > 0:
             # A reply half-way out is better finished than resumed by the next start.
-            await asyncio.wait(delivering, timeout=self.settings.shutdown_grace_s)
+            await asyncio.wait(delivering, timeout=self.settings.daemon.shutdown_grace_s)
         while self._tasks:
             tasks = list(self._tasks)
             for task in tasks:
@@ -340,7 +339,7 @@ class Responder:
 
     async def _on_incoming(self, message: Message, peer: Peer, *, catch_up: bool = False) -> bool:
         """Queue (or extend) the chat's reply for ``message``; True when it did."""
-        reason = eligibility(message, peer, self.owner_id, self.policy)
+        reason = eligibility(message, peer, self.owner_id, self.policy, self.other_own)
         if reason is not None:
             log.debug("responder: ignored chat=%d reason=%s", message.chat_id, reason)
             return False
@@ -472,7 +471,7 @@ class Responder:
             return
         state.peer = peer
         mode = await self._mode(chat_id)
-        reason = chat_eligibility(peer, self.owner_id, self.policy)
+        reason = chat_eligibility(peer, self.owner_id, self.policy, self.other_own)
         if reason is None and mode is ReplyMode.OFF:
             reason = Skip.MODE_OFF
         if reason is None:
@@ -543,7 +542,7 @@ class Responder:
             try:
                 text = await self.generator.generate(prompt, self._options)
                 text = await self.composer.finish(context.query, text, facts)
-                parts = delivery.split_reply(text, split_lines=self.settings.split_lines)
+                parts = delivery.split_reply(text, split_lines=self.settings.responder.split_lines)
             except Exception as exc:
                 gen_ms = int((self.clock.monotonic() - started) * 1000)
                 await replies.transition(
@@ -804,7 +803,9 @@ class Responder:
         try:
             if pause:
                 wait = delivery.human_delay(
-                    self.rng, self.settings.human_delay_min_s, self.settings.human_delay_max_s
+                    self.rng,
+                    self.settings.responder.human_delay_min_s,
+                    self.settings.responder.human_delay_max_s,
                 )
                 delays += wait
                 await self.clock.sleep(wait)
@@ -847,7 +848,12 @@ class Responder:
             return False
         finally:
             state.idle.set()
-        latency = self.clock.monotonic() - state.last_arrival - delays - self.settings.debounce_s
+        latency = (
+            self.clock.monotonic()
+            - state.last_arrival
+            - delays
+            - self.settings.responder.debounce_s
+        )
         self.sent_log.append(SentRecord(reply_id, chat_id, max(0.0, latency)))
         self.stats["sent"] += 1
         log.info("responder: reply sent chat=%d reply=%d parts=%d", chat_id, reply_id, len(parts))
@@ -864,7 +870,7 @@ class Responder:
 
     async def _type(self, chat_id: int, text: str) -> float:
         seconds = delivery.typing_seconds(
-            text, self.settings.typing_chars_per_s, self.settings.typing_max_s
+            text, self.settings.responder.typing_chars_per_s, self.settings.responder.typing_max_s
         )
         if seconds <= 0:
             return 0.0
@@ -880,7 +886,7 @@ class Responder:
         return seconds
 
     async def _send(self, chat_id: int, text: str) -> Message:
-        bound = self.settings.flood_wait_max_s
+        bound = self.settings.export.flood_wait_max_s
         waited = 0
         while True:
             try:
@@ -914,7 +920,7 @@ class Responder:
         chat_id = state.chat_id
         text = reply.final_text or reply.draft_text or ""
         try:
-            parts = delivery.split_reply(text, split_lines=self.settings.split_lines)
+            parts = delivery.split_reply(text, split_lines=self.settings.responder.split_lines)
         except DoppelbotError:
             await replies.transition(
                 self.db, reply.reply_id, S.SENDING, S.FAILED, now=self._now(), error="no text"
@@ -997,7 +1003,7 @@ class Responder:
         if reply is None:
             return Approval.NOT_WAITING
         final = text if text is not None else (reply.draft_text or "")
-        parts = delivery.split_reply(final, split_lines=self.settings.split_lines)
+        parts = delivery.split_reply(final, split_lines=self.settings.responder.split_lines)
         state = self._state(reply.chat_id)
         async with state.lock:
             await self._sync_last_incoming(state)
@@ -1068,4 +1074,6 @@ class Responder:
         if override is not None:
             return override
         # ``/mode MODE`` in Saved Messages changes the default at runtime (stored).
-        return await bot_state.global_reply_mode(self.db) or ReplyMode(self.settings.reply_mode)
+        return await bot_state.global_reply_mode(self.db) or ReplyMode(
+            self.settings.responder.reply_mode
+        )

@@ -102,7 +102,7 @@ class DraftDesk:
         for reply in await replies.with_status(self.db, [S.AWAITING_REVIEW]):
             if reply.review_message_id is None:
                 await self._post_card(reply, only_if_missing=True)
-        ttl_s = self.settings.draft_ttl_minutes * 60
+        ttl_s = self.settings.review.draft_ttl_minutes * 60
         interval = max(0.05, min(MAX_SWEEP_S, ttl_s / 4))
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(interval))
 
@@ -160,7 +160,7 @@ class DraftDesk:
         incoming = await self._incoming_texts(reply)
         is_auto = reply.mode is ReplyMode.AUTO if auto is None else auto
         draft = (reply.final_text if is_auto else reply.draft_text) or reply.draft_text or ""
-        ttl_s = self.settings.draft_ttl_minutes * 60
+        ttl_s = self.settings.review.draft_ttl_minutes * 60
         since = reply.generated_at or reply.updated_at or int(self.clock.time())
         left = max(0.0, since + ttl_s - self.clock.time()) / 60
         return format_card(
@@ -287,7 +287,7 @@ class DraftDesk:
 
     async def expire_due(self) -> int:
         """Expire drafts older than ``draft_ttl_minutes``; returns how many."""
-        ttl_s = self.settings.draft_ttl_minutes * 60
+        ttl_s = self.settings.review.draft_ttl_minutes * 60
         now = self.clock.time()
         expired = 0
         for reply in await replies.with_status(self.db, [S.AWAITING_REVIEW]):

@@ -179,7 +179,9 @@ class OwnerNotes:
             return
         for reaction in current:
             action = reaction_action(
-                reaction.emoji, self.settings.positive_reactions, self.settings.negative_reactions
+                reaction.emoji,
+                self.settings.review.positive_reactions,
+                self.settings.review.negative_reactions,
             )
             if action is not None:
                 await self._act(reply, action, answer_id=None)
@@ -296,12 +298,12 @@ class OwnerNotes:
         draft's lifetime it finds the draft expired; an approval older than the catch-up age
         is not carried out any more (the conversation has moved on)."""
         since = reply.generated_at or reply.updated_at
-        if answered_at - since >= self.settings.draft_ttl_minutes * 60:
+        if answered_at - since >= self.settings.review.draft_ttl_minutes * 60:
             await self.drafts.expire(reply, "expired", OUTCOME_EXPIRED)
             await self._late(await replies.get(self.db, reply.reply_id), answer_id)
             return True
         age = self.clock.time() - answered_at
-        max_age = self.settings.catch_up_max_age
+        max_age = self.settings.responder.catch_up_max_age_s
         if kind in (CardActionKind.APPROVE, CardActionKind.CORRECT) and 0 < max_age < age:
             await self.drafts.expire(reply, "too_old", OUTCOME_TOO_LATE.format(hours=age / 3600))
             return True

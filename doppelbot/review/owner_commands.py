@@ -95,7 +95,7 @@ async def _resolve_chat(ctx: CommandContext, token: str) -> tuple[int, str]:
 
 async def status_text(ctx: CommandContext) -> str:
     paused = await bot_state.is_paused(ctx.db)
-    mode = await bot_state.global_reply_mode(ctx.db) or ReplyMode(ctx.settings.reply_mode)
+    mode = await bot_state.global_reply_mode(ctx.db) or ReplyMode(ctx.settings.responder.reply_mode)
     counts = await replies.count_by_status(ctx.db)
     sent_hour = await replies.count_recent_sends(ctx.db, int(ctx.clock.time()) - 3600)
     overrides = await bot_state.chat_mode_overrides(ctx.db)

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from doppelbot.config import VoiceSettings
 from doppelbot.ports import Transcript
 from doppelbot.speech.audio import SAMPLE_RATE, decode_audio
-from doppelbot.speech.model import DecodeOptions
+from doppelbot.speech.model import decode_kwargs
 
 Check = Callable[[], None]
 
@@ -26,7 +27,7 @@ def _no_check() -> None:
 def transcribe_audio(
     model: Any,
     audio: bytes | Path | Any,
-    options: DecodeOptions,
+    voice: VoiceSettings,
     *,
     model_name: str,
     max_duration_s: float | None = None,
@@ -39,7 +40,7 @@ def transcribe_audio(
     else:
         samples = audio
     check()
-    segments, info = model.transcribe(samples, **options.kwargs())
+    segments, info = model.transcribe(samples, **decode_kwargs(voice))
     parts: list[str] = []
     for segment in segments:  # lazy: each step decodes one window
         parts.append(segment.text)
@@ -51,5 +52,5 @@ def transcribe_audio(
         duration_s=round(samples.shape[0] / SAMPLE_RATE, 3),
         model=model_name,
         seconds=round(time.perf_counter() - started, 3),
-        language_probability=None if options.language else float(info.language_probability),
+        language_probability=None if voice.decode_language else float(info.language_probability),
     )

@@ -10,81 +10,57 @@ int8 on CPU and float16 on CUDA unless set.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from doppelbot.config import VoiceSettings
 from doppelbot.errors import SpeechModelError
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
 
 
-@dataclass(frozen=True, slots=True)
-class DecodeOptions:
+def decode_kwargs(voice: VoiceSettings) -> dict[str, Any]:
     """faster-whisper's ``transcribe`` knobs doppelbot sets (the rest keep its defaults).
 
     Notes are short and timestamps unused, so decoding skips timestamp tokens and does not
     condition one 30-second window on the previous one's text (which only matters for long
     recordings and is how Whisper loops)."""
-
-    language: str | None = None  # None: detect
-    beam_size: int = 1
-    temperature_fallback: bool = True
-    vad_filter: bool = True
-
-    def kwargs(self) -> dict[str, Any]:
-        values: dict[str, Any] = {
-            "language": self.language,
-            "task": "transcribe",
-            "beam_size": self.beam_size,
-            "best_of": max(1, self.beam_size),
-            "without_timestamps": True,
-            "condition_on_previous_text": False,
-            "vad_filter": self.vad_filter,
-        }
-        if not self.temperature_fallback:
-            values["temperature"] = 0.0
-        return values
+    values: dict[str, Any] = {
+        "language": voice.decode_language,
+        "task": "transcribe",
+        "beam_size": voice.beam_size,
+        "best_of": max(1, voice.beam_size),
+        "without_timestamps": True,
+        "condition_on_previous_text": False,
+        "vad_filter": voice.vad_filter,
+    }
+    if not voice.temperature_fallback:
+        values["temperature"] = 0.0
+    return values
 
 
 @dataclass(frozen=True, slots=True)
 class WhisperSpec:
-    model: str = "small"
-    device: str = "auto"  # auto | cpu | cuda
-    compute_type: str = "auto"
-    threads: int | None = None  # None: all cores
+    """What to load and how to run it: the voice section, and where models are kept."""
+
+    voice: VoiceSettings = field(default_factory=VoiceSettings)
     download_root: Path | None = None
-    decode: DecodeOptions = DecodeOptions()
     #: The data directory whose ``doppelbot model download speech`` copy a size name or hub
     #: id loads from (None: faster-whisper fetches it from the hub into ``download_root``).
     data_dir: Path | None = None
 
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> WhisperSpec:
-        language = settings.voice_language
-        values: dict[str, Any] = {
-            "model": settings.voice_model,
-            "device": settings.voice_device,
-            "compute_type": settings.voice_compute_type,
-            "threads": settings.voice_threads,
-            "download_root": settings.voice_cache_dir,
-            "data_dir": settings.data_dir,
-            "decode": DecodeOptions(
-                language=None if language == "auto" else language,
-                beam_size=settings.voice_beam_size,
-                temperature_fallback=settings.voice_temperature_fallback,
-                vad_filter=settings.voice_vad_filter,
-            ),
-        }
-        values.update(overrides)
-        return cls(**values)
-
     @property
     def name(self) -> str:
         """How transcripts name their model: the folder's name for a local model."""
-        path = Path(self.model).expanduser()
-        return path.name if path.is_dir() else self.model
+        path = Path(self.voice.model).expanduser()
+        return path.name if path.is_dir() else self.voice.model
+
+
+def whisper_spec(settings: Settings) -> WhisperSpec:
+    """The configured speech model (``settings.voice``) with the data directory's caches."""
+    return WhisperSpec(settings.voice, settings.store.voice_cache_dir, settings.store.data_dir)
 
 
 def resolve_device(device: str) -> str:
@@ -115,11 +91,11 @@ def load_whisper(spec: WhisperSpec) -> Any:
         from faster_whisper import WhisperModel
     except ImportError as exc:  # pragma: no cover - a broken install
         raise SpeechModelError(f"faster-whisper is not installed: {exc}") from None
-    device = resolve_device(spec.device)
-    compute_type = resolve_compute_type(device, spec.compute_type)
-    path = Path(spec.model).expanduser()
+    device = resolve_device(spec.voice.device)
+    compute_type = resolve_compute_type(device, spec.voice.compute_type)
+    path = Path(spec.voice.model).expanduser()
     local = path.is_dir()
-    if not local and (path.is_absolute() or spec.model.startswith((".", "~"))):
+    if not local and (path.is_absolute() or spec.voice.model.startswith((".", "~"))):
         raise SpeechModelError(f"speech model folder not found: {path}")
     if not local and spec.data_dir is not None:
         # The bot starts offline: a size name or hub id loads the downloaded copy.
@@ -127,7 +103,7 @@ def load_whisper(spec: WhisperSpec) -> Any:
         from doppelbot.model.local import model_source, speech_repo
 
         try:
-            path = Path(model_source(speech_repo(spec.model), spec.data_dir, "speech"))
+            path = Path(model_source(speech_repo(spec.voice.model), spec.data_dir, "speech"))
         except ModelMissingError as exc:
             raise SpeechModelError(str(exc)) from None
         local = True
@@ -138,10 +114,10 @@ def load_whisper(spec: WhisperSpec) -> Any:
         )
     try:
         return WhisperModel(
-            str(path) if local else spec.model,
+            str(path) if local else spec.voice.model,
             device=device,
             compute_type=compute_type,
-            cpu_threads=cpu_threads(spec.threads) if device == "cpu" else 0,
+            cpu_threads=cpu_threads(spec.voice.threads) if device == "cpu" else 0,
             download_root=None if local or spec.download_root is None else str(spec.download_root),
         )
     except Exception as exc:
@@ -152,6 +128,6 @@ def load_whisper(spec: WhisperSpec) -> Any:
                 "DOPPELBOT_VOICE_MODEL at a local folder)"
             )
         raise SpeechModelError(
-            f"cannot load the speech model {spec.model!r} on {device}/{compute_type}: "
+            f"cannot load the speech model {spec.voice.model!r} on {device}/{compute_type}: "
             f"{type(exc).__name__}: {exc}{hint}"
         ) from exc

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from doppelbot.errors import (
     DoppelbotError,
@@ -39,9 +39,6 @@ from doppelbot.errors import (
 )
 from doppelbot.ports import Transcript
 from doppelbot.speech.model import WhisperSpec
-
-if TYPE_CHECKING:
-    from doppelbot.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -84,32 +81,21 @@ class TranscriptionWorker:
         spec: WhisperSpec,
         *,
         loader: Loader | None = None,
-        queue_size: int = 8,
-        timeout_s: float | None = 120.0,
-        max_duration_s: float | None = None,
         name: str = "doppelbot-speech",
     ) -> None:
+        """A worker for ``spec`` (its queue, timeout and note limit: ``spec.voice``); the
+        model loads on first use, with ``loader`` instead of ``load_whisper`` in tests."""
         self.spec = spec
         self._loader = loader
         self.model: Any = None
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
-        self.timeout_s = timeout_s
-        self.max_duration_s = max_duration_s
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=spec.voice.queue_size)
+        self.timeout_s = spec.voice.timeout_s
+        self.max_duration_s = spec.voice.max_duration_s
         self._name = name
         self._thread: threading.Thread | None = None
         self._ready: asyncio.Future[None] | None = None
         self._closed = False
         self._load_error: BaseException | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **spec_overrides: Any) -> TranscriptionWorker:
-        """A worker for ``DOPPELBOT_VOICE_*``; the model loads on first use."""
-        return cls(
-            WhisperSpec.from_settings(settings, **spec_overrides),
-            queue_size=settings.voice_queue_size,
-            timeout_s=settings.voice_timeout_s,
-            max_duration_s=settings.voice_max_duration_s,
-        )
 
     # --- Transcriber ------------------------------------------------------------------------
     @property
@@ -248,7 +234,7 @@ class TranscriptionWorker:
             result = transcribe_audio(
                 self.model,
                 job.audio,
-                self.spec.decode,
+                self.spec.voice,
                 model_name=self.model_name,
                 max_duration_s=job.max_duration_s,
                 check=check,

@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from doppelbot.domain import GenerationOptions, Sample
+from doppelbot.config import GenerationOptions
+from doppelbot.domain import Sample
 from doppelbot.errors import GenerationError
 from doppelbot.ports import ReplyGenerator
 from doppelbot.ssa.labels import (

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from doppelbot.domain import Candidate, SsaLabel
 from doppelbot.errors import DoppelbotError
 
 Z95 = 1.959963984540054
@@ -31,17 +32,6 @@ _SPLIT_RE = re.compile(r"[\s,;/]+")
 
 class LabelSyntaxError(DoppelbotError):
     """The owner's marks could not be read; the message carries a hint."""
-
-
-@dataclass(frozen=True, slots=True)
-class SsaLabel:
-    sensible: bool
-    specific: bool
-
-    @property
-    def score(self) -> float:
-        """Per-reply SSA contribution: 0, 0.5 or 1."""
-        return (int(self.sensible) + int(self.specific)) / 2
 
 
 def _mark(token: str) -> bool:
@@ -132,15 +122,6 @@ def ssa_report(labels: Iterable[SsaLabel]) -> SsaReport:
         specificity_ci=wilson_interval(spec, n),
         ssa_ci=mean_interval([x.score for x in items]),
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One reply to label; ``source`` is hidden from the owner until the report."""
-
-    context_key: str
-    source: str  # an adapter id, or "owner" for the owner's real reply
-    reply: str
 
 
 def blind_order(candidates: Sequence[Candidate], seed: int) -> list[Candidate]:

@@ -86,7 +86,7 @@ async def set_chat_reply_mode(db: Database, chat_id: int, mode: ReplyMode | None
 
 
 async def global_reply_mode(db: Database) -> ReplyMode | None:
-    """The default mode set at runtime (``/mode MODE``); None: ``settings.reply_mode``."""
+    """The default mode set at runtime (``/mode MODE``); None: ``settings.responder.reply_mode``."""
     value = await get_value(db, REPLY_MODE_KEY)
     return ReplyMode(value) if value else None
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from doppelbot.config import VoiceSettings, default_of
 from doppelbot.domain import (
     VOICE_KINDS,
     MediaKind,
@@ -238,7 +239,7 @@ async def notes_to_transcribe(
     db: Database,
     *,
     chat_ids: Sequence[int] | None = None,
-    max_attempts: int = 3,
+    max_attempts: int = default_of(VoiceSettings, "max_attempts"),
     max_duration_s: float | None = None,
     max_bytes: int | None = None,
     with_file: bool | None = None,

@@ -46,21 +46,21 @@ def secure_session_file(path: Path) -> Path:
 
 
 def _credentials(settings: Settings) -> tuple[int, str]:
-    if settings.api_id is None or settings.api_hash is None:
+    if settings.telegram.api_id is None or settings.telegram.api_hash is None:
         raise ConfigError(
             "DOPPELBOT_API_ID and DOPPELBOT_API_HASH are required to talk to Telegram "
             "(create them at https://my.telegram.org → API development tools)"
         )
-    return settings.api_id, settings.api_hash.get_secret_value()
+    return settings.telegram.api_id, settings.telegram.api_hash.get_secret_value()
 
 
 def make_session(settings: Settings, *, fresh_string: bool = False) -> Any:
     """The Telethon session: a StringSession (settings or a fresh one) or the 0600 file."""
     if fresh_string:
         return StringSession()
-    if settings.session_string is not None:
+    if settings.telegram.session_string is not None:
         try:
-            return StringSession(settings.session_string.get_secret_value().strip())
+            return StringSession(settings.telegram.session_string.get_secret_value().strip())
         except ValueError:
             raise ConfigError(
                 "DOPPELBOT_SESSION_STRING: not a valid Telethon session string"

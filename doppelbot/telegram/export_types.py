@@ -6,40 +6,33 @@ Kept apart from the exporter so the CLI can name these types without importing T
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from doppelbot.config import Settings
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from doppelbot.config import SECTION_CONFIG, ExportSettings, Settings, extend
 from doppelbot.domain import PeerKind
 
 
-@dataclass(frozen=True, slots=True)
-class ExportOptions:
+@pydantic_dataclass(frozen=True, config=SECTION_CONFIG)
+class ExportOptions(ExportSettings):
+    """The export section of the settings (batching, refetching, FloodWait bounds) with what
+    one run exports."""
+
     include_groups: bool = False
     include_channels: bool = False
     include_saved: bool = False
     chats: tuple[str, ...] = ()
     since: int | None = None
     replied_only: bool = False
-    use_takeout: bool = True
-    batch_size: int = 500
-    refetch_recent: int = 100
-    flood_wait_max_s: int = 300
-    flood_wait_total_s: int = 900
-    fallback_wait_s: float = 1.0
 
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> ExportOptions:
-        base = cls(
-            use_takeout=settings.export_use_takeout,
-            batch_size=settings.export_batch_size,
-            refetch_recent=settings.export_refetch_recent,
-            flood_wait_max_s=settings.flood_wait_max_s,
-            flood_wait_total_s=settings.flood_wait_total_s,
-            fallback_wait_s=settings.export_fallback_wait_s,
-        )
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+def export_options(settings: Settings, **overrides: Any) -> ExportOptions:
+    """``settings.export`` with one run's choices (an override of None keeps the setting)."""
+    chosen = {name: value for name, value in overrides.items() if value is not None}
+    return extend(ExportOptions, settings.export, **chosen)
 
 
 class ChatStatus(StrEnum):

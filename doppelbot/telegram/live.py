@@ -33,7 +33,6 @@ from doppelbot.store.writer import MessageWriter
 from doppelbot.telegram.errors import translate
 from doppelbot.telegram.mapping import map_message, map_peer
 from doppelbot.telegram.voice import transcribe_incoming
-from doppelbot.voice import VoiceLimits
 
 log = logging.getLogger("doppelbot.live")
 
@@ -151,7 +150,6 @@ class LiveBot:
         #: before the responder hears of them, so a reply answers what they said.
         self.transcriber = transcriber
         self.clock = clock or Clock()
-        self._voice_limits = VoiceLimits.from_settings(settings)
         self.owner_id: int | None = None
         #: When the newest update of any kind arrived, and Telegram's account-wide sequence
         #: number (pts) of the newest one that carries it: the watchdog compares both.
@@ -221,7 +219,7 @@ class LiveBot:
         if peer.is_self or peer.kind in (PeerKind.BOT, PeerKind.CHANNEL):
             return False
         if peer.kind is PeerKind.GROUP:
-            return self.settings.group_reply_probability > 0
+            return self.settings.responder.group_reply_probability > 0
         return True
 
     async def _peer(self, event: Any) -> Peer | None:
@@ -254,8 +252,8 @@ class LiveBot:
                 self.db,
                 self.transcriber,
                 message,
-                self._voice_limits,
-                download_timeout_s=self.settings.voice_timeout_s,
+                self.settings.voice,
+                download_timeout_s=self.settings.voice.timeout_s,
             )
         except Exception as exc:
             log.warning("live: voice note not transcribed: %s", describe(exc))

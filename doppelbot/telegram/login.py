@@ -113,7 +113,7 @@ async def login_interactive(
     """
     with InstanceLock(settings.lock_path):
         fresh_file: Path | None = None
-        if client is None and not print_session_string and settings.session_string is None:
+        if client is None and not print_session_string and settings.telegram.session_string is None:
             fresh_file = None if settings.session_path.exists() else settings.session_path
         client = client or client_mod.create_client(
             settings, receive_updates=False, fresh_string_session=print_session_string
@@ -137,7 +137,9 @@ async def login_interactive(
                     raise
             signed_in = True
             session_string = None
-            if print_session_string or (settings.session_string is not None and not already):
+            if print_session_string or (
+                settings.telegram.session_string is not None and not already
+            ):
                 session_string = client.session.save()
             return LoginResult(map_account(me), already, session_string)
         finally:

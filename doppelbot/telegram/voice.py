@@ -27,6 +27,7 @@ from telethon import TelegramClient, utils
 from telethon import errors as tg_errors
 from telethon.tl import types
 
+from doppelbot.config import ExportSettings, VoiceSettings, default_of
 from doppelbot.domain import VOICE_KINDS, TranscriptStatus, VoiceNote
 from doppelbot.errors import (
     DoppelbotError,
@@ -41,7 +42,6 @@ from doppelbot.store.database import Database
 from doppelbot.telegram.errors import translate
 from doppelbot.telegram.mapping import media_kind
 from doppelbot.voice import (
-    VoiceLimits,
     VoiceProgress,
     VoiceReport,
     transcribe_and_store,
@@ -116,7 +116,7 @@ async def transcribe_incoming(
     db: Database,
     transcriber: Transcriber,
     msg: Any,
-    limits: VoiceLimits,
+    limits: VoiceSettings,
     *,
     download_timeout_s: float = 60.0,
 ) -> transcripts.StoredTranscript | None:
@@ -311,10 +311,10 @@ async def export_voice(
     client: TelegramClient,
     db: Database,
     transcriber: Transcriber,
-    limits: VoiceLimits,
+    limits: VoiceSettings,
     *,
     chat_ids: Sequence[int] | None = None,
-    flood_wait_max_s: int = 300,
+    flood_wait_max_s: int = default_of(ExportSettings, "flood_wait_max_s"),
     progress: VoiceProgress | None = None,
     sleep: Sleep = asyncio.sleep,
 ) -> VoiceReport:

@@ -192,7 +192,3 @@ def fit_to_budget(
         if count_tokens(text) <= max_tokens:
             return TrainRow(text, row.model_target, row.reply, row.source, tuple(turns))
     return None
-
-
-def prompt_format(persona: str, role_other: str, role_owner: str) -> PromptFormat:
-    return PromptFormat(persona=persona, role_other=role_other, role_owner=role_owner)

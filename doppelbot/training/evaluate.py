@@ -18,8 +18,19 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pydantic import Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from doppelbot.config import (
+    SECTION_CONFIG,
+    GenerationOptions,
+    ModelSettings,
+    NewTokens,
+    TrainSettings,
+    default_of,
+)
 from doppelbot.errors import EmptyReplyError, TrainingError
 from doppelbot.model.local import model_source
 from doppelbot.model.tokenizer import load_tokenizer
@@ -43,9 +54,6 @@ from doppelbot.training.seq2seq import (
     subset,
 )
 from doppelbot.training.types import Example
-
-if TYPE_CHECKING:
-    from doppelbot.config import Settings
 
 
 # --- model-side primitives ---------------------------------------------------------------------
@@ -184,8 +192,8 @@ def _preference(ctx: EvalContext) -> dict[str, float]:
         encoded = encode_pairs(
             ctx.scorer.tokenizer,
             pairs,
-            max_input=int(ctx.extras.get("max_input", 712)),
-            max_target=int(ctx.extras.get("max_target", 64)),
+            max_input=int(ctx.extras["max_input"]),
+            max_target=int(ctx.extras["max_target"]),
             vocab_size=int(ctx.scorer.model.config.vocab_size),
         )
         ctx.extras["_pairs_encoded"] = encoded
@@ -208,47 +216,27 @@ def register_metric(spec: MetricSpec) -> None:
 
 
 # --- evaluation runs ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EvalOptions:
-    model: str  # as configured (a hub id or a folder)
+@pydantic_dataclass(frozen=True, config=SECTION_CONFIG)
+class EvalOptions(TrainSettings):
+    """One evaluation: the train section of the settings (the validation subset
+    ``eval_max_samples``, ``precision``, ``batch_size``, ``max_target_tokens`` — as training
+    measures its held-out loss), the model section, and this evaluation's choices."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    max_new_tokens: NewTokens = default_of(GenerationOptions, "max_new_tokens")
     dataset: str | Path | None = None
-    limit: int = 200
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 8
-    max_new_tokens: int = 50
-    max_input_tokens: int = 712
-    max_target_tokens: int = 64
     metrics: tuple[str, ...] | None = None  # None = all registered
-    torch_threads: int | None = None
     use_cache: bool = True
-    # Set: ``model`` may be a hub id downloaded into this data directory. Resolved only when
-    # the model is loaded (cached evaluations need no model).
+    # Set: ``model.base`` may be a hub id downloaded into this data directory. Resolved only
+    # when the model is loaded (cached evaluations need no model).
     data_dir: Path | None = None
 
     @property
     def files(self) -> str:
         """Where the base model's files are read from."""
         if self.data_dir is None:
-            return self.model
-        return model_source(self.model, self.data_dir)
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> EvalOptions:
-        """Options from ``settings`` and the CLI (an override of None keeps the setting)."""
-        base = cls(
-            model=settings.model,
-            data_dir=settings.data_dir,
-            limit=settings.eval_max_samples,
-            device=settings.device,
-            precision=settings.train_precision,
-            batch_size=settings.batch_size,
-            max_new_tokens=settings.max_new_tokens,
-            max_input_tokens=settings.max_input_tokens,
-            max_target_tokens=settings.max_target_tokens,
-            torch_threads=settings.torch_threads,
-        )
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+            return self.model.base
+        return model_source(self.model.base, self.data_dir)
 
 
 @dataclass
@@ -325,19 +313,19 @@ def evaluate_adapters(
 
     specs = selected_metrics(options.metrics)
     dataset = load_dataset(datasets_dir, options.dataset)
-    rows = subset(dataset.validation, options.limit)
+    rows = subset(dataset.validation, options.eval_max_samples)
     if not rows:
         raise TrainingError(f"{dataset.folder} has an empty validation split")
-    if options.torch_threads:
-        torch.set_num_threads(options.torch_threads)
-    device = resolve_device(options.device)
+    if options.model.torch_threads:
+        torch.set_num_threads(options.model.torch_threads)
+    device = resolve_device(options.model.device)
     precision = resolve_precision(options.precision, device)
     tokenizer = load_tokenizer(options.files)
     config = load_config(options.files)
     examples, kept = encode_rows(
         tokenizer,
         rows,
-        max_input=options.max_input_tokens,
+        max_input=options.model.max_input_tokens,
         max_target=options.max_target_tokens,
         vocab_size=int(config.vocab_size),
     )
@@ -352,8 +340,8 @@ def evaluate_adapters(
     scorer = Scorer(model, tokenizer, device=base.device, batch_size=options.batch_size)
     key = heldout_key(
         dataset.validation_hash,
-        options.limit,
-        options.max_input_tokens,
+        options.eval_max_samples,
+        options.model.max_input_tokens,
         options.max_target_tokens,
         precision,
     )
@@ -396,11 +384,11 @@ def heldout_losses(
     """Held-out loss of each adapter on the current validation split, from the adapter's
     cached evaluation when the split, subset and lengths are the same, else measured now."""
     dataset = load_dataset(datasets_dir, options.dataset)
-    precision = resolve_precision(options.precision, resolve_device(options.device))
+    precision = resolve_precision(options.precision, resolve_device(options.model.device))
     key = heldout_key(
         dataset.validation_hash,
-        options.limit,
-        options.max_input_tokens,
+        options.eval_max_samples,
+        options.model.max_input_tokens,
         options.max_target_tokens,
         precision,
     )

@@ -38,7 +38,7 @@ def export_adapter(
     key = heldout_key(
         data.dataset.validation_hash,
         options.eval_max_samples,
-        options.max_input_tokens,
+        options.model.max_input_tokens,
         options.max_target_tokens,
         precision,
     )
@@ -52,7 +52,7 @@ def export_adapter(
             "name": name,
             "version": version,
             "method": options.method,
-            "base_model": options.model,
+            "base_model": options.model.base,
             "created_at": int(time.time()),
             "run_dir": str(run_dir),
             "init_adapter": None if init_adapter is None else str(init_adapter),

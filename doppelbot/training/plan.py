@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from doppelbot.model.tokenizer import load_tokenizer
-from doppelbot.training.data import prompt_format
 from doppelbot.training.methods import get_method
 from doppelbot.training.modeling import load_config, resolve_device, resolve_precision
 from doppelbot.training.preflight import ModelShape, PreflightReport, preflight
@@ -41,7 +40,7 @@ def method_context(
         tokenizer=tokenizer,
         vocab_size=vocab_size,
         datasets_dir=datasets_dir,
-        prompt=prompt_format(options.persona, options.role_other, options.role_owner),
+        prompt=options.prompt.format,
     )
 
 
@@ -77,7 +76,7 @@ def plan_training(
 ) -> PlannedRun:
     """Everything decided before loading the model: the data, the step plan and the memory
     estimate (``doppelbot train --dry-run`` prints this and stops)."""
-    device = device or resolve_device(options.device)
+    device = device or resolve_device(options.model.device)
     precision = resolve_precision(options.precision, device)
     tokenizer = load_tokenizer(options.files)
     config = load_config(options.files)

@@ -1,6 +1,6 @@
 """Trained adapters on disk and the choice of the one the bot serves.
 
-Each fine-tune ends in a versioned folder under ``settings.adapters_dir`` (``v0003-sft``): the
+Each fine-tune ends in a versioned folder under ``settings.store.adapters_dir`` (``v0003-sft``): the
 peft adapter files plus ``doppelbot_adapter.json`` with the base model, the dataset hash, the
 training settings, the metrics and cached held-out evaluations. The serving choice is an
 append-only history in SQLite (``adapter_choices``, migration 0009): ``adapter use`` appends a
@@ -156,8 +156,8 @@ def store_eval(path: Path, key: str, metrics: dict[str, Any]) -> None:
 async def current_adapter(settings: Settings, db: Database) -> Path | None:
     """The adapter the reply runtime should load: ``DOPPELBOT_ADAPTER_PATH`` when set, else
     the one chosen with ``doppelbot adapter use`` (None: serve the base model alone)."""
-    if settings.adapter_path is not None:
-        return settings.adapter_path
+    if settings.model.adapter_path is not None:
+        return settings.model.adapter_path
     choice = await current_choice(db)
     return None if choice is None else choice.adapter_path
 

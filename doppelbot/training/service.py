@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from doppelbot.config import ModelSettings, extend
 from doppelbot.dataset.jsonl import write_json
 from doppelbot.errors import TrainingError
 from doppelbot.model.loader import serving_adapter
+from doppelbot.model.local import model_source
 from doppelbot.store.adapters import AdapterChoice, current_choice
 from doppelbot.store.database import Database
 from doppelbot.training.dpo import load_pairs, pairs_file, split_pairs
@@ -45,7 +47,7 @@ T = TypeVar("T")
 
 def _with_db(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
     async def go() -> T:
-        async with await Database.open(settings.db_path) as db:
+        async with await Database.open(settings.store.db_path) as db:
             return await work(db)
 
     return asyncio.run(go())
@@ -65,10 +67,43 @@ def adapter_from_spec(settings: Settings, spec: str) -> Path | None:
         if current is None:
             raise TrainingError("no adapter is served yet (`doppelbot adapter use ADAPTER`)")
         return current
-    return resolve_adapter(settings.adapters_dir, spec)
+    return resolve_adapter(settings.store.adapters_dir, spec)
 
 
 # --- train -------------------------------------------------------------------------------------
+def _model_section(settings: Settings, model: str | None, device: str | None) -> ModelSettings:
+    """The model section with the CLI's ``--model``/``--device`` (None: as configured)."""
+    changes = {"base": model, "device": device}
+    return extend(
+        ModelSettings,
+        settings.model,
+        **{name: value for name, value in changes.items() if value is not None},
+    )
+
+
+def eval_options(
+    settings: Settings,
+    *,
+    model: str | None = None,
+    device: str | None = None,
+    limit: int | None = None,
+    **overrides: Any,
+) -> EvalOptions:
+    """``doppelbot eval``'s options: the train and model sections with the CLI's choices
+    (an override of None keeps the setting; ``limit``: validation samples)."""
+    chosen = {name: value for name, value in overrides.items() if value is not None}
+    if limit is not None:
+        chosen["eval_max_samples"] = limit
+    return extend(
+        EvalOptions,
+        settings.train,
+        model=_model_section(settings, model, device),
+        max_new_tokens=settings.generation.max_new_tokens,
+        data_dir=settings.store.data_dir,
+        **chosen,
+    )
+
+
 def train_options(
     settings: Settings,
     *,
@@ -91,18 +126,26 @@ def train_options(
         raise TrainingError("--method feedback needs --feedback PATH (`doppelbot feedback export`)")
     pairs_path: Path | None = None
     if method == "dpo":
-        pairs_path = pairs_file(settings.data_dir, pairs)
-        lr = lr or settings.dpo_learning_rate
+        pairs_path = pairs_file(settings.store.data_dir, pairs)
+        lr = lr or settings.train.dpo_learning_rate
     elif pairs is not None:
         raise TrainingError("--pairs is for --method dpo")
-    return TrainOptions.from_settings(
-        settings,
+    model = _model_section(settings, overrides.pop("model", None), overrides.pop("device", None))
+    chosen = {name: value for name, value in overrides.items() if value is not None}
+    return extend(
+        TrainOptions,
+        settings.train,
+        **chosen,
+        model=model,
+        prompt=settings.prompt,
         method=method,
         init_adapter=init,
         feedback=feedback,
         pairs=pairs_path,
-        lr=lr,
-        **overrides,
+        **({"lr": lr} if lr is not None else {}),
+        # the base model must be on this machine (`doppelbot model download`): checked here,
+        # before anything loads
+        model_files=model_source(model.base, settings.store.data_dir),
     )
 
 
@@ -119,7 +162,7 @@ class RunRecorder:
         fields: dict[str, Any] = {
             "run_dir": update.run_dir,
             "method": self.options.method,
-            "base_model": self.options.model,
+            "base_model": self.options.model.base,
             "started_at": self.started_at,
             "dataset_hash": meta["data"]["dataset_hash"],
             "params": {**meta["trajectory"], **meta["options"], "plan": meta["plan"]},
@@ -153,9 +196,9 @@ def train_and_record(
 
     return train(
         options,
-        datasets_dir=settings.datasets_dir,
-        runs_dir=settings.runs_dir,
-        adapters_dir=settings.adapters_dir,
+        datasets_dir=settings.store.datasets_dir,
+        runs_dir=settings.store.runs_dir,
+        adapters_dir=settings.store.adapters_dir,
         console=console,
         on_status=status_changed,
     )
@@ -175,28 +218,30 @@ def compare_adapters(
     on the held-out preference pairs, or on all of them); the JSON report is written to
     ``output`` (default: ``runs/evals/eval-DATE.json``), whose path is returned."""
     paths = [adapter_from_spec(settings, s) for s in specs]
-    options = EvalOptions.from_settings(settings, **overrides)
+    options = eval_options(settings, **overrides)
     extras: dict[str, Any] = {}
     if pairs is not None:
-        rows = load_pairs(pairs_file(settings.data_dir, pairs))
-        scored = rows if all_pairs else split_pairs(rows, settings.pref_heldout_share)[1]
+        rows = load_pairs(pairs_file(settings.store.data_dir, pairs))
+        scored = rows if all_pairs else split_pairs(rows, settings.train.pref_heldout_share)[1]
         if not scored:
             raise TrainingError(
                 f"no held-out pairs among {len(rows)} (DOPPELBOT_PREF_HELDOUT_SHARE="
-                f"{settings.pref_heldout_share}); use --all-pairs"
+                f"{settings.train.pref_heldout_share}); use --all-pairs"
             )
         extras = {
             "pairs": scored,
-            "max_input": settings.max_input_tokens,
-            "max_target": settings.max_target_tokens,
+            "max_input": settings.model.max_input_tokens,
+            "max_target": settings.train.max_target_tokens,
         }
     labels = [p.name if p is not None else "base" for p in paths]
     if len(set(labels)) < len(labels):
         labels = [f"{i + 1}:{label}" for i, label in enumerate(labels)]
     comparison = evaluate_adapters(
-        options, paths, datasets_dir=settings.datasets_dir, labels=labels, extras=extras
+        options, paths, datasets_dir=settings.store.datasets_dir, labels=labels, extras=extras
     )
-    target = output or settings.runs_dir / "evals" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    target = (
+        output or settings.store.runs_dir / "evals" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
     write_json(target, comparison.to_json())
     return comparison, target
 
@@ -224,16 +269,16 @@ def switch_adapter(
 ) -> AdapterSwitch:
     """Serve the adapter ``spec`` if its held-out loss is not worse than the served one's
     (``force``: whatever the loss); ``measuring`` wraps the held-out measurement (a spinner)."""
-    candidate = resolve_adapter(settings.adapters_dir, spec)
+    candidate = resolve_adapter(settings.store.adapters_dir, spec)
     if candidate is None:
         raise TrainingError(
             "`adapter use` needs an adapter folder (to serve no adapter, roll back)"
         )
     info = adapter_info(candidate)
-    if info.base_model and info.base_model != settings.model and not force:
+    if info.base_model and info.base_model != settings.model.base and not force:
         raise TrainingError(
             f"{info.name} was trained on {info.base_model}, but DOPPELBOT_MODEL is "
-            f"{settings.model}; use --force if they are the same weights"
+            f"{settings.model.base}; use --force if they are the same weights"
         )
     current = _with_db(settings, current_choice)
     if current is not None and current.adapter_path.resolve() == candidate.resolve():
@@ -243,10 +288,10 @@ def switch_adapter(
     gone = False
     if not force:
         gone = current is not None and not current.adapter_path.is_dir()
-        options = EvalOptions.from_settings(settings, dataset=dataset, metrics=("loss",))
+        options = eval_options(settings, dataset=dataset, metrics=("loss",))
         compare = [candidate] if current is None or gone else [candidate, current.adapter_path]
         with measuring():
-            losses = heldout_losses(options, compare, datasets_dir=settings.datasets_dir)
+            losses = heldout_losses(options, compare, datasets_dir=settings.store.datasets_dir)
         loss = losses[0]
         if current is not None and len(losses) > 1:
             previous_loss = losses[1]

@@ -400,7 +400,7 @@ class Run:
             "fingerprint": self.fingerprint,
             "status": RUNNING,
             "created_at": int(previous.get("created_at", time.time())),
-            "base_model": options.model,
+            "base_model": options.model.base,
             "trajectory": options.trajectory(),
             "options": {
                 "epochs": options.epochs,
@@ -641,10 +641,10 @@ def train(
 
     # Where and on what: the device, the data, the number of steps, whether memory suffices —
     # all decided before the model loads.
-    if options.torch_threads:
-        torch.set_num_threads(options.torch_threads)
+    if options.model.torch_threads:
+        torch.set_num_threads(options.model.torch_threads)
     method = get_method(options.method)
-    device = resolve_device(options.device)
+    device = resolve_device(options.model.device)
     accelerator = make_accelerator(device)
     main = accelerator.is_main_process
     planned = plan_training(

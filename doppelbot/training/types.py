@@ -8,103 +8,47 @@ can all import them without importing one another. Pure Python: no torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from doppelbot.model.local import model_source
+from pydantic import Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from doppelbot.config import SECTION_CONFIG, ModelSettings, PromptSettings, TrainSettings
 from doppelbot.training.data import DatasetSplits, TrainRow
 
 if TYPE_CHECKING:
-    from doppelbot.config import Settings
     from doppelbot.prompt import PromptFormat
 
 IGNORE_INDEX = -100  # label positions the loss skips (padding)
 
 
-@dataclass(frozen=True)
-class TrainOptions:
-    """Everything one training run depends on (built from Settings + CLI overrides)."""
+@pydantic_dataclass(frozen=True, config=SECTION_CONFIG)
+class TrainOptions(TrainSettings):
+    """Everything one training run depends on: the train section of the settings, the model
+    section (``model.base`` as configured — a hub id or a folder, recorded with the adapter —
+    its device, threads and input budget) and the prompt, with this run's choices
+    (``doppelbot.training.service.train_options`` builds it from Settings and the CLI)."""
 
-    model: str  # as configured: a hub id or a folder (recorded with the adapter)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    prompt: PromptSettings = Field(default_factory=PromptSettings)
     method: str = "sft"
     dataset: str | None = None
     feedback: Path | None = None
     init_adapter: Path | None = None
-    device: str = "auto"
-    precision: str = "auto"
     max_steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 6
-    grad_accum: int = 8
-    lr: float = 1e-3
-    save_steps: int = 20
     resume: bool = True
     run_name: str | None = None
-    seed: int = 42
-    gradient_checkpointing: bool = True
     preflight: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q", "v")
-    max_input_tokens: int = 712
-    max_target_tokens: int = 64
-    keep_checkpoints: int = 3
-    eval_max_samples: int = 200
     eval_batch_size: int = 8
-    feedback_weight: int = 2
-    feedback_replay: float = 1.0
     pairs: Path | None = None  # dpo: preference pairs JSONL
-    dpo_beta: float = 0.1
-    pref_heldout_share: float = 0.2
-    persona: str = ""
-    role_other: str = "Собеседник"
-    role_owner: str = "Я"
-    torch_threads: int | None = None
-    model_files: str | None = None  # the local folder of ``model`` when that is a hub id
+    model_files: str | None = None  # the local folder of ``model.base`` when that is a hub id
 
     @property
     def files(self) -> str:
         """Where the base model's files are read from."""
-        return self.model_files or self.model
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> TrainOptions:
-        """Options from ``settings`` and the CLI; the base model must be on this machine
-        (``doppelbot model download``), which is checked here, before anything loads."""
-        base = cls(
-            model=settings.model,
-            device=settings.device,
-            precision=settings.train_precision,
-            epochs=settings.train_epochs,
-            batch_size=settings.batch_size,
-            grad_accum=settings.grad_accum_steps,
-            lr=settings.learning_rate,
-            save_steps=settings.save_steps,
-            seed=settings.train_seed,
-            gradient_checkpointing=settings.gradient_checkpointing,
-            lora_r=settings.lora_r,
-            lora_alpha=settings.lora_alpha,
-            lora_dropout=settings.lora_dropout,
-            lora_targets=tuple(settings.lora_targets),
-            max_input_tokens=settings.max_input_tokens,
-            max_target_tokens=settings.max_target_tokens,
-            keep_checkpoints=settings.keep_checkpoints,
-            eval_max_samples=settings.eval_max_samples,
-            feedback_weight=settings.feedback_weight,
-            feedback_replay=settings.feedback_replay,
-            dpo_beta=settings.dpo_beta,
-            pref_heldout_share=settings.pref_heldout_share,
-            persona=settings.persona,
-            role_other=settings.role_other,
-            role_owner=settings.role_owner,
-            torch_threads=settings.torch_threads,
-        )
-        options = replace(base, **{k: v for k, v in overrides.items() if v is not None})
-        if options.model_files is None:
-            options = replace(options, model_files=model_source(options.model, settings.data_dir))
-        return options
+        return self.model_files or self.model.base
 
     def trajectory(self) -> dict[str, Any]:
         """The settings that decide every step's numbers. A run resumes only under the same
@@ -113,7 +57,7 @@ class TrainOptions:
         return {
             **extra,
             "method": self.method,
-            "model": self.model,
+            "model": self.model.base,
             "init_adapter": None if self.init_adapter is None else str(self.init_adapter),
             "batch_size": self.batch_size,
             "grad_accum": self.grad_accum,
@@ -123,7 +67,7 @@ class TrainOptions:
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
             "lora_targets": list(self.lora_targets),
-            "max_input_tokens": self.max_input_tokens,
+            "max_input_tokens": self.model.max_input_tokens,
             "max_target_tokens": self.max_target_tokens,
         }
 

@@ -51,7 +51,7 @@ class DpoMethod:
         pairs = load_pairs(options.pairs)
         train_rows, held_rows = split_pairs(pairs, options.pref_heldout_share)
         kwargs = {
-            "max_input": options.max_input_tokens,
+            "max_input": options.model.max_input_tokens,
             "max_target": options.max_target_tokens,
             "vocab_size": ctx.vocab_size,
         }

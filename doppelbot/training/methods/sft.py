@@ -69,7 +69,7 @@ class SftMethod:
         rows = self.train_rows(ctx, dataset, feedback, summary)
         stats = EncodeStats()
         kwargs = {
-            "max_input": options.max_input_tokens,
+            "max_input": options.model.max_input_tokens,
             "max_target": options.max_target_tokens,
             "vocab_size": ctx.vocab_size,
         }
@@ -85,7 +85,7 @@ class SftMethod:
         if not train:
             raise TrainingError(
                 f"no training examples left in {dataset.folder} (rows: {stats.rows}, "
-                f"over the {options.max_input_tokens}-token input budget: "
+                f"over the {options.model.max_input_tokens}-token input budget: "
                 f"{stats.dropped_long_input})"
             )
         data_hash = hash_strings(
@@ -124,7 +124,7 @@ def _fit_feedback(
 
     fitted = []
     for row in rows:
-        fit = fit_to_budget(row, ctx.prompt, count, ctx.options.max_input_tokens)
+        fit = fit_to_budget(row, ctx.prompt, count, ctx.options.model.max_input_tokens)
         if fit is not None:
             fitted.append(fit)
     summary["feedback_dropped_long"] = len(rows) - len(fitted)
