@@ -8,6 +8,8 @@ when the process dies, however it dies (kill -9, OOM), so a stale lock never blo
 The file also says who holds it (command, pid, since when), for the refusal message and for
 ``doppelbot status``. With ``DOPPELBOT_SESSION_STRING`` there is no session file, but the lock
 file still lives in the data directory, so two containers sharing a volume exclude each other.
+Each own account has its own session and so its own lock (``doppelbot.accounts``): two accounts'
+processes run side by side on one data directory, two of one account never do.
 """
 
 from __future__ import annotations
