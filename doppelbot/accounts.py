@@ -13,8 +13,11 @@ whichever account a process runs as.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,6 +42,7 @@ Need = Literal["known", "session", "new"]
 __all__ = [
     "DEFAULT_NAME",
     "AccountInfo",
+    "account_scope",
     "check_name",
     "is_default",
     "list_accounts",
@@ -104,19 +108,43 @@ def _has_session(settings: Settings, name: str | None) -> bool:
 async def open_account(db: Database, settings: Settings, name: str | None, need: Need) -> Database:
     """The handle of account ``name`` (None: the default) on ``db``; ``AccountError`` naming
     the login command when it is not known (see ``Need``)."""
+    handle, _ = await _find(db, settings, name, need)
+    return handle
+
+
+@asynccontextmanager
+async def account_scope(
+    db: Database, settings: Settings, name: str | None, need: Need
+) -> AsyncIterator[Database]:
+    """``open_account`` for one piece of work: an account it adds is removed again when the
+    work fails before the account became anyone (a refused login, a refused import), so no
+    empty account is left behind."""
+    handle, added = await _find(db, settings, name, need)
+    try:
+        yield handle
+    except BaseException:
+        if added:
+            with contextlib.suppress(Exception):
+                await store.remove_if_unused(db, handle.account_id)
+        raise
+
+
+async def _find(
+    db: Database, settings: Settings, name: str | None, need: Need
+) -> tuple[Database, bool]:
+    """The account's handle, and whether the account was added just now."""
     if is_default(name):
-        return db.for_account(store.DEFAULT_ACCOUNT_ID)
+        return db.for_account(store.DEFAULT_ACCOUNT_ID), False
     name = check_name(str(name))
     found = await store.by_name(db, name)
-    if found is None:
-        if need == "new" or (need == "session" and _has_session(settings, name)):
-            found = await store.create(db, name)
-        else:
-            known = ", ".join(a.name for a in await store.list_all(db))
-            raise AccountError(
-                f"no account named {name!r} (known: {known}); add it with {login_hint(name)}"
-            )
-    return db.for_account(found.account_id)
+    if found is not None:
+        return db.for_account(found.account_id), False
+    if need == "new" or (need == "session" and _has_session(settings, name)):
+        return db.for_account((await store.create(db, name)).account_id), True
+    known = ", ".join(a.name for a in await store.list_all(db))
+    raise AccountError(
+        f"no account named {name!r} (known: {known}); add it with {login_hint(name)}"
+    )
 
 
 async def register_login(db: Database, name: str | None, account: Account) -> OwnAccount:

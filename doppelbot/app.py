@@ -393,7 +393,7 @@ async def _serve(
     on_ready: Callable[[App], Awaitable[None]] | None,
     account: str | None,
 ) -> App:
-    from doppelbot.accounts import open_account
+    from doppelbot.accounts import account_scope
     from doppelbot.knowledge.lazy import knowledge_for
     from doppelbot.telegram.client import connected, create_client
 
@@ -401,7 +401,7 @@ async def _serve(
         # Closed in reverse: the connection, the knowledge base, the workers, the store.
         db = await Database.open(settings.store.db_path)
         stack.push_async_callback(db.close)
-        db = await open_account(db, settings, account, "session")
+        db = await stack.enter_async_context(account_scope(db, settings, account, "session"))
         speech: Any = None
         if settings.voice.transcription:
             from doppelbot.speech import TranscriptionWorker

@@ -476,8 +476,12 @@ async def test_desktop_import_as_a_named_account(
     # the same Telegram account's export under another name is refused, and writes nothing
     code, _, err = await _cli([*args, "import", export], capsys)
     assert code == 1 and "already the account 'old-phone'" in err
+    code, _, err = await _cli([*args, "import", export, "--account", "third"], capsys)
+    assert code == 1 and "already the account 'old-phone'" in err
     db = await Database.open(tmp_path / "data" / "doppelbot.sqlite3")
     try:
+        # the account the refused import added is gone again
+        assert [a.name for a in await accounts.list_all(db)] == ["default", "old-phone"]
         old = await accounts.by_name(db, "old-phone")
         assert old is not None and old.user_id == 100
         assert await history.count_messages(db.for_account(old.account_id)) > 0

@@ -60,6 +60,7 @@ SHARED = {
     "accounts.list_all",
     "accounts.own_user_ids",
     "accounts.counts",  # `doppelbot accounts`: every account's counts, by account
+    "accounts.remove_if_unused",  # by account id; test_accounts covers the refused import
     "feedback.feedback_replies",  # training data: every account's (checked below)
     "ssa.create_batch",  # batches, items and labels judge one doppelganger
     "ssa.items",

@@ -154,12 +154,13 @@ async def open_db(
 ) -> AsyncIterator[Database]:
     """The database, scoped to ``account`` (None: the default account; ``need``: whether a
     missing account is an error or is added, see ``doppelbot.accounts.Need``)."""
-    from doppelbot.accounts import open_account
+    from doppelbot.accounts import account_scope
     from doppelbot.store.database import Database
 
     db = await Database.open(settings.store.db_path)
     try:
-        yield await open_account(db, settings, account, need)
+        async with account_scope(db, settings, account, need) as handle:
+            yield handle
     finally:
         await db.close()
 

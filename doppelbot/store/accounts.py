@@ -109,6 +109,36 @@ async def create(db: Database, name: str) -> OwnAccount:
     return found
 
 
+#: The tables that hold one own account's rows (``account_id`` first in their key).
+PER_ACCOUNT_TABLES = (
+    "messages",
+    "peers",
+    "export_cursors",
+    "replies",
+    "reactions",
+    "chat_settings",
+    "bot_state",
+    "transcripts",
+    "ssa_items",
+)
+
+
+async def remove_if_unused(db: Database, account_id: int) -> bool:
+    """Remove a named account that was added but never became anyone: no Telegram user and
+    no row anywhere (a login or import refused right after adding it). True when removed."""
+    if account_id == DEFAULT_ACCOUNT_ID:
+        return False
+    unused = " AND ".join(
+        f"NOT EXISTS (SELECT 1 FROM {t} WHERE account_id = ?1)" for t in PER_ACCOUNT_TABLES
+    )
+    async with db.transaction() as conn:
+        cursor = await conn.execute(
+            f"DELETE FROM accounts WHERE account_id = ?1 AND user_id IS NULL AND {unused}",
+            (account_id,),
+        )
+        return cursor.rowcount == 1
+
+
 async def list_all(db: Database) -> list[OwnAccount]:
     return [_own(r) for r in await db.fetchall(ACCOUNTS.select(tail="ORDER BY account_id"))]
 
@@ -201,4 +231,5 @@ __all__ = [
     "identity",
     "list_all",
     "own_user_ids",
+    "remove_if_unused",
 ]
