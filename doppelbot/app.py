@@ -288,24 +288,13 @@ async def run_live(
     db: Database,
     client: Any,
     *,
-    generator: ReplyGenerator,
     stop: asyncio.Event,
-    facts: FactRetriever | None = None,
-    transcriber: Transcriber | None = None,
-    review: bool = True,
     on_ready: Callable[[App], Awaitable[None]] | None = None,
+    **services: Any,
 ) -> App:
-    """Build the bot on a connected client and run it until ``stop`` (tests, benchmarks)."""
-    app = build_bot(
-        settings,
-        db,
-        client,
-        generator=generator,
-        facts=facts,
-        transcriber=transcriber,
-        review=review,
-    )
-    return await app.run(stop, on_ready=on_ready)
+    """Build the bot on a connected client (``services``: ``build_bot``'s keywords) and run it
+    until ``stop`` (tests, benchmarks)."""
+    return await build_bot(settings, db, client, **services).run(stop, on_ready=on_ready)
 
 
 def _install_signals(stop: asyncio.Event) -> list[int]:
