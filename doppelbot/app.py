@@ -262,9 +262,7 @@ def build_bot(
     watchdog = Watchdog(
         client,
         bot,
-        interval_s=settings.daemon.watchdog_interval_s,
-        idle_s=settings.daemon.watchdog_idle_s,
-        max_outage_s=settings.daemon.watchdog_max_outage_s,
+        settings.daemon,
         record=lambda h: bot_state.set_json(db, bot_state.HEALTH_KEY, h.to_json()),
     )
     return App(
