@@ -244,11 +244,14 @@ class LiveBot:
             return self.settings.responder.group_reply_probability > 0
         return True
 
-    async def _peer(self, event: Any) -> Peer | None:
+    async def _mapped(self, event: Any) -> tuple[Message, Peer] | None:
+        """The event's message as ours, with its chat (None: a chat we cannot see)."""
+        assert self.owner_id is not None
         entity = event.chat if event.chat is not None else await event.get_chat()
         if entity is None:
             return None
-        return map_peer(entity)
+        peer = map_peer(entity)
+        return map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id), peer
 
     @contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -323,11 +326,10 @@ class LiveBot:
 
     @_guarded("update")
     async def _on_new(self, event: Any) -> None:
-        assert self.owner_id is not None
-        peer = await self._peer(event)
-        if peer is None:
+        mapped = await self._mapped(event)
+        if mapped is None:
             return
-        message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
+        message, peer = mapped
         if self.stores(peer):
             await self.writer.save(message, peer)
         if message.is_voice_note and peer.kind is PeerKind.USER and not peer.is_self:
@@ -338,12 +340,11 @@ class LiveBot:
 
     @_guarded("edit")
     async def _on_edit(self, event: Any) -> None:
-        assert self.owner_id is not None
-        peer = await self._peer(event)
-        if peer is None:
+        mapped = await self._mapped(event)
+        if mapped is None:
             return
+        message, peer = mapped
         if self.stores(peer):
-            message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
             await self.writer.save(message, peer)
         # Reactions may arrive as an edit of the message that carries them; no field means
         # "no news about reactions", not "none".
