@@ -244,14 +244,18 @@ class LiveBot:
             return self.settings.responder.group_reply_probability > 0
         return True
 
-    async def _mapped(self, event: Any) -> tuple[Message, Peer] | None:
-        """The event's message as ours, with its chat (None: a chat we cannot see)."""
+    async def _seen(self, event: Any) -> tuple[Message, Peer] | None:
+        """The event's message as ours, with its chat, stored when the chat is kept (None: a
+        chat we cannot see)."""
         assert self.owner_id is not None
         entity = event.chat if event.chat is not None else await event.get_chat()
         if entity is None:
             return None
         peer = map_peer(entity)
-        return map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id), peer
+        message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
+        if self.stores(peer):
+            await self.writer.save(message, peer)
+        return message, peer
 
     @contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -326,12 +330,9 @@ class LiveBot:
 
     @_guarded("update")
     async def _on_new(self, event: Any) -> None:
-        mapped = await self._mapped(event)
-        if mapped is None:
+        if (seen := await self._seen(event)) is None:
             return
-        message, peer = mapped
-        if self.stores(peer):
-            await self.writer.save(message, peer)
+        message, peer = seen
         if message.is_voice_note and peer.kind is PeerKind.USER and not peer.is_self:
             await self.transcribe(event.message)
         await self._to_responder(message, peer)
@@ -340,12 +341,9 @@ class LiveBot:
 
     @_guarded("edit")
     async def _on_edit(self, event: Any) -> None:
-        mapped = await self._mapped(event)
-        if mapped is None:
+        if (seen := await self._seen(event)) is None:
             return
-        message, peer = mapped
-        if self.stores(peer):
-            await self.writer.save(message, peer)
+        peer = seen[1]
         # Reactions may arrive as an edit of the message that carries them; no field means
         # "no news about reactions", not "none".
         reactions = getattr(event.message, "reactions", None)
