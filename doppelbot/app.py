@@ -266,9 +266,7 @@ def build_bot(
     watchdog = Watchdog(
         client,
         bot,
-        interval_s=settings.daemon.watchdog_interval_s,
-        idle_s=settings.daemon.watchdog_idle_s,
-        max_outage_s=settings.daemon.watchdog_max_outage_s,
+        settings.daemon,
         record=lambda h: bot_state.set_json(db, bot_state.HEALTH_KEY, h.to_json()),
     )
     return App(
@@ -292,24 +290,13 @@ async def run_live(
     db: Database,
     client: Any,
     *,
-    generator: ReplyGenerator,
     stop: asyncio.Event,
-    facts: FactRetriever | None = None,
-    transcriber: Transcriber | None = None,
-    review: bool = True,
     on_ready: Callable[[App], Awaitable[None]] | None = None,
+    **services: Any,
 ) -> App:
-    """Build the bot on a connected client and run it until ``stop`` (tests, benchmarks)."""
-    app = build_bot(
-        settings,
-        db,
-        client,
-        generator=generator,
-        facts=facts,
-        transcriber=transcriber,
-        review=review,
-    )
-    return await app.run(stop, on_ready=on_ready)
+    """Build the bot on a connected client (``services``: ``build_bot``'s keywords) and run it
+    until ``stop`` (tests, benchmarks)."""
+    return await build_bot(settings, db, client, **services).run(stop, on_ready=on_ready)
 
 
 def _install_signals(stop: asyncio.Event) -> list[int]:

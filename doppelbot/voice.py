@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from doppelbot.domain import TranscriptStatus, VoiceNote
 from doppelbot.errors import (
@@ -167,42 +167,23 @@ async def transcribe_and_store(
     ``TranscriberClosedError`` (shut down or busy — nothing is stored, so it can be retried),
     and store errors. The wait is bounded by the transcriber's own timeout."""
     result: Transcript | None = None
+    fields: dict[str, Any]
     try:
         result = await transcriber.transcribe(audio, max_duration_s=max_duration_s)
     except AudioTooLongError as exc:
-        await transcripts.save_result(
-            db,
-            note.chat_id,
-            note.message_id,
-            TranscriptStatus.TOO_LONG,
-            duration_s=exc.duration_s,
-            error=str(exc),
-            model=transcriber.model_name,
-        )
+        status = TranscriptStatus.TOO_LONG
+        fields = {"duration_s": exc.duration_s, "error": str(exc)}
     except (SpeechModelError, TranscriberClosedError):
         raise
     except TranscriptionError as exc:
-        await transcripts.save_result(
-            db,
-            note.chat_id,
-            note.message_id,
-            TranscriptStatus.FAILED,
-            duration_s=note.duration_s,
-            error=str(exc),
-            model=transcriber.model_name,
-        )
+        status = TranscriptStatus.FAILED
+        fields = {"duration_s": note.duration_s, "error": str(exc)}
     else:
-        await transcripts.save_result(
-            db,
-            note.chat_id,
-            note.message_id,
-            TranscriptStatus.DONE,
-            text=result.text,
-            language=result.language,
-            model=result.model,
-            duration_s=result.duration_s,
-            seconds=result.seconds,
-        )
+        status = TranscriptStatus.DONE
+        fields = {"text": result.text, "language": result.language, "model": result.model}
+        fields |= {"duration_s": result.duration_s, "seconds": result.seconds}
+    fields.setdefault("model", transcriber.model_name)
+    await transcripts.save_result(db, note.chat_id, note.message_id, status, **fields)
     stored = await transcripts.get(db, note.chat_id, note.message_id)
     assert stored is not None  # just written (a done row may have won a race: also fine)
     return stored, result
@@ -240,26 +221,17 @@ async def transcribe_notes(
         t0 = time.monotonic()
         try:
             audio = await fetch(note)
-        except NoteUnavailableError as exc:
-            report.unavailable += 1
+        except (NoteUnavailableError, NoteTooLargeError) as exc:
+            # Not tried at all: gone, or over the size limit (marked, not retried).
+            if isinstance(exc, NoteTooLargeError):
+                status, report.too_long = TranscriptStatus.TOO_LONG, report.too_long + 1
+            else:
+                status, report.unavailable = TranscriptStatus.UNAVAILABLE, report.unavailable + 1
             await transcripts.save_result(
                 db,
                 note.chat_id,
                 note.message_id,
-                TranscriptStatus.UNAVAILABLE,
-                duration_s=note.duration_s,
-                error=str(exc),
-                attempted=False,
-            )
-            progress.advanced(i + 1, report.audio_s, _eta(todo[i + 1 :], report, i + 1))
-            continue
-        except NoteTooLargeError as exc:
-            report.too_long += 1
-            await transcripts.save_result(
-                db,
-                note.chat_id,
-                note.message_id,
-                TranscriptStatus.TOO_LONG,
+                status,
                 duration_s=note.duration_s,
                 error=str(exc),
                 attempted=False,

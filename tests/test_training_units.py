@@ -220,25 +220,28 @@ def test_fred_shape_and_lora_size() -> None:
 
 
 def test_estimate_orders_and_refusal_message() -> None:
-    kw = dict(
-        device="cuda", batch_size=6, source_len=712, target_len=64, lora_r=16,
-        lora_targets=["q", "v"], gradient_checkpointing=True, available=80 * GIB,
+    from dataclasses import replace
+
+    from doppelbot.training.preflight import TrainingSetup
+
+    base = TrainingSetup(
+        precision="int8", device="cuda", batch_size=6, source_len=712, target_len=64, lora_r=16,
+        lora_targets=("q", "v"), gradient_checkpointing=True,
     )  # fmt: skip
-    int8 = preflight(FRED, precision="int8", **kw)  # type: ignore[arg-type]
-    bf16 = preflight(FRED, precision="bf16", **kw)  # type: ignore[arg-type]
+    int8 = preflight(FRED, base, available=80 * GIB)
+    bf16 = preflight(FRED, replace(base, precision="bf16"), available=80 * GIB)
     assert int8.estimate.weights < bf16.estimate.weights
-    no_ckpt = preflight(FRED, precision="int8", **{**kw, "gradient_checkpointing": False})  # type: ignore[arg-type]
+    no_ckpt_setup = replace(base, gradient_checkpointing=False)
+    no_ckpt = preflight(FRED, no_ckpt_setup, available=80 * GIB)
     assert no_ckpt.estimate.activations > 5 * int8.estimate.activations
     check(int8)  # fits in 80 GiB
     # A 16 GB card without checkpointing: refused, and told which batch would fit.
-    small = preflight(
-        FRED, precision="int8", **{**kw, "gradient_checkpointing": False, "available": 15 * GIB}
-    )  # type: ignore[arg-type]
+    small = preflight(FRED, no_ckpt_setup, available=15 * GIB)
     assert not small.fits and small.max_batch is not None and 0 < small.max_batch < 6
     with pytest.raises(PreflightError, match=f"--batch-size {small.max_batch}"):
         check(small)
     # A CPU with 4 GiB cannot hold fp32 FRED at all.
-    cpu = preflight(FRED, precision="fp32", **{**kw, "device": "cpu", "available": 4 * GIB})  # type: ignore[arg-type]
+    cpu = preflight(FRED, replace(base, precision="fp32", device="cpu"), available=4 * GIB)
     with pytest.raises(PreflightError, match="CUDA GPU"):
         check(cpu)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 
 if TYPE_CHECKING:
     from doppelbot.accounts import Need
@@ -166,3 +167,30 @@ async def open_db(
 
 
 log = logging.getLogger("doppelbot.cli")
+
+
+class RichBars:
+    """Rich progress bars (description, bar, n of m, then ``columns``) as a context manager,
+    with one-line notes printed above them; the long commands' progress displays build on it."""
+
+    def __init__(self, console: Console, *columns: ProgressColumn, transient: bool = False) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            *columns,
+            console=console,
+            transient=transient,
+            disable=transient and not console.is_terminal,
+        )
+
+    def __enter__(self) -> Any:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def note(self, text: str) -> None:
+        self.console.print(f"[yellow]note:[/] {text}")

@@ -16,16 +16,13 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
 from rich.table import Table
 
-from doppelbot.cli.common import account_option, open_db, run_async, state
+from doppelbot.cli.common import RichBars, account_option, open_db, run_async, state
 from doppelbot.cli.voice_cmd import export_notes, print_report
 from doppelbot.errors import ExportIncompleteError
 
@@ -118,29 +115,13 @@ def _parse_date(value: str | None) -> int | None:
     return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp())
 
 
-class RichExportProgress:
+class RichExportProgress(RichBars):
     """Per-chat and overall progress bars, FloodWait countdowns and notes."""
 
     def __init__(self, console: Console) -> None:
-        self.console = console
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[extra]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        )
+        super().__init__(console, TextColumn("{task.fields[extra]}"), TimeElapsedColumn())
         self.overall: TaskID | None = None
         self.tasks: dict[int, TaskID] = {}
-
-    def __enter__(self) -> RichExportProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
 
     def start(self, chats: int) -> None:
         self.overall = self.progress.add_task("[bold]all chats", total=chats, extra="")
@@ -174,9 +155,6 @@ class RichExportProgress:
             self.progress.remove_task(task)
         if self.overall is not None:
             self.progress.advance(self.overall)
-
-    def note(self, text: str) -> None:
-        self.console.print(f"[yellow]note:[/] {text}")
 
 
 def _summary(report: ExportReport) -> Table:
@@ -373,31 +351,21 @@ def import_desktop(
     _print_import(st.console, run_async(go()))
 
 
-class RichImportProgress:
+class RichImportProgress(RichBars):
     """One transient bar over the messages written (only on a terminal)."""
 
     def __init__(self, console: Console) -> None:
-        self.bar = Progress(
-            TextColumn("writing messages"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            console=console,
-            transient=True,
-            disable=not console.is_terminal,
-        )
+        super().__init__(console, transient=True)
         self.task: TaskID | None = None
 
     def __enter__(self) -> RichImportProgress:
-        self.bar.__enter__()
-        self.task = self.bar.add_task("import", total=None)
+        super().__enter__()
+        self.task = self.progress.add_task("writing messages", total=None)
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(None, None, None)
 
     def __call__(self, done: int, total: int) -> None:
         if self.task is not None:
-            self.bar.update(self.task, completed=done, total=total)
+            self.progress.update(self.task, completed=done, total=total)
 
 
 def _print_import(out: Console, result: ImportResult) -> None:

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.progress import TaskID, TextColumn
 
-from doppelbot.cli.common import account_option, open_db, run_async, state
+from doppelbot.cli.common import RichBars, account_option, open_db, run_async, state
 from doppelbot.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -30,29 +30,15 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class RichVoiceProgress:
+class RichVoiceProgress(RichBars):
     """One bar over the notes of a run: count, audio done, and the ETA."""
 
     def __init__(self, console: Console) -> None:
-        self.console = console
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[audio]}"),
-            TextColumn("{task.fields[eta]}"),
-            console=console,
-            transient=False,
+        super().__init__(
+            console, TextColumn("{task.fields[audio]}"), TextColumn("{task.fields[eta]}")
         )
         self.task: TaskID | None = None
         self.total_audio: float | None = None
-
-    def __enter__(self) -> RichVoiceProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
 
     def start(self, notes: int, audio_s: float | None) -> None:
         self.total_audio = audio_s
@@ -69,9 +55,6 @@ class RichVoiceProgress:
             audio += f" of {_clock(self.total_audio)}"
         eta = "" if eta_s is None else f"ETA {_clock(eta_s)}"
         self.progress.update(self.task, completed=done, audio=audio + " audio", eta=eta)
-
-    def note(self, text: str) -> None:
-        self.console.print(f"[yellow]note:[/] {text}")
 
 
 def print_report(console: Console, report: VoiceReport, *, missing_files: int = 0) -> None:

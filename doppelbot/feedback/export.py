@@ -76,20 +76,19 @@ class _ReplyRows:
     seen_pair: set[tuple[str, str]] = field(default_factory=set)
     seen_neg: set[str] = field(default_factory=set)
 
+    def _row(self, kind: str, **fields: Any) -> dict[str, Any]:
+        r = self.r
+        return {"reply_id": r.reply_id, "chat_id": r.chat_id, "kind": kind, **fields}
+
     def positive(self, kind: str, text: str | None, weight: float) -> None:
         if not text or not text.strip() or text in self.seen_pos:
             return
         self.seen_pos.add(text)
+        target = build_target(text)
         self.out.positives.append(
-            {
-                "reply_id": self.r.reply_id,
-                "chat_id": self.r.chat_id,
-                "kind": kind,
-                "weight": weight,
-                "model_input": self.r.prompt,
-                "model_target": build_target(text),
-                "reply": text,
-            }
+            self._row(
+                kind, weight=weight, model_input=self.r.prompt, model_target=target, reply=text
+            )
         )
 
     def pair(self, kind: str, rejected: str | None, chosen: str | None) -> None:
@@ -99,29 +98,14 @@ class _ReplyRows:
             return
         self.seen_pair.add((rejected, chosen))
         self.out.pairs.append(
-            {
-                "reply_id": self.r.reply_id,
-                "chat_id": self.r.chat_id,
-                "kind": kind,
-                "model_input": self.r.prompt,
-                "rejected": rejected,
-                "chosen": chosen,
-            }
+            self._row(kind, model_input=self.r.prompt, rejected=rejected, chosen=chosen)
         )
 
     def negative(self, kind: str, text: str | None) -> None:
         if not text or not text.strip() or text in self.seen_neg:
             return
         self.seen_neg.add(text)
-        self.out.negatives.append(
-            {
-                "reply_id": self.r.reply_id,
-                "chat_id": self.r.chat_id,
-                "kind": kind,
-                "model_input": self.r.prompt,
-                "reply": text,
-            }
-        )
+        self.out.negatives.append(self._row(kind, model_input=self.r.prompt, reply=text))
 
 
 def build_feedback(

@@ -29,7 +29,7 @@ from doppelbot.ports import ScoredFact
 from doppelbot.store import facts as fact_store
 
 if TYPE_CHECKING:
-    from doppelbot.config import Settings
+    from doppelbot.config import KnowledgeSettings, Settings
     from doppelbot.store.database import Database
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,12 @@ class KnowledgeBase:
         db: Database,
         embedder: Embedder,
         executor: ThreadPoolExecutor,
-        *,
-        top_k: int = 3,
-        threshold: float = 0.35,
+        settings: KnowledgeSettings,
     ) -> None:
         self._db = db
         self._embedder = embedder
         self._executor = executor
-        self.top_k = top_k
-        self.threshold = threshold
+        self.settings = settings  # the default top_k and threshold of ``retrieve``
         self.stats = KnowledgeStats()
         self._index = FactIndex.empty(embedder.dim)
         self._signature: tuple[int, int] | None = None
@@ -115,13 +112,7 @@ class KnowledgeBase:
                 embedder = await loop.run_in_executor(
                     executor, lambda: Embedder.load(folder, device=device, model_id=name)
                 )
-            kb = cls(
-                db,
-                embedder,
-                executor,
-                top_k=settings.knowledge.facts_top_k,
-                threshold=settings.knowledge.facts_threshold,
-            )
+            kb = cls(db, embedder, executor, settings.knowledge)
             await kb.refresh(progress=progress)
         except BaseException:
             executor.shutdown(wait=False, cancel_futures=True)
@@ -252,8 +243,8 @@ class KnowledgeBase:
     ) -> list[ScoredFact]:
         """The facts most similar to ``query``: at most ``top_k``, each with cosine >=
         ``threshold`` (defaults: ``facts_top_k`` / ``facts_threshold``), best first."""
-        k = self.top_k if top_k is None else top_k
-        limit = self.threshold if threshold is None else threshold
+        k = self.settings.facts_top_k if top_k is None else top_k
+        limit = self.settings.facts_threshold if threshold is None else threshold
         text = query.strip()
         if self._closed:
             raise KnowledgeError("the knowledge base is closed")

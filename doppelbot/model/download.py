@@ -247,19 +247,17 @@ def verify_file(path: Path, remote: RemoteFile, progress: Progress = _no_progres
     return str(digest.hexdigest()) == _expected(remote)
 
 
+@dataclass(eq=False)
 class _HashingWriter:
     """The file object ``http_get`` writes into: bytes go to the ``.part`` file and into the
     digest, and progress is reported. ``http_get`` rewinds to 0 when a server ignores the Range
     header; the digest then starts over too."""
 
-    def __init__(
-        self, fh: BinaryIO, remote: RemoteFile, done: int, digest: Any, progress: Progress
-    ) -> None:
-        self._fh = fh
-        self._remote = remote
-        self.done = done
-        self.digest = digest
-        self._progress = progress
+    _fh: BinaryIO
+    _remote: RemoteFile
+    done: int
+    digest: Any
+    _progress: Progress
 
     def write(self, data: bytes) -> int:
         self._fh.write(data)

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Self
 
 import torch
 import torch.nn.functional as F
@@ -847,7 +847,22 @@ _ST_DTYPES = {
 }
 
 
-class EngineWriter(Sink):
+class _OwnsFile:
+    """Closes ``_fh`` on ``close()`` or at the end of a ``with`` block."""
+
+    _fh: BinaryIO
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class EngineWriter(Sink, _OwnsFile):
     """Writes ``engine.safetensors`` tensor by tensor, in ``engine_layout`` order, then
     ``engine.json``.
 
@@ -875,15 +890,6 @@ class EngineWriter(Sink):
         self._fh = (folder / "engine.safetensors").open("wb")
         self._fh.write(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
-
-    def __enter__(self) -> EngineWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._fh.close()
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         expected, dtype, shape = self._layout[self._next]
@@ -913,7 +919,7 @@ class EngineWriter(Sink):
         (self.folder / "engine.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
-class _TensorReader:
+class _TensorReader(_OwnsFile):
     """Reads single tensors of a safetensors file with plain ``readinto``.
 
     ``safetensors.safe_open`` memory-maps the file, and every page it touched stays in the
@@ -934,15 +940,6 @@ class _TensorReader:
         header.pop("__metadata__", None)
         self._header: dict[str, dict[str, Any]] = header
         self._base = 8 + size
-
-    def __enter__(self) -> _TensorReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._fh.close()
 
     def names(self) -> list[str]:
         return list(self._header)

@@ -24,15 +24,12 @@ object with the same ``generate``/``identity``) instead of a loader.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from doppelbot.config import GenerationOptions, ModelSettings
 from doppelbot.errors import (
@@ -45,6 +42,7 @@ from doppelbot.errors import (
 from doppelbot.model.tokenizer import TokenCounter
 from doppelbot.ports import ModelIdentity
 from doppelbot.prompt import decode_reply
+from doppelbot.workers import Cancelled, Job, ThreadWorker
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
@@ -57,36 +55,13 @@ Check = Callable[[], None]
 Loader = Callable[[], "ReplyModel"]
 
 
-class _Cancelled(Exception):
-    """The caller went away while its request ran (never reaches a caller)."""
-
-
 @dataclass(eq=False)
-class _Job(Generic[T]):
+class _Request(Job[T]):
     fn: Callable[[Any, Check], T]
-    future: asyncio.Future[T]
-    loop: asyncio.AbstractEventLoop
     timeout_s: float | None
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def resolve(self, result: T | None = None, error: BaseException | None = None) -> None:
-        def _set() -> None:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)  # type: ignore[arg-type]
-
-        # A closed loop means nobody is waiting any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(_set)
 
 
-_STOP = object()
-
-
-class ModelWorker:
+class ModelWorker(ThreadWorker["_Request[Any]"]):
     """One thread, one model, a bounded queue of requests. See the module docstring."""
 
     def __init__(
@@ -101,27 +76,22 @@ class ModelWorker:
         """``settings``: the queue size, the default time limit of a generation and the torch
         threads (the model section; its defaults when None)."""
         settings = settings or ModelSettings()
+        super().__init__(queue_size=settings.worker_queue_size, name=name)
         if callable(model) and not hasattr(model, "generate"):
             self._loader: Loader | None = model  # type: ignore[assignment]
-            self.model: ReplyModel | None = None
         else:
             self._loader = None
-            self.model = model  # type: ignore[assignment]
+            self.model = model
         self._identity = identity
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.worker_queue_size)
         self.timeout_s = settings.generation_timeout_s
         self.torch_threads = settings.torch_threads
         self.default_options = default_options or GenerationOptions()
-        self._name = name
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self._ready: asyncio.Future[None] | None = None
 
     # --- ReplyGenerator --------------------------------------------------------------------
     @property
     def identity(self) -> ModelIdentity:
         if self.model is not None:
-            return self.model.identity
+            return self.model.identity  # type: ignore[no-any-return]
         if self._identity is None:
             raise WorkerClosedError("the model worker has not loaded its model yet")
         return self._identity
@@ -150,50 +120,17 @@ class ModelWorker:
         """Run ``fn(model, check)`` in the model thread; ``check()`` raises once the deadline
         passed or the caller was cancelled (call it in long loops)."""
         if self._closed:
-            raise WorkerClosedError("the model worker is shut down")
+            raise self.closed_error()
         if self._thread is None:
             await self.start()
         loop = asyncio.get_running_loop()
-        job: _Job[T] = _Job(fn, loop.create_future(), loop, timeout_s)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise WorkerClosedError(
-                f"the model worker is busy ({self._queue.maxsize} requests waiting)"
-            ) from None
+        job: _Request[T] = _Request(loop.create_future(), loop, fn=fn, timeout_s=timeout_s)
+        self.put(job)
         try:
             return await job.future
         except asyncio.CancelledError:
-            job.cancelled.set()  # skipped if not started yet, stopped at the next step if running
+            job.dropped.set()  # skipped if not started yet, stopped at the next step if running
             raise
-
-    # --- lifecycle -------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Start the thread and wait until the model is loaded (re-raises a load error)."""
-        if self._closed:
-            raise WorkerClosedError("the model worker is shut down")
-        if self._thread is None:
-            loop = asyncio.get_running_loop()
-            self._ready = loop.create_future()
-            self._thread = threading.Thread(
-                target=self._run, args=(loop, self._ready), name=self._name, daemon=True
-            )
-            self._thread.start()
-        assert self._ready is not None
-        await asyncio.shield(self._ready)
-
-    async def aclose(self) -> None:
-        """Finish the running request, fail the queued ones, join the thread."""
-        if self._closed:
-            return
-        self._closed = True
-        thread = self._thread
-        if thread is None:
-            return
-        self._drain(WorkerClosedError("the model worker was shut down"))
-        # put() may wait for room: the thread is consuming, so it frees up quickly.
-        await asyncio.to_thread(self._queue.put, _STOP)
-        await asyncio.to_thread(thread.join)
 
     async def __aenter__(self) -> ModelWorker:
         await self.start()
@@ -202,68 +139,39 @@ class ModelWorker:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    # --- ThreadWorker ----------------------------------------------------------------------
+    def closed_error(self) -> DoppelbotError:
+        return WorkerClosedError("the model worker is shut down")
 
-    def _drain(self, error: BaseException) -> None:
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(job, _Job):
-                job.resolve(error=error)
+    def busy_error(self) -> DoppelbotError:
+        return WorkerClosedError(
+            f"the model worker is busy ({self._queue.maxsize} requests waiting)"
+        )
 
-    # --- the thread ------------------------------------------------------------------------
-    def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
-        def report(error: BaseException | None) -> None:
-            def _set() -> None:
-                if not ready.done():
-                    if error is None:
-                        ready.set_result(None)
-                    else:
-                        ready.set_exception(error)
+    def load(self) -> Any:
+        from doppelbot.model.loader import apply_torch_threads
 
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                loop.call_soon_threadsafe(_set)
+        apply_torch_threads(self.torch_threads)
+        if self.model is None:
+            assert self._loader is not None
+            return self._loader()
+        return self.model
 
-        try:
-            from doppelbot.model.loader import apply_torch_threads
+    def load_failed(self, exc: BaseException) -> DoppelbotError:
+        log.debug("model load failed", exc_info=True)
+        return ModelLoadError(f"cannot load the reply model: {exc}")
 
-            apply_torch_threads(self.torch_threads)
-            if self.model is None:
-                assert self._loader is not None
-                self.model = self._loader()
-        except BaseException as exc:  # the loader's failure belongs to start()'s caller
-            if not isinstance(exc, DoppelbotError):
-                log.debug("model load failed", exc_info=True)
-                exc = ModelLoadError(f"cannot load the reply model: {exc}")
-            self._closed = True
-            report(exc)
-            return
-        report(None)
-        while True:
-            job = self._queue.get()
-            if job is _STOP:
-                return
-            self._serve(job)
-
-    def _serve(self, job: _Job[Any]) -> None:
-        if job.cancelled.is_set() or job.future.cancelled():
-            log.debug("skipping a request whose caller is gone")
-            return
+    def serve(self, job: _Request[Any]) -> None:
         deadline = None if job.timeout_s is None else time.monotonic() + job.timeout_s
 
         def check() -> None:
-            if job.cancelled.is_set():
-                raise _Cancelled
+            job.check()
             if deadline is not None and time.monotonic() > deadline:
                 raise GenerationTimeoutError(f"generation took longer than {job.timeout_s:g}s")
 
         try:
             result = job.fn(self.model, check)
-        except _Cancelled:
+        except Cancelled:
             log.debug("stopped a request whose caller is gone")
         except GenerationError as exc:
             job.resolve(error=exc)

@@ -8,7 +8,7 @@ Consecutive messages of one speaker are one turn, as in the dataset.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from doppelbot.config import GenerationOptions
 from doppelbot.domain import Role, Turn
@@ -23,20 +23,13 @@ class ChatAnswer:
     reply: str
 
 
+@dataclass(eq=False)
 class Conversation:
-    def __init__(
-        self,
-        generator: ReplyGenerator,
-        composer: ReplyComposer,
-        options: GenerationOptions,
-        *,
-        max_turns: int,
-    ) -> None:
-        self.generator = generator
-        self.composer = composer
-        self.options = options
-        self.max_turns = max_turns
-        self.turns: list[Turn] = []
+    generator: ReplyGenerator
+    composer: ReplyComposer
+    options: GenerationOptions
+    max_turns: int  # the newest turns the prompt may hold
+    turns: list[Turn] = field(default_factory=list)
 
     def reset(self) -> None:
         self.turns.clear()

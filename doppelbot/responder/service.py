@@ -505,10 +505,7 @@ class Responder:
             try:
                 context = self._context(messages, int(self._now()) + FUTURE_SKEW_S, peer)
             except Exception as exc:  # a context bug must not leave the reply queued forever
-                await replies.transition(
-                    self.db, reply_id, frm, S.FAILED, now=self._now(), error=describe(exc)
-                )
-                self.stats["failed"] += 1
+                await self._fail(reply_id, frm, exc)
                 log.error("responder: context failed chat=%d: %s", chat_id, describe(exc))
                 return
             if not context.answerable:
@@ -518,10 +515,7 @@ class Responder:
             try:
                 prompt = await self.composer.prompt(context.turns, facts)
             except GenerationError as exc:
-                await replies.transition(
-                    self.db, reply_id, frm, S.FAILED, now=self._now(), error=describe(exc)
-                )
-                self.stats["failed"] += 1
+                await self._fail(reply_id, frm, exc)
                 return
             identity = self.generator.identity
             moved = await replies.transition(
@@ -545,16 +539,7 @@ class Responder:
                 parts = delivery.split_reply(text, split_lines=self.settings.responder.split_lines)
             except Exception as exc:
                 gen_ms = int((self.clock.monotonic() - started) * 1000)
-                await replies.transition(
-                    self.db,
-                    reply_id,
-                    S.GENERATING,
-                    S.FAILED,
-                    now=self._now(),
-                    error=describe(exc),
-                    generation_ms=gen_ms,
-                )
-                self.stats["failed"] += 1
+                await self._fail(reply_id, S.GENERATING, exc, generation_ms=gen_ms)
                 log.warning(
                     "responder: generation failed chat=%d reply=%d: %s",
                     chat_id,
@@ -712,6 +697,15 @@ class Responder:
             # Not everyone at the very minute the quiet hours end: that looks like a robot.
             at += self.rng.uniform(0, QUIET_END_SPREAD_S)
         return at
+
+    async def _fail(
+        self, reply_id: int, frm: ReplyStatus, exc: BaseException, **fields: Any
+    ) -> None:
+        """The reply cannot be made: ``failed``, with why (never with foreign texts)."""
+        await replies.transition(
+            self.db, reply_id, frm, S.FAILED, now=self._now(), error=describe(exc), **fields
+        )
+        self.stats["failed"] += 1
 
     async def _defer(
         self, reply_id: int, frm: ReplyStatus, reason: Skip, chat_id: int, **fields: Any

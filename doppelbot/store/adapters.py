@@ -141,7 +141,8 @@ async def upsert_run(
     adapter_path: Path | None = None,
     finished_at: int | None = None,
 ) -> None:
-    """Insert or update the row of one run folder."""
+    """Insert or update the ``training_runs`` row of one run folder (a resumed run keeps its
+    row: the folder is the natural key)."""
     await db.execute(
         _UPSERT_RUN,
         (

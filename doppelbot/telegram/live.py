@@ -12,6 +12,7 @@ composition root (``doppelbot.app``), which also runs the start-up catch-up.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ MessageListener = Callable[[Message, Peer], Awaitable[None]]
 #: (chat id, message id, the message's current reactions): from UpdateMessageReactions and from
 #: edits that carry a reactions field.
 ReactionListener = Callable[[int, int, Sequence[Reaction]], Awaitable[None]]
+EventHandler = Callable[["LiveBot", Any], Awaitable[None]]
 
 
 def map_reactions(chat_id: int, message_id: int, reactions: Any) -> list[Reaction]:
@@ -109,6 +111,26 @@ class TelethonTransport:
             for m in found
             if getattr(m, "out", False) and isinstance(m, types.Message)
         ]
+
+
+def _guarded(what: str) -> Callable[[EventHandler], EventHandler]:
+    """An event handler of ``LiveBot``: kept until ``start`` when it comes early, tracked so
+    ``aclose`` can wait for it, and never fatal (an update must never take the bot down)."""
+
+    def wrap(handle: EventHandler) -> EventHandler:
+        @functools.wraps(handle)
+        async def handler(self: LiveBot, event: Any) -> None:
+            if self._closing or self._defer(getattr(self, handle.__name__), event):
+                return
+            with self._tracked():
+                try:
+                    await handle(self, event)
+                except Exception as exc:
+                    log.error("live: %s not handled: %s", what, describe(exc))
+
+        return handler
+
+    return wrap
 
 
 class LiveBot:
@@ -222,11 +244,18 @@ class LiveBot:
             return self.settings.responder.group_reply_probability > 0
         return True
 
-    async def _peer(self, event: Any) -> Peer | None:
+    async def _seen(self, event: Any) -> tuple[Message, Peer] | None:
+        """The event's message as ours, with its chat, stored when the chat is kept (None: a
+        chat we cannot see)."""
+        assert self.owner_id is not None
         entity = event.chat if event.chat is not None else await event.get_chat()
         if entity is None:
             return None
-        return map_peer(entity)
+        peer = map_peer(entity)
+        message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
+        if self.stores(peer):
+            await self.writer.save(message, peer)
+        return message, peer
 
     @contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -299,57 +328,32 @@ class LiveBot:
         if isinstance(pts, int) and not _is_channel_update(update):
             self.last_pts = pts if self.last_pts is None else max(self.last_pts, pts)
 
+    @_guarded("update")
     async def _on_new(self, event: Any) -> None:
-        if self._closing or self._defer(self._on_new, event):
+        if (seen := await self._seen(event)) is None:
             return
-        with self._tracked():
-            try:
-                assert self.owner_id is not None
-                peer = await self._peer(event)
-                if peer is None:
-                    return
-                message = map_message(event.message, owner_id=self.owner_id, chat_id=peer.peer_id)
-                if self.stores(peer):
-                    await self.writer.save(message, peer)
-                if message.is_voice_note and peer.kind is PeerKind.USER and not peer.is_self:
-                    await self.transcribe(event.message)
-                await self._to_responder(message, peer)
-                for listener in self.listeners:
-                    await listener(message, peer)
-            except Exception as exc:  # an update must never take the bot down
-                log.error("live: update not handled: %s", describe(exc))
+        message, peer = seen
+        if message.is_voice_note and peer.kind is PeerKind.USER and not peer.is_self:
+            await self.transcribe(event.message)
+        await self._to_responder(message, peer)
+        for listener in self.listeners:
+            await listener(message, peer)
 
+    @_guarded("edit")
     async def _on_edit(self, event: Any) -> None:
-        if self._closing or self._defer(self._on_edit, event):
+        if (seen := await self._seen(event)) is None:
             return
-        with self._tracked():
-            try:
-                assert self.owner_id is not None
-                peer = await self._peer(event)
-                if peer is None:
-                    return
-                if self.stores(peer):
-                    message = map_message(
-                        event.message, owner_id=self.owner_id, chat_id=peer.peer_id
-                    )
-                    await self.writer.save(message, peer)
-                # Reactions may arrive as an edit of the message that carries them; no field
-                # means "no news about reactions", not "none".
-                reactions = getattr(event.message, "reactions", None)
-                if reactions is not None:
-                    await self._emit_reactions(peer.peer_id, int(event.message.id), reactions)
-            except Exception as exc:
-                log.error("live: edit not handled: %s", describe(exc))
+        peer = seen[1]
+        # Reactions may arrive as an edit of the message that carries them; no field means
+        # "no news about reactions", not "none".
+        reactions = getattr(event.message, "reactions", None)
+        if reactions is not None:
+            await self._emit_reactions(peer.peer_id, int(event.message.id), reactions)
 
+    @_guarded("reactions")
     async def _on_reactions(self, update: Any) -> None:
-        if self._closing or self._defer(self._on_reactions, update):
-            return
-        with self._tracked():
-            try:
-                chat_id = tg_utils.get_peer_id(update.peer)
-                await self._emit_reactions(chat_id, int(update.msg_id), update.reactions)
-            except Exception as exc:
-                log.error("live: reactions not handled: %s", describe(exc))
+        chat_id = tg_utils.get_peer_id(update.peer)
+        await self._emit_reactions(chat_id, int(update.msg_id), update.reactions)
 
     async def _emit_reactions(self, chat_id: int, message_id: int, reactions: Any) -> None:
         current = map_reactions(chat_id, message_id, reactions)

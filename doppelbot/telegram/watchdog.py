@@ -26,6 +26,7 @@ from telethon import TelegramClient
 from telethon import errors as tg_errors
 from telethon.tl import functions
 
+from doppelbot.config import DaemonSettings
 from doppelbot.errors import NotLoggedInError, TelegramOutageError, describe
 from doppelbot.health import Health, State
 from doppelbot.responder.transport import Clock
@@ -56,26 +57,22 @@ class Watchdog:
         self,
         client: TelegramClient,
         source: UpdateSource,
+        settings: DaemonSettings,
         *,
-        interval_s: float,
-        idle_s: float,
-        max_outage_s: float,
         record: Callable[[Health], Awaitable[None]],
         clock: Clock | None = None,
     ) -> None:
-        self.client = client
-        self.source = source
-        self.interval_s = interval_s
-        self.idle_s = idle_s
-        self.max_outage_s = max_outage_s
-        self.record = record
+        self.client, self.source, self.record = client, source, record
+        self.interval_s = settings.watchdog_interval_s
+        self.idle_s = settings.watchdog_idle_s
+        self.max_outage_s = settings.watchdog_max_outage_s
         self.clock = clock or Clock()
         now = self.clock.time()
         self.health = Health(
             pid=os.getpid(),
             started_at=now,
             heartbeat_at=now,
-            interval_s=interval_s,
+            interval_s=self.interval_s,
             state=State.STARTING,
         )
         self._backoff = 1.0

@@ -338,13 +338,7 @@ def evaluate_adapters(
     name_of = dict(zip([str(a) for a in real], names, strict=True))
     model.eval()
     scorer = Scorer(model, tokenizer, device=base.device, batch_size=options.batch_size)
-    key = heldout_key(
-        dataset.validation_hash,
-        options.eval_max_samples,
-        options.model.max_input_tokens,
-        options.max_target_tokens,
-        precision,
-    )
+    key = _cache_key(options, dataset.validation_hash, precision)
     need_gen = any(s.needs_generations for s in specs)
     shared = extras if extras is not None else {}  # one dict: metrics may cache in it
     reports = []
@@ -378,6 +372,16 @@ def evaluate_adapters(
     )
 
 
+def _cache_key(options: EvalOptions, validation_hash: str, precision: str) -> str:
+    return heldout_key(
+        validation_hash,
+        options.eval_max_samples,
+        options.model.max_input_tokens,
+        options.max_target_tokens,
+        precision,
+    )
+
+
 def heldout_losses(
     options: EvalOptions, adapters: Sequence[Path], *, datasets_dir: Path
 ) -> list[float]:
@@ -385,13 +389,7 @@ def heldout_losses(
     cached evaluation when the split, subset and lengths are the same, else measured now."""
     dataset = load_dataset(datasets_dir, options.dataset)
     precision = resolve_precision(options.precision, resolve_device(options.model.device))
-    key = heldout_key(
-        dataset.validation_hash,
-        options.eval_max_samples,
-        options.model.max_input_tokens,
-        options.max_target_tokens,
-        precision,
-    )
+    key = _cache_key(options, dataset.validation_hash, precision)
     losses: dict[str, float] = {}
     missing = []
     for adapter in adapters:

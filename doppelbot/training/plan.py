@@ -13,7 +13,7 @@ from typing import Any
 from doppelbot.model.tokenizer import load_tokenizer
 from doppelbot.training.methods import get_method
 from doppelbot.training.modeling import load_config, resolve_device, resolve_precision
-from doppelbot.training.preflight import ModelShape, PreflightReport, preflight
+from doppelbot.training.preflight import ModelShape, PreflightReport, TrainingSetup, preflight
 from doppelbot.training.types import MethodContext, PreparedData, TrainOptions
 
 
@@ -87,15 +87,15 @@ def plan_training(
     init_adapter = method.initial_adapter(ctx)  # checked before any data or model is loaded
     data = method.prepare(ctx)
     plan = make_plan(options, data, device=device, precision=precision, world=world)
-    report = preflight(
-        ModelShape.from_config(config),
+    setup = TrainingSetup(
         precision=precision,
         device=device,
         batch_size=options.batch_size * method.rows_per_example,
         source_len=data.max_source_len,
         target_len=data.max_target_len,
         lora_r=options.lora_r,
-        lora_targets=options.lora_targets,
+        lora_targets=tuple(options.lora_targets),
         gradient_checkpointing=options.gradient_checkpointing,
     )
+    report = preflight(ModelShape.from_config(config), setup)
     return PlannedRun(data, plan, report, tokenizer, init_adapter)

@@ -14,7 +14,7 @@ overhead.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,20 +149,24 @@ def weight_bytes(shape: ModelShape, precision: str) -> int:
     return per * shape.total_params()
 
 
-def estimate_training_memory(
-    shape: ModelShape,
-    *,
-    precision: str,
-    device: str,
-    batch_size: int,
-    source_len: int,
-    target_len: int,
-    lora_r: int,
-    lora_targets: list[str] | tuple[str, ...],
-    gradient_checkpointing: bool,
-) -> MemoryEstimate:
+@dataclass(frozen=True, slots=True)
+class TrainingSetup:
+    """What a training run's memory depends on, besides the model's shape."""
+
+    precision: str
+    device: str
+    batch_size: int
+    source_len: int
+    target_len: int
+    lora_r: int
+    lora_targets: tuple[str, ...]
+    gradient_checkpointing: bool
+
+
+def estimate_training_memory(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
+    precision = setup.precision
     act = 4 if precision == "fp32" else 2
-    b, s, t = batch_size, max(1, source_len), max(1, target_len)
+    b, s, t = setup.batch_size, max(1, setup.source_len), max(1, setup.target_len)
     d, ff, h, inner = shape.d_model, shape.d_ff, shape.num_heads, shape.inner
     ff_values = (3 if shape.gated else 2) * ff  # wi_0, wi_1 outputs and their product
 
@@ -173,7 +177,7 @@ def estimate_training_memory(
         linear = t * (6 * d + 6 * inner + ff_values + d) + 2 * s * inner
         return linear + 3 * h * (t * t + t * s)
 
-    if gradient_checkpointing:
+    if setup.gradient_checkpointing:
         stored = (shape.num_layers * s + shape.num_decoder_layers * t) * d
         activations = b * act * (stored + max(enc_layer(s), dec_layer()))
     else:
@@ -181,9 +185,9 @@ def estimate_training_memory(
             b * act * (shape.num_layers * enc_layer(s) + shape.num_decoder_layers * dec_layer())
         )
     logits = 3 * 4 * b * t * shape.vocab_size  # fp32 logits, log-softmax and their gradient
-    lora = shape.lora_params(lora_r, lora_targets)
+    lora = shape.lora_params(setup.lora_r, setup.lora_targets)
     trainable = lora * 4 * 3  # fp32 weights, gradients, optimizer state (Adafactor: less)
-    overhead = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
+    overhead = CUDA_OVERHEAD if setup.device == "cuda" else CPU_OVERHEAD
     return MemoryEstimate(weight_bytes(shape, precision), trainable, activations, logits, overhead)
 
 
@@ -220,12 +224,8 @@ def available_bytes(device: str) -> int | None:
 class PreflightReport:
     estimate: MemoryEstimate
     available: int | None
-    device: str
-    precision: str
-    batch_size: int
-    source_len: int
-    target_len: int
-    max_batch: int | None
+    setup: TrainingSetup
+    max_batch: int | None  # the largest batch that would fit (None: free memory unknown)
 
     @property
     def fits(self) -> bool:
@@ -233,48 +233,32 @@ class PreflightReport:
 
     def describe(self) -> str:
         avail = "unknown" if self.available is None else gib(self.available)
+        run = self.setup
         return (
-            f"{self.device}/{self.precision}, batch {self.batch_size}, input ≤{self.source_len} "
-            f"and target ≤{self.target_len} tokens: needs {self.estimate.describe()}; "
+            f"{run.device}/{run.precision}, batch {run.batch_size}, input ≤{run.source_len} "
+            f"and target ≤{run.target_len} tokens: needs {self.estimate.describe()}; "
             f"free {avail}"
         )
 
 
 def preflight(
     shape: ModelShape,
+    setup: TrainingSetup,
     *,
-    precision: str,
-    device: str,
-    batch_size: int,
-    source_len: int,
-    target_len: int,
-    lora_r: int,
-    lora_targets: list[str] | tuple[str, ...],
-    gradient_checkpointing: bool,
     available: int | None = None,
     measure: bool = True,
 ) -> PreflightReport:
     """Estimate and compare; ``available`` overrides the measured free memory (tests)."""
     if available is None and measure:
-        available = available_bytes(device)
+        available = available_bytes(setup.device)
 
     def est(batch: int) -> MemoryEstimate:
-        return estimate_training_memory(
-            shape,
-            precision=precision,
-            device=device,
-            batch_size=batch,
-            source_len=source_len,
-            target_len=target_len,
-            lora_r=lora_r,
-            lora_targets=lora_targets,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+        return estimate_training_memory(shape, replace(setup, batch_size=batch))
 
     max_batch = None
     if available is not None:
         budget = available * USABLE_SHARE
-        lo, hi = 0, max(batch_size, 1) * 64
+        lo, hi = 0, max(setup.batch_size, 1) * 64
         while lo < hi:  # the largest batch whose estimate fits the budget
             mid = (lo + hi + 1) // 2
             if est(mid).total <= budget:
@@ -282,9 +266,7 @@ def preflight(
             else:
                 hi = mid - 1
         max_batch = lo
-    return PreflightReport(
-        est(batch_size), available, device, precision, batch_size, source_len, target_len, max_batch
-    )
+    return PreflightReport(est(setup.batch_size), available, setup, max_batch)
 
 
 def check(report: PreflightReport) -> None:
@@ -295,9 +277,9 @@ def check(report: PreflightReport) -> None:
     if report.max_batch:
         hints.append(f"--batch-size {report.max_batch} (raise --grad-accum to keep the batch)")
     else:
-        if report.device == "cpu":
+        if report.setup.device == "cpu":
             hints.append("a CUDA GPU (--device cuda, int8)")
-        elif report.precision != "int8":
+        elif report.setup.precision != "int8":
             hints.append("--precision int8")
         hints.append("a lower DOPPELBOT_MAX_INPUT_TOKENS")
     raise PreflightError(

@@ -233,35 +233,3 @@ async def rollback(db: Database) -> AdapterChoice:
         reason="rollback",
         previous_choice_id=previous.previous_choice_id,
     )
-
-
-# --- training runs ----------------------------------------------------------------------------
-async def record_run(
-    db: Database,
-    *,
-    run_dir: Path,
-    method: str,
-    status: str,
-    base_model: str,
-    started_at: int,
-    dataset_hash: str | None = None,
-    params: dict[str, Any] | None = None,
-    metrics: dict[str, Any] | None = None,
-    adapter_path: Path | None = None,
-    finished_at: int | None = None,
-) -> None:
-    """Insert or update the ``training_runs`` row of one run folder (a resumed run keeps its
-    row: the folder is the natural key)."""
-    await adapters.upsert_run(
-        db,
-        run_dir=run_dir,
-        method=method,
-        status=status,
-        base_model=base_model,
-        started_at=started_at,
-        dataset_hash=dataset_hash,
-        params=params,
-        metrics=metrics,
-        adapter_path=adapter_path,
-        finished_at=finished_at,
-    )

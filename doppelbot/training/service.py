@@ -20,7 +20,7 @@ from doppelbot.dataset.jsonl import write_json
 from doppelbot.errors import TrainingError
 from doppelbot.model.loader import serving_adapter
 from doppelbot.model.local import model_source
-from doppelbot.store.adapters import AdapterChoice, current_choice
+from doppelbot.store.adapters import AdapterChoice, current_choice, upsert_run
 from doppelbot.store.database import Database
 from doppelbot.training.dpo import load_pairs, pairs_file, split_pairs
 from doppelbot.training.evaluate import Comparison, EvalOptions, evaluate_adapters, heldout_losses
@@ -29,7 +29,6 @@ from doppelbot.training.registry import (
     AdapterInfo,
     adapter_info,
     check_not_worse,
-    record_run,
     resolve_adapter,
     use_adapter,
 )
@@ -175,7 +174,7 @@ class RunRecorder:
             )
         elif update.status in (INTERRUPTED, FAILED):
             fields.update(metrics={"error": (update.reason or "")[:500]})
-        _with_db(self.settings, lambda db: record_run(db, status=update.status, **fields))
+        _with_db(self.settings, lambda db: upsert_run(db, status=update.status, **fields))
 
 
 def train_and_record(
