@@ -43,6 +43,7 @@ from doppelbot.responder.service import Responder
 from doppelbot.review.drafts import DraftDesk
 from doppelbot.review.owner import OwnerNotes
 from doppelbot.review.owner_commands import OWNER_COMMANDS
+from doppelbot.store import accounts as own_accounts
 from doppelbot.store import bot_state, history
 from doppelbot.store.database import Database
 from doppelbot.store.writer import MessageWriter
@@ -93,7 +94,10 @@ class App:
         self.bot.install()  # a client connected by the caller: from now on at least
         account = await logged_in_account(self.client)
         self.owner_id = owner = account.user_id
-        await history.save_account(self.db, account)
+        # Refused when this Telegram user is another own account (or this account another
+        # user): one bot must never answer from, or write into, another account's history.
+        await own_accounts.claim(self.db, account)
+        others = frozenset(await own_accounts.own_user_ids(self.db)) - {owner}
         previous = Health.from_json(await bot_state.get_json(self.db, bot_state.HEALTH_KEY))
         self.transport.start(owner)
         await self.watchdog.beat()
@@ -101,7 +105,7 @@ class App:
         self.monitor.start()
         checker: asyncio.Task[None] | None = None
         try:
-            await self._start(owner, previous)
+            await self._start(owner, previous, others)
             if on_ready is not None:
                 await on_ready(self)
             await self._catch_up(first_run, previous)
@@ -127,7 +131,7 @@ class App:
             await self._stop()
         return self
 
-    async def _start(self, owner: int, previous: Health | None) -> None:
+    async def _start(self, owner: int, previous: Health | None, others: frozenset[int]) -> None:
         """The store learns what happened while the bot was down before anything acts on it
         (a resumed reply is checked against the real history); the owner's notes written
         meanwhile are applied before any draft can expire, and before live notes."""
@@ -141,7 +145,7 @@ class App:
         # what arrived since then is what this start has to catch up with.
         if previous is not None:
             self.down_since = previous.heartbeat_at - 2 * previous.interval_s
-        await self.responder.start(owner)
+        await self.responder.start(owner, other_own=others)
         await self.capture.start(owner)
         if self.drafts is not None and self.notes is not None:
             if self.down_since is not None:
@@ -323,19 +327,23 @@ async def serve(
     facts: FactRetriever | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[App], Awaitable[None]] | None = None,
+    account: str | None = None,
 ) -> App:
-    """The whole ``doppelbot run``: one process per data directory (the instance lock), the
-    workers and the connection around the app, until SIGINT/SIGTERM or ``stop``. Tests pass
-    a fake-Telegram ``client``, a small ``generator`` and their own ``stop``."""
+    """The whole ``doppelbot run``: one process per own account (its instance lock), the
+    workers and the connection around the app, until SIGINT/SIGTERM or ``stop``. ``account``:
+    the own account to answer as (None: the default one). Tests pass a fake-Telegram
+    ``client``, a small ``generator`` and their own ``stop``."""
+    from doppelbot.accounts import login_hint, settings_for
     from doppelbot.errors import NotLoggedInError
     from doppelbot.instance import InstanceLock
 
+    settings = settings_for(settings, account)
     if (
         client is None
         and settings.telegram.session_string is None
         and not settings.session_path.exists()
     ):
-        raise NotLoggedInError("not logged in to Telegram: run `doppelbot login` first")
+        raise NotLoggedInError(f"not logged in to Telegram: run {login_hint(account)} first")
     with InstanceLock(settings.lock_path):
         if generator is None:
             from doppelbot.model.local import model_source
@@ -353,6 +361,7 @@ async def serve(
                 facts=facts,
                 stop=stop,
                 on_ready=on_ready,
+                account=account,
             )
         finally:
             loop = asyncio.get_running_loop()
@@ -369,7 +378,9 @@ async def _serve(
     facts: FactRetriever | None,
     stop: asyncio.Event,
     on_ready: Callable[[App], Awaitable[None]] | None,
+    account: str | None,
 ) -> App:
+    from doppelbot.accounts import account_scope
     from doppelbot.knowledge.lazy import knowledge_for
     from doppelbot.telegram.client import connected, create_client
 
@@ -377,6 +388,7 @@ async def _serve(
         # Closed in reverse: the connection, the knowledge base, the workers, the store.
         db = await Database.open(settings.store.db_path)
         stack.push_async_callback(db.close)
+        db = await stack.enter_async_context(account_scope(db, settings, account, "session"))
         speech: Any = None
         if settings.voice.transcription:
             from doppelbot.speech import TranscriptionWorker

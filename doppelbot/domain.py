@@ -169,6 +169,8 @@ class Sample:
     reply_message_ids: tuple[int, ...]
     model_input: str = ""
     model_target: str = ""
+    #: The own account whose chat it comes from ("": not recorded; message ids are per account).
+    account: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,10 @@ class TelegramError(DoppelbotError):
     """Telegram refused or failed a request."""
 
 
+class AccountError(DoppelbotError):
+    """An own account that is not known, or a Telegram user that is already another one."""
+
+
 class InstanceLockedError(DoppelbotError):
     """Another doppelbot process holds this data directory's Telegram session."""
 

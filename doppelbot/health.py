@@ -65,7 +65,7 @@ STALE_BEATS = 3
 def verdict(health: Health | None, holder: LockHolder | None, now: float) -> tuple[bool, str]:
     """(healthy, one line saying why)."""
     if holder is None or not holder.command.startswith("doppelbot run"):
-        return False, "not running: no `doppelbot run` holds this data directory"
+        return False, "not running: no `doppelbot run` holds this account's session"
     if health is None or health.pid != holder.pid:
         return False, f"starting: no heartbeat yet from {holder.describe()}"
     age = now - health.heartbeat_at

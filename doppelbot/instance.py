@@ -8,6 +8,8 @@ when the process dies, however it dies (kill -9, OOM), so a stale lock never blo
 The file also says who holds it (command, pid, since when), for the refusal message and for
 ``doppelbot status``. With ``DOPPELBOT_SESSION_STRING`` there is no session file, but the lock
 file still lives in the data directory, so two containers sharing a volume exclude each other.
+Each own account has its own session and so its own lock (``doppelbot.accounts``): two accounts'
+processes run side by side on one data directory, two of one account never do.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def current_command(argv: list[str] | None = None) -> str:
         if skip:
             skip = False
             continue
-        if arg in ("--env-file", "--data-dir"):
+        if arg in ("--env-file", "--data-dir", "--account"):
             skip = True
             continue
         if arg.startswith("-"):
@@ -107,7 +109,7 @@ class InstanceLock:
             holder = _read_holder(self.path)
             who = holder.describe() if holder else "another doppelbot process"
             raise InstanceLockedError(
-                f"{who} is using this data directory's Telegram session ({self.path.parent}); "
+                f"{who} is using this data directory's Telegram session (lock {self.path}); "
                 "stop it first — one process per account and data directory"
             ) from None
         record = {"command": self.command, "pid": os.getpid(), "since": time.time()}

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from doppelbot.dataset.from_store import build_from_db, default_workers  # noqa: E402
 from doppelbot.dataset.options import DatasetOptions  # noqa: E402
-from doppelbot.store.database import Database  # noqa: E402
-from doppelbot.store.history import MESSAGES, UPSERT_PEER_SQL  # noqa: E402
+from doppelbot.store.database import DEFAULT_ACCOUNT_ID, Database  # noqa: E402
+from doppelbot.store.history import MESSAGES, PEERS  # noqa: E402
 
 _PROSE = (
     "привет как дела что делаешь сегодня вечером пойдем в кино да нет норм работаю ладно "
@@ -111,7 +111,7 @@ def generate(path: Path, messages: int, chats: int, seed: int = 7) -> None:
     conn.execute("PRAGMA synchronous=OFF")
     per_chat = messages // chats
     extra = messages - per_chat * chats
-    sql = MESSAGES.insert()
+    sql = MESSAGES.insert(account_id=DEFAULT_ACCOUNT_ID)
     peers = []
     batch: list[tuple] = []
     conn.execute("BEGIN")
@@ -137,7 +137,7 @@ def generate(path: Path, messages: int, chats: int, seed: int = 7) -> None:
             conn.executemany(sql, batch)
             batch.clear()
     conn.executemany(sql, batch)
-    conn.executemany(UPSERT_PEER_SQL, peers)
+    conn.executemany(PEERS.insert(conflict="update", account_id=DEFAULT_ACCOUNT_ID), peers)
     conn.execute("COMMIT")
     conn.close()
 

@@ -15,6 +15,7 @@ Quick start
     from tests.faketg import FakeTelegram
 
     tg = FakeTelegram()                      # the owner: tg.me (id 100, "Owner")
+    other = FakeTelegram(me_id=200)          # another own account (its own ids, from 1 too)
     alice = tg.add_user("Alice", username="alice")
     tg.add_history(alice, 300)               # 300 alternating in/out text messages
     tg.add_message(alice, "hi", out=False)   # one stored message (no update pushed)
@@ -495,6 +496,7 @@ class FakeTelegram:
         me_first_name: str = "Owner",
         me_username: str | None = "owner",
         me_phone: str = "+70000000000",
+        me_id: int = OWNER_ID,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self._clock = clock or time.time
@@ -532,18 +534,19 @@ class FakeTelegram:
         self.takeouts: dict[int, str] = {}
         self.takeout_scopes: dict[int, dict[str, Any]] = {}
         self._next_takeout = 7000
+        self.owner_id = me_id  # OWNER_ID unless this fake is another account
         self.me = types.User(
-            id=OWNER_ID,
+            id=me_id,
             is_self=True,
             contact=False,
-            access_hash=self._hash(OWNER_ID),
+            access_hash=self._hash(me_id),
             first_name=me_first_name,
             username=me_username,
             phone=me_phone.lstrip("+"),
             status=types.UserStatusRecently(),
         )
         self._put_user(self.me)
-        self._chats[OWNER_ID] = _Chat(OWNER_ID, self.me, types.PeerUser(OWNER_ID))
+        self._chats[me_id] = _Chat(me_id, self.me, types.PeerUser(me_id))
 
     # --- clock / ids ------------------------------------------------------------------------------
     def now(self) -> int:
@@ -706,13 +709,13 @@ class FakeTelegram:
         broadcast = chat.is_channel and bool(chat.entity.broadcast)
         if private:
             is_out = bool(out) if out is not None else False
-            if chat.marked_id == OWNER_ID:
+            if chat.marked_id == self.owner_id:
                 is_out = True
             # Layer 119+: incoming private messages carry no from_id; outgoing ones name us.
-            from_id = types.PeerUser(OWNER_ID) if is_out else None
+            from_id = types.PeerUser(self.owner_id) if is_out else None
         else:
             who = sender or self.me
-            is_out = who.id == OWNER_ID if out is None else bool(out)
+            is_out = who.id == self.owner_id if out is None else bool(out)
             from_id = None if broadcast else types.PeerUser(who.id)
         return types.Message(
             id=self._new_id(chat),
@@ -773,7 +776,7 @@ class FakeTelegram:
             peer_id=chat.peer,
             date=_dtm(ts),
             action=action,
-            out=(who.id == OWNER_ID) or None,
+            out=(who.id == self.owner_id) or None,
             from_id=None if private else types.PeerUser(who.id),
         )
         return self._store(chat, msg)
@@ -803,11 +806,11 @@ class FakeTelegram:
         for i in range(n):
             out = out_every > 0 and i % out_every == out_every - 1
             if private:
-                from_id = types.PeerUser(OWNER_ID) if out else None
+                from_id = types.PeerUser(self.owner_id) if out else None
             elif broadcast:
                 from_id = None
             else:
-                from_id = types.PeerUser(OWNER_ID if out or other is None else other.id)
+                from_id = types.PeerUser(self.owner_id if out or other is None else other.id)
             msg = types.Message(
                 id=self._new_id(chat),
                 peer_id=chat.peer,
@@ -985,7 +988,7 @@ class FakeTelegram:
                 sender.updates_queue.put_nowait(BinaryReader(data).tgread_object())
 
     def _entities_for(self, msgs: Iterable[Any]) -> tuple[list[Any], list[Any]]:
-        users: dict[int, Any] = {OWNER_ID: self.me}
+        users: dict[int, Any] = {self.owner_id: self.me}
         chats: dict[int, Any] = {}
         for m in msgs:
             for p in (m.peer_id, m.from_id, getattr(m.fwd_from, "from_id", None)):
@@ -1168,7 +1171,7 @@ class FakeTelegram:
     def _resolve(self, peer: Any) -> _Chat:
         """An InputPeer/InputUser/InputChannel → the chat, checking access hashes like Telegram."""
         if isinstance(peer, types.InputPeerSelf | types.InputUserSelf):
-            return self._chats[OWNER_ID]
+            return self._chats[self.owner_id]
         if isinstance(peer, types.InputPeerUser | types.InputUser):
             chat = self._chats.get(peer.user_id)
             if chat is None or peer.access_hash != chat.entity.access_hash:
@@ -1198,7 +1201,7 @@ class FakeTelegram:
         chats: dict[int, Any] = {}
         if isinstance(chat.peer, types.PeerUser):
             users[chat.entity.id] = self._user_raw[chat.entity.id]
-            users[OWNER_ID] = self._user_raw[OWNER_ID]
+            users[self.owner_id] = self._user_raw[self.owner_id]
         else:
             chats[chat.marked_id] = chat.entity
         for m in msgs:

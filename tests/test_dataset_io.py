@@ -16,8 +16,9 @@ from doppelbot.dataset.from_store import build_from_db
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.domain import Account, MediaKind, Message, Peer, PeerKind, Role, Sample, Turn
 from doppelbot.errors import DatasetError, StoreError
+from doppelbot.store.accounts import claim
 from doppelbot.store.database import Database
-from doppelbot.store.history import save_account, upsert_messages, upsert_peers
+from doppelbot.store.history import upsert_messages, upsert_peers
 from tests.dataset_helpers import conv
 
 SAMPLE = Sample(
@@ -82,7 +83,7 @@ def test_bad_rows_and_latest(tmp_path: Path) -> None:
 
 async def _fill(db: Database) -> None:
     me = 1
-    await save_account(db, Account(user_id=me, first_name="Я"))
+    await claim(db, Account(user_id=me, first_name="Я"))
     await upsert_peers(
         db,
         [

@@ -28,9 +28,10 @@ async def _reply(
 ) -> int:
     async with db.transaction() as conn:
         cur = await conn.execute(
-            "INSERT INTO replies (chat_id, status, mode, trigger_message_id, prompt, draft_text,"
-            " final_text, sent_message_ids, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (chat, status, mode, 1, prompt, draft, final, json.dumps(sent), 1, 1),
+            "INSERT INTO replies (account_id, chat_id, status, mode, trigger_message_id, prompt,"
+            " draft_text, final_text, sent_message_ids, created_at, updated_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (conn.account_id, chat, status, mode, 1, prompt, draft, final, json.dumps(sent), 1, 1),
         )
         return int(cur.lastrowid)
 

@@ -143,7 +143,8 @@ def _one_ssa_card(path: Path) -> None:
         )
         await db.execute(
             "INSERT INTO ssa_items (batch_id, context_key, source, position, model_input, reply,"
-            " card_message_id, posted_at) VALUES (1, 'k', 'owner', 0, 'x', 'y', 5, 0)"
+            " account_id, card_message_id, posted_at) VALUES (1, 'k', 'owner', 0, 'x', 'y', 1, 5,"
+            " 0)"
         )
         await db.close()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from doppelbot.domain import Message, Peer, PeerKind
+from doppelbot.domain import Message
 from doppelbot.errors import MigrationError
 from doppelbot.store import history
 from doppelbot.store.database import Database, default_migrations_dir, discover_migrations
@@ -53,8 +53,16 @@ async def test_upgrade_from_every_level_keeps_data(tmp_path: Path) -> None:
         db = await Database.open(path, migrate=False)
         await db.migrate(target=level)
         assert (await db.migration_status()).current == level
-        await history.upsert_peers(db, [Peer(7, PeerKind.USER, first_name="Ann")])
-        await history.upsert_messages(db, [Message(7, 1, 7, False, 1000, "привет")])
+        # written as that level's schema has it (the store's code is the newest level's)
+        account = ("account_id, ", "1, ") if level >= 13 else ("", "")
+        await db.execute(
+            f"INSERT INTO peers ({account[0]}peer_id, kind, first_name, updated_at)"
+            f" VALUES ({account[1]}7, 'user', 'Ann', 1)"
+        )
+        await db.execute(
+            f"INSERT INTO messages ({account[0]}chat_id, message_id, sender_id, is_outgoing,"
+            f" date, text) VALUES ({account[1]}7, 1, 7, 0, 1000, 'привет')"
+        )
         await db.close()
         db = await Database.open(path)  # upgrades to the newest level
         assert (await db.migration_status()).current == migrations[-1].version

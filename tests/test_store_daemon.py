@@ -96,7 +96,9 @@ async def test_a_write_waits_out_another_process_holding_the_lock(tmp_path: Path
     await asyncio.to_thread(held.wait, 5)
     loop = asyncio.get_running_loop()
     loop.call_later(3.0, release.set)  # longer than SQLite's own busy timeout (2 s)
-    await db.execute("INSERT INTO bot_state (key, value, updated_at) VALUES ('k', 'v', 0)")
+    await db.execute(
+        "INSERT INTO bot_state (account_id, key, value, updated_at) VALUES (1, 'k', 'v', 0)"
+    )
     assert await db.scalar("SELECT value FROM bot_state WHERE key = 'k'") == "v"
     await asyncio.to_thread(thread.join)
     await db.close()
@@ -108,7 +110,9 @@ async def test_a_write_gives_up_with_one_line_after_its_retry_budget(tmp_path: P
     other.execute("BEGIN IMMEDIATE")
     try:
         with pytest.raises(StoreError, match="stayed locked by another program"):
-            await db.execute("INSERT INTO bot_state (key, value, updated_at) VALUES ('k', 'v', 0)")
+            await db.execute(
+                "INSERT INTO bot_state (account_id, key, value, updated_at) VALUES (1, 'k', 'v', 0)"
+            )
     finally:
         other.rollback()
         other.close()
@@ -132,7 +136,8 @@ def test_a_second_connection_in_the_same_process_keeps_other_processes_coherent(
             await second.close()
             for word in ("one", "two"):
                 await db.execute(
-                    "INSERT INTO bot_state (key, value, updated_at) VALUES (?, ?, 0)",
+                    "INSERT INTO bot_state (account_id, key, value, updated_at)"
+                    " VALUES (1, ?, ?, 0)",
                     (word, word),
                 )
                 print(word, flush=True)
@@ -174,7 +179,8 @@ async def test_statement_logs_never_carry_texts_even_with_debug(
     caplog.set_level(logging.DEBUG)
     db = await Database.open(tmp_path / "x.sqlite3")
     await db.execute(
-        "INSERT INTO bot_state (key, value, updated_at) VALUES (?, ?, 0)", ("k", "секрет")
+        "INSERT INTO bot_state (account_id, key, value, updated_at) VALUES (1, ?, ?, 0)",
+        ("k", "секрет"),
     )
     await db.close()
     assert "секрет" not in caplog.text
@@ -187,12 +193,14 @@ async def test_the_deferred_replies_migration_keeps_replies_verdicts_and_ids(
     path = tmp_path / "old.sqlite3"
     old = await Database.open(path, migrate=False)
     await old.migrate(target=10)
-    first = await replies.create(
-        old, chat_id=7, mode=ReplyMode.REVIEW, trigger_message_id=1, now=100
-    )
-    second = await replies.create(
-        old, chat_id=7, mode=ReplyMode.AUTO, trigger_message_id=2, now=100
-    )
+    # the level-10 schema, written as it has it (the store's code is the newest level's)
+    for trigger in (1, 2):
+        await old.execute(
+            "INSERT INTO replies (chat_id, status, mode, trigger_message_id, created_at,"
+            " updated_at) VALUES (7, 'queued', ?, ?, 100, 100)",
+            ("review" if trigger == 1 else "auto", trigger),
+        )
+    first, second = 1, 2
     await old.execute(  # the level-10 schema: no source_message_id yet
         "INSERT INTO review_verdicts (reply_id, verdict, draft_text, final_text, created_at)"
         " VALUES (?, 'approved', 'draft', 'draft', 101)",

@@ -16,7 +16,7 @@ from telethon.tl import types
 
 from doppelbot.domain import MediaKind, PeerKind
 from doppelbot.errors import FloodWaitTooLongError
-from doppelbot.store import history
+from doppelbot.store import accounts, history
 from doppelbot.store.database import Database
 from doppelbot.telegram.export import ChatStatus, ExportOptions, export_history
 from tests import faketg
@@ -105,7 +105,7 @@ async def test_multi_page_chats_are_exported_completely(db: Database, client_for
         assert cursor is not None and cursor.history_complete and cursor.server_total
     for c in report.chats:
         assert c.status is ChatStatus.COMPLETE and c.stored == c.server_total and c.missing == 0
-    account = await history.get_account(db)
+    account = await accounts.identity(db)
     assert account is not None and account.user_id == OWNER_ID
     assert ("start", 3) in progress.events
     assert any(e[0] == "advance" and e[2] == 260 for e in progress.events)

@@ -250,8 +250,8 @@ async def test_dataset_uses_transcripts_and_counts_them(db: Database) -> None:
     assert without.stats.samples_voice_reply == 0
     assert without.stats.messages_dropped["media_only"] == 1
     # a worker process reads transcripts the same way
-    parts, *_ = make_chunk(db.path, options, [(CHAT, ())], True)
-    plain, *_ = make_chunk(db.path, options, [(CHAT, ())], False)
+    parts, *_ = make_chunk(db.path, options, [(CHAT, (), 1)], True)
+    plain, *_ = make_chunk(db.path, options, [(CHAT, (), 1)], False)
     assert parts[0].kept == plain[0].kept + 1
 
 

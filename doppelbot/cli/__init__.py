@@ -16,6 +16,7 @@ import typer
 
 from doppelbot import __version__
 from doppelbot.cli import (
+    accounts_cmd,
     adapter_cmd,
     chat_cmd,
     dataset_cmd,
@@ -62,6 +63,13 @@ def root(
     data_dir: Path | None = typer.Option(
         None, "--data-dir", help="Override DOPPELBOT_DATA_DIR for this command."
     ),
+    account: str | None = typer.Option(
+        None,
+        "--account",
+        metavar="NAME",
+        help="The own Telegram account to work as (login, export, import, run, status…; "
+        "`doppelbot accounts` lists them). Default: the account logged in without a name.",
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
@@ -74,10 +82,14 @@ def root(
         debug=debug,
         overrides=overrides,
     )
+    ctx.obj.use_account(account)
 
 
 app.command("login", help="Log in to Telegram (phone, code, 2FA) and store the session.")(
     export_cmd.login
+)
+app.command("accounts", help="List your own Telegram accounts: messages, last export, session.")(
+    accounts_cmd.accounts
 )
 app.command("export", help="Export your private chats over MTProto into the local database.")(
     export_cmd.export

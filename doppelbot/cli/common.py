@@ -2,6 +2,10 @@
 
 Settings are built on first use rather than in the root callback, so ``doppelbot X --help``
 works even while the environment holds a bad value.
+
+``--account NAME`` (before the command, or after it on the commands that work on one account)
+picks the own account a command runs as: its session and lock come with the settings, and
+``open_db`` hands out a database handle scoped to it.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import sys
 from collections.abc import AsyncIterator, Coroutine
@@ -22,10 +27,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 
 if TYPE_CHECKING:
+    from doppelbot.accounts import Need
     from doppelbot.config import Settings
     from doppelbot.store.database import Database
 
 T = TypeVar("T")
+
+#: The account this process runs as (None: the default), for the commands our messages suggest.
+_account: list[str | None] = [None]
+
+
+def account_option() -> Any:
+    """``--account NAME`` on a command that works on one own account."""
+    return typer.Option(
+        None,
+        "--account",
+        metavar="NAME",
+        help="The own Telegram account to work on (see `doppelbot accounts`; default: the "
+        "account logged in without a name).",
+    )
 
 
 @dataclass
@@ -34,12 +54,40 @@ class AppState:
     env_file_required: bool = False  # named with --env-file: a missing file is an error
     debug: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
+    #: ``--account`` (None: the default account).
+    account: str | None = None
     _settings: Settings | None = None
+    _scoped: tuple[str | None, Settings] | None = None
     console: Console = field(default_factory=lambda: Console(highlight=False))
     err_console: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
 
+    def use_account(self, name: str | None) -> str | None:
+        """The account this command runs as: its own ``--account``, else the global one."""
+        from doppelbot.accounts import check_name
+
+        if name is not None and self.account is not None and name != self.account:
+            raise typer.BadParameter(
+                f"--account given twice ({self.account!r} and {name!r}); give it once"
+            )
+        chosen = name if name is not None else self.account
+        if chosen is not None:
+            check_name(chosen)
+        self.account = chosen
+        _account[0] = chosen
+        return chosen
+
     @property
     def settings(self) -> Settings:
+        """The settings, with the session file and lock of the account this command runs as."""
+        from doppelbot.accounts import settings_for
+
+        base = self.base_settings
+        if self._scoped is None or self._scoped[0] != self.account:
+            self._scoped = (self.account, settings_for(base, self.account))
+        return self._scoped[1]
+
+    @property
+    def base_settings(self) -> Settings:
         if self._settings is None:
             from rich.markup import escape
 
@@ -81,9 +129,20 @@ def invoked_as() -> str:
 
 
 def with_invocation(text: str) -> str:
-    """``text`` with every suggested `` `doppelbot …` `` command spelled as it can be run."""
+    """``text`` with every suggested `` `doppelbot …` `` command spelled as it can be run: by
+    the path the user typed, and for the account this process runs as (unless the suggestion
+    names an account itself)."""
     name = invoked_as()
-    return text if name == "doppelbot" else text.replace("`doppelbot ", f"`{name} ")
+    account = _account[0]
+
+    def spelled(match: re.Match[str]) -> str:
+        command = match.group(1)
+        prefix = f"`{name} "
+        if account is not None and "--account" not in command:
+            prefix += f"--account {account} "
+        return prefix + command + "`"
+
+    return re.sub(r"`doppelbot ([^`]*)`", spelled, text)
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -91,12 +150,18 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 
 @asynccontextmanager
-async def open_db(settings: Settings) -> AsyncIterator[Database]:
+async def open_db(
+    settings: Settings, account: str | None = None, need: Need = "known"
+) -> AsyncIterator[Database]:
+    """The database, scoped to ``account`` (None: the default account; ``need``: whether a
+    missing account is an error or is added, see ``doppelbot.accounts.Need``)."""
+    from doppelbot.accounts import account_scope
     from doppelbot.store.database import Database
 
     db = await Database.open(settings.store.db_path)
     try:
-        yield db
+        async with account_scope(db, settings, account, need) as handle:
+            yield handle
     finally:
         await db.close()
 

@@ -78,10 +78,17 @@ def dataset(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing dataset of the same --name."
     ),
+    account: str | None = typer.Option(
+        None,
+        "--account",
+        metavar="NAME",
+        help="Only this own account's chats (default: every account's; see `doppelbot accounts`).",
+    ),
 ) -> None:
     from doppelbot.dataset.service import DatasetRequest, NoSamplesError, build_dataset_files
 
     st = state(ctx)
+    chosen = st.use_account(account)
     settings = st.settings
     request = DatasetRequest(
         name=name,
@@ -100,6 +107,7 @@ def dataset(
         token_budget=not no_token_budget,
         workers=workers,
         overwrite=overwrite,
+        account=chosen,
     )
     console = st.console
     try:

@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from doppelbot.cli.common import RichBars, open_db, run_async, state
+from doppelbot.cli.common import RichBars, account_option, open_db, run_async, state
 from doppelbot.cli.voice_cmd import export_notes, print_report
 from doppelbot.errors import ExportIncompleteError
 
@@ -42,11 +42,17 @@ def login(
         help="Log in into a fresh StringSession and print it (for DOPPELBOT_SESSION_STRING in "
         "containers) instead of writing the session file. Treat the string like a password.",
     ),
+    account: str | None = account_option(),
 ) -> None:
-    """Interactive login: phone, the code Telegram sends, and the 2FA password if set."""
+    """Interactive login: phone, the code Telegram sends, and the 2FA password if set.
+
+    With --account NAME, logs in another of your Telegram accounts under that name (its own
+    session; export, import and run take the same --account)."""
     st = state(ctx)
+    name = st.use_account(account)
     settings = st.settings
-    from doppelbot.store import history
+    from doppelbot.accounts import register_login
+    from doppelbot.domain import Account
     from doppelbot.telegram.login import LoginPrompts, login_interactive
 
     err = st.err_console
@@ -62,18 +68,23 @@ def login(
         notice=lambda text: err.print(text),
     )
 
-    async def go() -> LoginResult:
-        result = await login_interactive(
-            settings, prompts, print_session_string=print_session_string
-        )
+    async def check(who: Account, already: bool) -> None:
+        # Refused when this Telegram user is already another own account: a fresh login is
+        # then logged out again before anything is kept.
         async with open_db(settings) as db:
-            await history.save_account(db, result.account)
-        return result
+            await register_login(db, name, who)
 
-    _print_login(st.err_console, settings, run_async(go()))
+    async def go() -> LoginResult:
+        return await login_interactive(
+            settings, prompts, print_session_string=print_session_string, check=check
+        )
+
+    _print_login(st.err_console, settings, run_async(go()), name)
 
 
-def _print_login(err: Console, settings: Settings, result: LoginResult) -> None:
+def _print_login(
+    err: Console, settings: Settings, result: LoginResult, account: str | None = None
+) -> None:
     who = result.account.first_name or ""
     if result.account.username:
         who += f" (@{result.account.username})"
@@ -83,7 +94,8 @@ def _print_login(err: Console, settings: Settings, result: LoginResult) -> None:
         if result.session_string is not None or settings.telegram.session_string is not None
         else f"session file {settings.session_path} (mode 0600)"
     )
-    err.print(f"{verb} as {who.strip() or result.account.user_id}; {where}.")
+    named = f" (account {account!r})" if account else ""
+    err.print(f"{verb} as {who.strip() or result.account.user_id}{named}; {where}.")
     if result.session_string is not None:
         err.print(
             "Put the next line into DOPPELBOT_SESSION_STRING (it grants full access to your "
@@ -215,6 +227,7 @@ def export(
         help="Then download and transcribe the voice and round-video notes of the exported "
         "private chats (both directions; resumable; bounded by DOPPELBOT_VOICE_HISTORY_*).",
     ),
+    account: str | None = account_option(),
 ) -> None:
     """Export your chats over MTProto into the database.
 
@@ -225,6 +238,7 @@ def export(
     it has. Exits with 1 when a chat failed or stopped.
     """
     st = state(ctx)
+    name = st.use_account(account)
     settings = st.settings
     floor = _parse_date(since)
     from doppelbot.telegram.client import connected
@@ -246,7 +260,10 @@ def export(
     console = st.err_console
 
     async def go() -> tuple[ExportReport, VoiceReport | None]:
-        async with open_db(settings) as db, connected(settings, receive_updates=False) as client:
+        async with (
+            open_db(settings, name, "session") as db,
+            connected(settings, receive_updates=False) as client,
+        ):
             with RichExportProgress(console) as progress:
                 report = await export_history(client, db, options, progress=progress)
             notes = None
@@ -302,6 +319,7 @@ def import_desktop(
         help="Your numeric Telegram user id, to tell your messages apart in group exports "
         "(default: from the file, or from `doppelbot login`).",
     ),
+    account: str | None = account_option(),
 ) -> None:
     """Import a Telegram Desktop JSON export into the same tables as `export`.
 
@@ -309,8 +327,11 @@ def import_desktop(
     stores nothing new (the summary says how many messages were new and how many were already
     stored). A malformed or truncated file stops with the position of the problem (line/column,
     or chat and message index) and writes nothing. Needs no Telegram API id and no login.
+    With --account NAME the file is imported as that own account's history (added when new);
+    an export of a Telegram account already stored under another name is refused.
     """
     st = state(ctx)
+    name = st.use_account(account)
     settings = st.settings
     from doppelbot.importers.desktop import ImportOptions, import_desktop_export
 
@@ -324,7 +345,7 @@ def import_desktop(
 
     async def go() -> ImportResult:
         with RichImportProgress(st.err_console) as progress:
-            async with open_db(settings) as db:
+            async with open_db(settings, name, "new") as db:
                 return await import_desktop_export(db, path, options, progress=progress)
 
     _print_import(st.console, run_async(go()))

@@ -6,7 +6,8 @@ next start resumes it. It exits non-zero when Telegram stays unreachable past th
 limit, so a supervisor restarts it. ``status`` reads only the database (and who holds the
 lock): it works while the bot runs, ``--pause``/``--resume`` flip the kill switch the running
 bot reads before every reply, and ``--health`` exits non-zero unless the bot runs and is
-healthy.
+healthy. Both work on one own account (``--account``): each account's bot has its own lock,
+pause switch, health and replies, and two of them run side by side.
 
 Heavy modules (telethon, torch) are imported inside the functions only.
 """
@@ -20,18 +21,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from doppelbot.cli.common import open_db, run_async, state
+from doppelbot.cli.common import account_option, open_db, run_async, state
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
 
 
-def run(ctx: typer.Context) -> None:
-    """Answer incoming private messages in your voice until Ctrl+C / SIGTERM."""
+def run(ctx: typer.Context, account: str | None = account_option()) -> None:
+    """Answer incoming private messages in your voice until Ctrl+C / SIGTERM.
+
+    One process per account: with --account NAME it answers that account's chats (run one
+    process per account to answer on several)."""
     from doppelbot.app import serve
 
     st = state(ctx)
-    run_async(serve(st.settings, st.err_console))
+    name = st.use_account(account)
+    run_async(serve(st.settings, st.err_console, account=name))
 
 
 # --- status -------------------------------------------------------------------------------------
@@ -51,20 +56,24 @@ def status(
         help="Only check health: one line, exit 0 when `doppelbot run` runs and is healthy, "
         "1 otherwise (a Docker healthcheck).",
     ),
+    account: str | None = account_option(),
 ) -> None:
     """Health, pause state, reply counts, deferred and last replies (reads the database)."""
     st = state(ctx)
+    name = st.use_account(account)
     settings = st.settings
     if pause and resume:
         raise typer.BadParameter("--pause and --resume exclude each other")
     if health:
-        healthy, line = run_async(_health(settings))
+        healthy, line = run_async(_health(settings, name))
         st.console.print(f"{'healthy' if healthy else 'unhealthy'}: {line}", markup=False)
         raise typer.Exit(0 if healthy else 1)
-    run_async(_status(settings, st.console, pause=pause, resume=resume, last=last, texts=texts))
+    run_async(
+        _status(settings, st.console, name, pause=pause, resume=resume, last=last, texts=texts)
+    )
 
 
-async def _health(settings: Settings) -> tuple[bool, str]:
+async def _health(settings: Settings, account: str | None = None) -> tuple[bool, str]:
     import time
 
     from doppelbot.health import Health, verdict
@@ -74,7 +83,7 @@ async def _health(settings: Settings) -> tuple[bool, str]:
     holder = holder_of(settings.lock_path)
     if not settings.store.db_path.exists():
         return False, "not running: no database yet"
-    async with open_db(settings) as db:
+    async with open_db(settings, account) as db:
         record = Health.from_json(await bot_state.get_json(db, bot_state.HEALTH_KEY))
     return verdict(record, holder, time.time())
 
@@ -86,7 +95,14 @@ def _when(ts: int | None) -> str:
 
 
 async def _status(
-    settings: Settings, console: Console, *, pause: bool, resume: bool, last: int, texts: bool
+    settings: Settings,
+    console: Console,
+    account: str | None = None,
+    *,
+    pause: bool,
+    resume: bool,
+    last: int,
+    texts: bool,
 ) -> None:
     from doppelbot.domain import ReplyStatus
     from doppelbot.health import Health, verdict
@@ -96,7 +112,7 @@ async def _status(
     from doppelbot.store.database import now
 
     holder = holder_of(settings.lock_path)
-    async with open_db(settings) as db:
+    async with open_db(settings, account) as db:
         if pause or resume:
             await bot_state.set_paused(db, pause)
         paused = await bot_state.is_paused(db)
@@ -134,11 +150,14 @@ async def _status(
             f"{old} stored only" + (f" ({reasons})" if reasons else "")
         )
 
+    named = f" --account {account}" if account else ""
     state_line = (
-        f"[bold red]PAUSED[/] since {_when(since)} (resume: doppelbot status --resume)"
+        f"[bold red]PAUSED[/] since {_when(since)} (resume: doppelbot status{named} --resume)"
         if paused
         else "[bold green]active[/]"
     )
+    if account:
+        console.print(f"Account: {account}")
     console.print(f"Bot: {state_line}")
     quiet = settings.responder.quiet_hours or "off"
     mode = (

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from doppelbot.cli.common import open_db, run_async, state
+from doppelbot.cli.common import account_option, open_db, run_async, state
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -145,15 +145,17 @@ async def start_batch(
     include_owner: bool = True,
     dataset: str | None = None,
     batch: int | None = None,
+    account: str | None = None,
 ) -> int:
-    """Generate and post a batch (or, with ``batch``, post what is left of it)."""
+    """Generate and post a batch (or, with ``batch``, post what is left of it) to the Saved
+    Messages of ``account`` (None: the default account)."""
     from doppelbot.dataset.jsonl import VALIDATION_FILE, read_samples, resolve_dataset_dir
     from doppelbot.errors import DatasetError, DoppelbotError
     from doppelbot.ssa.flow import prepare_batch, sample_contexts
     from doppelbot.store import ssa as store
     from doppelbot.telegram.client import connected
 
-    async with open_db(settings) as db:
+    async with open_db(settings, account, "session") as db:
         if batch is not None:
             total, posted, _ = await store.batch_progress(db, batch)
             if total == 0:
@@ -226,8 +228,10 @@ def start(
     batch: int | None = typer.Option(
         None, "--batch", help="Post the remaining cards of this batch (after an interruption)."
     ),
+    account: str | None = account_option(),
 ) -> None:
     app_state = state(ctx)
+    name = app_state.use_account(account)
     run_async(
         start_batch(
             app_state.settings,
@@ -239,20 +243,24 @@ def start(
             include_owner=not no_owner,
             dataset=dataset,
             batch=batch,
+            account=name,
         )
     )
 
 
-async def collect_labels(settings: Settings, console: Console, batch: int | None = None) -> int:
-    """Read the owner's answers to the cards; store the well-formed ones; print a hint for
-    each malformed one. Idempotent: labels are upserts, the newest answer to a card wins."""
+async def collect_labels(
+    settings: Settings, console: Console, batch: int | None = None, account: str | None = None
+) -> int:
+    """Read the owner's answers to the cards ``account`` posted; store the well-formed ones;
+    print a hint for each malformed one. Idempotent: labels are upserts, the newest answer to
+    a card wins."""
     from doppelbot.ssa.flow import CARD_MARK, record_label
     from doppelbot.ssa.labels import LabelSyntaxError
     from doppelbot.store import ssa as store
     from doppelbot.telegram.client import connected
     from doppelbot.telegram.saved import answers_to_cards
 
-    async with open_db(settings) as db:
+    async with open_db(settings, account) as db:
         ids = await store.card_ids(db, batch)
         if not ids:
             console.print("no SSA cards posted yet: run `doppelbot ssa start`")
@@ -290,9 +298,11 @@ async def collect_labels(settings: Settings, console: Console, batch: int | None
 def collect(
     ctx: typer.Context,
     batch: int | None = typer.Option(None, "--batch", help="Only this batch (default: all)."),
+    account: str | None = account_option(),
 ) -> None:
     app_state = state(ctx)
-    run_async(collect_labels(app_state.settings, app_state.console, batch))
+    name = app_state.use_account(account)
+    run_async(collect_labels(app_state.settings, app_state.console, batch, name))
 
 
 def _row_json(row: SourceRow) -> dict[str, Any]:

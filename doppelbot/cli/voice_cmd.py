@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import TaskID, TextColumn
 
-from doppelbot.cli.common import RichBars, open_db, run_async, state
+from doppelbot.cli.common import RichBars, account_option, open_db, run_async, state
 from doppelbot.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -132,6 +132,7 @@ def transcribe(
         help="Audio this run transcribes at most, 0 = no limit "
         "(default: DOPPELBOT_VOICE_HISTORY_MAX_HOURS).",
     ),
+    account: str | None = account_option(),
 ) -> None:
     """Transcribe the stored voice and round-video notes that have a local file.
 
@@ -139,9 +140,11 @@ def transcribe(
     files next to result.json). Resumable and incremental: finished notes are skipped, each
     note is stored as soon as it is done, failed ones are retried up to
     DOPPELBOT_VOICE_MAX_ATTEMPTS times. Notes longer than DOPPELBOT_VOICE_MAX_DURATION_S are
-    not transcribed (and listed as too long). Newest notes first.
+    not transcribed (and listed as too long). Newest notes first. One own account's notes
+    (--account; default: the default account).
     """
     st = state(ctx)
+    name = st.use_account(account)
     settings = st.settings
     from doppelbot.store import transcripts
     from doppelbot.voice import local_files, transcribe_notes
@@ -154,7 +157,7 @@ def transcribe(
     chat_ids = list(chat) or None
 
     async def go() -> tuple[VoiceReport, int]:
-        async with open_db(settings) as db:
+        async with open_db(settings, name) as db:
             common: dict[str, Any] = {
                 "chat_ids": chat_ids,
                 "max_attempts": limits.max_attempts,

@@ -49,7 +49,7 @@ from doppelbot.dataset.render import MemoPromptFormat, line_prefixes, prompt_fra
 from doppelbot.dataset.rules import DROP_REASONS, STICKER_EMOJI, TRUNCATED, new_counters
 from doppelbot.dataset.sessions import ROLES
 from doppelbot.dataset.split import split_by_time
-from doppelbot.dataset.stats import ChatStats, DatasetStats, summarize
+from doppelbot.dataset.stats import AccountStats, ChatStats, DatasetStats, summarize
 from doppelbot.domain import Row, Sample, Turn
 from doppelbot.errors import DatasetError
 
@@ -69,6 +69,7 @@ class ChatSource:
     rows: Sequence[Row]
     name: str = ""
     names: tuple[str | None, ...] = ()  # the other person's names, for keep_names=False
+    account: str = ""  # the own account whose chat it is ("": one account, not recorded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,7 @@ class _Unsure(NamedTuple):
 
     at: int  # its place in ``DatasetBuilder._samples``
     chat_id: int
+    account: str
     context: tuple[Turn, ...]  # oldest first
     reply: str
     reply_date: int
@@ -126,12 +128,13 @@ class DatasetBuilder:
         *,
         count_tokens: CountTokens | None = None,
         progress: Progress | None = None,
-        voice_notes: set[tuple[int, int]] | None = None,
+        voice_notes: set[tuple[str, int, int]] | None = None,
     ) -> None:
         self.options = options
         self.count_tokens = count_tokens
         self.progress = progress
-        self.voice_notes = voice_notes or set()  # (chat, message) read as their transcript
+        # (account, chat, message) read as their transcript (message ids are per account)
+        self.voice_notes = voice_notes or set()
         self.stats = DatasetStats()
         self._maker = ChatMaker(options)
         self._fmt = options.prompt_format
@@ -164,27 +167,35 @@ class DatasetBuilder:
         """Segment one chat and collect its candidates; returns how many it added."""
         started = time.perf_counter()
         part = self._maker.part(source.chat_id, source.rows, source.names)
-        added = self.add_part(part, source.name)
+        added = self.add_part(part, source.name, source.account)
         self._build_s += time.perf_counter() - started
         return added
 
-    def add_chunk(self, chunk: MadeChunk, names: Sequence[str]) -> None:
-        """Chats made by another ``ChatMaker`` (a worker process), with their display names,
-        in chat id order after every chat added before."""
+    def add_chunk(
+        self, chunk: MadeChunk, names: Sequence[str], accounts: Sequence[str] | None = None
+    ) -> None:
+        """Chats made by another ``ChatMaker`` (a worker process), with their display names
+        (and own accounts), in chat id order after every chat added before."""
         for i, n in enumerate(chunk.counters):
             self._counters[i] += n
         for kind, n in chunk.pii.items():
             self._pii[kind] = self._pii.get(kind, 0) + n
         started = time.perf_counter()
-        for part, name in zip(chunk.parts, names, strict=True):
-            self.add_part(part, name)
+        accounts = accounts if accounts is not None else [""] * len(names)
+        for part, name, account in zip(chunk.parts, names, accounts, strict=True):
+            self.add_part(part, name, account)
         self._build_s += time.perf_counter() - started + chunk.build_s
 
-    def add_part(self, part: ChatPart, name: str = "") -> int:
+    def add_part(self, part: ChatPart, name: str = "", account: str = "") -> int:
         """One chat's candidates, deduplicated against everything added before, made into
-        samples with their model inputs; returns how many were kept."""
+        samples with their model inputs; returns how many were kept. The same chat id from
+        two own ``account``s is one contact (its stats and its share of the samples)."""
         chat_id = part.chat_id
         stats = self.stats
+        if account:
+            own = stats.per_account.setdefault(account, AccountStats(account))
+            own.chats += 1
+            own.messages += part.messages
         stats.sessions += part.sessions
         stats.turns += len(part.turn_outs)
         chat = stats.per_chat.setdefault(chat_id, ChatStats(chat_id, name or str(chat_id)))
@@ -277,6 +288,7 @@ class DatasetBuilder:
                     _Unsure(
                         len(out),
                         chat_id,
+                        account,
                         ctx,
                         reply,
                         turn_dates[k],
@@ -301,6 +313,7 @@ class DatasetBuilder:
                     ids[reply_start : ends[k]],
                     text,
                     f"{target_prefix}{body[text_starts[k] : line_ends[k]]}{target_suffix}",
+                    account,
                 )
             )
         added = len(out) - before
@@ -366,6 +379,7 @@ class DatasetBuilder:
                     u.reply_ids,
                     fit.model_input,
                     fmt.build_target(u.reply),
+                    u.account,
                 )
             self.stats.seconds["token_budget"] = round(time.perf_counter() - started, 3)
             if self._dropped["input_too_long"]:
@@ -449,6 +463,13 @@ class DatasetBuilder:
         stats.context_turns = summarize(lengths.context_turns)
         stats.reply_chars = summarize(lengths.reply_chars)
         stats.chats_used = sum(1 for chat in per_chat.values() if chat.messages)
+        if stats.per_account:
+            for account, n in Counter(s.account for s in train).items():
+                stats.per_account[account].train = n
+            for account, n in Counter(s.account for s in validation).items():
+                stats.per_account[account].validation = n
+            for own in stats.per_account.values():
+                own.samples = own.train + own.validation
         if self.voice_notes:
             self._fill_voice_stats(train, validation)
 
@@ -457,12 +478,12 @@ class DatasetBuilder:
         stats = self.stats
         voice = self.voice_notes
         chats = stats.per_chat
-        stats.voice_notes_transcribed = sum(1 for chat_id, _ in voice if chat_id in chats)
+        stats.voice_notes_transcribed = sum(1 for _, chat_id, _ in voice if chat_id in chats)
         for sample in (*train, *validation):
-            chat_id = sample.chat_id
-            if any((chat_id, mid) in voice for mid in sample.reply_message_ids):
+            account, chat_id = sample.account, sample.chat_id
+            if any((account, chat_id, mid) in voice for mid in sample.reply_message_ids):
                 stats.samples_voice_reply += 1
-            if any((chat_id, mid) in voice for mid in sample.source_message_ids):
+            if any((account, chat_id, mid) in voice for mid in sample.source_message_ids):
                 stats.samples_voice_context += 1
 
 
@@ -499,7 +520,7 @@ def build_dataset(
     builder = DatasetBuilder(options, count_tokens=count_tokens, progress=progress)
     n = 0
     with gc_paused():
-        for source in sorted(sources, key=lambda s: s.chat_id):
+        for source in sorted(sources, key=lambda s: (s.chat_id, s.account)):
             builder.add_chat(source)
             n += 1
         builder.stats.chats_total = max(builder.stats.chats_total, n)

@@ -5,6 +5,12 @@ Chats are independent until deduplication, so big histories are read and made in
 the finished runs in chat id order (``DatasetBuilder.add_chunk``): the output is identical to
 a one-process build. The store's reads are ``doppelbot.store.dataset_reads`` (read-only: safe
 beside a running bot).
+
+Several own accounts are one doppelganger: the build reads every account's chats (or the one
+asked for). The owner is whichever own account wrote a message; a chat between two own
+accounts is skipped (both sides are the owner); a contact reached from two accounts has the same
+chat id in both, so it is one contact to deduplication and the per-contact cap — its chats are
+merged one after the other, in (chat id, account) order.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from doppelbot.dataset.builder import (
 from doppelbot.dataset.candidates import ChatMaker, MadeChunk
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.rules import chat_skip_reason
+from doppelbot.dataset.stats import AccountStats
+from doppelbot.domain import Peer
 from doppelbot.errors import DatasetError
 
 MIN_MESSAGES_PER_WORKER = 50_000
@@ -49,6 +57,8 @@ class _ChatSpec(NamedTuple):
     chat_id: int
     name: str  # for the stats
     names: tuple[str | None, ...]  # the other person's names, for keep_names=False
+    account_id: int
+    account: str  # the own account's name
 
 
 def build_from_db(
@@ -58,8 +68,10 @@ def build_from_db(
     count_tokens: CountTokens | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    account: str | None = None,
 ) -> DatasetResult:
-    """Build the dataset from the SQLite store (read-only; safe beside a running bot).
+    """Build the dataset from the SQLite store (read-only; safe beside a running bot), from
+    every own account's chats, or only from ``account``'s.
 
     With ``workers`` > 1 (default: ``default_workers()``) runs of chats are read and made in
     forked worker processes and merged here in chat id order: the output is identical to a
@@ -67,10 +79,10 @@ def build_from_db(
     worker) and platforms without ``fork`` build in this process.
     """
     from doppelbot.store.dataset_reads import (
-        account_user_id,
         chat_message_counts,
         chats_with_peers,
         open_readonly,
+        own_accounts,
         transcribed_notes,
     )
 
@@ -78,24 +90,49 @@ def build_from_db(
         conn = open_readonly(db_path)
         try:
             started = time.perf_counter()
-            account_id = account_user_id(conn)
-            voice = transcribed_notes(conn) if options.voice_transcripts else set()
-            chats = chats_with_peers(conn)
+            everyone = own_accounts(conn)
+            owners = frozenset(a.user_id for a in everyone if a.user_id is not None)
+            chosen_accounts = [a for a in everyone if account is None or a.name == account]
+            if not chosen_accounts:
+                known = ", ".join(a.name for a in everyone)
+                raise DatasetError(f"no account named {account!r} (known: {known})")
+            voice: set[tuple[str, int, int]] = set()
+            chats: list[tuple[int, Peer | None, int, str, int | None]] = []
+            for own in chosen_accounts:
+                if options.voice_transcripts:
+                    notes = transcribed_notes(conn, own.account_id)
+                    voice.update((own.name, chat, mid) for chat, mid in notes)
+                chats += [
+                    (chat_id, peer, own.account_id, own.name, own.user_id)
+                    for chat_id, peer in chats_with_peers(conn, own.account_id)
+                ]
             builder = DatasetBuilder(
                 options, count_tokens=count_tokens, progress=progress, voice_notes=voice
             )
             stats = builder.stats
             stats.chats_total = len(chats)
             chosen: list[_ChatSpec] = []
-            for chat_id, peer in chats:
-                reason = chat_skip_reason(chat_id, peer, account_id, options.include_groups)
+            for chat_id, peer, account_id, name, user_id in chats:
+                reason = chat_skip_reason(
+                    chat_id,
+                    peer,
+                    user_id,
+                    options.include_groups,
+                    owners - {user_id} if user_id is not None else owners,
+                )
                 if reason is not None:
                     stats.chats_skipped[reason] = stats.chats_skipped.get(reason, 0) + 1
                 elif peer is None:
-                    chosen.append(_ChatSpec(chat_id, str(chat_id), ()))
+                    chosen.append(_ChatSpec(chat_id, str(chat_id), (), account_id, name))
                 else:
                     names = (peer.first_name, peer.last_name, peer.username)
-                    chosen.append(_ChatSpec(chat_id, peer.display_name, names))
+                    chosen.append(_ChatSpec(chat_id, peer.display_name, names, account_id, name))
+            # one contact's chats from several accounts are merged one after the other
+            chosen.sort(key=lambda spec: (spec.chat_id, spec.account_id))
+            if len(everyone) > 1:
+                # every account listed, also one whose chats were all skipped
+                for own in chosen_accounts:
+                    stats.per_account.setdefault(own.name, AccountStats(own.name))
             if not chosen:
                 raise DatasetError(
                     "no chats to build a dataset from: export your history first "
@@ -105,8 +142,12 @@ def build_from_db(
             n_workers = default_workers() if workers is None else max(1, workers)
             chunks: list[list[_ChatSpec]] = []
             if n_workers > 1 and len(chosen) > 1 and _can_fork():
-                counts = chat_message_counts(conn)
-                sizes = [counts.get(spec.chat_id, 0) for spec in chosen]
+                counts = {
+                    (own.account_id, chat_id): n
+                    for own in chosen_accounts
+                    for chat_id, n in chat_message_counts(conn, own.account_id).items()
+                }
+                sizes = [counts.get((spec.account_id, spec.chat_id), 0) for spec in chosen]
                 if sum(sizes) >= n_workers * MIN_MESSAGES_PER_WORKER:
                     chunks = _chunks(chosen, sizes, n_workers)
             read_s = time.perf_counter() - started
@@ -154,11 +195,11 @@ def _build_in_process(
 
     read_s = 0.0
     progress = builder.progress
-    for done, (chat_id, name, names) in enumerate(chosen, 1):
+    for done, (chat_id, name, names, account_id, account) in enumerate(chosen, 1):
         started = time.perf_counter()
-        rows = chat_rows(conn, chat_id, transcripts=voice)
+        rows = chat_rows(conn, chat_id, transcripts=voice, account_id=account_id)
         read_s += time.perf_counter() - started
-        builder.add_chat(ChatSource(chat_id, rows, name, names))
+        builder.add_chat(ChatSource(chat_id, rows, name, names, account))
         if progress is not None:
             progress("chats", done, len(chosen))
     return read_s
@@ -185,13 +226,19 @@ def _build_in_workers(
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         jobs = [
-            pool.submit(make_chunk, db_path, builder.options, [(c, n) for c, _, n in chunk], voice)
+            pool.submit(
+                make_chunk,
+                db_path,
+                builder.options,
+                [(spec.chat_id, spec.names, spec.account_id) for spec in chunk],
+                voice,
+            )
             for chunk in chunks
         ]
         for chunk, job in zip(chunks, jobs, strict=True):
             made = job.result()
             read_s += made.read_s
-            builder.add_chunk(made, [spec.name for spec in chunk])
+            builder.add_chunk(made, [spec.name for spec in chunk], [spec.account for spec in chunk])
             done += len(chunk)
             if progress is not None:
                 progress("chats", done, total)
@@ -202,11 +249,11 @@ def _build_in_workers(
 def make_chunk(
     db_path: Path,
     options: DatasetOptions,
-    chats: list[tuple[int, tuple[str | None, ...]]],
+    chats: list[tuple[int, tuple[str | None, ...], int]],
     voice: bool = False,
 ) -> MadeChunk:
     """A worker process's job: read and make some chats (``(chat_id, the other person's
-    names)``), each a packed ``ChatPart``, in order."""
+    names, own account id)``), each a packed ``ChatPart``, in order."""
     from doppelbot.store.dataset_reads import chat_rows, open_readonly
 
     maker = ChatMaker(options)
@@ -217,9 +264,9 @@ def make_chunk(
     with gc_paused():
         conn = open_readonly(db_path)
         try:
-            for chat_id, names in chats:
+            for chat_id, names, account_id in chats:
                 started = time.perf_counter()
-                rows = chat_rows(conn, chat_id, transcripts=voice)
+                rows = chat_rows(conn, chat_id, transcripts=voice, account_id=account_id)
                 read_s += time.perf_counter() - started
                 parts.append(maker.part(chat_id, rows, names, pack=True))
                 build_s += time.perf_counter() - started

@@ -33,6 +33,7 @@ FIELDS = (
     "reply_message_ids",
     "model_input",
     "model_target",
+    "account",
 )
 
 
@@ -47,6 +48,7 @@ def sample_to_row(sample: Sample) -> dict[str, Any]:
         "reply_message_ids": list(sample.reply_message_ids),
         "model_input": sample.model_input,
         "model_target": sample.model_target,
+        "account": sample.account,
     }
 
 
@@ -61,6 +63,7 @@ def row_to_sample(row: dict[str, Any]) -> Sample:
         reply_message_ids=tuple(int(i) for i in row["reply_message_ids"]),
         model_input=str(row.get("model_input", "")),
         model_target=str(row.get("model_target", "")),
+        account=str(row.get("account", "")),
     )
 
 

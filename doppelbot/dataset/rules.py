@@ -207,16 +207,23 @@ def make_scrubber(options: DatasetOptions) -> Scrubber | None:
 
 
 def chat_skip_reason(
-    chat_id: int, peer: Peer | None, account_id: int | None, include_groups: bool
+    chat_id: int,
+    peer: Peer | None,
+    account_id: int | None,
+    include_groups: bool,
+    other_own: frozenset[int] = frozenset(),
 ) -> str | None:
     """Why a chat is left out of the dataset (``None``: it is used).
 
     By default only private chats with people: not bots, not deleted accounts, not Saved
-    Messages (everything there is the owner's own). A chat without a peer row is judged by its
-    marked id (positive = a user).
+    Messages (everything there is the owner's own), not chats with the owner's other own
+    accounts (``other_own``: their user ids; both sides are the owner). A chat without a peer
+    row is judged by its marked id (positive = a user).
     """
     if account_id is not None and chat_id == account_id:
         return "saved_messages"
+    if chat_id in other_own:
+        return "own_account"
     if peer is None:
         return None if chat_id > 0 or include_groups else "group"
     if peer.is_self:

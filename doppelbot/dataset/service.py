@@ -49,6 +49,7 @@ class DatasetRequest:
     token_budget: bool = True
     workers: int | None = None  # default: ``from_store.default_workers()``
     overwrite: bool = False
+    account: str | None = None  # only this own account's chats (default: every account's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +155,7 @@ def build_dataset_files(
         count_tokens=counter,
         progress=progress,
         workers=request.workers,
+        account=request.account,
     )
     stats = result.stats
     if not result.train and not result.validation:

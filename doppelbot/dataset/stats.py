@@ -44,6 +44,18 @@ class ChatStats:
 
 
 @dataclass
+class AccountStats:
+    """What one own account's chats gave (a build over several accounts)."""
+
+    account: str
+    chats: int = 0
+    messages: int = 0
+    samples: int = 0
+    train: int = 0
+    validation: int = 0
+
+
+@dataclass
 class DatasetStats:
     chats_total: int = 0
     chats_used: int = 0
@@ -74,6 +86,8 @@ class DatasetStats:
     reply_chars: dict[str, float] = field(default_factory=dict)
     input_tokens_counted: dict[str, float] = field(default_factory=dict)
     per_chat: dict[int, ChatStats] = field(default_factory=dict)
+    #: By own account (a build from the store; empty for in-memory chats).
+    per_account: dict[str, AccountStats] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +138,13 @@ class DatasetStats:
             row("  context trimmed for tokens", self.token_trimmed, "dim")
         row("samples", self.samples, "bold")
         row("  train / validation", f"{self.train} / {self.validation}")
+        if len(self.per_account) > 1:
+            for own in self.per_account.values():
+                row(
+                    f"  account {own.account}: chats / messages / samples",
+                    f"{own.chats} / {own.messages} / {own.samples}",
+                    "dim",
+                )
         if self.samples_voice_reply or self.samples_voice_context:
             row("  replies from voice notes", self.samples_voice_reply)
             row("  contexts with voice notes", self.samples_voice_context, "dim")

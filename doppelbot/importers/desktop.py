@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppelbot.domain import MediaKind, Message, Peer, PeerKind
+from doppelbot.domain import Account, MediaKind, Message, Peer, PeerKind
 from doppelbot.errors import ImportFormatError
 from doppelbot.importers.desktop_voice import note_row
-from doppelbot.store import history, transcripts
+from doppelbot.store import accounts, history, transcripts
 from doppelbot.store.database import Database, now
 
 CHANNEL_OFFSET = 10**12  # Telethon marks channel ids as -(10**12 + id)
@@ -394,6 +394,23 @@ def _sender_peers(senders: dict[int, str], owner_id: int | None) -> Iterator[Pee
             yield Peer(peer_id=peer_id, kind=PeerKind.GROUP, title=name or None)
 
 
+def _owner_account(user_id: int, profile: dict[str, Any] | None) -> Account:
+    """The exporting account as the file's ``personal_information`` describes it."""
+
+    def text(key: str) -> str | None:
+        value = (profile or {}).get(key)
+        return value.strip() or None if isinstance(value, str) else None
+
+    username = text("username")
+    return Account(
+        user_id,
+        first_name=text("first_name"),
+        last_name=text("last_name"),
+        username=username.lstrip("@") if username else None,
+        phone=text("phone_number"),
+    )
+
+
 async def import_desktop_export(
     db: Database,
     path: Path,
@@ -407,11 +424,11 @@ async def import_desktop_export(
     options = options or ImportOptions()
     data = load_export(path)
     base_dir = resolve_path(path).parent  # the notes' files are relative to result.json
-    pairs, file_owner, _ = _chats(data)
+    pairs, file_owner, profile = _chats(data)
     owner_id = options.owner_id or file_owner
+    known = await accounts.identity(db)
     if owner_id is None:
-        account = await history.get_account(db)
-        owner_id = account.user_id if account else None
+        owner_id = known.user_id if known else None
     if owner_id is not None:
         _checked_id(owner_id, "--owner-id", "the owner id")
     built: list[_ChatRows] = []
@@ -422,7 +439,10 @@ async def import_desktop_export(
             skipped[result] = skipped.get(result, 0) + 1
         else:
             built.append(result)
-    # Everything is valid: from here on the file only gets written.
+    # Everything is valid: from here on the file only gets written. Whose history it is comes
+    # first: refused when that user is another own account, or this account another user.
+    if owner_id is not None and (known is None or known.user_id != owner_id):
+        await accounts.claim(db, _owner_account(owner_id, profile if file_owner else None))
     total = sum(len(chat.rows) for chat in built)
     written = new = distinct = 0
     for chat in built:

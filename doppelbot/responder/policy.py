@@ -28,6 +28,7 @@ class Skip(StrEnum):
     SERVICE = "service"
     OWN = "own_message"
     SAVED_MESSAGES = "saved_messages"
+    OWN_ACCOUNT = "own_account"  # the owner's other account (its own bot may be running)
     CHANNEL = "channel"
     BOT = "bot"
     DELETED = "deleted_account"
@@ -62,10 +63,16 @@ def _listed(peer: Peer, ids: frozenset[int], names: frozenset[str]) -> bool:
     return bool(peer.username) and peer.username.lower() in names  # type: ignore[union-attr]
 
 
-def chat_eligibility(peer: Peer, owner_id: int, cfg: ResponderSettings) -> Skip | None:
-    """Whether this chat is ever answered: its kind, the lists, the contacts rule."""
+def chat_eligibility(
+    peer: Peer, owner_id: int, cfg: ResponderSettings, other_own: frozenset[int] = frozenset()
+) -> Skip | None:
+    """Whether this chat is ever answered: its kind, the lists, the contacts rule.
+    ``other_own``: the user ids of the owner's other own accounts — a chat with one of them is
+    the owner talking to themself (and two bots answering each other would never stop)."""
     if peer.is_self or peer.peer_id == owner_id:
         return Skip.SAVED_MESSAGES
+    if peer.peer_id in other_own:
+        return Skip.OWN_ACCOUNT
     if peer.kind is PeerKind.CHANNEL:
         return Skip.CHANNEL
     if peer.kind is PeerKind.BOT or peer.is_bot:
@@ -84,7 +91,13 @@ def chat_eligibility(peer: Peer, owner_id: int, cfg: ResponderSettings) -> Skip 
     return None
 
 
-def eligibility(message: Message, peer: Peer, owner_id: int, cfg: ResponderSettings) -> Skip | None:
+def eligibility(
+    message: Message,
+    peer: Peer,
+    owner_id: int,
+    cfg: ResponderSettings,
+    other_own: frozenset[int] = frozenset(),
+) -> Skip | None:
     """Static rules for an incoming message in ``peer``'s chat; ``None``: it may be answered."""
     if message.is_service:
         return Skip.SERVICE
@@ -99,7 +112,7 @@ def eligibility(message: Message, peer: Peer, owner_id: int, cfg: ResponderSetti
     ):
         # In a private chat only the other person writes; anything else is not theirs.
         return Skip.NOT_FROM_CHAT
-    return chat_eligibility(peer, owner_id, cfg)
+    return chat_eligibility(peer, owner_id, cfg, other_own)
 
 
 def in_quiet_hours(now: float, cfg: ResponderSettings) -> bool:

@@ -195,6 +195,8 @@ class Responder:
         self.on_sent = tuple(on_sent)
         self.on_owner_message = tuple(on_owner_message)
         self.policy = settings.responder
+        #: The owner's other own accounts (known once started): never answered.
+        self.other_own: frozenset[int] = frozenset()
         self._options = settings.generation
         self._context = context_builder or default_context_builder(settings)
         self._debouncer: Debouncer[int] = Debouncer(settings.responder.debounce_s, self._schedule)
@@ -211,12 +213,16 @@ class Responder:
         self.sent_log: deque[SentRecord] = deque(maxlen=10_000)
 
     # --- lifecycle --------------------------------------------------------------------------
-    async def start(self, owner_id: int | None = None) -> None:
+    async def start(
+        self, owner_id: int | None = None, *, other_own: frozenset[int] = frozenset()
+    ) -> None:
         """Pick up what a previous run left open: re-queue unfinished generations, re-arm
         deferred replies and reconcile interrupted sends. Everything resumed waits a full
-        debounce first, so a burst still arriving after the restart is answered as one."""
+        debounce first, so a burst still arriving after the restart is answered as one.
+        ``other_own``: the owner's other accounts (their chats are never answered)."""
         if owner_id is not None:
             self.owner_id = owner_id
+        self.other_own = frozenset(other_own)
         if self.owner_id is None:
             raise ValueError("the responder starts once the logged-in account is known")
         open_rows = await replies.with_status(
@@ -333,7 +339,7 @@ class Responder:
 
     async def _on_incoming(self, message: Message, peer: Peer, *, catch_up: bool = False) -> bool:
         """Queue (or extend) the chat's reply for ``message``; True when it did."""
-        reason = eligibility(message, peer, self.owner_id, self.policy)
+        reason = eligibility(message, peer, self.owner_id, self.policy, self.other_own)
         if reason is not None:
             log.debug("responder: ignored chat=%d reason=%s", message.chat_id, reason)
             return False
@@ -465,7 +471,7 @@ class Responder:
             return
         state.peer = peer
         mode = await self._mode(chat_id)
-        reason = chat_eligibility(peer, self.owner_id, self.policy)
+        reason = chat_eligibility(peer, self.owner_id, self.policy, self.other_own)
         if reason is None and mode is ReplyMode.OFF:
             reason = Skip.MODE_OFF
         if reason is None:

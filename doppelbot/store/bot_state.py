@@ -8,6 +8,9 @@ The running bot also records here what ``doppelbot status`` shows and a restart 
 health (a heartbeat), the last catch-up, when it first ran (nothing older is ever answered
 after a restart) and the newest Saved Messages note it has acted on (so the owner's answers
 written while it was down are applied once, in order).
+
+All of it is per own account (the handle's): each account's bot is paused, set to a mode and
+watched on its own, even while two of them run at once.
 """
 
 from __future__ import annotations
@@ -19,8 +22,15 @@ from doppelbot.domain import ReplyMode
 from doppelbot.store.database import Database, now
 from doppelbot.store.table import Table
 
-BOT_STATE = Table("bot_state", ("key", "value", "updated_at"), key=("key",))
-CHAT_SETTINGS = Table("chat_settings", ("chat_id", "reply_mode", "updated_at"), key=("chat_id",))
+BOT_STATE = Table(
+    "bot_state", ("key", "value", "updated_at"), key=("account_id", "key"), per_account=True
+)
+CHAT_SETTINGS = Table(
+    "chat_settings",
+    ("chat_id", "reply_mode", "updated_at"),
+    key=("account_id", "chat_id"),
+    per_account=True,
+)
 
 PAUSED_KEY = "paused"
 REPLY_MODE_KEY = "reply_mode"  # the runtime default set by ``/mode MODE``; overrides settings
@@ -31,12 +41,16 @@ SAVED_SEEN_KEY = "saved_seen_id"
 
 
 async def get_value(db: Database, key: str) -> str | None:
-    value = await db.scalar("SELECT value FROM bot_state WHERE key = ?", (key,))
+    value = await db.scalar(
+        "SELECT value FROM bot_state WHERE account_id = ? AND key = ?", (db.account_id, key)
+    )
     return None if value is None else str(value)
 
 
 async def set_value(db: Database, key: str, value: str) -> None:
-    await db.execute(BOT_STATE.insert(conflict="update"), (key, value, now()))
+    await db.execute(
+        BOT_STATE.insert(conflict="update", account_id=db.account_id), (key, value, now())
+    )
 
 
 async def is_paused(db: Database) -> bool:
@@ -49,20 +63,25 @@ async def set_paused(db: Database, paused: bool) -> None:
 
 async def paused_since(db: Database) -> int | None:
     row = await db.fetchone(
-        "SELECT updated_at FROM bot_state WHERE key = ? AND value = '1'", (PAUSED_KEY,)
+        "SELECT updated_at FROM bot_state WHERE account_id = ? AND key = ? AND value = '1'",
+        (db.account_id, PAUSED_KEY),
     )
     return None if row is None else int(row["updated_at"])
 
 
 async def chat_reply_mode(db: Database, chat_id: int) -> ReplyMode | None:
-    value = await db.scalar("SELECT reply_mode FROM chat_settings WHERE chat_id = ?", (chat_id,))
+    value = await db.scalar(
+        "SELECT reply_mode FROM chat_settings WHERE account_id = ? AND chat_id = ?",
+        (db.account_id, chat_id),
+    )
     return ReplyMode(value) if value else None
 
 
 async def set_chat_reply_mode(db: Database, chat_id: int, mode: ReplyMode | None) -> None:
     """``None`` removes the override: the chat follows the global ``reply_mode`` again."""
     await db.execute(
-        CHAT_SETTINGS.insert(conflict="update"), (chat_id, mode.value if mode else None, now())
+        CHAT_SETTINGS.insert(conflict="update", account_id=db.account_id),
+        (chat_id, mode.value if mode else None, now()),
     )
 
 
@@ -78,7 +97,9 @@ async def set_global_reply_mode(db: Database, mode: ReplyMode | None) -> None:
 
 async def chat_mode_overrides(db: Database) -> dict[int, ReplyMode]:
     rows = await db.fetchall(
-        "SELECT chat_id, reply_mode FROM chat_settings WHERE reply_mode IS NOT NULL"
+        "SELECT chat_id, reply_mode FROM chat_settings WHERE account_id = ?"
+        " AND reply_mode IS NOT NULL",
+        (db.account_id,),
     )
     return {int(r["chat_id"]): ReplyMode(r["reply_mode"]) for r in rows}
 

@@ -15,12 +15,18 @@ the previous level. A migration whose first line is ``-- foreign_keys: off`` reb
 it runs with foreign-key enforcement off (so dropping the old table cascades nothing) and is
 committed only when ``PRAGMA foreign_key_check`` finds no broken reference.
 
+Several own Telegram accounts share one database. The rows of one account's history and bot
+(messages, peers, replies, bot state…) carry its ``account_id``; a ``Database`` handle belongs to
+one account (``for_account`` makes another handle on the same connection), and every store
+function reads and writes that account's rows only. The plain handle is the default account.
+
 The database is the owner's private history: its folder is created 0700 and its files 0600.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import re
@@ -41,6 +47,9 @@ _MIGRATION_RE = re.compile(r"^(\d{4})_([A-Za-z0-9_]+)\.sql$")
 _FK_OFF_MARK = "-- foreign_keys: off"
 
 log = logging.getLogger("doppelbot.store")
+
+#: The account that existing data and the plain handle belong to (``accounts`` row 1).
+DEFAULT_ACCOUNT_ID = 1
 
 #: SQLite waits this long for another connection's write lock before reporting busy; the
 #: transaction then retries with backoff (short waits keep reads on this connection flowing).
@@ -126,8 +135,38 @@ def now() -> int:
     return int(time.time())
 
 
+class Tx:
+    """The connection inside one write transaction, and the account its statements are for.
+
+    Store functions named ``*_in`` take one of these, so a write made inside a caller's
+    transaction belongs to the same account as the handle that opened it."""
+
+    __slots__ = ("account_id", "conn")
+
+    def __init__(self, conn: aiosqlite.Connection, account_id: int) -> None:
+        self.conn = conn
+        self.account_id = account_id
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Any:
+        return self.conn.executemany(sql, rows)
+
+    async def execute_fetchall(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> Iterable[Any]:
+        return await self.conn.execute_fetchall(sql, params)
+
+
 class Database:
-    """An open store. Use ``await Database.open(path)`` (applies pending migrations)."""
+    """An open store. Use ``await Database.open(path)`` (applies pending migrations).
+
+    A handle belongs to one own account (``account_id``; the default account unless made by
+    ``for_account``); all handles of one open database share its connection and write lock."""
+
+    #: The own account whose rows this handle reads and writes.
+    account_id: int = DEFAULT_ACCOUNT_ID
 
     def __init__(
         self,
@@ -142,7 +181,6 @@ class Database:
         self.migrations_dir = migrations_dir
         self.busy_retry_s = busy_retry_s
         self._write_lock = asyncio.Lock()
-        self._in_transaction = False
 
     @classmethod
     async def open(
@@ -182,6 +220,13 @@ class Database:
             raise
         return db
 
+    def for_account(self, account_id: int) -> Database:
+        """A handle on the same connection (and write lock) for another own account's rows.
+        Closing any handle closes the database."""
+        view = copy.copy(self)
+        view.account_id = int(account_id)
+        return view
+
     async def close(self) -> None:
         await self.conn.close()
 
@@ -216,21 +261,18 @@ class Database:
                 delay = min(delay * 2, 1.0)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def transaction(self) -> AsyncIterator[Tx]:
         """One write transaction; commits on success, rolls back on any exception. Waits (with
         retries) while another process holds the write lock."""
         async with self._write_lock:
             await self._retrying(lambda: self.conn.execute("BEGIN IMMEDIATE"))
-            self._in_transaction = True
             try:
-                yield self.conn
+                yield Tx(self.conn, self.account_id)
             except BaseException:
                 await self.conn.execute("ROLLBACK")
                 raise
             else:
                 await self.conn.execute("COMMIT")
-            finally:
-                self._in_transaction = False
 
     async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> None:
         """A single write statement in its own transaction."""

@@ -3,6 +3,10 @@
 Reactions are state, not events: Telegram reports the full current set of reactions on a
 message (as ``UpdateMessageReactions`` or inside an edit), so ``set_reactions`` replaces the
 message's rows; seeing the same update twice changes nothing.
+
+Reactions belong to the handle's account (message ids are per account); verdicts belong to a
+reply, and so to its account. What feedback export reads is every account's: the owner's
+feedback trains one doppelganger.
 """
 
 from __future__ import annotations
@@ -11,10 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
-
 from doppelbot.domain import Reaction, ReviewVerdict, Verdict
-from doppelbot.store.database import Database, now
+from doppelbot.store.database import Database, Tx, now
 from doppelbot.store.table import Table
 
 VERDICTS = Table(
@@ -33,12 +35,13 @@ VERDICTS = Table(
 REACTIONS = Table(
     "reactions",
     ("chat_id", "message_id", "emoji", "count", "by_owner", "updated_at"),
-    key=("chat_id", "message_id", "emoji"),
+    key=("account_id", "chat_id", "message_id", "emoji"),
+    per_account=True,
 )
 
 
 async def record_verdict_in(
-    conn: aiosqlite.Connection,
+    conn: Tx,
     reply_id: int,
     verdict: Verdict,
     draft_text: str,
@@ -81,10 +84,11 @@ async def repair_missing_verdicts(db: Database, at: int) -> int:
     async with db.transaction() as conn:
         rows = await (
             await conn.execute(
-                "SELECT reply_id, draft_text, final_text FROM replies r"
-                " WHERE r.mode = 'review' AND r.status IN ('sending', 'sent')"
+                "SELECT reply_id, draft_text, final_text FROM replies r WHERE r.account_id = ?"
+                " AND r.mode = 'review' AND r.status IN ('sending', 'sent')"
                 " AND NOT EXISTS (SELECT 1 FROM review_verdicts v WHERE v.reply_id = r.reply_id"
-                " AND v.verdict IN ('approved', 'corrected'))"
+                " AND v.verdict IN ('approved', 'corrected'))",
+                (conn.account_id,),
             )
         ).fetchall()
         for r in rows:
@@ -133,17 +137,20 @@ async def set_reactions(
     ts = now()
     async with db.transaction() as conn:
         await conn.execute(
-            "DELETE FROM reactions WHERE chat_id = ? AND message_id = ?", (chat_id, message_id)
+            "DELETE FROM reactions WHERE account_id = ? AND chat_id = ? AND message_id = ?",
+            (conn.account_id, chat_id, message_id),
         )
         await conn.executemany(
-            REACTIONS.insert(conflict="update"),
+            REACTIONS.insert(conflict="update", account_id=conn.account_id),
             [(chat_id, message_id, r.emoji, r.count, int(r.by_owner), ts) for r in reactions],
         )
 
 
 async def reactions_for(db: Database, chat_id: int, message_id: int) -> list[Reaction]:
     rows = await db.fetchall(
-        REACTIONS.select("chat_id = ? AND message_id = ?", tail="ORDER BY emoji"),
+        REACTIONS.select(
+            "chat_id = ? AND message_id = ?", tail="ORDER BY emoji", account_id=db.account_id
+        ),
         (chat_id, message_id),
     )
     return [_reaction(r) for r in rows]
@@ -167,11 +174,12 @@ class FeedbackReply:
 
 
 async def feedback_replies(db: Database) -> list[FeedbackReply]:
-    """Every reply that has a prompt, with its verdicts and reactions (time order)."""
+    """Every reply that has a prompt, of every own account, with its verdicts and the
+    reactions on it (time order)."""
     import json
 
     rows = await db.fetchall(
-        "SELECT reply_id, chat_id, status, mode, prompt, draft_text, final_text,"
+        "SELECT reply_id, account_id, chat_id, status, mode, prompt, draft_text, final_text,"
         " sent_message_ids, context_message_ids FROM replies WHERE prompt IS NOT NULL"
         " ORDER BY created_at, reply_id"
     )
@@ -179,15 +187,20 @@ async def feedback_replies(db: Database) -> list[FeedbackReply]:
     by_reply: dict[int, list[ReviewVerdict]] = {}
     for r in verdict_rows:
         by_reply.setdefault(r["reply_id"], []).append(_verdict(r))
-    reaction_rows = await db.fetchall(REACTIONS.select("by_owner = 0"))
-    reactions: dict[tuple[int, int], list[Reaction]] = {}
+    reaction_rows = await db.fetchall(
+        f"SELECT account_id, {REACTIONS.column_list} FROM reactions WHERE by_owner = 0"
+    )
+    reactions: dict[tuple[int, int, int], list[Reaction]] = {}
     for r in reaction_rows:
-        reactions.setdefault((r["chat_id"], r["message_id"]), []).append(_reaction(r))
+        key = (r["account_id"], r["chat_id"], r["message_id"])
+        reactions.setdefault(key, []).append(_reaction(r))
     out = []
     for r in rows:
         sent = tuple(int(x) for x in json.loads(r["sent_message_ids"] or "[]"))
         ctx = tuple(int(x) for x in json.loads(r["context_message_ids"] or "[]"))
-        reacts = tuple(x for mid in sent for x in reactions.get((r["chat_id"], mid), ()))
+        reacts = tuple(
+            x for mid in sent for x in reactions.get((r["account_id"], r["chat_id"], mid), ())
+        )
         out.append(
             FeedbackReply(
                 reply_id=r["reply_id"],

@@ -1,8 +1,10 @@
-"""Chat history in the store: the account, peers, messages and per-chat export cursors.
+"""Chat history in the store: peers, messages and per-chat export cursors.
 
 Export, Desktop import and the live bot all write here through the same idempotent upserts
-keyed on (chat id, message id), so re-running anything never duplicates a message and an edit
-simply replaces the stored row.
+keyed on (account, chat id, message id), so re-running anything never duplicates a message and
+an edit simply replaces the stored row. Every function reads and writes the rows of the
+handle's own account only (private-chat message ids are counted per account: two accounts'
+ids overlap).
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
-import aiosqlite
-
-from doppelbot.domain import Account, MediaKind, Message, Peer, PeerKind
-from doppelbot.store.database import Database, now
+from doppelbot.domain import MediaKind, Message, Peer, PeerKind
+from doppelbot.store.database import Database, Tx, now
 from doppelbot.store.table import Table
 
 MESSAGES = Table(
@@ -37,7 +37,8 @@ MESSAGES = Table(
         "grouped_id",
         "service_action",
     ),
-    key=("chat_id", "message_id"),
+    key=("account_id", "chat_id", "message_id"),
+    per_account=True,
 )
 PEERS = Table(
     "peers",
@@ -54,7 +55,8 @@ PEERS = Table(
         "is_self",
         "updated_at",
     ),
-    key=("peer_id",),
+    key=("account_id", "peer_id"),
+    per_account=True,
 )
 EXPORT_CURSORS = Table(
     "export_cursors",
@@ -67,18 +69,11 @@ EXPORT_CURSORS = Table(
         "last_run_at",
         "last_error",
     ),
-    key=("chat_id",),
-)
-ACCOUNT = Table(
-    "account",
-    ("user_id", "first_name", "last_name", "username", "phone", "updated_at"),
-    ("user_id",),
+    key=("account_id", "chat_id"),
+    per_account=True,
 )
 
 MESSAGE_COLUMNS = MESSAGES.column_list
-UPSERT_MESSAGE_SQL = MESSAGES.insert(conflict="update")
-UPSERT_PEER_SQL = PEERS.insert(conflict="update")
-INSERT_PEER_IF_NEW_SQL = PEERS.insert(conflict="ignore")
 
 
 def message_values(m: Message) -> tuple[Any, ...]:
@@ -166,18 +161,24 @@ class ExportCursor:
 
 
 # --- writes (callable inside an open transaction: pass its connection) -------------------------
-async def upsert_messages_in(conn: aiosqlite.Connection, messages: Iterable[Message]) -> None:
-    await conn.executemany(UPSERT_MESSAGE_SQL, [message_values(m) for m in messages])
+async def upsert_messages_in(conn: Tx, messages: Iterable[Message]) -> None:
+    await conn.executemany(
+        MESSAGES.insert(conflict="update", account_id=conn.account_id),
+        [message_values(m) for m in messages],
+    )
 
 
-async def upsert_peers_in(conn: aiosqlite.Connection, peers: Iterable[Peer]) -> None:
+async def upsert_peers_in(conn: Tx, peers: Iterable[Peer]) -> None:
     ts = now()
-    await conn.executemany(UPSERT_PEER_SQL, [peer_values(p, ts) for p in peers])
+    await conn.executemany(
+        PEERS.insert(conflict="update", account_id=conn.account_id),
+        [peer_values(p, ts) for p in peers],
+    )
 
 
-async def save_cursor_in(conn: aiosqlite.Connection, c: ExportCursor) -> None:
+async def save_cursor_in(conn: Tx, c: ExportCursor) -> None:
     await conn.execute(
-        EXPORT_CURSORS.insert(conflict="update"),
+        EXPORT_CURSORS.insert(conflict="update", account_id=conn.account_id),
         (
             c.chat_id,
             c.newest_message_id,
@@ -190,28 +191,27 @@ async def save_cursor_in(conn: aiosqlite.Connection, c: ExportCursor) -> None:
     )
 
 
-async def insert_peers_if_new_in(conn: aiosqlite.Connection, peers: Iterable[Peer]) -> None:
+async def insert_peers_if_new_in(conn: Tx, peers: Iterable[Peer]) -> None:
     """Peers not stored yet (a file's names never overwrite what a live export knows)."""
     ts = now()
-    await conn.executemany(INSERT_PEER_IF_NEW_SQL, [peer_values(p, ts) for p in peers])
+    await conn.executemany(
+        PEERS.insert(conflict="ignore", account_id=conn.account_id),
+        [peer_values(p, ts) for p in peers],
+    )
 
 
-async def upsert_message_rows_in(
-    conn: aiosqlite.Connection, rows: Sequence[tuple[Any, ...]]
-) -> None:
+async def upsert_message_rows_in(conn: Tx, rows: Sequence[tuple[Any, ...]]) -> None:
     """Rows made by ``message_values`` (or an importer's equivalent)."""
-    await conn.executemany(UPSERT_MESSAGE_SQL, rows)
+    await conn.executemany(MESSAGES.insert(conflict="update", account_id=conn.account_id), rows)
 
 
-async def count_stored_in(
-    conn: aiosqlite.Connection, chat_id: int, message_ids: Sequence[int]
-) -> int:
+async def count_stored_in(conn: Tx, chat_id: int, message_ids: Sequence[int]) -> int:
     """How many of ``message_ids`` of the chat are stored (index lookups only: cheap in a chat
     of millions; json_each: no limit on the number of ids)."""
     (row,) = await conn.execute_fetchall(
-        "SELECT count(*) FROM messages WHERE chat_id = ?"
+        "SELECT count(*) FROM messages WHERE account_id = ? AND chat_id = ?"
         " AND message_id IN (SELECT value FROM json_each(?))",
-        (chat_id, json.dumps(list(message_ids))),
+        (conn.account_id, chat_id, json.dumps(list(message_ids))),
     )
     return int(row[0])
 
@@ -220,9 +220,7 @@ async def count_stored_in(
 ROWS_PER_STATEMENT = 500
 
 
-async def upsert_message_rows_bulk_in(
-    conn: aiosqlite.Connection, rows: Sequence[tuple[Any, ...]]
-) -> None:
+async def upsert_message_rows_bulk_in(conn: Tx, rows: Sequence[tuple[Any, ...]]) -> None:
     """``upsert_message_rows_in`` for many rows (the export), as multi-row statements.
 
     Why not ``executemany``: it takes the GIL back for every row (to bind it) after releasing
@@ -231,13 +229,14 @@ async def upsert_message_rows_bulk_in(
     go and inserts them all with the GIL released."""
     for i in range(0, len(rows), ROWS_PER_STATEMENT):
         chunk = rows[i : i + ROWS_PER_STATEMENT]
-        sql = MESSAGES.insert(rows=len(chunk), conflict="update")
+        sql = MESSAGES.insert(rows=len(chunk), conflict="update", account_id=conn.account_id)
         await conn.execute(sql, list(chain.from_iterable(chunk)))
 
 
-async def count_messages_in(conn: aiosqlite.Connection, chat_id: int) -> int:
+async def count_messages_in(conn: Tx, chat_id: int) -> int:
     (row,) = await conn.execute_fetchall(
-        "SELECT count(*) FROM messages WHERE chat_id = ?", (chat_id,)
+        "SELECT count(*) FROM messages WHERE account_id = ? AND chat_id = ?",
+        (conn.account_id, chat_id),
     )
     return int(row[0])
 
@@ -258,59 +257,39 @@ async def save_cursor(db: Database, cursor: ExportCursor) -> None:
         await save_cursor_in(conn, cursor)
 
 
-async def save_account(db: Database, account: Account) -> None:
-    await db.execute(
-        ACCOUNT.insert(conflict="update"),
-        (
-            account.user_id,
-            account.first_name,
-            account.last_name,
-            account.username,
-            account.phone,
-            now(),
-        ),
-    )
-
-
 # --- reads -------------------------------------------------------------------------------------
-async def get_account(db: Database) -> Account | None:
-    r = await db.fetchone(ACCOUNT.select(tail="ORDER BY updated_at DESC LIMIT 1"))
-    if not r:
-        return None
-    return Account(
-        user_id=r["user_id"],
-        first_name=r["first_name"],
-        last_name=r["last_name"],
-        username=r["username"],
-        phone=r["phone"],
-    )
-
-
 async def get_peer(db: Database, peer_id: int) -> Peer | None:
-    r = await db.fetchone(PEERS.select("peer_id = ?"), (peer_id,))
+    r = await db.fetchone(PEERS.select("peer_id = ?", account_id=db.account_id), (peer_id,))
     return row_peer(r) if r else None
 
 
 async def find_peer_by_username(db: Database, username: str) -> Peer | None:
     r = await db.fetchone(
-        PEERS.select("username = ? COLLATE NOCASE", tail="ORDER BY peer_id LIMIT 1"),
+        PEERS.select(
+            "username = ? COLLATE NOCASE",
+            tail="ORDER BY peer_id LIMIT 1",
+            account_id=db.account_id,
+        ),
         (username.lstrip("@"),),
     )
     return row_peer(r) if r else None
 
 
 async def list_peers(db: Database) -> list[Peer]:
-    return [row_peer(r) for r in await db.fetchall(PEERS.select(tail="ORDER BY peer_id"))]
+    rows = await db.fetchall(PEERS.select(tail="ORDER BY peer_id", account_id=db.account_id))
+    return [row_peer(r) for r in rows]
 
 
 async def get_cursor(db: Database, chat_id: int) -> ExportCursor | None:
-    r = await db.fetchone(EXPORT_CURSORS.select("chat_id = ?"), (chat_id,))
+    r = await db.fetchone(
+        EXPORT_CURSORS.select("chat_id = ?", account_id=db.account_id), (chat_id,)
+    )
     return _cursor(chat_id, r) if r else None
 
 
 async def get_message(db: Database, chat_id: int, message_id: int) -> Message | None:
     r = await db.fetchone(
-        MESSAGES.select("chat_id = ? AND message_id = ?"),
+        MESSAGES.select("chat_id = ? AND message_id = ?", account_id=db.account_id),
         (chat_id, message_id),
     )
     return row_message(r) if r else None
@@ -318,19 +297,33 @@ async def get_message(db: Database, chat_id: int, message_id: int) -> Message | 
 
 async def count_messages(db: Database, chat_id: int | None = None) -> int:
     if chat_id is None:
-        return int(await db.scalar("SELECT count(*) FROM messages"))
-    return int(await db.scalar("SELECT count(*) FROM messages WHERE chat_id = ?", (chat_id,)))
+        return int(
+            await db.scalar("SELECT count(*) FROM messages WHERE account_id = ?", (db.account_id,))
+        )
+    return int(
+        await db.scalar(
+            "SELECT count(*) FROM messages WHERE account_id = ? AND chat_id = ?",
+            (db.account_id, chat_id),
+        )
+    )
 
 
 async def chat_ids_with_messages(db: Database) -> list[int]:
-    rows = await db.fetchall("SELECT DISTINCT chat_id FROM messages ORDER BY chat_id")
+    rows = await db.fetchall(
+        "SELECT DISTINCT chat_id FROM messages WHERE account_id = ? ORDER BY chat_id",
+        (db.account_id,),
+    )
     return [int(r["chat_id"]) for r in rows]
 
 
 async def recent_messages(db: Database, chat_id: int, limit: int = 50) -> list[Message]:
     """The chat's last ``limit`` messages, oldest first."""
     rows = await db.fetchall(
-        MESSAGES.select("chat_id = ?", tail="ORDER BY date DESC, message_id DESC LIMIT ?"),
+        MESSAGES.select(
+            "chat_id = ?",
+            tail="ORDER BY date DESC, message_id DESC LIMIT ?",
+            account_id=db.account_id,
+        ),
         (chat_id, limit),
     )
     return [row_message(r) for r in reversed(rows)]
@@ -341,7 +334,7 @@ async def iter_chat_messages(
 ) -> AsyncIterator[Message]:
     """All messages of one chat in time order, streamed in batches."""
     async with db.conn.execute(
-        MESSAGES.select("chat_id = ?", tail="ORDER BY date, message_id"),
+        MESSAGES.select("chat_id = ?", tail="ORDER BY date, message_id", account_id=db.account_id),
         (chat_id,),
     ) as cursor:
         while rows := await cursor.fetchmany(batch):
@@ -352,16 +345,19 @@ async def iter_chat_messages(
 async def newest_incoming_id(db: Database, chat_id: int) -> int | None:
     """The newest message the other side wrote in ``chat_id`` (service messages aside)."""
     value = await db.scalar(
-        "SELECT max(message_id) FROM messages WHERE chat_id = ? AND is_outgoing = 0"
-        " AND service_action IS NULL",
-        (chat_id,),
+        "SELECT max(message_id) FROM messages WHERE account_id = ? AND chat_id = ?"
+        " AND is_outgoing = 0 AND service_action IS NULL",
+        (db.account_id, chat_id),
     )
     return None if value is None else int(value)
 
 
 async def newest_message_id(db: Database, chat_id: int) -> int:
     """The newest message of ``chat_id`` in the store (0: none)."""
-    value = await db.scalar("SELECT max(message_id) FROM messages WHERE chat_id = ?", (chat_id,))
+    value = await db.scalar(
+        "SELECT max(message_id) FROM messages WHERE account_id = ? AND chat_id = ?",
+        (db.account_id, chat_id),
+    )
     return 0 if value is None else int(value)
 
 
@@ -371,7 +367,11 @@ async def messages_by_ids(db: Database, chat_id: int, message_ids: Sequence[int]
         return []
     marks = ",".join("?" * len(message_ids))
     rows = await db.fetchall(
-        MESSAGES.select(f"chat_id = ? AND message_id IN ({marks})", tail="ORDER BY message_id"),
+        MESSAGES.select(
+            f"chat_id = ? AND message_id IN ({marks})",
+            tail="ORDER BY message_id",
+            account_id=db.account_id,
+        ),
         (chat_id, *message_ids),
     )
     return [row_message(r) for r in rows]
@@ -381,12 +381,12 @@ async def voice_notes_since(db: Database, chat_id: int, since: int, limit: int =
     """The newest incoming voice/round-video notes of ``chat_id`` dated ``since`` or later that
     have no finished transcript (what a restart transcribes before answering)."""
     rows = await db.fetchall(
-        "SELECT m.message_id FROM messages m WHERE m.chat_id = ? AND m.is_outgoing = 0"
-        " AND m.media_kind IN ('voice', 'video_note') AND m.date >= ? AND NOT EXISTS ("
-        "  SELECT 1 FROM transcripts t WHERE t.chat_id = m.chat_id"
-        "  AND t.message_id = m.message_id AND t.status = 'done')"
+        "SELECT m.message_id FROM messages m WHERE m.account_id = ? AND m.chat_id = ?"
+        " AND m.is_outgoing = 0 AND m.media_kind IN ('voice', 'video_note') AND m.date >= ?"
+        " AND NOT EXISTS (SELECT 1 FROM transcripts t WHERE t.account_id = m.account_id"
+        "  AND t.chat_id = m.chat_id AND t.message_id = m.message_id AND t.status = 'done')"
         " ORDER BY m.message_id DESC LIMIT ?",
-        (chat_id, since, limit),
+        (db.account_id, chat_id, since, limit),
     )
     return sorted(int(r["message_id"]) for r in rows)
 
@@ -394,9 +394,9 @@ async def voice_notes_since(db: Database, chat_id: int, since: int, limit: int =
 async def count_incoming_between(db: Database, chat_id: int, after: int, before: int) -> int:
     """Incoming messages of ``chat_id`` with ids strictly between ``after`` and ``before``."""
     value = await db.scalar(
-        "SELECT count(*) FROM messages WHERE chat_id = ? AND is_outgoing = 0"
+        "SELECT count(*) FROM messages WHERE account_id = ? AND chat_id = ? AND is_outgoing = 0"
         " AND message_id > ? AND message_id < ?",
-        (chat_id, after, before),
+        (db.account_id, chat_id, after, before),
     )
     return int(value or 0)
 
@@ -406,11 +406,12 @@ async def owner_turn_after(db: Database, chat_id: int, after: int) -> list[Messa
     rows = await db.fetchall(
         MESSAGES.select(
             "chat_id = ? AND is_outgoing = 1 AND message_id > ? AND message_id < coalesce("
-            "(SELECT min(message_id) FROM messages WHERE chat_id = ? AND is_outgoing = 0"
-            " AND message_id > ?), 1 << 62)",
+            "(SELECT min(message_id) FROM messages WHERE account_id = ? AND chat_id = ?"
+            " AND is_outgoing = 0 AND message_id > ?), 1 << 62)",
             tail="ORDER BY message_id",
+            account_id=db.account_id,
         ),
-        (chat_id, after, chat_id, after),
+        (chat_id, after, db.account_id, chat_id, after),
     )
     return [row_message(r) for r in rows]
 
@@ -418,7 +419,8 @@ async def owner_turn_after(db: Database, chat_id: int, after: int) -> list[Messa
 async def has_outgoing(db: Database, chat_id: int) -> bool:
     """Whether the store holds any message the owner wrote in ``chat_id``."""
     found = await db.scalar(
-        "SELECT 1 FROM messages WHERE chat_id = ? AND is_outgoing = 1 LIMIT 1", (chat_id,)
+        "SELECT 1 FROM messages WHERE account_id = ? AND chat_id = ? AND is_outgoing = 1 LIMIT 1",
+        (db.account_id, chat_id),
     )
     return found is not None
 
@@ -433,9 +435,10 @@ async def cursors_and_counts(
     rows = await db.fetchall(
         "SELECT k.value AS chat_id, c.newest_message_id, c.oldest_message_id,"
         " c.history_complete, c.server_total, c.last_run_at, c.last_error,"
-        " (SELECT count(*) FROM messages m WHERE m.chat_id = k.value) AS stored"
-        " FROM json_each(?) k LEFT JOIN export_cursors c ON c.chat_id = k.value",
-        (json.dumps(list(chat_ids)),),
+        " (SELECT count(*) FROM messages m WHERE m.account_id = ? AND m.chat_id = k.value)"
+        " AS stored FROM json_each(?) k LEFT JOIN export_cursors c"
+        " ON c.account_id = ? AND c.chat_id = k.value",
+        (db.account_id, json.dumps(list(chat_ids)), db.account_id),
     )
     found: dict[int, tuple[ExportCursor | None, int]] = {}
     for r in rows:

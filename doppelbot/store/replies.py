@@ -11,6 +11,10 @@ before anything is sent again.
 
 The sent message ids are recorded after every part, so the bot can tell its own messages from
 the owner's (human takeover) and a restart knows which parts already went out.
+
+Reply ids are unique across accounts, but every function here reads and moves the replies of
+the handle's own account only: two accounts' bots run side by side on one database, and one
+must never touch the other's replies (nor count them against its caps).
 """
 
 from __future__ import annotations
@@ -20,10 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
-
 from doppelbot.domain import Reply, ReplyMode, ReplyStatus
-from doppelbot.store.database import Database
+from doppelbot.store.database import Database, Tx
 from doppelbot.store.table import Table
 
 S = ReplyStatus
@@ -78,6 +80,7 @@ REPLIES = Table(
         "not_before",
     ),
     key=("reply_id",),
+    per_account=True,
 )
 _NEWEST = "ORDER BY reply_id DESC LIMIT 1"
 #: What a move may set besides the status (the rest is set once, or by the move itself).
@@ -132,7 +135,7 @@ class IllegalTransitionError(ValueError):
 
 # --- writes inside an open transaction ---------------------------------------------------------
 async def create_in(
-    conn: aiosqlite.Connection,
+    conn: Tx,
     *,
     chat_id: int,
     mode: ReplyMode,
@@ -142,7 +145,8 @@ async def create_in(
 ) -> int:
     cursor = await conn.execute(
         REPLIES.insert(
-            columns=("chat_id", "status", "mode", "trigger_message_id", "created_at", "updated_at")
+            columns=("chat_id", "status", "mode", "trigger_message_id", "created_at", "updated_at"),
+            account_id=conn.account_id,
         ),
         (chat_id, status.value, mode.value, trigger_message_id, now, now),
     )
@@ -151,7 +155,7 @@ async def create_in(
 
 
 async def transition_in(
-    conn: aiosqlite.Connection,
+    conn: Tx,
     reply_id: int,
     frm: ReplyStatus | Iterable[ReplyStatus],
     to: ReplyStatus,
@@ -172,56 +176,59 @@ async def transition_in(
     params: list[object] = [to.value, now] + [_encode(k, v) for k, v in fields.items()]
     marks = ",".join("?" * len(sources))
     cursor = await conn.execute(
-        f"UPDATE replies SET {', '.join(sets)} WHERE reply_id = ? AND status IN ({marks})",
-        (*params, reply_id, *(s.value for s in sources)),
+        f"UPDATE replies SET {', '.join(sets)} WHERE reply_id = ? AND account_id = ?"
+        f" AND status IN ({marks})",
+        (*params, reply_id, conn.account_id, *(s.value for s in sources)),
     )
     return cursor.rowcount == 1
 
 
-async def update_in(
-    conn: aiosqlite.Connection, reply_id: int, *, now: int, **fields: object
-) -> None:
+async def update_in(conn: Tx, reply_id: int, *, now: int, **fields: object) -> None:
     """Set fields without changing the status (e.g. the review card's message id)."""
     unknown = set(fields) - _UPDATABLE
     if unknown:
         raise ValueError(f"not a reply field: {sorted(unknown)}")
     sets = ["updated_at = ?"] + [f"{k} = ?" for k in fields]
     await conn.execute(
-        f"UPDATE replies SET {', '.join(sets)} WHERE reply_id = ?",
-        (now, *(_encode(k, v) for k, v in fields.items()), reply_id),
+        f"UPDATE replies SET {', '.join(sets)} WHERE reply_id = ? AND account_id = ?",
+        (now, *(_encode(k, v) for k, v in fields.items()), reply_id, conn.account_id),
     )
 
 
-async def add_sent_id_in(
-    conn: aiosqlite.Connection, reply_id: int, message_id: int, *, now: int
-) -> None:
+async def add_sent_id_in(conn: Tx, reply_id: int, message_id: int, *, now: int) -> None:
     row = await (
-        await conn.execute("SELECT sent_message_ids FROM replies WHERE reply_id = ?", (reply_id,))
+        await conn.execute(
+            "SELECT sent_message_ids FROM replies WHERE reply_id = ? AND account_id = ?",
+            (reply_id, conn.account_id),
+        )
     ).fetchone()
     ids = list(_ids(row["sent_message_ids"] if row else None))
     if message_id not in ids:
         ids.append(message_id)
     await conn.execute(
-        "UPDATE replies SET sent_message_ids = ?, updated_at = ? WHERE reply_id = ?",
-        (json.dumps(ids), now, reply_id),
+        "UPDATE replies SET sent_message_ids = ?, updated_at = ? WHERE reply_id = ?"
+        " AND account_id = ?",
+        (json.dumps(ids), now, reply_id, conn.account_id),
     )
 
 
-def _counted_sends(since: int, chat_id: int | None) -> tuple[str, list[object]]:
-    """The WHERE clause of what the hourly caps count: replies sent (or being sent) since."""
-    sql = " WHERE ((status = 'sent' AND sent_at >= ?) OR (status = 'sending' AND updated_at >= ?))"
-    params: list[object] = [since, since]
+def _counted_sends(account_id: int, since: int, chat_id: int | None) -> tuple[str, list[object]]:
+    """The WHERE clause of what the hourly caps count: the account's replies sent (or being
+    sent) since ``since`` (the caps are per account: each is its own bot to Telegram)."""
+    sql = (
+        " WHERE account_id = ? AND ((status = 'sent' AND sent_at >= ?)"
+        " OR (status = 'sending' AND updated_at >= ?))"
+    )
+    params: list[object] = [account_id, since, since]
     if chat_id is not None:
         sql += " AND chat_id = ?"
         params.append(chat_id)
     return sql, params
 
 
-async def count_recent_sends_in(
-    conn: aiosqlite.Connection, since: int, chat_id: int | None = None
-) -> int:
+async def count_recent_sends_in(conn: Tx, since: int, chat_id: int | None = None) -> int:
     """Replies sent (or being sent) since ``since``: what the hourly caps count."""
-    where, params = _counted_sends(since, chat_id)
+    where, params = _counted_sends(conn.account_id, since, chat_id)
     row = await (await conn.execute("SELECT count(*) FROM replies" + where, params)).fetchone()
     return int(row[0]) if row else 0
 
@@ -266,18 +273,18 @@ async def queue_for_chat(
         marks = ",".join("?" * len(PENDING_STATUSES))
         row = await (
             await conn.execute(
-                "SELECT reply_id, trigger_message_id FROM replies"
-                f" WHERE chat_id = ? AND status IN ({marks}) ORDER BY reply_id DESC LIMIT 1",
-                (chat_id, *(s.value for s in PENDING_STATUSES)),
+                "SELECT reply_id, trigger_message_id FROM replies WHERE account_id = ?"
+                f" AND chat_id = ? AND status IN ({marks}) ORDER BY reply_id DESC LIMIT 1",
+                (conn.account_id, chat_id, *(s.value for s in PENDING_STATUSES)),
             )
         ).fetchone()
         if row is None:
             if unless_covered:
                 covered = await (
                     await conn.execute(
-                        "SELECT 1 FROM replies WHERE chat_id = ? AND trigger_message_id >= ?"
-                        " LIMIT 1",
-                        (chat_id, trigger_message_id),
+                        "SELECT 1 FROM replies WHERE account_id = ? AND chat_id = ?"
+                        " AND trigger_message_id >= ? LIMIT 1",
+                        (conn.account_id, chat_id, trigger_message_id),
                     )
                 ).fetchone()
                 if covered is not None:
@@ -294,13 +301,13 @@ async def queue_for_chat(
 
 
 async def get(db: Database, reply_id: int) -> Reply | None:
-    r = await db.fetchone(REPLIES.select("reply_id = ?"), (reply_id,))
+    r = await db.fetchone(REPLIES.select("reply_id = ?", account_id=db.account_id), (reply_id,))
     return row_reply(r) if r else None
 
 
 async def get_by_review_message(db: Database, review_message_id: int) -> Reply | None:
     r = await db.fetchone(
-        REPLIES.select("review_message_id = ?", tail=_NEWEST),
+        REPLIES.select("review_message_id = ?", tail=_NEWEST, account_id=db.account_id),
         (review_message_id,),
     )
     return row_reply(r) if r else None
@@ -308,7 +315,7 @@ async def get_by_review_message(db: Database, review_message_id: int) -> Reply |
 
 async def queued_for_chat(db: Database, chat_id: int) -> Reply | None:
     r = await db.fetchone(
-        REPLIES.select("chat_id = ? AND status = 'queued'", tail=_NEWEST),
+        REPLIES.select("chat_id = ? AND status = 'queued'", tail=_NEWEST, account_id=db.account_id),
         (chat_id,),
     )
     return row_reply(r) if r else None
@@ -321,6 +328,7 @@ async def finished_reviews_since(db: Database, since: int) -> list[Reply]:
             "mode = 'review' AND review_message_id IS NOT NULL"
             " AND status IN ('sent', 'dropped', 'failed', 'expired') AND updated_at >= ?",
             tail="ORDER BY reply_id",
+            account_id=db.account_id,
         ),
         (since,),
     )
@@ -329,7 +337,9 @@ async def finished_reviews_since(db: Database, since: int) -> list[Reply]:
 
 async def deferred_for_chat(db: Database, chat_id: int) -> Reply | None:
     r = await db.fetchone(
-        REPLIES.select("chat_id = ? AND status = 'deferred'", tail=_NEWEST),
+        REPLIES.select(
+            "chat_id = ? AND status = 'deferred'", tail=_NEWEST, account_id=db.account_id
+        ),
         (chat_id,),
     )
     return row_reply(r) if r else None
@@ -338,7 +348,7 @@ async def deferred_for_chat(db: Database, chat_id: int) -> Reply | None:
 async def recent_send_times(db: Database, since: int, chat_id: int | None = None) -> list[int]:
     """When each reply counted by the hourly caps went out (or started to), oldest first:
     a cap frees a slot an hour after its oldest send."""
-    where, params = _counted_sends(since, chat_id)
+    where, params = _counted_sends(db.account_id, since, chat_id)
     rows = await db.fetchall(
         "SELECT CASE status WHEN 'sent' THEN sent_at ELSE updated_at END AS at FROM replies"
         + where
@@ -357,25 +367,30 @@ async def with_status(
     if chat_id is not None:
         where += " AND chat_id = ?"
         params.append(chat_id)
-    sql = REPLIES.select(where)
+    sql = REPLIES.select(where, account_id=db.account_id)
     rows = await db.fetchall(sql + " ORDER BY reply_id", params)
     return [row_reply(r) for r in rows]
 
 
 async def for_chat(db: Database, chat_id: int) -> list[Reply]:
-    rows = await db.fetchall(REPLIES.select("chat_id = ?", tail="ORDER BY reply_id"), (chat_id,))
+    rows = await db.fetchall(
+        REPLIES.select("chat_id = ?", tail="ORDER BY reply_id", account_id=db.account_id),
+        (chat_id,),
+    )
     return [row_reply(r) for r in rows]
 
 
 async def count_recent_sends(db: Database, since: int, chat_id: int | None = None) -> int:
-    return await count_recent_sends_in(db.conn, since, chat_id)
+    where, params = _counted_sends(db.account_id, since, chat_id)
+    return int(await db.scalar("SELECT count(*) FROM replies" + where, params) or 0)
 
 
 async def bot_message_ids(db: Database, chat_id: int) -> set[int]:
     """Every message id the bot itself sent in ``chat_id``."""
     rows = await db.fetchall(
-        "SELECT sent_message_ids FROM replies WHERE chat_id = ? AND sent_message_ids != '[]'",
-        (chat_id,),
+        "SELECT sent_message_ids FROM replies WHERE account_id = ? AND chat_id = ?"
+        " AND sent_message_ids != '[]'",
+        (db.account_id, chat_id),
     )
     found: set[int] = set()
     for r in rows:
@@ -384,7 +399,10 @@ async def bot_message_ids(db: Database, chat_id: int) -> set[int]:
 
 
 async def count_by_status(db: Database) -> dict[ReplyStatus, int]:
-    rows = await db.fetchall("SELECT status, count(*) AS n FROM replies GROUP BY status")
+    rows = await db.fetchall(
+        "SELECT status, count(*) AS n FROM replies WHERE account_id = ? GROUP BY status",
+        (db.account_id,),
+    )
     counts = {s: 0 for s in ReplyStatus}
     for r in rows:
         counts[ReplyStatus(r["status"])] = int(r["n"])
@@ -406,14 +424,15 @@ async def last_replies(db: Database, limit: int = 10) -> list[ReplySummary]:
 
 async def deferred_replies(db: Database) -> list[ReplySummary]:
     """Every deferred reply, soonest first (``doppelbot status`` lists them)."""
-    return await _summaries(db, "WHERE r.status = 'deferred' ORDER BY r.not_before, r.reply_id", ())
+    return await _summaries(db, "AND r.status = 'deferred' ORDER BY r.not_before, r.reply_id", ())
 
 
 async def _summaries(db: Database, tail: str, params: Sequence[object]) -> list[ReplySummary]:
     rows = await db.fetchall(
         f"SELECT {REPLIES.qualified('r')}, p.first_name, p.last_name, p.title, p.username"
-        f" FROM replies r LEFT JOIN peers p ON p.peer_id = r.chat_id {tail}",
-        params,
+        " FROM replies r LEFT JOIN peers p ON p.account_id = r.account_id"
+        f" AND p.peer_id = r.chat_id WHERE r.account_id = ? {tail}",
+        (db.account_id, *params),
     )
     out = []
     for r in rows:
@@ -433,6 +452,7 @@ async def last_auto_sent(db: Database, chat_id: int) -> Reply | None:
         REPLIES.select(
             "chat_id = ? AND status = 'sent' AND mode = 'auto' AND sent_message_ids != '[]'",
             tail="ORDER BY sent_at DESC, reply_id DESC LIMIT 1",
+            account_id=db.account_id,
         ),
         (chat_id,),
     )
@@ -446,11 +466,12 @@ async def owner_written_since(
     newest first, leaving out those a reply recorded as the bot's (such a reply was updated
     after its send, so only replies updated since ``replies_since`` are looked at)."""
     rows = await db.fetchall(
-        "SELECT m.message_id, m.date FROM messages m WHERE m.chat_id = ?"
+        "SELECT m.message_id, m.date FROM messages m WHERE m.account_id = ? AND m.chat_id = ?"
         " AND m.is_outgoing = 1 AND m.date >= ? AND NOT EXISTS ("
         "  SELECT 1 FROM replies r, json_each(r.sent_message_ids) j"
-        "  WHERE r.chat_id = m.chat_id AND r.updated_at >= ? AND j.value = m.message_id)"
+        "  WHERE r.account_id = m.account_id AND r.chat_id = m.chat_id AND r.updated_at >= ?"
+        "  AND j.value = m.message_id)"
         " ORDER BY m.date DESC, m.message_id DESC",
-        (chat_id, since, replies_since),
+        (db.account_id, chat_id, since, replies_since),
     )
     return [(int(r["message_id"]), int(r["date"])) for r in rows]

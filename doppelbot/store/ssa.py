@@ -3,6 +3,10 @@
 Posting is resumable: items are stored before any card is posted, each card's message id is
 recorded as soon as it is sent, and only items without a card are posted on a re-run.
 Labels are upserted per item, so the owner may change a mark by answering again.
+
+Batches, items and labels are shared by all own accounts (they judge one doppelganger), but a
+card is a message in the Saved Messages of the account that posted it: posting records the
+handle's account with the card's id, and cards are looked up within the handle's account.
 """
 
 from __future__ import annotations
@@ -114,28 +118,30 @@ async def items(db: Database, batch_id: int, *, unposted_only: bool = False) -> 
 
 
 async def item_by_card(db: Database, card_message_id: int) -> SsaItem | None:
-    r = await db.fetchone(SSA_ITEMS.select("card_message_id = ?"), (card_message_id,))
+    """The item whose card is message ``card_message_id`` of the handle's Saved Messages."""
+    r = await db.fetchone(
+        SSA_ITEMS.select("account_id = ? AND card_message_id = ?"),
+        (db.account_id, card_message_id),
+    )
     return _item(r) if r else None
 
 
 async def mark_posted(db: Database, item_id: int, card_message_id: int) -> None:
+    """The item's card went out to the handle's Saved Messages as ``card_message_id``."""
     await db.execute(
-        "UPDATE ssa_items SET card_message_id = ?, posted_at = ? WHERE item_id = ?",
-        (card_message_id, now(), item_id),
+        "UPDATE ssa_items SET account_id = ?, card_message_id = ?, posted_at = ? WHERE item_id = ?",
+        (db.account_id, card_message_id, now(), item_id),
     )
 
 
 async def card_ids(db: Database, batch_id: int | None = None) -> list[int]:
-    if batch_id is None:
-        rows = await db.fetchall(
-            "SELECT card_message_id FROM ssa_items WHERE card_message_id IS NOT NULL"
-        )
-    else:
-        rows = await db.fetchall(
-            "SELECT card_message_id FROM ssa_items WHERE card_message_id IS NOT NULL"
-            " AND batch_id = ?",
-            (batch_id,),
-        )
+    """The cards the handle's account posted (of one batch, or of all)."""
+    sql = "SELECT card_message_id FROM ssa_items WHERE account_id = ?"
+    params: tuple[int, ...] = (db.account_id,)
+    if batch_id is not None:
+        sql += " AND batch_id = ?"
+        params += (batch_id,)
+    rows = await db.fetchall(sql, params)
     return [int(r["card_message_id"]) for r in rows]
 
 

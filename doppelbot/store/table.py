@@ -4,6 +4,11 @@ Each store module declares its tables once — name, columns in order, key — a
 INSERT, upsert and SELECT statements from that declaration (as sqlite-utils' ``db.py`` does), so
 adding a column is one edit and a statement can never list columns in another order than the
 row tuples it binds. Rows are read back by column name (``sqlite3.Row``), never by position.
+
+A table of one own account's rows (``per_account``) also has an ``account_id`` column that is
+not in ``columns``: the statements made from the declaration take the account and write it into
+every row they insert and into every ``WHERE`` they select with, so no statement built here can
+forget which account it is for (the row tuples stay what the domain maps).
 """
 
 from __future__ import annotations
@@ -15,12 +20,17 @@ from typing import Literal
 
 Conflict = Literal["fail", "update", "ignore"]
 
+#: The column that says which own account a row of a per-account table belongs to.
+ACCOUNT_COLUMN = "account_id"
+
 
 @dataclass(frozen=True, slots=True)
 class Table:
     name: str
     columns: tuple[str, ...]
+    #: The conflict target of upserts (may include ``account_id``).
     key: tuple[str, ...] = ()
+    per_account: bool = False
 
     @property
     def column_list(self) -> str:
@@ -37,27 +47,56 @@ class Table:
         conflict: Conflict = "fail",
         columns: Sequence[str] | None = None,
         update: Sequence[str] | None = None,
+        account_id: int | None = None,
     ) -> str:
         """``INSERT`` of ``rows`` rows of ``columns`` (default: all). ``conflict="update"``
         overwrites the non-key columns of an existing row (``update``: only those), ``"ignore"``
-        keeps the existing row."""
-        return _insert(self, rows, conflict, tuple(columns or ()), tuple(update or ()))
+        keeps the existing row. A per-account table needs ``account_id``."""
+        return _insert(
+            self,
+            rows,
+            conflict,
+            tuple(columns or ()),
+            tuple(update or ()),
+            self._account(account_id),
+        )
 
-    def select(self, where: str = "", *, tail: str = "") -> str:
-        """``SELECT`` of every column, optionally ``WHERE where`` and a ``tail`` (ORDER BY…)."""
+    def select(self, where: str = "", *, tail: str = "", account_id: int | None = None) -> str:
+        """``SELECT`` of every column, optionally ``WHERE where`` and a ``tail`` (ORDER BY…);
+        on a per-account table only ``account_id``'s rows."""
         sql = f"SELECT {self.column_list} FROM {self.name}"
+        account = self._account(account_id)
+        if account is not None:
+            where = f"{ACCOUNT_COLUMN} = {account}" + (f" AND ({where})" if where else "")
         if where:
             sql += f" WHERE {where}"
         return f"{sql} {tail}" if tail else sql
 
+    def _account(self, account_id: int | None) -> int | None:
+        if not self.per_account:
+            if account_id is not None:
+                raise ValueError(f"{self.name} is shared by all accounts")
+            return None
+        if account_id is None:
+            raise ValueError(f"{self.name}: a statement on one account's rows needs its account")
+        return int(account_id)  # an int, so writing it into the statement is safe
+
 
 @cache
 def _insert(
-    table: Table, rows: int, conflict: Conflict, columns: tuple[str, ...], update: tuple[str, ...]
+    table: Table,
+    rows: int,
+    conflict: Conflict,
+    columns: tuple[str, ...],
+    update: tuple[str, ...],
+    account_id: int | None,
 ) -> str:
     cols = columns or table.columns
-    one = "(" + ",".join("?" * len(cols)) + ")"
-    sql = f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES {','.join([one] * rows)}"
+    one = ",".join("?" * len(cols))
+    names = ", ".join(cols)
+    if account_id is not None:
+        one, names = f"{account_id},{one}", f"{ACCOUNT_COLUMN}, {names}"
+    sql = f"INSERT INTO {table.name} ({names}) VALUES {','.join([f'({one})'] * rows)}"
     if conflict == "fail":
         return sql
     if not table.key:

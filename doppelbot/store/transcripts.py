@@ -1,6 +1,7 @@
 """Transcripts of voice and round-video notes (the ``transcripts`` table).
 
-One row per note, keyed like ``messages`` by (chat id, message id). The message row keeps its
+One row per note, keyed like ``messages`` by (account, chat id, message id), and read and
+written for the handle's own account only. The message row keeps its
 media kind and caption; what the note said lives here, marked as a transcript, so nothing ever
 mistakes it for typed text. Rows appear when a note becomes known with what we know before any
 download (duration, size, the local file of a Desktop export) as ``pending``, and move to
@@ -15,8 +16,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import aiosqlite
-
 from doppelbot.config import VoiceSettings, default_of
 from doppelbot.domain import (
     VOICE_KINDS,
@@ -25,7 +24,7 @@ from doppelbot.domain import (
     TranscriptStatus,
     VoiceNote,
 )
-from doppelbot.store.database import Database, now
+from doppelbot.store.database import Database, Tx, now
 
 VOICE_KIND_VALUES = tuple(sorted(k.value for k in VOICE_KINDS))
 
@@ -80,10 +79,10 @@ def _row(r: Any) -> StoredTranscript:
 # A finished transcript keeps its status; a note that had no audio becomes pending once it has
 # a file; the facts (duration, size, path) are refreshed unless the new value is unknown.
 NOTE_MEDIA_SQL = """
-INSERT INTO transcripts (chat_id, message_id, status, duration_s, size_bytes, file_path,
-                         created_at, updated_at)
-VALUES (?,?,?,?,?,?,?,?)
-ON CONFLICT (chat_id, message_id) DO UPDATE SET
+INSERT INTO transcripts (account_id, chat_id, message_id, status, duration_s, size_bytes,
+                         file_path, created_at, updated_at)
+VALUES (?,?,?,?,?,?,?,?,?)
+ON CONFLICT (account_id, chat_id, message_id) DO UPDATE SET
     duration_s = coalesce(excluded.duration_s, transcripts.duration_s),
     size_bytes = coalesce(excluded.size_bytes, transcripts.size_bytes),
     file_path = coalesce(excluded.file_path, transcripts.file_path),
@@ -110,9 +109,9 @@ def note_media_row(
     return (chat_id, message_id, status.value, duration_s, size_bytes, file_path, ts, ts)
 
 
-async def note_media_in(conn: aiosqlite.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+async def note_media_in(conn: Tx, rows: Iterable[tuple[Any, ...]]) -> None:
     """Record notes' media facts inside an open transaction (rows from ``note_media_row``)."""
-    await conn.executemany(NOTE_MEDIA_SQL, list(rows))
+    await conn.executemany(NOTE_MEDIA_SQL, [(conn.account_id, *row) for row in rows])
 
 
 async def note_media(db: Database, rows: Iterable[tuple[Any, ...]]) -> None:
@@ -122,10 +121,10 @@ async def note_media(db: Database, rows: Iterable[tuple[Any, ...]]) -> None:
 
 # --- results --------------------------------------------------------------------------------------
 SAVE_RESULT_SQL = """
-INSERT INTO transcripts (chat_id, message_id, status, text, language, model, duration_s, error,
-                         attempts, seconds, created_at, updated_at)
-VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
-ON CONFLICT (chat_id, message_id) DO UPDATE SET
+INSERT INTO transcripts (account_id, chat_id, message_id, status, text, language, model,
+                         duration_s, error, attempts, seconds, created_at, updated_at)
+VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
+ON CONFLICT (account_id, chat_id, message_id) DO UPDATE SET
     status = excluded.status, text = excluded.text, language = excluded.language,
     model = excluded.model, duration_s = coalesce(excluded.duration_s, transcripts.duration_s),
     error = excluded.error, attempts = transcripts.attempts + excluded.attempts,
@@ -155,6 +154,7 @@ async def save_result(
         cursor = await conn.execute(
             SAVE_RESULT_SQL,
             (
+                conn.account_id,
                 chat_id,
                 message_id,
                 status.value,
@@ -175,8 +175,9 @@ async def save_result(
 # --- reads ----------------------------------------------------------------------------------------
 async def get(db: Database, chat_id: int, message_id: int) -> StoredTranscript | None:
     r = await db.fetchone(
-        f"SELECT {_COLUMNS} FROM transcripts WHERE chat_id = ? AND message_id = ?",
-        (chat_id, message_id),
+        f"SELECT {_COLUMNS} FROM transcripts WHERE account_id = ? AND chat_id = ?"
+        " AND message_id = ?",
+        (db.account_id, chat_id, message_id),
     )
     return _row(r) if r else None
 
@@ -189,8 +190,9 @@ async def for_messages(
         return {}
     marks = ",".join("?" * len(message_ids))
     rows = await db.fetchall(
-        f"SELECT {_COLUMNS} FROM transcripts WHERE chat_id = ? AND message_id IN ({marks})",
-        (chat_id, *message_ids),
+        f"SELECT {_COLUMNS} FROM transcripts WHERE account_id = ? AND chat_id = ?"
+        f" AND message_id IN ({marks})",
+        (db.account_id, chat_id, *message_ids),
     )
     return {int(r["message_id"]): _row(r) for r in rows}
 
@@ -248,14 +250,16 @@ async def notes_to_transcribe(
     words), and so are chats with bots and Saved Messages. ``with_file``: only notes that have
     (True) or lack (False) a local file."""
     where = [
+        "m.account_id = ?",
         f"m.media_kind IN ({','.join('?' * len(VOICE_KIND_VALUES))})",
         "m.is_forwarded = 0",
         "m.chat_id > 0",
-        "NOT EXISTS (SELECT 1 FROM peers p WHERE p.peer_id = m.chat_id"
-        " AND (p.is_bot = 1 OR p.is_self = 1 OR p.kind = 'bot'))",
-        "NOT EXISTS (SELECT 1 FROM account a WHERE a.user_id = m.chat_id)",
+        "NOT EXISTS (SELECT 1 FROM peers p WHERE p.account_id = m.account_id"
+        " AND p.peer_id = m.chat_id AND (p.is_bot = 1 OR p.is_self = 1 OR p.kind = 'bot'))",
+        "NOT EXISTS (SELECT 1 FROM accounts a WHERE a.account_id = m.account_id"
+        " AND a.user_id = m.chat_id)",
     ]
-    params: list[Any] = list(VOICE_KIND_VALUES)
+    params: list[Any] = [db.account_id, *VOICE_KIND_VALUES]
     retry = ["t.status IS NULL", "t.status = 'pending'", "(t.status = 'failed' AND t.attempts < ?)"]
     params.append(max_attempts)
     fits = []
@@ -280,8 +284,8 @@ async def notes_to_transcribe(
     rows = await db.fetchall(
         "SELECT m.chat_id, m.message_id, m.media_kind, m.is_outgoing, m.date, t.status,"
         " t.duration_s, t.size_bytes, t.file_path, t.attempts"
-        " FROM messages m LEFT JOIN transcripts t"
-        " ON t.chat_id = m.chat_id AND t.message_id = m.message_id"
+        " FROM messages m LEFT JOIN transcripts t ON t.account_id = m.account_id"
+        " AND t.chat_id = m.chat_id AND t.message_id = m.message_id"
         f" WHERE {' AND '.join(where)} ORDER BY m.date DESC, m.message_id DESC",
         params,
     )
@@ -293,7 +297,7 @@ async def count_without_file(db: Database, chat_ids: Sequence[int] | None = None
     (exported from Telegram, or a Desktop export without its media): ``export --voice``
     downloads them."""
     marks = ",".join("?" * len(VOICE_KIND_VALUES))
-    params: list[Any] = list(VOICE_KIND_VALUES)
+    params: list[Any] = [db.account_id, *VOICE_KIND_VALUES]
     where = ""
     if chat_ids is not None:
         if not chat_ids:
@@ -301,9 +305,9 @@ async def count_without_file(db: Database, chat_ids: Sequence[int] | None = None
         where = f" AND m.chat_id IN ({','.join('?' * len(chat_ids))})"
         params.extend(chat_ids)
     n = await db.scalar(
-        "SELECT count(*) FROM messages m LEFT JOIN transcripts t"
-        " ON t.chat_id = m.chat_id AND t.message_id = m.message_id"
-        f" WHERE m.media_kind IN ({marks}) AND m.is_forwarded = 0 AND m.chat_id > 0"
+        "SELECT count(*) FROM messages m LEFT JOIN transcripts t ON t.account_id = m.account_id"
+        " AND t.chat_id = m.chat_id AND t.message_id = m.message_id WHERE m.account_id = ?"
+        f" AND m.media_kind IN ({marks}) AND m.is_forwarded = 0 AND m.chat_id > 0"
         " AND (t.status IS NULL OR (t.status IN ('pending', 'unavailable')"
         f" AND t.file_path IS NULL)){where}",
         params,

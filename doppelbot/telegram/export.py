@@ -36,7 +36,7 @@ from telethon import TelegramClient
 from telethon import errors as tg_errors
 
 from doppelbot.errors import DoppelbotError
-from doppelbot.store import history
+from doppelbot.store import accounts, history
 from doppelbot.store.database import Database
 from doppelbot.telegram.errors import TRANSLATED, translate
 from doppelbot.telegram.export_cursor import Walk, walk_pages
@@ -115,7 +115,8 @@ class Exporter:
         if me is None:
             raise translate(tg_errors.UnauthorizedError(request=None))
         self._owner_id = me.id
-        await history.save_account(self.db, map_account(me))
+        # Refused when the session is a Telegram user stored as another own account.
+        await accounts.claim(self.db, map_account(me))
         if await clear_stale_takeout(self.client):
             report.notes.append("finished a takeout session left over by an interrupted export")
         targets = await self._select(report)

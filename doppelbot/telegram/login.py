@@ -8,6 +8,7 @@ programmatically. Nothing secret is ever logged.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ class LoginPrompts:
     code: Prompt
     password: Prompt
     notice: Callable[[str], Any] = lambda text: None
+
+
+#: Told who logged in (and whether the session was already logged in) while still connected;
+#: raising refuses the login (a fresh one is logged out again, leaving no session behind).
+AccountCheck = Callable[[Account, bool], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ async def login_interactive(
     *,
     print_session_string: bool = False,
     client: TelegramClient | None = None,
+    check: AccountCheck | None = None,
 ) -> LoginResult:
     """Log in (if not already) and return who we are; the session is saved by Telethon. The
     session's instance lock is held throughout (a running bot must not share the login).
@@ -99,6 +106,10 @@ async def login_interactive(
     A login that fails before it succeeds (wrong code, no network, a proxy answering instead
     of Telegram, Ctrl-C) removes the session file it created: a half-made session would make
     the next command try to use it instead of saying "run `doppelbot login`".
+
+    ``check`` sees the account before anything is kept: when it refuses (one Telegram account
+    already stored as another doppelbot account), a login made just now is logged out again, so
+    no second session for that account is left behind.
     """
     with InstanceLock(settings.lock_path):
         fresh_file: Path | None = None
@@ -116,6 +127,14 @@ async def login_interactive(
             already = me is not None
             if me is None:
                 me = await sign_in(client, prompts)
+            if check is not None:
+                try:
+                    await check(map_account(me), already)
+                except BaseException:
+                    if not already:
+                        with contextlib.suppress(Exception):
+                            await client.log_out()
+                    raise
             signed_in = True
             session_string = None
             if print_session_string or (
@@ -126,6 +145,7 @@ async def login_interactive(
         finally:
             await client.disconnect()
             if fresh_file is not None and not signed_in:
-                client.session.close()
+                if client.session is not None:
+                    client.session.close()
                 for leftover in (fresh_file, fresh_file.with_name(fresh_file.name + "-journal")):
                     leftover.unlink(missing_ok=True)
