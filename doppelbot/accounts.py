@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 from doppelbot.config import Settings
-from doppelbot.domain import Account
-from doppelbot.errors import AccountError
+from doppelbot.core.domain import Account
+from doppelbot.core.errors import AccountError
 from doppelbot.instance import LockHolder, holder_of
 from doppelbot.store import accounts as store
 from doppelbot.store.accounts import DEFAULT_NAME, OwnAccount

@@ -35,7 +35,7 @@ from doppelbot.config import Settings
 from doppelbot.dataset.budget import CountTokens
 from doppelbot.feedback.capture import FeedbackCapture
 from doppelbot.health import Health, State
-from doppelbot.ports import FactRetriever, ReplyGenerator, Transcriber
+from doppelbot.core.ports import FactRetriever, ReplyGenerator, Transcriber
 from doppelbot.responder.compose import ReplyComposer
 from doppelbot.responder.conversation import Conversation
 from doppelbot.responder.loopmon import LoopLagMonitor
@@ -334,7 +334,7 @@ async def serve(
     the own account to answer as (None: the default one). Tests pass a fake-Telegram
     ``client``, a small ``generator`` and their own ``stop``."""
     from doppelbot.accounts import login_hint, settings_for
-    from doppelbot.errors import NotLoggedInError
+    from doppelbot.core.errors import NotLoggedInError
     from doppelbot.instance import InstanceLock
 
     settings = settings_for(settings, account)

@@ -46,8 +46,8 @@ from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from doppelbot.errors import ConfigError
-from doppelbot.prompt import PromptFormat
+from doppelbot.core.errors import ConfigError
+from doppelbot.core.prompt import PromptFormat
 
 ENV_PREFIX = "DOPPELBOT_"
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from doppelbot.errors import InstanceLockedError, StoreError
+from doppelbot.core.errors import InstanceLockedError, StoreError
 from doppelbot.files import private_dir
 
 try:  # POSIX; doppelbot runs on Linux and macOS

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from doppelbot.domain import TranscriptStatus, VoiceNote
-from doppelbot.errors import (
+from doppelbot.core.domain import TranscriptStatus, VoiceNote
+from doppelbot.core.errors import (
     AudioTooLongError,
     NoteTooLargeError,
     NoteUnavailableError,
@@ -36,7 +36,7 @@ from doppelbot.errors import (
     TranscriberClosedError,
     TranscriptionError,
 )
-from doppelbot.ports import Transcriber, Transcript
+from doppelbot.core.ports import Transcriber, Transcript
 from doppelbot.store import transcripts
 from doppelbot.store.database import Database
 

@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from doppelbot.errors import DoppelbotError
+from doppelbot.core.errors import DoppelbotError
 
 T = TypeVar("T")
 J = TypeVar("J", bound="Job[Any]")

@@ -165,7 +165,7 @@ def build_prompt(tokenizer_dir: Path) -> str:
     """A prompt in the bot's format with exactly ``PROMPT_TOKENS`` tokens: the newest turns
     that fit, then an oldest turn grown character by character to the exact count."""
     from doppelbot.config import PromptSettings
-    from doppelbot.domain import Role, Turn
+    from doppelbot.core.domain import Role, Turn
     from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
 
     count = TokenCounter(load_tokenizer(tokenizer_dir))

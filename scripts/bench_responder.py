@@ -54,7 +54,7 @@ class EchoGenerator:
 
     @property
     def identity(self) -> Any:
-        from doppelbot.ports import ModelIdentity
+        from doppelbot.core.ports import ModelIdentity
 
         return ModelIdentity("echo")
 
@@ -80,7 +80,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     from doppelbot.app import App, run_live
     from doppelbot.config import load_settings
-    from doppelbot.domain import ReplyStatus
+    from doppelbot.core.domain import ReplyStatus
     from doppelbot.responder.loopmon import LoopLagMonitor
     from doppelbot.store import replies
     from doppelbot.store.database import Database

@@ -145,7 +145,7 @@ def check_serve(
     import torch
 
     from doppelbot.config import GenerationOptions, ModelSettings
-    from doppelbot.errors import GenerationTimeoutError
+    from doppelbot.core.errors import GenerationTimeoutError
     from doppelbot.model.loader import ModelSpec, load_reply_model
     from doppelbot.model.worker import ModelWorker
 
@@ -269,9 +269,9 @@ class TrainWorld:
 
 def check_train(world: TrainWorld, device: str, precision: str) -> dict[str, Any]:
     from doppelbot.config import GenerationOptions, ModelSettings
-    from doppelbot.errors import EmptyReplyError
+    from doppelbot.core.errors import EmptyReplyError
     from doppelbot.model.loader import ModelSpec, load_reply_model
-    from doppelbot.prompt import decode_reply
+    from doppelbot.core.prompt import decode_reply
     from doppelbot.training.data import load_dataset
     from doppelbot.training.evaluate import EvalOptions, evaluate_adapters
     from doppelbot.training.runs import RUN_FILE
@@ -339,7 +339,7 @@ def check_train(world: TrainWorld, device: str, precision: str) -> dict[str, Any
 
 
 def check_resume(world: TrainWorld, device: str, precision: str) -> dict[str, Any]:
-    from doppelbot.errors import TrainingInterruptedError
+    from doppelbot.core.errors import TrainingInterruptedError
     from doppelbot.training.runs import LOG_FILE
 
     def options(name: str) -> Any:
@@ -389,7 +389,7 @@ def main() -> int:
     import torch
 
     from doppelbot.config import GenerationOptions, ModelSettings, PromptSettings
-    from doppelbot.domain import Role, Turn
+    from doppelbot.core.domain import Role, Turn
     from doppelbot.model.loader import ModelSpec, load_reply_model
     from tests.tiny_model import make_tiny_lora_dir, make_tiny_model_dir
 

@@ -46,7 +46,7 @@ fi
 # What is still missing, in the order a newcomer meets it; `ok` when the bot can start.
 missing="$(.venv/bin/python - <<'EOF'
 from doppelbot.config import load_settings
-from doppelbot.errors import DoppelbotError, ModelMissingError
+from doppelbot.core.errors import DoppelbotError, ModelMissingError
 from doppelbot.model.local import model_source
 
 try:

@@ -8,7 +8,7 @@ from typing import Any
 from doppelbot.dataset.builder import ChatSource, DatasetResult
 from doppelbot.dataset.rules import rule_row
 from doppelbot.dataset.stats import summarize
-from doppelbot.domain import MediaKind, Message
+from doppelbot.core.domain import MediaKind, Message
 
 T0 = 1_700_000_000
 

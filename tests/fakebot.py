@@ -30,7 +30,7 @@ def _die() -> None:
 
 
 def _crash_at(point: str) -> None:
-    from doppelbot.domain import ReplyStatus
+    from doppelbot.core.domain import ReplyStatus
     from doppelbot.responder import service
     from doppelbot.store import replies
     from doppelbot.telegram import live

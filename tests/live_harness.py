@@ -22,7 +22,7 @@ from telethon.sessions import SQLiteSession
 
 from doppelbot.app import App
 from doppelbot.config import GenerationOptions, Settings
-from doppelbot.ports import ModelIdentity
+from doppelbot.core.ports import ModelIdentity
 from tests.faketg import OWNER_ID, FakeTelegram
 from tests.responder_fakes import fast_settings, wait_for
 

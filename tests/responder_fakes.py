@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from doppelbot.config import GenerationOptions, Settings, load_settings
-from doppelbot.domain import Message, Peer, PeerKind
-from doppelbot.errors import FloodWaitError, GenerationError
-from doppelbot.ports import ModelIdentity, ScoredFact
+from doppelbot.core.domain import Message, Peer, PeerKind
+from doppelbot.core.errors import FloodWaitError, GenerationError
+from doppelbot.core.ports import ModelIdentity, ScoredFact
 from doppelbot.responder.compose import ReplyComposer
 from doppelbot.responder.service import Responder
 from doppelbot.store import history

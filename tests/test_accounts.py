@@ -23,8 +23,8 @@ from doppelbot.app import App, run_live
 from doppelbot.cli import app as cli_app
 from doppelbot.cli import main
 from doppelbot.config import Settings
-from doppelbot.domain import Account, Message, ReplyStatus
-from doppelbot.errors import AccountError, InstanceLockedError
+from doppelbot.core.domain import Account, Message, ReplyStatus
+from doppelbot.core.errors import AccountError, InstanceLockedError
 from doppelbot.instance import InstanceLock
 from doppelbot.store import accounts, bot_state, history, replies
 from doppelbot.store.database import Database

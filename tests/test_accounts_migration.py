@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from doppelbot.domain import ReplyMode, ReplyStatus
+from doppelbot.core.domain import ReplyMode, ReplyStatus
 from doppelbot.store import accounts, bot_state, feedback, history, replies, ssa, transcripts
 from doppelbot.store.database import Database
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from doppelbot.domain import (
+from doppelbot.core.domain import (
     Account,
     Candidate,
     MediaKind,

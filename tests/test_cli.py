@@ -61,7 +61,7 @@ def test_db_migrate_and_status(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_typed_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from doppelbot.cli.common import AppState
-    from doppelbot.errors import StoreError
+    from doppelbot.core.errors import StoreError
 
     @app.command("__boom", hidden=True)
     def boom(ctx: typer.Context) -> None:

@@ -23,7 +23,7 @@ from doppelbot.config import (
     load_settings,
     setting_fields,
 )
-from doppelbot.errors import ConfigError
+from doppelbot.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "doppelbot"

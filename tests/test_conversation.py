@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from doppelbot.domain import Role, Turn
-from doppelbot.errors import GenerationError, PromptTooLongError
-from doppelbot.ports import ScoredFact
+from doppelbot.core.domain import Role, Turn
+from doppelbot.core.errors import GenerationError, PromptTooLongError
+from doppelbot.core.ports import ScoredFact
 from doppelbot.responder.compose import ReplyComposer
 from doppelbot.responder.conversation import Conversation
 from tests.responder_fakes import FakeFacts, FakeGenerator, fast_settings

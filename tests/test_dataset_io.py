@@ -14,8 +14,8 @@ from doppelbot.config import ModelSettings, default_of
 from doppelbot.dataset import jsonl
 from doppelbot.dataset.from_store import build_from_db
 from doppelbot.dataset.options import DatasetOptions
-from doppelbot.domain import Account, MediaKind, Message, Peer, PeerKind, Role, Sample, Turn
-from doppelbot.errors import DatasetError, StoreError
+from doppelbot.core.domain import Account, MediaKind, Message, Peer, PeerKind, Role, Sample, Turn
+from doppelbot.core.errors import DatasetError, StoreError
 from doppelbot.store.accounts import claim
 from doppelbot.store.database import Database
 from doppelbot.store.history import upsert_messages, upsert_peers

@@ -11,7 +11,7 @@ from doppelbot.config import PromptSettings
 from doppelbot.dataset.builder import build_dataset
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.render import MemoPromptFormat
-from doppelbot.domain import MediaKind, Message, Role, Turn
+from doppelbot.core.domain import MediaKind, Message, Role, Turn
 from tests.dataset_helpers import T0, assert_stats_describe_the_samples, source
 
 H = 3600

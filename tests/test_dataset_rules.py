@@ -19,7 +19,7 @@ from doppelbot.dataset.rules import (
     rule_row,
     truncate_text,
 )
-from doppelbot.domain import (
+from doppelbot.core.domain import (
     KIND_FORWARDED,
     KIND_MEDIA,
     KIND_SERVICE,
@@ -31,7 +31,7 @@ from doppelbot.domain import (
     Peer,
     PeerKind,
 )
-from doppelbot.errors import DatasetError
+from doppelbot.core.errors import DatasetError
 
 OPTS = DatasetOptions()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from doppelbot.config import ModelSettings, PromptSettings
-from doppelbot.errors import TrainingError, TrainingInterruptedError
+from doppelbot.core.errors import TrainingError, TrainingInterruptedError
 from doppelbot.training.dpo import (
     PairRow,
     PreferenceExample,
@@ -147,7 +147,7 @@ CORRECTED = {k: RULES[KEYS[(i + 1) % len(KEYS)]] for i, k in enumerate(KEYS)}
 
 
 def _write_pairs(path: Path, n: int, seed: int = 3) -> list[PairRow]:
-    from doppelbot.domain import Role, Turn
+    from doppelbot.core.domain import Role, Turn
 
     rng = random.Random(seed)
     prompt = PromptSettings(persona=PERSONA).format

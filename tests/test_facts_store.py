@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from doppelbot.cli import main
-from doppelbot.errors import ImportFormatError, KnowledgeError
+from doppelbot.core.errors import ImportFormatError, KnowledgeError
 from doppelbot.store.database import Database
 from doppelbot.store.facts import (
     SOURCE_SAVED_MESSAGES,

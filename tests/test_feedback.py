@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from doppelbot.cli import main
-from doppelbot.domain import Reaction, ReplyMode, ReplyStatus, Verdict
+from doppelbot.core.domain import Reaction, ReplyMode, ReplyStatus, Verdict
 from doppelbot.feedback.export import build_feedback
 from doppelbot.store import feedback as fstore
 from doppelbot.store.database import Database

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from doppelbot.cli import main
-from doppelbot.errors import ModelLoadError
+from doppelbot.core.errors import ModelLoadError
 from tests.training_helpers import build_tiny_model, write_persona_dataset
 
 NOISE = (

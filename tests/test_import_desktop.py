@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from doppelbot.cli import main
-from doppelbot.domain import MediaKind, PeerKind
-from doppelbot.errors import ImportFormatError
+from doppelbot.core.domain import MediaKind, PeerKind
+from doppelbot.core.errors import ImportFormatError
 from doppelbot.importers.desktop import ImportOptions, import_desktop_export, marked_chat_id
 from doppelbot.store import history
 from doppelbot.store.database import Database
@@ -91,7 +91,7 @@ async def test_groups_channels_saved_and_bots_on_request(db: Database) -> None:
 
 
 async def test_reimport_is_idempotent_and_does_not_clobber_richer_peers(db: Database) -> None:
-    from doppelbot.domain import Peer
+    from doppelbot.core.domain import Peer
 
     await history.upsert_peers(
         db, [Peer(ALICE, PeerKind.USER, first_name="Alice", last_name="S", username="alice")]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from doppelbot.errors import InstanceLockedError
+from doppelbot.core.errors import InstanceLockedError
 from doppelbot.instance import InstanceLock, current_command, holder_of
 from tests.faketg import API_HASH, API_ID, FakeTelegram
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from doppelbot.domain import Message
-from doppelbot.errors import MigrationError
+from doppelbot.core.domain import Message
+from doppelbot.core.errors import MigrationError
 from doppelbot.store import history
 from doppelbot.store.database import Database, default_migrations_dir, discover_migrations
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from doppelbot.config import ModelSettings
-from doppelbot.errors import InsufficientMemoryError, ModelLoadError
+from doppelbot.core.errors import InsufficientMemoryError, ModelLoadError
 from doppelbot.model import loader, memory
 from doppelbot.model.checkpoint import Checkpoint, LoraDeltas, UnsupportedAdapter
 from doppelbot.model.engine import EngineConfig, T5Engine, engine_bytes

@@ -25,7 +25,7 @@ import pytest
 
 from doppelbot.cli import main
 from doppelbot.config import load_settings
-from doppelbot.errors import ModelDownloadError, ModelMissingError
+from doppelbot.core.errors import ModelDownloadError, ModelMissingError
 from doppelbot.model import download as dl
 from doppelbot.model.local import model_source, read_manifest
 from tests.fakehub import FakeHub, FakeRepo

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from doppelbot.config import GenerationOptions, ModelSettings, PromptSettings
-from doppelbot.domain import Role, Turn
-from doppelbot.errors import EmptyReplyError, ModelLoadError
+from doppelbot.core.domain import Role, Turn
+from doppelbot.core.errors import EmptyReplyError, ModelLoadError
 from doppelbot.model import loader
 from doppelbot.model.cache import adapter_fingerprint, cache_key
 from doppelbot.model.loader import ModelSpec, load_reply_model, select_runtime
-from doppelbot.prompt import decode_reply
+from doppelbot.core.prompt import decode_reply
 from tests.tiny_model import make_tiny_lora_dir, make_tiny_model_dir, make_tiny_t5
 
 FMT = PromptSettings(persona="Я Вася.").format
@@ -226,7 +226,7 @@ async def test_serving_adapter_follows_settings(tmp_path: Path, adapter_dir: Pat
 
 def test_transformers_runtime_matches_the_engine(model_dir: Path) -> None:
     """The CUDA path's ``generate()`` wrapper, run on the CPU with the same tiny weights."""
-    from doppelbot.errors import GenerationTimeoutError
+    from doppelbot.core.errors import GenerationTimeoutError
 
     engine_model = load_reply_model(spec(model_dir, precision="fp32"))
     hf = loader.HFRuntime(

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from doppelbot.config import GenerationOptions, ModelSettings, load_settings
-from doppelbot.domain import Role, Turn
-from doppelbot.errors import (
+from doppelbot.core.domain import Role, Turn
+from doppelbot.core.errors import (
     EmptyReplyError,
     GenerationError,
     GenerationTimeoutError,
@@ -21,7 +21,7 @@ from doppelbot.errors import (
     WorkerClosedError,
 )
 from doppelbot.model.worker import ModelWorker, model_worker
-from doppelbot.ports import ModelIdentity, ReplyGenerator
+from doppelbot.core.ports import ModelIdentity, ReplyGenerator
 from tests.tiny_model import make_tiny_model_dir
 
 OPTS = GenerationOptions(max_new_tokens=8)

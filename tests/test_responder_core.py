@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from doppelbot.domain import Message, PeerKind, Reply, ReplyStatus
-from doppelbot.errors import GenerationError
-from doppelbot.ports import ScoredFact
+from doppelbot.core.domain import Message, PeerKind, Reply, ReplyStatus
+from doppelbot.core.errors import GenerationError
+from doppelbot.core.ports import ScoredFact
 from doppelbot.responder.context import LiveContext
 from doppelbot.responder.service import Approval
 from doppelbot.responder.transport import Clock
@@ -292,7 +292,7 @@ async def test_pause_kill_switch_persists(tmp_path: Path, db: Database) -> None:
 
 
 async def test_chat_mode_off_is_silent(h: Harness) -> None:
-    from doppelbot.domain import ReplyMode
+    from doppelbot.core.domain import ReplyMode
 
     await bot_state.set_chat_reply_mode(h.db, ANN.peer_id, ReplyMode.OFF)
     await h.incoming(ANN, "привет")

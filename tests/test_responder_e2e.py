@@ -15,9 +15,9 @@ import pytest
 
 from doppelbot.app import App, run_live
 from doppelbot.config import GenerationOptions, Settings
-from doppelbot.domain import ReplyStatus
-from doppelbot.errors import GenerationError
-from doppelbot.ports import ModelIdentity, ReplyGenerator
+from doppelbot.core.domain import ReplyStatus
+from doppelbot.core.errors import GenerationError
+from doppelbot.core.ports import ModelIdentity, ReplyGenerator
 from doppelbot.store import bot_state, history, replies
 from doppelbot.store.database import Database
 from tests.faketg import OWNER_ID, FakeTelegram

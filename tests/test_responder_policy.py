@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from doppelbot.config import ResponderSettings
-from doppelbot.domain import Message, Peer, PeerKind, ReplyMode, ReplyStatus
-from doppelbot.errors import EmptyReplyError
+from doppelbot.core.domain import Message, Peer, PeerKind, ReplyMode, ReplyStatus
+from doppelbot.core.errors import EmptyReplyError
 from doppelbot.responder import delivery
 from doppelbot.responder.debounce import Debouncer
 from doppelbot.responder.policy import (

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from doppelbot.app import App
-from doppelbot.domain import ReplyStatus, Verdict
+from doppelbot.core.domain import ReplyStatus, Verdict
 from doppelbot.store import bot_state, replies
 from doppelbot.store import feedback as fstore
 from tests.live_harness import Life, Scripted
@@ -268,7 +268,7 @@ async def test_a_database_busy_for_15_s_delays_the_answer_but_loses_nothing(
 async def test_a_message_that_cannot_be_stored_is_still_answered_and_stored_later(
     tmp_path: Path,
 ) -> None:
-    from doppelbot.errors import StoreError
+    from doppelbot.core.errors import StoreError
 
     life = Life(tmp_path)
     alice = life.tg.add_user("Alice")
@@ -299,7 +299,7 @@ async def test_a_voice_note_is_transcribed_answered_and_shown_on_the_card(
     from types import SimpleNamespace
 
     from doppelbot.config import VoiceSettings
-    from doppelbot.domain import TranscriptStatus
+    from doppelbot.core.domain import TranscriptStatus
     from doppelbot.speech import TranscriptionWorker
     from doppelbot.speech.model import WhisperSpec
     from doppelbot.store import transcripts

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from doppelbot.domain import ReplyMode
+from doppelbot.core.domain import ReplyMode
 from doppelbot.review.cards import (
     CardAction,
     CardActionKind,

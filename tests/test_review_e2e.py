@@ -20,8 +20,8 @@ from rich.console import Console
 
 from doppelbot.app import App
 from doppelbot.config import GenerationOptions, Settings
-from doppelbot.domain import Reaction, ReplyMode, ReplyStatus, Verdict
-from doppelbot.ports import ModelIdentity
+from doppelbot.core.domain import Reaction, ReplyMode, ReplyStatus, Verdict
+from doppelbot.core.ports import ModelIdentity
 from doppelbot.review.commands import HELP_TEXT
 from doppelbot.review.drafts import OUTCOME_EXPIRED
 from doppelbot.store import bot_state, facts, replies
@@ -579,7 +579,7 @@ class FakeKnowledgeBase:
         return cls([f.text for f in await facts.list_facts(db)])
 
     async def retrieve(self, query: str, **kw: Any) -> list[Any]:
-        from doppelbot.ports import ScoredFact
+        from doppelbot.core.ports import ScoredFact
 
         return [ScoredFact(1, text, 0.9) for text in self.texts]
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from doppelbot.cli import app, main
-from doppelbot.domain import Message, Peer, PeerKind, ReplyMode, ReplyStatus
+from doppelbot.core.domain import Message, Peer, PeerKind, ReplyMode, ReplyStatus
 from doppelbot.store import bot_state, history, replies
 from doppelbot.store.database import Database
 from tests.faketg import FakeTelegram

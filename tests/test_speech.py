@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from doppelbot.config import Settings, VoiceSettings
-from doppelbot.errors import (
+from doppelbot.core.errors import (
     AudioDecodeError,
     AudioTooLongError,
     SpeechModelError,
@@ -248,7 +248,7 @@ def test_generated_notes_are_real_opus() -> None:
 
 def test_compute_type_setting_is_checked(tmp_path: Path) -> None:
     from doppelbot.config import load_settings
-    from doppelbot.errors import ConfigError
+    from doppelbot.core.errors import ConfigError
 
     ok = load_settings(env_file=None, data_dir=tmp_path, voice_compute_type=" INT8 ")
     assert ok.voice.compute_type == "int8"

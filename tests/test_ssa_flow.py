@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 
 from doppelbot.config import GenerationOptions
-from doppelbot.domain import Role, Sample, Turn
-from doppelbot.errors import GenerationError
-from doppelbot.ports import ModelIdentity
+from doppelbot.core.domain import Role, Sample, Turn
+from doppelbot.core.errors import GenerationError
+from doppelbot.core.ports import ModelIdentity
 from doppelbot.ssa.flow import (
     OWNER_SOURCE,
     compare,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from doppelbot.domain import ReplyMode, Verdict
-from doppelbot.errors import StoreError
+from doppelbot.core.domain import ReplyMode, Verdict
+from doppelbot.core.errors import StoreError
 from doppelbot.store import feedback, replies
 from doppelbot.store.database import Database
 

@@ -14,8 +14,8 @@ import pytest
 from telethon.sessions import SQLiteSession
 from telethon.tl import types
 
-from doppelbot.domain import MediaKind, PeerKind
-from doppelbot.errors import FloodWaitTooLongError
+from doppelbot.core.domain import MediaKind, PeerKind
+from doppelbot.core.errors import FloodWaitTooLongError
 from doppelbot.store import accounts, history
 from doppelbot.store.database import Database
 from doppelbot.telegram.export import ChatStatus, ExportOptions, export_history
@@ -500,7 +500,7 @@ async def test_completeness_reports_gaps(db: Database, client_for: Any) -> None:
 
 def test_export_options_follow_settings(tmp_path: Path) -> None:
     from doppelbot.config import load_settings
-    from doppelbot.errors import ConfigError
+    from doppelbot.core.errors import ConfigError
     from doppelbot.telegram.export_types import export_options
 
     s = load_settings(env_file=None, data_dir=tmp_path, export_batch_size=7, flood_wait_max_s=3)

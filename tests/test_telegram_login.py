@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from doppelbot.cli import app, main
 from doppelbot.config import Settings, load_settings
-from doppelbot.errors import ConfigError, NotLoggedInError, TelegramError
+from doppelbot.core.errors import ConfigError, NotLoggedInError, TelegramError
 from doppelbot.store import history
 from doppelbot.store.database import Database
 from doppelbot.telegram import client as client_mod
@@ -207,7 +207,7 @@ def test_telethon_errors_translate_to_one_clear_line() -> None:
     from telethon import errors as tg_errors
     from telethon.tl import functions
 
-    from doppelbot.errors import FloodWaitTooLongError, TakeoutDelayError
+    from doppelbot.core.errors import FloodWaitTooLongError, TakeoutDelayError
     from doppelbot.telegram.errors import translate
 
     req = functions.messages.GetHistoryRequest(

@@ -10,7 +10,7 @@ import pytest
 from telethon.extensions import BinaryReader
 from telethon.tl import types
 
-from doppelbot.domain import MediaKind, PeerKind
+from doppelbot.core.domain import MediaKind, PeerKind
 from doppelbot.store.history import MESSAGES, message_values, row_message
 from doppelbot.telegram.mapping import action_name, map_account, map_message, map_peer
 from tests import faketg

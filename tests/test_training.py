@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from doppelbot.config import ModelSettings, PromptSettings
-from doppelbot.errors import PreflightError, TrainingError, TrainingInterruptedError
+from doppelbot.core.errors import PreflightError, TrainingError, TrainingInterruptedError
 from doppelbot.training import checkpoint as ckpt
 from doppelbot.training.data import load_dataset
 from doppelbot.training.evaluate import METRICS, EvalOptions, evaluate_adapters
@@ -340,7 +340,7 @@ def test_saved_adapter_loads_in_the_reply_runtime_and_changes_its_output(
 ) -> None:
     from doppelbot.config import GenerationOptions
     from doppelbot.model.loader import ModelSpec, load_reply_model
-    from doppelbot.prompt import decode_reply
+    from doppelbot.core.prompt import decode_reply
 
     row = load_dataset(world.datasets_dir).validation[0]
     greedy = GenerationOptions(do_sample=False, max_new_tokens=6)
@@ -361,7 +361,7 @@ def test_saved_adapter_loads_in_the_reply_runtime_and_changes_its_output(
 def test_feedback_method_continues_an_adapter_with_replay(
     world: World, trained: TrainResult, tmp_path: Path
 ) -> None:
-    from doppelbot.domain import Role, Turn
+    from doppelbot.core.domain import Role, Turn
 
     prompt = PromptSettings(persona=PERSONA).format
     feedback = tmp_path / "feedback.jsonl"

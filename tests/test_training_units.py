@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from doppelbot.config import PromptSettings
-from doppelbot.domain import Role, Turn
-from doppelbot.errors import AdapterRejectedError, PreflightError, TrainingError
+from doppelbot.core.domain import Role, Turn
+from doppelbot.core.errors import AdapterRejectedError, PreflightError, TrainingError
 from doppelbot.store import adapters
 from doppelbot.store.database import Database
 from doppelbot.training import checkpoint as ckpt

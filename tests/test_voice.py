@@ -17,7 +17,7 @@ from doppelbot.config import VoiceSettings
 from doppelbot.dataset.from_store import build_from_db, make_chunk
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.rules import rule_row
-from doppelbot.domain import (
+from doppelbot.core.domain import (
     KIND_MEDIA,
     KIND_TEXT,
     MediaKind,
@@ -27,13 +27,13 @@ from doppelbot.domain import (
     TranscriptStatus,
     VoiceNote,
 )
-from doppelbot.errors import (
+from doppelbot.core.errors import (
     AudioTooLongError,
     TranscriberClosedError,
     TranscriptionError,
     TranscriptionTimeoutError,
 )
-from doppelbot.ports import Transcript
+from doppelbot.core.ports import Transcript
 from doppelbot.store import history, transcripts
 from doppelbot.store.database import Database
 from doppelbot.voice import (

@@ -15,8 +15,8 @@ from telethon.errors import FileReferenceExpiredError, LimitInvalidError
 from telethon.tl import functions, types
 
 from doppelbot.config import Settings, VoiceSettings
-from doppelbot.domain import MediaKind, TranscriptStatus
-from doppelbot.errors import FloodWaitTooLongError, NoteTooLargeError
+from doppelbot.core.domain import MediaKind, TranscriptStatus
+from doppelbot.core.errors import FloodWaitTooLongError, NoteTooLargeError
 from doppelbot.speech import TranscriptionWorker
 from doppelbot.speech.model import whisper_spec
 from doppelbot.store import transcripts

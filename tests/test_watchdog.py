@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from doppelbot.errors import TelegramOutageError
+from doppelbot.core.errors import TelegramOutageError
 from doppelbot.health import Health, State
 from doppelbot.store import bot_state
 from tests.live_harness import Life

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from doppelbot.config import PromptSettings
 from doppelbot.dataset.jsonl import set_latest, write_samples
-from doppelbot.domain import Role, Sample, Turn
-from doppelbot.prompt import PromptFormat
+from doppelbot.core.domain import Role, Sample, Turn
+from doppelbot.core.prompt import PromptFormat
 
 PERSONA = "Я."
 RULES = {

@@ -31,7 +31,7 @@ from doppelbot.cli import (
     voice_cmd,
 )
 from doppelbot.cli.common import AppState, with_invocation
-from doppelbot.errors import DoppelbotError
+from doppelbot.core.errors import DoppelbotError
 
 app = typer.Typer(
     name="doppelbot",

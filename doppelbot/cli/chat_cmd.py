@@ -101,7 +101,7 @@ async def _chat(
     from rich.markup import escape
 
     from doppelbot.app import open_chat
-    from doppelbot.errors import GenerationError, PromptTooLongError
+    from doppelbot.core.errors import GenerationError, PromptTooLongError
 
     async with AsyncExitStack() as stack:
         with load_progress(err_console) as progress:  # shown while the model loads

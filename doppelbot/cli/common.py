@@ -92,7 +92,7 @@ class AppState:
             from rich.markup import escape
 
             from doppelbot.config import load_settings, unknown_settings
-            from doppelbot.errors import ConfigError
+            from doppelbot.core.errors import ConfigError
             from doppelbot.logs import setup_logging
 
             if self.env_file_required and self.env_file is not None:

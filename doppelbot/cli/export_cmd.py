@@ -24,7 +24,7 @@ from rich.table import Table
 
 from doppelbot.cli.common import RichBars, account_option, open_db, run_async, state
 from doppelbot.cli.voice_cmd import export_notes, print_report
-from doppelbot.errors import ExportIncompleteError
+from doppelbot.core.errors import ExportIncompleteError
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
@@ -52,7 +52,7 @@ def login(
     name = st.use_account(account)
     settings = st.settings
     from doppelbot.accounts import register_login
-    from doppelbot.domain import Account
+    from doppelbot.core.domain import Account
     from doppelbot.telegram.login import LoginPrompts, login_interactive
 
     err = st.err_console

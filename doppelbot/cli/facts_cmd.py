@@ -66,7 +66,7 @@ def list_(ctx: typer.Context) -> None:
 
 @app.command("remove", help="Remove a fact by id (its cached embeddings go too).")
 def remove(ctx: typer.Context, fact_id: int = typer.Argument(..., help="Fact id.")) -> None:
-    from doppelbot.errors import KnowledgeError
+    from doppelbot.core.errors import KnowledgeError
     from doppelbot.store.facts import remove_fact
 
     st = state(ctx)

@@ -66,7 +66,7 @@ def resolve_adapter_option(settings: Settings, spec: str | None) -> Path | str |
 
 def _dataset_file(settings: Settings, dataset: Path | None) -> Path:
     from doppelbot.dataset.jsonl import TRAIN_FILE, VALIDATION_FILE, resolve_dataset_dir
-    from doppelbot.errors import DatasetError
+    from doppelbot.core.errors import DatasetError
 
     if dataset is not None and dataset.is_file():
         return dataset
@@ -92,7 +92,7 @@ def check(
 ) -> None:
     app_state = state(ctx)
     settings = app_state.settings
-    from doppelbot.errors import ModelError
+    from doppelbot.core.errors import ModelError
 
     if settings.model.precision == "fp32":
         raise ModelError("DOPPELBOT_PRECISION is fp32: there is no quantisation to check")
@@ -161,7 +161,7 @@ def download(
 ) -> None:
     app_state = state(ctx)
     settings = app_state.settings
-    from doppelbot.errors import ModelDownloadError
+    from doppelbot.core.errors import ModelDownloadError
 
     default = [w for w in WHAT_CHOICES if w != "speech" or settings.voice.transcription]
     chosen = list(dict.fromkeys(what or default))

@@ -104,7 +104,7 @@ async def _status(
     last: int,
     texts: bool,
 ) -> None:
-    from doppelbot.domain import ReplyStatus
+    from doppelbot.core.domain import ReplyStatus
     from doppelbot.health import Health, verdict
     from doppelbot.health import when as when_ts
     from doppelbot.instance import holder_of

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from doppelbot.config import GenerationOptions, Settings
-    from doppelbot.domain import Sample
-    from doppelbot.ports import ModelIdentity
+    from doppelbot.core.domain import Sample
+    from doppelbot.core.ports import ModelIdentity
     from doppelbot.ssa.flow import SourceRow
     from doppelbot.store.database import Database
 
@@ -56,12 +56,12 @@ class _Replies:
 
     @property
     def identity(self) -> ModelIdentity:
-        from doppelbot.ports import ModelIdentity
+        from doppelbot.core.ports import ModelIdentity
 
         return ModelIdentity(self.source, None)
 
     async def generate(self, prompt: str, options: GenerationOptions | None = None) -> str:
-        from doppelbot.errors import GenerationError
+        from doppelbot.core.errors import GenerationError
 
         reply = self.replies.get(prompt)
         if not reply:
@@ -75,7 +75,7 @@ async def _generate_all(
     sources: dict[str, Path | None],
     contexts: Sequence[Sample],
 ) -> dict[str, _Replies]:
-    from doppelbot.errors import GenerationError
+    from doppelbot.core.errors import GenerationError
     from doppelbot.model.worker import model_worker
 
     options = settings.generation
@@ -100,7 +100,7 @@ async def _generate_all(
 
 
 def _sources(settings: Settings, adapter: str, against: str | None) -> dict[str, Path | None]:
-    from doppelbot.errors import DoppelbotError
+    from doppelbot.core.errors import DoppelbotError
     from doppelbot.ssa.flow import OWNER_SOURCE
     from doppelbot.training.service import adapter_from_spec
 
@@ -150,7 +150,7 @@ async def start_batch(
     """Generate and post a batch (or, with ``batch``, post what is left of it) to the Saved
     Messages of ``account`` (None: the default account)."""
     from doppelbot.dataset.jsonl import VALIDATION_FILE, read_samples, resolve_dataset_dir
-    from doppelbot.errors import DatasetError, DoppelbotError
+    from doppelbot.core.errors import DatasetError, DoppelbotError
     from doppelbot.ssa.flow import prepare_batch, sample_contexts
     from doppelbot.store import ssa as store
     from doppelbot.telegram.client import connected

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import TaskID, TextColumn
 
 from doppelbot.cli.common import RichBars, account_option, open_db, run_async, state
-from doppelbot.errors import ConfigError
+from doppelbot.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings

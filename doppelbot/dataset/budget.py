@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from doppelbot.domain import Role, Turn
-from doppelbot.prompt import PromptFormat
+from doppelbot.core.domain import Role, Turn
+from doppelbot.core.prompt import PromptFormat
 
 CountTokens = Callable[[str], int]
 OnBatch = Callable[[int, int], None]

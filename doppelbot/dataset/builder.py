@@ -7,7 +7,7 @@ Pipeline (each stage counted in ``DatasetStats``):
    answers the other person, with its context and duplicate keys;
 2. merge, strictly in chat id order (``DatasetBuilder.add_part``): exact and near duplicates are
    dropped, every other candidate becomes a ``Sample`` whose ``model_input``/``model_target``
-   are the ``doppelbot.prompt.PromptFormat`` ones (a slice of the chat's dialog string between
+   are the ``doppelbot.core.prompt.PromptFormat`` ones (a slice of the chat's dialog string between
    the format's fixed prefix and suffix); inputs the byte bound cannot clear wait for stage 3;
 3. the token budget: those inputs are counted (line by line, ``budget.calibrate``) and lose
    their oldest context turns until they fit in ``max_input_tokens``, or the sample goes;
@@ -50,8 +50,8 @@ from doppelbot.dataset.rules import DROP_REASONS, STICKER_EMOJI, TRUNCATED, new_
 from doppelbot.dataset.sessions import ROLES
 from doppelbot.dataset.split import split_by_time
 from doppelbot.dataset.stats import AccountStats, ChatStats, DatasetStats, summarize
-from doppelbot.domain import Row, Sample, Turn
-from doppelbot.errors import DatasetError
+from doppelbot.core.domain import Row, Sample, Turn
+from doppelbot.core.errors import DatasetError
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages: "chats", "tokens"."""

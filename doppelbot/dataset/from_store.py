@@ -36,8 +36,8 @@ from doppelbot.dataset.candidates import ChatMaker, MadeChunk
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.rules import chat_skip_reason
 from doppelbot.dataset.stats import AccountStats
-from doppelbot.domain import Peer
-from doppelbot.errors import DatasetError
+from doppelbot.core.domain import Peer
+from doppelbot.core.errors import DatasetError
 
 MIN_MESSAGES_PER_WORKER = 50_000
 """Below this many messages per worker process, building in-process is faster than forking."""

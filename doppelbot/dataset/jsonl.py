@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from doppelbot.domain import Role, Sample, Turn
-from doppelbot.errors import DatasetError, DoppelbotError
+from doppelbot.core.domain import Role, Sample, Turn
+from doppelbot.core.errors import DatasetError, DoppelbotError
 
 TRAIN_FILE = "train.jsonl"
 VALIDATION_FILE = "validation.jsonl"

@@ -26,8 +26,8 @@ from doppelbot.config import (
     default_of,
     extend,
 )
-from doppelbot.errors import DatasetError
-from doppelbot.prompt import PromptFormat
+from doppelbot.core.errors import DatasetError
+from doppelbot.core.prompt import PromptFormat
 
 if TYPE_CHECKING:
     from pydantic import ValidatorFunctionWrapHandler

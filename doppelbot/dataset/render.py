@@ -1,7 +1,7 @@
 """Rendering model inputs for many samples that share turns.
 
 A turn appears in the context of several consecutive samples; ``MemoPromptFormat`` is
-``doppelbot.prompt.PromptFormat`` itself (same ``build_input``/``build_target``, same output,
+``doppelbot.core.prompt.PromptFormat`` itself (same ``build_input``/``build_target``, same output,
 which ``tests/test_dataset_properties.py`` checks) with the persona part and each turn's dialog
 line computed once instead of once per sample.
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from doppelbot.domain import Role, Turn
-from doppelbot.errors import DatasetError
-from doppelbot.prompt import PromptFormat
+from doppelbot.core.domain import Role, Turn
+from doppelbot.core.errors import DatasetError
+from doppelbot.core.prompt import PromptFormat
 
 # probe texts that survive ``sanitize`` unchanged and cannot occur in a persona
 _PROBE = (Turn(Role.OTHER, "\u2063probe one\u2063"), Turn(Role.OWNER, "\u2063probe two\u2063"))

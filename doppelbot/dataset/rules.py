@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from doppelbot.dataset.scrub import Scrubber, has_link
-from doppelbot.domain import (
+from doppelbot.core.domain import (
     KIND_FORWARDED,
     KIND_MEDIA,
     KIND_SERVICE,

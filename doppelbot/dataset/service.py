@@ -21,7 +21,7 @@ from doppelbot.dataset.from_store import build_from_db
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.options import dataset_options as build_options
 from doppelbot.dataset.stats import DatasetStats
-from doppelbot.errors import DatasetError, ModelLoadError
+from doppelbot.core.errors import DatasetError, ModelLoadError
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings

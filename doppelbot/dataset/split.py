@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from operator import attrgetter
 
-from doppelbot.domain import Sample
+from doppelbot.core.domain import Sample
 
 time_order_key = attrgetter("reply_date", "chat_id", "reply_message_ids")
 """Reply time, then chat, then message ids: a total, deterministic order (C-speed key)."""

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from doppelbot.config import Settings
-from doppelbot.domain import Message, Reaction, Verdict
+from doppelbot.core.domain import Message, Reaction, Verdict
 from doppelbot.responder.transport import Clock
 from doppelbot.store import feedback, history, replies
 from doppelbot.store.database import Database

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from doppelbot.domain import Verdict
-from doppelbot.prompt import build_target
+from doppelbot.core.domain import Verdict
+from doppelbot.core.prompt import build_target
 from doppelbot.store.feedback import FeedbackReply
 
 WEAK_WEIGHT = 0.3

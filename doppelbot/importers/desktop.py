@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppelbot.domain import Account, MediaKind, Message, Peer, PeerKind
-from doppelbot.errors import ImportFormatError
+from doppelbot.core.domain import Account, MediaKind, Message, Peer, PeerKind
+from doppelbot.core.errors import ImportFormatError
 from doppelbot.importers.desktop_voice import note_row
 from doppelbot.store import accounts, history, transcripts
 from doppelbot.store.database import Database, now

@@ -20,7 +20,7 @@ API (what the responder uses)::
     finally:
         await kb.aclose()                         # stops the worker thread; db stays open
 
-``KnowledgeBase`` implements ``doppelbot.ports.FactRetriever``. All encoding runs in one worker
+``KnowledgeBase`` implements ``doppelbot.core.ports.FactRetriever``. All encoding runs in one worker
 thread owned by the object (torch threads there: ``settings.knowledge.embedder_threads``); the
 index follows fact changes made by any process, checked cheaply before each query. Tests and scripts
 may pass ``embedder=Embedder.load(path)`` to ``open`` to share one loaded model.

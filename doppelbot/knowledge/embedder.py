@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from doppelbot.errors import KnowledgeError
+from doppelbot.core.errors import KnowledgeError
 
 log = logging.getLogger(__name__)
 

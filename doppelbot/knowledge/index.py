@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from doppelbot.errors import KnowledgeError
-from doppelbot.ports import ScoredFact
+from doppelbot.core.errors import KnowledgeError
+from doppelbot.core.ports import ScoredFact
 
 
 def vector_to_blob(vector: np.ndarray) -> bytes:

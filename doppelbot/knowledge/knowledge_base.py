@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from doppelbot.errors import KnowledgeError
+from doppelbot.core.errors import KnowledgeError
 from doppelbot.knowledge.embedder import Embedder, set_worker_threads
 from doppelbot.knowledge.index import FactIndex, blob_to_vector, vector_to_blob
-from doppelbot.ports import ScoredFact
+from doppelbot.core.ports import ScoredFact
 from doppelbot.store import facts as fact_store
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class KnowledgeBase:
         )
         try:
             if embedder is None:
-                from doppelbot.errors import ModelMissingError
+                from doppelbot.core.errors import ModelMissingError
                 from doppelbot.model.local import model_source
 
                 loop = asyncio.get_running_loop()

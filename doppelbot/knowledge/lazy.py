@@ -13,8 +13,8 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from doppelbot.errors import DoppelbotError
-from doppelbot.ports import ScoredFact
+from doppelbot.core.errors import DoppelbotError
+from doppelbot.core.ports import ScoredFact
 from doppelbot.store.facts import count_facts
 
 if TYPE_CHECKING:

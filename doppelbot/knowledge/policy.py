@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from doppelbot.ports import FactRetriever, ScoredFact
+from doppelbot.core.ports import FactRetriever, ScoredFact
 
 # Cosines come out of float32 maths: 0.6 - 0.5 is 0.0999…; a reply better by exactly the margin
 # must be kept (a tie goes to the model's own words).

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from doppelbot.errors import DatasetError
+from doppelbot.core.errors import DatasetError
 
 if TYPE_CHECKING:
     from doppelbot.model.engine import EngineConfig

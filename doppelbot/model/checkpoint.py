@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from doppelbot.errors import ModelLoadError
+from doppelbot.core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

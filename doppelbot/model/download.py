@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from doppelbot.errors import ModelDownloadError
+from doppelbot.core.errors import ModelDownloadError
 from doppelbot.model.local import (
     FileRecord,
     LocalModel,

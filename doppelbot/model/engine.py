@@ -44,7 +44,7 @@ from typing import Any, BinaryIO, Self
 import torch
 import torch.nn.functional as F
 
-from doppelbot.errors import ModelLoadError
+from doppelbot.core.errors import ModelLoadError
 
 ENGINE_FORMAT = 1
 _NEG = torch.finfo(torch.float32).min

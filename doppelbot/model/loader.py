@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from doppelbot.config import GenerationOptions, ModelSettings, default_of
-from doppelbot.errors import ModelLoadError
-from doppelbot.ports import ModelIdentity
+from doppelbot.core.errors import ModelLoadError
+from doppelbot.core.ports import ModelIdentity
 
 if TYPE_CHECKING:
     import torch

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from doppelbot.errors import ModelMissingError
+from doppelbot.core.errors import ModelMissingError
 
 Role = Literal["model", "embedder", "speech"]
 

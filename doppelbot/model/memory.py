@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from doppelbot.errors import InsufficientMemoryError
+from doppelbot.core.errors import InsufficientMemoryError
 from doppelbot.model.engine import EngineConfig, engine_bytes, largest_linear
 
 log = logging.getLogger(__name__)

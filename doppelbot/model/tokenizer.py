@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from doppelbot.errors import ModelLoadError
+from doppelbot.core.errors import ModelLoadError
 
 FRED_VOCAB_SIZE = 50364
 FRED_TOKENIZER_SIZE = 50365  # the model's rows + <|endoftext|>

@@ -17,7 +17,7 @@ the same model would only fight for the same cores. The worker therefore
 - shuts down cleanly: ``aclose()`` lets the current request finish, fails the queued ones with
   ``WorkerClosedError`` and joins the thread.
 
-It implements ``doppelbot.ports.ReplyGenerator``; tests inject a tiny ``ReplyModel`` (or any
+It implements ``doppelbot.core.ports.ReplyGenerator``; tests inject a tiny ``ReplyModel`` (or any
 object with the same ``generate``/``identity``) instead of a loader.
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from doppelbot.config import GenerationOptions, ModelSettings
-from doppelbot.errors import (
+from doppelbot.core.errors import (
     DoppelbotError,
     GenerationError,
     GenerationTimeoutError,
@@ -40,8 +40,8 @@ from doppelbot.errors import (
     WorkerClosedError,
 )
 from doppelbot.model.tokenizer import TokenCounter
-from doppelbot.ports import ModelIdentity
-from doppelbot.prompt import decode_reply
+from doppelbot.core.ports import ModelIdentity
+from doppelbot.core.prompt import decode_reply
 from doppelbot.workers import Cancelled, Job, ThreadWorker
 
 if TYPE_CHECKING:

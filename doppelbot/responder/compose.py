@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 from doppelbot.config import Settings
 from doppelbot.dataset.budget import CountTokens, fit_turns
-from doppelbot.domain import Role, Turn
-from doppelbot.errors import PromptTooLongError, describe
+from doppelbot.core.domain import Role, Turn
+from doppelbot.core.errors import PromptTooLongError, describe
 from doppelbot.knowledge.policy import apply_fact_fallback
-from doppelbot.ports import FactRetriever, ScoredFact
+from doppelbot.core.ports import FactRetriever, ScoredFact
 
 log = logging.getLogger("doppelbot.responder")
 

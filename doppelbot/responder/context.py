@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from doppelbot.config import Settings
 from doppelbot.dataset.options import dataset_options
 from doppelbot.dataset.sessions import build_live_context
-from doppelbot.domain import Message, Peer, Role, Turn
+from doppelbot.core.domain import Message, Peer, Role, Turn
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from doppelbot.config import GenerationOptions
-from doppelbot.domain import Role, Turn
-from doppelbot.errors import PromptTooLongError
-from doppelbot.ports import ReplyGenerator
+from doppelbot.core.domain import Role, Turn
+from doppelbot.core.errors import PromptTooLongError
+from doppelbot.core.ports import ReplyGenerator
 from doppelbot.responder.compose import ReplyComposer
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 
-from doppelbot.errors import EmptyReplyError
-from doppelbot.prompt import sanitize
+from doppelbot.core.errors import EmptyReplyError
+from doppelbot.core.prompt import sanitize
 
 #: More parts than this reads like spam; the rest is joined into the last message.
 MAX_PARTS = 5

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from doppelbot.config import HOUR_S, ResponderSettings
-from doppelbot.domain import Message, Peer, PeerKind
+from doppelbot.core.domain import Message, Peer, PeerKind
 
 
 class Skip(StrEnum):

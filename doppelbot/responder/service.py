@@ -43,15 +43,15 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from doppelbot.config import HOUR_S, Settings
-from doppelbot.domain import Message, Peer, PeerKind, Reply, ReplyMode, ReplyStatus
-from doppelbot.errors import (
+from doppelbot.core.domain import Message, Peer, PeerKind, Reply, ReplyMode, ReplyStatus
+from doppelbot.core.errors import (
     DoppelbotError,
     FloodWaitError,
     FloodWaitTooLongError,
     GenerationError,
     describe,
 )
-from doppelbot.ports import ReplyGenerator
+from doppelbot.core.ports import ReplyGenerator
 from doppelbot.responder import delivery
 from doppelbot.responder.compose import ReplyComposer
 from doppelbot.responder.context import (

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from doppelbot.domain import Message
+from doppelbot.core.domain import Message
 
 
 class ChatTransport(Protocol):

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, TypeVar
 
-from doppelbot.domain import ReplyMode
-from doppelbot.errors import DoppelbotError
+from doppelbot.core.domain import ReplyMode
+from doppelbot.core.errors import DoppelbotError
 
 HELP_TEXT = """doppelbot commands (type them here, in Saved Messages):
 /pause — stop answering everywhere (survives restarts)

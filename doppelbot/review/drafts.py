@@ -16,8 +16,8 @@ from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
 from doppelbot.config import Settings
-from doppelbot.domain import Reply, ReplyMode, ReplyStatus, Verdict
-from doppelbot.errors import DoppelbotError, describe
+from doppelbot.core.domain import Reply, ReplyMode, ReplyStatus, Verdict
+from doppelbot.core.errors import DoppelbotError, describe
 from doppelbot.responder.transport import Clock
 from doppelbot.review.cards import format_card
 from doppelbot.store import feedback, history, replies, transcripts

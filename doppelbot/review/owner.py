@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from doppelbot.config import Settings
-from doppelbot.domain import (
+from doppelbot.core.domain import (
     Message,
     Peer,
     PeerKind,

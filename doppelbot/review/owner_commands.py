@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from doppelbot.config import Settings
-from doppelbot.domain import ReplyMode, ReplyStatus
+from doppelbot.core.domain import ReplyMode, ReplyStatus
 from doppelbot.responder.transport import Clock
 from doppelbot.review.commands import HELP_TEXT, Command, CommandError, CommandName, CommandTable
 from doppelbot.store import bot_state, history, replies

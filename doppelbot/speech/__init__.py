@@ -1,7 +1,7 @@
 """Local speech-to-text for voice and round-video notes: faster-whisper (CTranslate2) in a
 worker thread of its own, audio decoded in-process with PyAV. Nothing leaves the machine.
 
-The rest of doppelbot sees only ``doppelbot.ports.Transcriber`` and ``Transcript``; this
+The rest of doppelbot sees only ``doppelbot.core.ports.Transcriber`` and ``Transcript``; this
 package is the one place (besides the model, training and knowledge modules) that imports
 ``faster_whisper``, ``ctranslate2`` or ``av``, and it does so inside functions, so importing it
 stays cheap.

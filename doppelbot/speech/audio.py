@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from doppelbot.errors import AudioDecodeError, AudioTooLongError
+from doppelbot.core.errors import AudioDecodeError, AudioTooLongError
 
 SAMPLE_RATE = 16_000
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from doppelbot.config import VoiceSettings
-from doppelbot.ports import Transcript
+from doppelbot.core.ports import Transcript
 from doppelbot.speech.audio import SAMPLE_RATE, decode_audio
 from doppelbot.speech.model import decode_kwargs
 

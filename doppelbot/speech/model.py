@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from doppelbot.config import VoiceSettings
-from doppelbot.errors import SpeechModelError
+from doppelbot.core.errors import SpeechModelError
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
@@ -99,7 +99,7 @@ def load_whisper(spec: WhisperSpec) -> Any:
         raise SpeechModelError(f"speech model folder not found: {path}")
     if not local and spec.data_dir is not None:
         # The bot starts offline: a size name or hub id loads the downloaded copy.
-        from doppelbot.errors import ModelMissingError
+        from doppelbot.core.errors import ModelMissingError
         from doppelbot.model.local import model_source, speech_repo
 
         try:

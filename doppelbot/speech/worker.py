@@ -15,7 +15,7 @@ loop, and it gets a thread of its own so it never waits behind (or holds up) a r
 - a failing note becomes a ``TranscriptionError`` for its caller and the worker keeps serving;
   decoding (PyAV) runs in the thread too.
 
-It implements ``doppelbot.ports.Transcriber``; tests give it a loader of a tiny model.
+It implements ``doppelbot.core.ports.Transcriber``; tests give it a loader of a tiny model.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppelbot.errors import (
+from doppelbot.core.errors import (
     DoppelbotError,
     SpeechModelError,
     TranscriberClosedError,
     TranscriptionError,
     TranscriptionTimeoutError,
 )
-from doppelbot.ports import Transcript
+from doppelbot.core.ports import Transcript
 from doppelbot.speech.model import WhisperSpec
 from doppelbot.workers import Cancelled, Job, ThreadWorker
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from doppelbot.config import GenerationOptions
-from doppelbot.domain import Sample
-from doppelbot.errors import GenerationError
-from doppelbot.ports import ReplyGenerator
+from doppelbot.core.domain import Sample
+from doppelbot.core.errors import GenerationError
+from doppelbot.core.ports import ReplyGenerator
 from doppelbot.ssa.labels import (
     LABEL_HELP,
     Candidate,

@@ -14,8 +14,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from doppelbot.domain import Candidate, SsaLabel
-from doppelbot.errors import DoppelbotError
+from doppelbot.core.domain import Candidate, SsaLabel
+from doppelbot.core.errors import DoppelbotError
 
 Z95 = 1.959963984540054
 

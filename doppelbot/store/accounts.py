@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from doppelbot.domain import Account
-from doppelbot.errors import AccountError
+from doppelbot.core.domain import Account
+from doppelbot.core.errors import AccountError
 from doppelbot.store.database import DEFAULT_ACCOUNT_ID, Database, now
 from doppelbot.store.table import Table
 

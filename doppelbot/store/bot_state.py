@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from doppelbot.domain import ReplyMode
+from doppelbot.core.domain import ReplyMode
 from doppelbot.store.database import Database, now
 from doppelbot.store.table import Table
 

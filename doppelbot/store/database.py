@@ -40,7 +40,7 @@ from typing import Any
 
 import aiosqlite
 
-from doppelbot.errors import MigrationError, StoreError
+from doppelbot.core.errors import MigrationError, StoreError
 from doppelbot.files import private_dir, private_file
 
 _MIGRATION_RE = re.compile(r"^(\d{4})_([A-Za-z0-9_]+)\.sql$")

@@ -17,7 +17,7 @@ from operator import itemgetter, le
 from pathlib import Path
 from typing import NamedTuple
 
-from doppelbot.domain import (
+from doppelbot.core.domain import (
     KIND_FORWARDED,
     KIND_MEDIA,
     KIND_SERVICE,
@@ -28,7 +28,7 @@ from doppelbot.domain import (
     Row,
     voice_message_text,
 )
-from doppelbot.errors import StoreError
+from doppelbot.core.errors import StoreError
 from doppelbot.store.database import DEFAULT_ACCOUNT_ID
 from doppelbot.store.history import PEERS, row_peer
 

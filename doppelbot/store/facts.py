@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppelbot.domain import Fact
-from doppelbot.errors import ImportFormatError, KnowledgeError
+from doppelbot.core.domain import Fact
+from doppelbot.core.errors import ImportFormatError, KnowledgeError
 from doppelbot.store.database import Database, now
 from doppelbot.store.table import Table
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from doppelbot.domain import Reaction, ReviewVerdict, Verdict
+from doppelbot.core.domain import Reaction, ReviewVerdict, Verdict
 from doppelbot.store.database import Database, Tx, now
 from doppelbot.store.table import Table
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
-from doppelbot.domain import MediaKind, Message, Peer, PeerKind
+from doppelbot.core.domain import MediaKind, Message, Peer, PeerKind
 from doppelbot.store.database import Database, Tx, now
 from doppelbot.store.table import Table
 

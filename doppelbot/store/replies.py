@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from doppelbot.domain import Reply, ReplyMode, ReplyStatus
+from doppelbot.core.domain import Reply, ReplyMode, ReplyStatus
 from doppelbot.store.database import Database, Tx
 from doppelbot.store.table import Table
 

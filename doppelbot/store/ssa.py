@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from doppelbot.domain import Candidate, SsaLabel
+from doppelbot.core.domain import Candidate, SsaLabel
 from doppelbot.store.database import Database, now
 from doppelbot.store.table import Table
 

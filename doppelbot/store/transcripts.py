@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from doppelbot.config import VoiceSettings, default_of
-from doppelbot.domain import (
+from doppelbot.core.domain import (
     VOICE_KINDS,
     MediaKind,
     Message,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from doppelbot.domain import Message, Peer
-from doppelbot.errors import describe
+from doppelbot.core.domain import Message, Peer
+from doppelbot.core.errors import describe
 from doppelbot.store import history
 from doppelbot.store.database import Database
 

@@ -22,8 +22,8 @@ from telethon import TelegramClient
 from telethon import errors as tg_errors
 from telethon.tl import types
 
-from doppelbot.domain import Message, Peer
-from doppelbot.errors import describe
+from doppelbot.core.domain import Message, Peer
+from doppelbot.core.errors import describe
 from doppelbot.responder.service import CatchUpCandidate
 from doppelbot.store import history
 from doppelbot.store.database import Database

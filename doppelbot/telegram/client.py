@@ -22,8 +22,8 @@ from telethon.sessions import SQLiteSession, StringSession
 
 from doppelbot import __version__
 from doppelbot.config import Settings
-from doppelbot.domain import Account
-from doppelbot.errors import ConfigError, DoppelbotError, NotLoggedInError, StoreError
+from doppelbot.core.domain import Account
+from doppelbot.core.errors import ConfigError, DoppelbotError, NotLoggedInError, StoreError
 from doppelbot.files import private_dir, private_file
 from doppelbot.instance import InstanceLock
 from doppelbot.telegram.errors import session_errors, telegram_errors

@@ -15,7 +15,7 @@ from telethon import errors as tg_errors
 from telethon.errors import common as tg_common
 from telethon.errors import rpcerrorlist
 
-from doppelbot.errors import (
+from doppelbot.core.errors import (
     DoppelbotError,
     FloodWaitTooLongError,
     NotLoggedInError,

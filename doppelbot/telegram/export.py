@@ -35,7 +35,7 @@ from typing import Any
 from telethon import TelegramClient
 from telethon import errors as tg_errors
 
-from doppelbot.errors import DoppelbotError
+from doppelbot.core.errors import DoppelbotError
 from doppelbot.store import accounts, history
 from doppelbot.store.database import Database
 from doppelbot.telegram.errors import TRANSLATED, translate

@@ -15,7 +15,7 @@ from typing import Any
 from telethon import TelegramClient, utils
 from telethon.tl import types
 
-from doppelbot.domain import Peer, PeerKind
+from doppelbot.core.domain import Peer, PeerKind
 from doppelbot.store import history
 from doppelbot.store.database import Database
 from doppelbot.telegram.export_types import ExportOptions

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from doppelbot.config import SECTION_CONFIG, ExportSettings, Settings, extend
-from doppelbot.domain import PeerKind
+from doppelbot.core.domain import PeerKind
 
 
 @pydantic_dataclass(frozen=True, config=SECTION_CONFIG)

@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from doppelbot.domain import Peer
+from doppelbot.core.domain import Peer
 from doppelbot.store import history
 from doppelbot.store.database import Database, now
 from doppelbot.telegram.export_cursor import Walk, covering

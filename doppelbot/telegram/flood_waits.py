@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 from telethon import TelegramClient
 from telethon import errors as tg_errors
 
-from doppelbot.errors import FloodWaitTooLongError
+from doppelbot.core.errors import FloodWaitTooLongError
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[Any]]

@@ -24,9 +24,9 @@ from telethon import utils as tg_utils
 from telethon.tl import functions, types
 
 from doppelbot.config import Settings
-from doppelbot.domain import Message, Peer, PeerKind, Reaction
-from doppelbot.errors import FloodWaitError, describe
-from doppelbot.ports import Transcriber
+from doppelbot.core.domain import Message, Peer, PeerKind, Reaction
+from doppelbot.core.errors import FloodWaitError, describe
+from doppelbot.core.ports import Transcriber
 from doppelbot.responder.service import Responder
 from doppelbot.responder.transport import Clock
 from doppelbot.store.database import Database

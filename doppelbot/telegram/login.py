@@ -19,8 +19,8 @@ from telethon import TelegramClient
 from telethon import errors as tg_errors
 
 from doppelbot.config import Settings
-from doppelbot.domain import Account
-from doppelbot.errors import TelegramError
+from doppelbot.core.domain import Account
+from doppelbot.core.errors import TelegramError
 from doppelbot.instance import InstanceLock
 from doppelbot.telegram import client as client_mod
 from doppelbot.telegram.errors import TRANSLATED, session_errors, telegram_errors, translate

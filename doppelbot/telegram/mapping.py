@@ -1,4 +1,4 @@
-"""Pure functions from Telethon objects to ``doppelbot.domain`` dataclasses.
+"""Pure functions from Telethon objects to ``doppelbot.core.domain`` dataclasses.
 
 The core never sees a Telethon type: the exporter, the live bot and the tests all go through
 these functions, so "what a sticker is" or "who sent an outgoing private message" is decided in
@@ -14,7 +14,7 @@ from typing import Any
 from telethon import utils
 from telethon.tl import types
 
-from doppelbot.domain import Account, MediaKind, Message, Peer, PeerKind
+from doppelbot.core.domain import Account, MediaKind, Message, Peer, PeerKind
 from doppelbot.store.history import MESSAGES, row_message
 
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")

@@ -28,15 +28,15 @@ from telethon import errors as tg_errors
 from telethon.tl import types
 
 from doppelbot.config import ExportSettings, VoiceSettings, default_of
-from doppelbot.domain import VOICE_KINDS, TranscriptStatus, VoiceNote
-from doppelbot.errors import (
+from doppelbot.core.domain import VOICE_KINDS, TranscriptStatus, VoiceNote
+from doppelbot.core.errors import (
     DoppelbotError,
     FloodWaitTooLongError,
     NoteTooLargeError,
     NoteUnavailableError,
     SpeechError,
 )
-from doppelbot.ports import Transcriber
+from doppelbot.core.ports import Transcriber
 from doppelbot.store import transcripts
 from doppelbot.store.database import Database
 from doppelbot.telegram.errors import translate

@@ -27,7 +27,7 @@ from telethon import errors as tg_errors
 from telethon.tl import functions
 
 from doppelbot.config import DaemonSettings
-from doppelbot.errors import NotLoggedInError, TelegramOutageError, describe
+from doppelbot.core.errors import NotLoggedInError, TelegramOutageError, describe
 from doppelbot.health import Health, State
 from doppelbot.responder.transport import Clock
 from doppelbot.telegram.errors import translate

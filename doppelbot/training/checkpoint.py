@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from doppelbot.errors import TrainingError
+from doppelbot.core.errors import TrainingError
 
 log = logging.getLogger(__name__)
 

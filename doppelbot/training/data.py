@@ -22,10 +22,10 @@ from doppelbot.dataset.jsonl import (
     read_samples,
     resolve_dataset_dir,
 )
-from doppelbot.domain import Role, Turn
-from doppelbot.errors import DatasetError, EmptyReplyError, TrainingError
+from doppelbot.core.domain import Role, Turn
+from doppelbot.core.errors import DatasetError, EmptyReplyError, TrainingError
 from doppelbot.feedback.export import NEGATIVE_KINDS
-from doppelbot.prompt import PromptFormat, decode_reply
+from doppelbot.core.prompt import PromptFormat, decode_reply
 
 FEEDBACK_SOURCE = "feedback"
 DATASET_SOURCE = "dataset"

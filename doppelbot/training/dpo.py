@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from doppelbot.dataset.jsonl import iter_json_objects
-from doppelbot.errors import TrainingError
-from doppelbot.prompt import build_target
+from doppelbot.core.errors import TrainingError
+from doppelbot.core.prompt import build_target
 from doppelbot.training.data import TrainRow, hash_strings
 from doppelbot.training.seq2seq import EncodeStats, encode_rows
 from doppelbot.training.types import IGNORE_INDEX, Example

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from doppelbot.errors import TrainingError
+from doppelbot.core.errors import TrainingError
 from doppelbot.training.registry import META_FILE, heldout_key, next_adapter_name, write_meta
 from doppelbot.training.types import PreparedData, TrainOptions
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from doppelbot.errors import ModelLoadError, TrainingError
+from doppelbot.core.errors import ModelLoadError, TrainingError
 from doppelbot.model.loader import check_untied
 from doppelbot.model.loader import resolve_device as serving_rule
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from doppelbot.errors import PreflightError
+from doppelbot.core.errors import PreflightError
 
 GIB = 1024**3
 CPU_OVERHEAD = int(0.7 * GIB)  # python, torch, tokenizer, the data

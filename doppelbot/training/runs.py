@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from doppelbot.dataset.jsonl import atomic_write_text, write_json
-from doppelbot.errors import TrainingError
+from doppelbot.core.errors import TrainingError
 from doppelbot.training.registry import read_json
 from doppelbot.training.types import TrainOptions
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from doppelbot.config import ModelSettings, extend
 from doppelbot.dataset.jsonl import write_json
-from doppelbot.errors import TrainingError
+from doppelbot.core.errors import TrainingError
 from doppelbot.model.loader import serving_adapter
 from doppelbot.model.local import model_source
 from doppelbot.store.adapters import AdapterChoice, current_choice, upsert_run

@@ -37,7 +37,7 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
-from doppelbot.errors import TrainingError, TrainingInterruptedError
+from doppelbot.core.errors import TrainingError, TrainingInterruptedError
 from doppelbot.training import checkpoint as ckpt
 from doppelbot.training.data import hash_strings
 from doppelbot.training.evaluate import Scorer

@@ -19,7 +19,7 @@ from doppelbot.config import SECTION_CONFIG, ModelSettings, PromptSettings, Trai
 from doppelbot.training.data import DatasetSplits, TrainRow
 
 if TYPE_CHECKING:
-    from doppelbot.prompt import PromptFormat
+    from doppelbot.core.prompt import PromptFormat
 
 IGNORE_INDEX = -100  # label positions the loss skips (padding)
 

@@ -14,7 +14,7 @@ checkpoints, resume, logging, the adapter export — is the same for every metho
 
 from __future__ import annotations
 
-from doppelbot.errors import TrainingError
+from doppelbot.core.errors import TrainingError
 from doppelbot.training.methods.dpo import DpoMethod
 from doppelbot.training.methods.feedback import FeedbackMethod
 from doppelbot.training.methods.sft import SftMethod

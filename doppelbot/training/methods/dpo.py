@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from doppelbot.errors import TrainingError
+from doppelbot.core.errors import TrainingError
 from doppelbot.training.data import file_sha256, hash_strings, load_dataset
 from doppelbot.training.dpo import (
     PreferenceExample,

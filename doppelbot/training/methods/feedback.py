@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from doppelbot.errors import TrainingError
+from doppelbot.core.errors import TrainingError
 from doppelbot.training.data import DatasetSplits, TrainRow
 from doppelbot.training.methods.sft import SftMethod
 from doppelbot.training.types import MethodContext

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from doppelbot.errors import TrainingError
+from doppelbot.core.errors import TrainingError
 from doppelbot.training.data import (
     DatasetSplits,
     TrainRow,

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from doppelbot.domain import Role, Turn
-from doppelbot.errors import EmptyReplyError
+from doppelbot.core.domain import Role, Turn
+from doppelbot.core.errors import EmptyReplyError
 
 SC1 = "<SC1>"
 SPAN = "<extra_id_0>"
