@@ -32,10 +32,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from doppelbot.config import Settings
+from doppelbot.core.errors import NotLoggedInError
+from doppelbot.core.ports import FactRetriever, ReplyGenerator, Transcriber
 from doppelbot.dataset.budget import CountTokens
 from doppelbot.feedback.capture import FeedbackCapture
 from doppelbot.health import Health, State
-from doppelbot.core.ports import FactRetriever, ReplyGenerator, Transcriber
+from doppelbot.model.local import model_source
 from doppelbot.responder.compose import ReplyComposer
 from doppelbot.responder.conversation import Conversation
 from doppelbot.responder.loopmon import LoopLagMonitor
@@ -43,6 +45,8 @@ from doppelbot.responder.service import Responder
 from doppelbot.review.drafts import DraftDesk
 from doppelbot.review.owner import OwnerNotes
 from doppelbot.review.owner_commands import OWNER_COMMANDS
+from doppelbot.speech import TranscriptionWorker
+from doppelbot.speech.model import whisper_spec
 from doppelbot.store import accounts as own_accounts
 from doppelbot.store import bot_state, history
 from doppelbot.store.database import Database
@@ -334,7 +338,6 @@ async def serve(
     the own account to answer as (None: the default one). Tests pass a fake-Telegram
     ``client``, a small ``generator`` and their own ``stop``."""
     from doppelbot.accounts import login_hint, settings_for
-    from doppelbot.core.errors import NotLoggedInError
     from doppelbot.instance import InstanceLock
 
     settings = settings_for(settings, account)
@@ -346,8 +349,6 @@ async def serve(
         raise NotLoggedInError(f"not logged in to Telegram: run {login_hint(account)} first")
     with InstanceLock(settings.lock_path):
         if generator is None:
-            from doppelbot.model.local import model_source
-
             # Without the model files, say so before anything else (one line, at once).
             model_source(settings.model.base, settings.store.data_dir)
         stop = stop or asyncio.Event()
@@ -391,9 +392,6 @@ async def _serve(
         db = await stack.enter_async_context(account_scope(db, settings, account, "session"))
         speech: Any = None
         if settings.voice.transcription:
-            from doppelbot.speech import TranscriptionWorker
-            from doppelbot.speech.model import whisper_spec
-
             speech = TranscriptionWorker(whisper_spec(settings))  # loads on the first note
             stack.push_async_callback(speech.aclose)
         worker: Any = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -29,8 +30,10 @@ from datetime import time, tzinfo
 from functools import cache, cached_property
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import platformdirs
+from dotenv import dotenv_values
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -79,8 +82,6 @@ def _split_csv(value: object) -> object:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            import json
-
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
@@ -136,8 +137,6 @@ def _quiet_hours(value: str) -> str:
 
 def _time_zone(value: str) -> str:
     if value.strip():
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
         try:
             ZoneInfo(value.strip())
         except (ZoneInfoNotFoundError, ValueError):
@@ -709,7 +708,6 @@ class ResponderSettings:
         """The zone of quiet hours (None: the system's local time)."""
         if not self.timezone:
             return None
-        from zoneinfo import ZoneInfo
 
         return ZoneInfo(self.timezone)
 
@@ -1000,8 +998,6 @@ def unknown_settings(
     found += [(key, "environment") for key in env_vars if key.upper().startswith(ENV_PREFIX)]
     lines: list[str] = []
     if env_file is not None and Path(env_file).is_file():
-        from dotenv import dotenv_values
-
         for key in dotenv_values(env_file):
             upper = key.upper()
             if upper.startswith(ENV_PREFIX):

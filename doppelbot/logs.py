@@ -18,6 +18,11 @@ import sys
 import warnings
 from typing import TYPE_CHECKING
 
+from rich.logging import RichHandler
+
+from doppelbot.config import set_library_environment
+from doppelbot.model.quiet import silence_loaded_libraries
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -72,14 +77,12 @@ def quiet_libraries(*, debug: bool = False) -> None:
     """Third-party warnings, INFO logs and progress bars off (unless ``debug``)."""
     if debug:
         return
-    from doppelbot.config import set_library_environment
 
     set_library_environment(_QUIET_ENV)
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     if {"transformers", "huggingface_hub"} & set(sys.modules):
         # Already imported (a long-lived process, tests): the environment came too late.
-        from doppelbot.model.quiet import silence_loaded_libraries
 
         silence_loaded_libraries()
     warnings.filterwarnings("ignore")
@@ -89,7 +92,6 @@ def quiet_libraries(*, debug: bool = False) -> None:
 def setup_logging(
     settings: Settings, *, debug: bool = False, console: Console | None = None
 ) -> None:
-    from rich.logging import RichHandler
 
     global _show_texts
     level = logging.DEBUG if debug else getattr(logging, settings.log.level)

@@ -126,8 +126,8 @@ def build_model(folder: Path, size: str, config_path: Path | None) -> int:
 
 def write_dataset(datasets_dir: Path, n: int) -> None:
     from doppelbot.config import PromptSettings
-    from doppelbot.dataset.jsonl import set_latest, write_samples
     from doppelbot.core.domain import Role, Sample, Turn
+    from doppelbot.dataset.jsonl import set_latest, write_samples
 
     rng = random.Random(0)
     prompt = PromptSettings().format

@@ -270,8 +270,8 @@ class TrainWorld:
 def check_train(world: TrainWorld, device: str, precision: str) -> dict[str, Any]:
     from doppelbot.config import GenerationOptions, ModelSettings
     from doppelbot.core.errors import EmptyReplyError
-    from doppelbot.model.loader import ModelSpec, load_reply_model
     from doppelbot.core.prompt import decode_reply
+    from doppelbot.model.loader import ModelSpec, load_reply_model
     from doppelbot.training.data import load_dataset
     from doppelbot.training.evaluate import EvalOptions, evaluate_adapters
     from doppelbot.training.runs import RUN_FILE

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from doppelbot.core.domain import MediaKind, Message
 from doppelbot.dataset.builder import ChatSource, DatasetResult
 from doppelbot.dataset.rules import rule_row
 from doppelbot.dataset.stats import summarize
-from doppelbot.core.domain import MediaKind, Message
 
 T0 = 1_700_000_000
 

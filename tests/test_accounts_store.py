@@ -12,6 +12,7 @@ table it names. A new store function must join the script (``test_every_function
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import sqlite3
@@ -305,6 +306,14 @@ async def _script(db: Database, batch: int, called: set[str]) -> list[tuple[str,
     return results
 
 
+def _when_aside(found: Any) -> Any:
+    """An own account without the time it was added: the default one is added by the
+    migration, at the wall-clock time of each database's creation."""
+    if isinstance(found, accounts.OwnAccount):
+        return dataclasses.replace(found, created_at=0)
+    return found
+
+
 def _rows(path: Path, account_id: int) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of one account, table by table (reply ids aside: they are global)."""
     out: dict[str, list[tuple[Any, ...]]] = {}
@@ -409,7 +418,7 @@ async def test_one_accounts_functions_never_see_or_touch_the_other(
         beside = await _script(both.for_account(mine), batch_both, called)
         assert [name for name, _ in beside] == [name for name, _ in alone]
         for (name, a), (_, b) in zip(alone, beside, strict=True):
-            assert a == b, name
+            assert _when_aside(a) == _when_aside(b), name
         assert _rows(both.path, mine) == _rows(solo.path, mine)
         assert _rows(both.path, other) == others_before
         await both.conn.set_trace_callback(None)

@@ -327,3 +327,113 @@ def test_nothing_is_rewired_after_construction() -> None:
                 ):
                     offenders.append(f"{path.relative_to(PKG)}:{node.lineno}: .{target.attr}")
     assert offenders == []
+
+
+# --- lazy imports: a function imports late only what is heavy to load ------------------------
+#: What a function may import when it needs it: libraries that take seconds or gigabytes to
+#: load (or exist on one platform only) and that most commands never touch.
+LAZY = ML | {"telethon", "huggingface_hub", "numpy", "matplotlib", "fcntl"}
+
+
+def _libraries_at_import(path: Path) -> set[str]:
+    """The top-level names of the libraries a module imports when it is imported."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in _import_nodes(tree.body, in_functions=False):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _heavy_modules() -> set[str]:
+    """The doppelbot modules whose import loads a ``LAZY`` library, directly or through the
+    doppelbot modules they import."""
+    paths = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+    graph = _import_graph(in_functions=False)
+    direct = {name for name, path in paths.items() if _libraries_at_import(path) & LAZY}
+    heavy: set[str] = set()
+    for name in paths:
+        seen, todo = set(), [name]
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo += graph[module]
+        if seen & direct:
+            heavy.add(name)
+    return heavy
+
+
+def _late_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    return [
+        node
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+        for node in ast.walk(function)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+    ]
+
+
+def _needless_late_imports(tree: ast.AST, heavy: set[str], where: str) -> list[str]:
+    """Imports inside functions of anything but a ``LAZY`` library or a doppelbot module that
+    loads one: those belong at the top of the module, where a reader sees what it uses."""
+    found = set()
+    for node in _late_imports(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            base = node.module or ""
+            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+        if any(t.split(".")[0] in LAZY or t in heavy for t in targets):
+            continue
+        found.add(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    return sorted(found)
+
+
+def test_imports_inside_functions_are_only_for_heavy_libraries() -> None:
+    heavy = _heavy_modules()
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        offenders += _needless_late_imports(tree, heavy, str(path.relative_to(PKG)))
+    assert offenders == []
+
+
+def test_the_late_import_check_finds_a_needless_one() -> None:
+    heavy = _heavy_modules()
+    assert "doppelbot.training.service" in heavy and "doppelbot.core.errors" not in heavy
+    tree = ast.parse(
+        "def f():\n"
+        "    import torch\n"
+        "    from doppelbot.training.service import train\n"
+        "    from doppelbot.core.errors import ConfigError\n"
+        "    import json\n"
+    )
+    found = _needless_late_imports(tree, heavy, "m.py")
+    assert found == [
+        "m.py:4: from doppelbot.core.errors import ConfigError",
+        "m.py:5: import json",
+    ]
+
+
+def test_the_core_needs_nothing_but_the_standard_library() -> None:
+    """``doppelbot/core`` is what every layer may use: it depends on no other doppelbot package
+    but the settings' option types, and on no third-party library."""
+    offenders = []
+    for path in sorted((PKG / "core").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                internal = name.startswith("doppelbot.core") or name == "doppelbot.config"
+                if not (internal or (top in sys.stdlib_module_names and top != "doppelbot")):
+                    offenders.append(f"core/{path.name}:{node.lineno}: {name}")
+    assert offenders == []

@@ -131,8 +131,8 @@ def _assert_one_line(out: str, err: str, code: int, case: Case, elapsed: float) 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
     """A data dir with a dataset (so `eval`/`model check`/`train` get as far as the model)."""
-    from doppelbot.dataset import jsonl
     from doppelbot.core.domain import Role, Sample, Turn
+    from doppelbot.dataset import jsonl
 
     root = tmp_path_factory.mktemp("errors")
     data = root / "data"

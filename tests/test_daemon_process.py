@@ -80,8 +80,10 @@ async def test_messages_sent_while_the_bot_is_down_are_caught_up(
         await d.until(lambda: len(d.sent_to(alice)) >= 2 and d.sent_to(bob), 60, bot)
         await d.until(
             # both of Alice's replies settled, not just sent (the status follows the send)
-            lambda: _replies(d, alice.id) == [("sent", None)] * 2
-            and _replies(d, bob.id) == [("sent", None)],
+            lambda: (
+                _replies(d, alice.id) == [("sent", None)] * 2
+                and _replies(d, bob.id) == [("sent", None)]
+            ),
             30,
             bot,
         )

@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 
 from doppelbot.config import PromptSettings
+from doppelbot.core.domain import Role, Sample, Turn
 from doppelbot.dataset.builder import build_dataset
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.quality import cap_unsatisfiable, contact_cap, evenly_spaced
 from doppelbot.dataset.sessions import build_live_context
 from doppelbot.dataset.split import split_by_time, validation_count
-from doppelbot.core.domain import Role, Sample, Turn
 from tests.dataset_helpers import T0, conv, source
 
 OPTS = DatasetOptions(validation_share=0.0, max_contact_share=1.0)

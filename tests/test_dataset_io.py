@@ -11,11 +11,11 @@ import pytest
 
 from doppelbot.cli import main
 from doppelbot.config import ModelSettings, default_of
+from doppelbot.core.domain import Account, MediaKind, Message, Peer, PeerKind, Role, Sample, Turn
+from doppelbot.core.errors import DatasetError, StoreError
 from doppelbot.dataset import jsonl
 from doppelbot.dataset.from_store import build_from_db
 from doppelbot.dataset.options import DatasetOptions
-from doppelbot.core.domain import Account, MediaKind, Message, Peer, PeerKind, Role, Sample, Turn
-from doppelbot.core.errors import DatasetError, StoreError
 from doppelbot.store.accounts import claim
 from doppelbot.store.database import Database
 from doppelbot.store.history import upsert_messages, upsert_peers

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
+from doppelbot.core.domain import MediaKind, Message, Peer, PeerKind, Role, Turn
+from doppelbot.core.prompt import PromptFormat
 from doppelbot.dataset import from_store
 from doppelbot.dataset.builder import DatasetResult
 from doppelbot.dataset.from_store import build_from_db
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.render import prompt_frame
-from doppelbot.core.domain import MediaKind, Message, Peer, PeerKind, Role, Turn
-from doppelbot.core.prompt import PromptFormat
 from doppelbot.store.database import Database
 from doppelbot.store.history import upsert_messages, upsert_peers
 from tests.dataset_helpers import assert_stats_describe_the_samples

@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from doppelbot.config import PromptSettings
+from doppelbot.core.domain import MediaKind, Message, Role, Turn
 from doppelbot.dataset.builder import build_dataset
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.render import MemoPromptFormat
-from doppelbot.core.domain import MediaKind, Message, Role, Turn
 from tests.dataset_helpers import T0, assert_stats_describe_the_samples, source
 
 H = 3600

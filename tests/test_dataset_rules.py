@@ -8,17 +8,6 @@ from pathlib import Path
 import pytest
 
 from doppelbot.config import DatasetSettings, load_settings
-from doppelbot.dataset import rules
-from doppelbot.dataset.options import DatasetOptions, dataset_options
-from doppelbot.dataset.rules import (
-    chat_skip_reason,
-    letter_share,
-    make_cleaner,
-    make_scrubber,
-    new_counters,
-    rule_row,
-    truncate_text,
-)
 from doppelbot.core.domain import (
     KIND_FORWARDED,
     KIND_MEDIA,
@@ -32,6 +21,17 @@ from doppelbot.core.domain import (
     PeerKind,
 )
 from doppelbot.core.errors import DatasetError
+from doppelbot.dataset import rules
+from doppelbot.dataset.options import DatasetOptions, dataset_options
+from doppelbot.dataset.rules import (
+    chat_skip_reason,
+    letter_share,
+    make_cleaner,
+    make_scrubber,
+    new_counters,
+    rule_row,
+    truncate_text,
+)
 
 OPTS = DatasetOptions()
 

@@ -20,10 +20,10 @@ from doppelbot.cli import main
 from doppelbot.config import PromptSettings, Settings, load_settings
 from doppelbot.core.domain import Role, Turn
 from doppelbot.core.errors import KnowledgeError
-from doppelbot.knowledge import Embedder, KnowledgeBase
-from doppelbot.knowledge.policy import apply_fact_fallback, decide_fallback, fact_wins
 from doppelbot.core.ports import FactRetriever, ScoredFact
 from doppelbot.core.prompt import FACTS_HEADER
+from doppelbot.knowledge import Embedder, KnowledgeBase
+from doppelbot.knowledge.policy import apply_fact_fallback, decide_fallback, fact_wins
 from doppelbot.store.database import Database
 from doppelbot.store.facts import add_fact, fact_hash, get_embeddings, put_embeddings, remove_fact
 

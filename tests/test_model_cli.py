@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from doppelbot.cli import app
 from doppelbot.config import PromptSettings
-from doppelbot.dataset.jsonl import write_samples
 from doppelbot.core.domain import Role, Sample, Turn
+from doppelbot.dataset.jsonl import write_samples
 from doppelbot.model.check import compare, load_pairs
 from tests.tiny_model import make_tiny_model_dir
 

@@ -15,10 +15,10 @@ import torch
 from doppelbot.config import GenerationOptions, ModelSettings, PromptSettings
 from doppelbot.core.domain import Role, Turn
 from doppelbot.core.errors import EmptyReplyError, ModelLoadError
+from doppelbot.core.prompt import decode_reply
 from doppelbot.model import loader
 from doppelbot.model.cache import adapter_fingerprint, cache_key
 from doppelbot.model.loader import ModelSpec, load_reply_model, select_runtime
-from doppelbot.core.prompt import decode_reply
 from tests.tiny_model import make_tiny_lora_dir, make_tiny_model_dir, make_tiny_t5
 
 FMT = PromptSettings(persona="Я Вася.").format

@@ -20,8 +20,8 @@ from doppelbot.core.errors import (
     ModelLoadError,
     WorkerClosedError,
 )
-from doppelbot.model.worker import ModelWorker, model_worker
 from doppelbot.core.ports import ModelIdentity, ReplyGenerator
+from doppelbot.model.worker import ModelWorker, model_worker
 from tests.tiny_model import make_tiny_model_dir
 
 OPTS = GenerationOptions(max_new_tokens=8)

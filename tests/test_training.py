@@ -339,8 +339,8 @@ def test_saved_adapter_loads_in_the_reply_runtime_and_changes_its_output(
     world: World, trained: TrainResult
 ) -> None:
     from doppelbot.config import GenerationOptions
-    from doppelbot.model.loader import ModelSpec, load_reply_model
     from doppelbot.core.prompt import decode_reply
+    from doppelbot.model.loader import ModelSpec, load_reply_model
 
     row = load_dataset(world.datasets_dir).validation[0]
     greedy = GenerationOptions(do_sample=False, max_new_tokens=6)

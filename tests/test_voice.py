@@ -14,9 +14,6 @@ import pytest
 
 from doppelbot.cli import main
 from doppelbot.config import VoiceSettings
-from doppelbot.dataset.from_store import build_from_db, make_chunk
-from doppelbot.dataset.options import DatasetOptions
-from doppelbot.dataset.rules import rule_row
 from doppelbot.core.domain import (
     KIND_MEDIA,
     KIND_TEXT,
@@ -34,6 +31,9 @@ from doppelbot.core.errors import (
     TranscriptionTimeoutError,
 )
 from doppelbot.core.ports import Transcript
+from doppelbot.dataset.from_store import build_from_db, make_chunk
+from doppelbot.dataset.options import DatasetOptions
+from doppelbot.dataset.rules import rule_row
 from doppelbot.store import history, transcripts
 from doppelbot.store.database import Database
 from doppelbot.voice import (

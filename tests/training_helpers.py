@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 
 from doppelbot.config import PromptSettings
-from doppelbot.dataset.jsonl import set_latest, write_samples
 from doppelbot.core.domain import Role, Sample, Turn
 from doppelbot.core.prompt import PromptFormat
+from doppelbot.dataset.jsonl import set_latest, write_samples
 
 PERSONA = "Я."
 RULES = {

@@ -8,10 +8,12 @@ Command modules import heavy libraries (torch, telethon) inside the command bodi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
+import click
 import typer
 
 from doppelbot import __version__
@@ -140,12 +142,8 @@ def _click_classes(name: str) -> tuple[type[BaseException], ...]:
     found: list[type[BaseException]] = []
     for exported in (typer.BadParameter, typer.Exit, typer.Abort):
         found += [c for c in exported.__mro__ if c.__name__ == name]
-    try:
-        import click
-
+    with contextlib.suppress(ImportError, AttributeError):
         found.append(getattr(click.exceptions, name))
-    except (ImportError, AttributeError):
-        pass
     return tuple(dict.fromkeys(found))
 
 

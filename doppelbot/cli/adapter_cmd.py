@@ -16,6 +16,9 @@ import typer
 from rich.table import Table
 
 from doppelbot.cli.common import open_db, run_async, state
+from doppelbot.store.adapters import choice_history
+from doppelbot.training.registry import current_adapter, list_adapters
+from doppelbot.training.registry import rollback as do_rollback
 
 if TYPE_CHECKING:
     from doppelbot.store.adapters import AdapterChoice
@@ -81,7 +84,6 @@ def use(
 def rollback(ctx: typer.Context) -> None:
     app_state = state(ctx)
     settings = app_state.settings
-    from doppelbot.training.registry import rollback as do_rollback
 
     async def go() -> AdapterChoice:
         async with open_db(settings) as db:
@@ -97,8 +99,6 @@ def rollback(ctx: typer.Context) -> None:
 def list_(ctx: typer.Context) -> None:
     app_state = state(ctx)
     settings = app_state.settings
-    from doppelbot.store.adapters import choice_history
-    from doppelbot.training.registry import current_adapter, list_adapters
 
     async def go() -> tuple[Path | None, list[AdapterChoice]]:
         async with open_db(settings) as db:

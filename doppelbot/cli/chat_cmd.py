@@ -7,12 +7,16 @@ the model worker thread). This module reads lines, handles ``/`` commands and pr
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
 
 from doppelbot.cli.common import run_async, state
 from doppelbot.cli.model_cmd import ADAPTER_HELP, load_progress, resolve_adapter_option
+from doppelbot.core.errors import GenerationError, PromptTooLongError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -95,13 +99,8 @@ async def _chat(
     use_facts: bool,
     show_prompt: bool,
 ) -> None:
-    import asyncio
-    from contextlib import AsyncExitStack
-
-    from rich.markup import escape
 
     from doppelbot.app import open_chat
-    from doppelbot.core.errors import GenerationError, PromptTooLongError
 
     async with AsyncExitStack() as stack:
         with load_progress(err_console) as progress:  # shown while the model loads

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+
+from doppelbot.config import load_settings, unknown_settings
+from doppelbot.core.errors import ConfigError
+from doppelbot.logs import setup_logging
+from doppelbot.store.database import Database
 
 if TYPE_CHECKING:
     from doppelbot.accounts import Need
@@ -89,12 +95,6 @@ class AppState:
     @property
     def base_settings(self) -> Settings:
         if self._settings is None:
-            from rich.markup import escape
-
-            from doppelbot.config import load_settings, unknown_settings
-            from doppelbot.core.errors import ConfigError
-            from doppelbot.logs import setup_logging
-
             if self.env_file_required and self.env_file is not None:
                 if not self.env_file.exists():
                     raise ConfigError(f"--env-file {self.env_file}: no such file")
@@ -156,7 +156,6 @@ async def open_db(
     """The database, scoped to ``account`` (None: the default account; ``need``: whether a
     missing account is an error or is added, see ``doppelbot.accounts.Need``)."""
     from doppelbot.accounts import account_scope
-    from doppelbot.store.database import Database
 
     db = await Database.open(settings.store.db_path)
     try:

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from doppelbot.cli.common import state
+from doppelbot.dataset.service import DatasetRequest, NoSamplesError, build_dataset_files
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -85,7 +87,6 @@ def dataset(
         help="Only this own account's chats (default: every account's; see `doppelbot accounts`).",
     ),
 ) -> None:
-    from doppelbot.dataset.service import DatasetRequest, NoSamplesError, build_dataset_files
 
     st = state(ctx)
     chosen = st.use_account(account)
@@ -129,7 +130,6 @@ def dataset(
 def _progress_bar(console: Console) -> Iterator[Callable[[str, int, int], None]]:
     """A ``progress(stage, done, total)`` callback drawing one bar per stage, shown from the
     first call on (the build, not the loading before it) and cleared at the end."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     bar = Progress(
         TextColumn("{task.description}"),

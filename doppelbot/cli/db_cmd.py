@@ -8,6 +8,8 @@ import typer
 from rich.table import Table
 
 from doppelbot.cli.common import run_async, state
+from doppelbot.config import setting_items
+from doppelbot.store.database import Database
 
 app = typer.Typer(no_args_is_help=True)
 config_app = typer.Typer(no_args_is_help=True)
@@ -18,7 +20,6 @@ def migrate(
     ctx: typer.Context,
     to: int | None = typer.Option(None, "--to", help="Stop at this migration number."),
 ) -> None:
-    from doppelbot.store.database import Database
 
     st = state(ctx)
 
@@ -41,7 +42,6 @@ def migrate(
 
 @app.command("status", help="Show applied and pending migrations.")
 def status(ctx: typer.Context) -> None:
-    from doppelbot.store.database import Database
 
     st = state(ctx)
 
@@ -72,7 +72,6 @@ def show(ctx: typer.Context) -> None:
     table = Table(title="Effective settings")
     table.add_column("variable")
     table.add_column("value")
-    from doppelbot.config import setting_items
 
     for setting, value in setting_items(settings):
         text = "" if value is None else str(list(value) if isinstance(value, tuple) else value)

@@ -24,7 +24,10 @@ from rich.table import Table
 
 from doppelbot.cli.common import RichBars, account_option, open_db, run_async, state
 from doppelbot.cli.voice_cmd import export_notes, print_report
+from doppelbot.core.domain import Account
 from doppelbot.core.errors import ExportIncompleteError
+from doppelbot.importers.desktop import ImportOptions, import_desktop_export
+from doppelbot.telegram.export_types import export_options
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
@@ -52,7 +55,6 @@ def login(
     name = st.use_account(account)
     settings = st.settings
     from doppelbot.accounts import register_login
-    from doppelbot.core.domain import Account
     from doppelbot.telegram.login import LoginPrompts, login_interactive
 
     err = st.err_console
@@ -243,7 +245,6 @@ def export(
     floor = _parse_date(since)
     from doppelbot.telegram.client import connected
     from doppelbot.telegram.export import export_history
-    from doppelbot.telegram.export_types import export_options
 
     options = export_options(
         settings,
@@ -333,7 +334,6 @@ def import_desktop(
     st = state(ctx)
     name = st.use_account(account)
     settings = st.settings
-    from doppelbot.importers.desktop import ImportOptions, import_desktop_export
 
     options = ImportOptions(
         include_groups=groups,

@@ -10,9 +10,12 @@ import datetime as dt
 from pathlib import Path
 
 import typer
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from rich.table import Table
 
 from doppelbot.cli.common import open_db, run_async, state
+from doppelbot.core.errors import KnowledgeError
+from doppelbot.store.facts import SOURCE_CLI, add_fact_ex, import_facts, list_facts, remove_fact
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -23,7 +26,6 @@ def _when(stamp: int) -> str:
 
 @app.command("add", help="Add one fact (adding the same text again changes nothing).")
 def add(ctx: typer.Context, text: str = typer.Argument(..., help="The fact.")) -> None:
-    from doppelbot.store.facts import SOURCE_CLI, add_fact_ex
 
     st = state(ctx)
 
@@ -40,7 +42,6 @@ def add(ctx: typer.Context, text: str = typer.Argument(..., help="The fact.")) -
 
 @app.command("list", help="List facts.")
 def list_(ctx: typer.Context) -> None:
-    from doppelbot.store.facts import list_facts
 
     st = state(ctx)
 
@@ -66,8 +67,6 @@ def list_(ctx: typer.Context) -> None:
 
 @app.command("remove", help="Remove a fact by id (its cached embeddings go too).")
 def remove(ctx: typer.Context, fact_id: int = typer.Argument(..., help="Fact id.")) -> None:
-    from doppelbot.core.errors import KnowledgeError
-    from doppelbot.store.facts import remove_fact
 
     st = state(ctx)
 
@@ -87,7 +86,6 @@ def remove(ctx: typer.Context, fact_id: int = typer.Argument(..., help="Fact id.
     "paragraph or list item). All or nothing; facts already known are skipped.",
 )
 def import_(ctx: typer.Context, path: Path = typer.Argument(..., help="File to import.")) -> None:
-    from doppelbot.store.facts import import_facts
 
     st = state(ctx)
 
@@ -115,7 +113,6 @@ def search(
         help="Hide facts scoring below this cosine (default: show all).",
     ),
 ) -> None:
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 
     from doppelbot.knowledge import KnowledgeBase
 

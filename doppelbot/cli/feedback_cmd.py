@@ -10,13 +10,14 @@ import typer
 from rich.table import Table
 
 from doppelbot.cli.common import open_db, run_async, state
+from doppelbot.dataset.jsonl import write_jsonl
+from doppelbot.feedback.export import build_feedback
+from doppelbot.store.feedback import feedback_replies
 
 app = typer.Typer(no_args_is_help=True)
 
 
 async def _collect(ctx: typer.Context):  # type: ignore[no-untyped-def]
-    from doppelbot.feedback.export import build_feedback
-    from doppelbot.store.feedback import feedback_replies
 
     settings = state(ctx).settings
     async with open_db(settings) as db:
@@ -39,7 +40,6 @@ def export(
     result = run_async(_collect(ctx))
     folder = out or st.settings.store.data_dir / "feedback" / time.strftime("%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
-    from doppelbot.dataset.jsonl import write_jsonl
 
     write_jsonl(folder / "positives.jsonl", result.positives)
     write_jsonl(folder / "pairs.jsonl", result.pairs)

@@ -15,8 +15,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
 
 from doppelbot.cli.common import run_async, state
+from doppelbot.core.errors import DatasetError, ModelDownloadError, ModelError
+from doppelbot.dataset.jsonl import TRAIN_FILE, VALIDATION_FILE, resolve_dataset_dir
+from doppelbot.model.download import download_model, fetch_info, human_size
+from doppelbot.model.local import SETTING, WHAT, is_hub_id, models_dir, read_manifest, speech_repo
+from doppelbot.training.registry import resolve_adapter
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -35,7 +52,6 @@ ADAPTER_HELP = (
 def load_progress(console: Console) -> Iterator[Any]:
     """A Rich progress bar fed by the loader's ``(stage, done, total)`` callbacks, which arrive
     from the model thread (Rich's progress is thread-safe)."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     with Progress(
         TextColumn("{task.description}"),
@@ -59,14 +75,11 @@ def resolve_adapter_option(settings: Settings, spec: str | None) -> Path | str |
     """``--adapter`` → a folder, None (``base``) or ``"serving"`` (not given)."""
     if spec is None:
         return "serving"
-    from doppelbot.training.registry import resolve_adapter
 
     return resolve_adapter(settings.store.adapters_dir, spec)
 
 
 def _dataset_file(settings: Settings, dataset: Path | None) -> Path:
-    from doppelbot.dataset.jsonl import TRAIN_FILE, VALIDATION_FILE, resolve_dataset_dir
-    from doppelbot.core.errors import DatasetError
 
     if dataset is not None and dataset.is_file():
         return dataset
@@ -92,7 +105,6 @@ def check(
 ) -> None:
     app_state = state(ctx)
     settings = app_state.settings
-    from doppelbot.core.errors import ModelError
 
     if settings.model.precision == "fp32":
         raise ModelError("DOPPELBOT_PRECISION is fp32: there is no quantisation to check")
@@ -113,7 +125,6 @@ def check(
     if as_json:
         console.print_json(json.dumps({"dataset": str(path), **report.as_dict()}))
         return
-    from rich.table import Table
 
     table = Table(title=f"{report.candidate} vs {report.reference} on {path}", show_header=False)
     table.add_row("adapter", str(spec.adapter or "none (base model)"))
@@ -161,7 +172,6 @@ def download(
 ) -> None:
     app_state = state(ctx)
     settings = app_state.settings
-    from doppelbot.core.errors import ModelDownloadError
 
     default = [w for w in WHAT_CHOICES if w != "speech" or settings.voice.transcription]
     chosen = list(dict.fromkeys(what or default))
@@ -173,8 +183,6 @@ def download(
     if list_:
         _print_downloads(app_state.console, settings)
         return
-    from doppelbot.model.download import download_model, fetch_info, human_size
-    from doppelbot.model.local import SETTING, WHAT, is_hub_id, speech_repo
 
     targets = {
         "model": model or settings.model.base,
@@ -235,14 +243,6 @@ def download(
 @contextmanager
 def _byte_progress(console: Console) -> Iterator[Any]:
     """Per-file byte bars for the download's ``(stage, done, total)`` callbacks."""
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
 
     with Progress(
         TextColumn("{task.description}"),
@@ -267,10 +267,6 @@ def _byte_progress(console: Console) -> Iterator[Any]:
 
 def _print_downloads(console: Console, settings: Settings) -> None:
     """One block per model: what it is, whether it is whole, its size and folder."""
-    from rich.markup import escape
-
-    from doppelbot.model.download import human_size
-    from doppelbot.model.local import SETTING, WHAT, models_dir, read_manifest
 
     found = read_manifest(settings.store.data_dir)
     configured = {"model": settings.model.base, "embedder": settings.knowledge.embedder_model}

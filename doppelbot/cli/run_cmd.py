@@ -15,6 +15,7 @@ Heavy modules (telethon, torch) are imported inside the functions only.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import TYPE_CHECKING
 
 import typer
@@ -22,6 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from doppelbot.cli.common import account_option, open_db, run_async, state
+from doppelbot.core.domain import ReplyStatus
+from doppelbot.store import bot_state, replies
+from doppelbot.store.database import now
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
@@ -74,11 +78,9 @@ def status(
 
 
 async def _health(settings: Settings, account: str | None = None) -> tuple[bool, str]:
-    import time
 
     from doppelbot.health import Health, verdict
     from doppelbot.instance import holder_of
-    from doppelbot.store import bot_state
 
     holder = holder_of(settings.lock_path)
     if not settings.store.db_path.exists():
@@ -104,12 +106,9 @@ async def _status(
     last: int,
     texts: bool,
 ) -> None:
-    from doppelbot.core.domain import ReplyStatus
     from doppelbot.health import Health, verdict
     from doppelbot.health import when as when_ts
     from doppelbot.instance import holder_of
-    from doppelbot.store import bot_state, replies
-    from doppelbot.store.database import now
 
     holder = holder_of(settings.lock_path)
     async with open_db(settings, account) as db:

@@ -13,12 +13,29 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
 
 from doppelbot.cli.common import account_option, open_db, run_async, state
+from doppelbot.core.errors import DatasetError, DoppelbotError, GenerationError
+from doppelbot.core.ports import ModelIdentity
+from doppelbot.dataset.jsonl import VALIDATION_FILE, read_samples, resolve_dataset_dir
+from doppelbot.ssa.flow import (
+    CARD_MARK,
+    OWNER_SOURCE,
+    compare,
+    post_batch,
+    prepare_batch,
+    record_label,
+    sample_contexts,
+)
+from doppelbot.ssa.labels import LabelSyntaxError
+from doppelbot.store import ssa as store
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -35,7 +52,6 @@ OWNER_LABEL = "owner (reference)"
 
 
 def _progress(console: Console) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     return Progress(
         TextColumn("{task.description}"),
@@ -56,12 +72,10 @@ class _Replies:
 
     @property
     def identity(self) -> ModelIdentity:
-        from doppelbot.core.ports import ModelIdentity
 
         return ModelIdentity(self.source, None)
 
     async def generate(self, prompt: str, options: GenerationOptions | None = None) -> str:
-        from doppelbot.core.errors import GenerationError
 
         reply = self.replies.get(prompt)
         if not reply:
@@ -75,7 +89,6 @@ async def _generate_all(
     sources: dict[str, Path | None],
     contexts: Sequence[Sample],
 ) -> dict[str, _Replies]:
-    from doppelbot.core.errors import GenerationError
     from doppelbot.model.worker import model_worker
 
     options = settings.generation
@@ -100,8 +113,6 @@ async def _generate_all(
 
 
 def _sources(settings: Settings, adapter: str, against: str | None) -> dict[str, Path | None]:
-    from doppelbot.core.errors import DoppelbotError
-    from doppelbot.ssa.flow import OWNER_SOURCE
     from doppelbot.training.service import adapter_from_spec
 
     out: dict[str, Path | None] = {}
@@ -119,8 +130,6 @@ def _sources(settings: Settings, adapter: str, against: str | None) -> dict[str,
 async def _post(
     settings: Settings, db: Database, batch_id: int, client: Any, console: Console
 ) -> int:
-    from doppelbot.ssa.flow import post_batch
-    from doppelbot.store import ssa as store
     from doppelbot.telegram.saved import TelethonSavedMessages
 
     total, posted, _ = await store.batch_progress(db, batch_id)
@@ -149,10 +158,6 @@ async def start_batch(
 ) -> int:
     """Generate and post a batch (or, with ``batch``, post what is left of it) to the Saved
     Messages of ``account`` (None: the default account)."""
-    from doppelbot.dataset.jsonl import VALIDATION_FILE, read_samples, resolve_dataset_dir
-    from doppelbot.core.errors import DatasetError, DoppelbotError
-    from doppelbot.ssa.flow import prepare_batch, sample_contexts
-    from doppelbot.store import ssa as store
     from doppelbot.telegram.client import connected
 
     async with open_db(settings, account, "session") as db:
@@ -254,9 +259,6 @@ async def collect_labels(
     """Read the owner's answers to the cards ``account`` posted; store the well-formed ones;
     print a hint for each malformed one. Idempotent: labels are upserts, the newest answer to
     a card wins."""
-    from doppelbot.ssa.flow import CARD_MARK, record_label
-    from doppelbot.ssa.labels import LabelSyntaxError
-    from doppelbot.store import ssa as store
     from doppelbot.telegram.client import connected
     from doppelbot.telegram.saved import answers_to_cards
 
@@ -306,7 +308,6 @@ def collect(
 
 
 def _row_json(row: SourceRow) -> dict[str, Any]:
-    from dataclasses import asdict
 
     return {
         "source": row.source,
@@ -321,7 +322,6 @@ def _ci(value: float, interval: Any) -> str:
 
 
 def _table(title: str, rows: Sequence[tuple[str, Any]]) -> Any:
-    from rich.table import Table
 
     table = Table(title=title, caption="95% intervals: Wilson (shares), normal (SSA)")
     for col in ("source", "n", "sensibleness", "specificity", "SSA"):
@@ -338,8 +338,6 @@ def _table(title: str, rows: Sequence[tuple[str, Any]]) -> Any:
 
 
 async def report_rows(settings: Settings, batch: int | None, all_batches: bool) -> tuple[Any, ...]:
-    from doppelbot.ssa.flow import compare
-    from doppelbot.store import ssa as store
 
     async with open_db(settings) as db:
         chosen = None if all_batches else batch or await store.latest_batch_id(db)

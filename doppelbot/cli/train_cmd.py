@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from doppelbot.cli.common import invoked_as, state
+from doppelbot.training.runs import RUNNING
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -86,7 +87,6 @@ def train(
     app = state(ctx)
     settings = app.settings
     from doppelbot.training.plan import plan_training
-    from doppelbot.training.runs import RUNNING
     from doppelbot.training.service import served_adapter, train_and_record, train_options
 
     options = train_options(

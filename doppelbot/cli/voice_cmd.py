@@ -8,6 +8,7 @@ progress bar with an ETA; ``transcribe`` reads the files a Desktop export left n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -16,6 +17,10 @@ from rich.progress import TaskID, TextColumn
 
 from doppelbot.cli.common import RichBars, account_option, open_db, run_async, state
 from doppelbot.core.errors import ConfigError
+from doppelbot.speech import TranscriptionWorker
+from doppelbot.speech.model import whisper_spec
+from doppelbot.store import transcripts
+from doppelbot.voice import local_files, transcribe_notes
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
@@ -88,8 +93,6 @@ def _worker(settings: Settings) -> Any:
             "voice transcription is off (DOPPELBOT_VOICE_TRANSCRIPTION=false); turn it on to "
             "transcribe notes"
         )
-    from doppelbot.speech import TranscriptionWorker
-    from doppelbot.speech.model import whisper_spec
 
     return TranscriptionWorker(whisper_spec(settings))
 
@@ -146,13 +149,9 @@ def transcribe(
     st = state(ctx)
     name = st.use_account(account)
     settings = st.settings
-    from doppelbot.store import transcripts
-    from doppelbot.voice import local_files, transcribe_notes
 
     limits = settings.voice
     if max_hours is not None:
-        from dataclasses import replace
-
         limits = replace(limits, history_max_hours=max_hours)
     chat_ids = list(chat) or None
 

@@ -34,6 +34,8 @@ from itertools import accumulate, compress, islice, repeat
 from operator import add, attrgetter, le, sub
 from typing import NamedTuple
 
+from doppelbot.core.domain import Row, Sample, Turn
+from doppelbot.core.errors import DatasetError
 from doppelbot.dataset import quality
 from doppelbot.dataset.budget import (
     CountTokens,
@@ -50,8 +52,6 @@ from doppelbot.dataset.rules import DROP_REASONS, STICKER_EMOJI, TRUNCATED, new_
 from doppelbot.dataset.sessions import ROLES
 from doppelbot.dataset.split import split_by_time
 from doppelbot.dataset.stats import AccountStats, ChatStats, DatasetStats, summarize
-from doppelbot.core.domain import Row, Sample, Turn
-from doppelbot.core.errors import DatasetError
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; stages: "chats", "tokens"."""

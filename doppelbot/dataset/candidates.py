@@ -21,13 +21,13 @@ from itertools import accumulate
 from operator import add, is_not
 from typing import NamedTuple
 
+from doppelbot.core.domain import Row
+from doppelbot.core.prompt import fake_turn_pattern
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.render import line_prefixes
 from doppelbot.dataset.rules import make_cleaner, make_scrubber, new_counters
 from doppelbot.dataset.scrub import name_pattern
 from doppelbot.dataset.sessions import ROLES, pick_window, segment_chat
-from doppelbot.core.domain import Row
-from doppelbot.core.prompt import fake_turn_pattern
 
 CANDIDATE_FIELDS = ("first_turn", "reply_turn", "key", "near_key", "head")
 """The int64s of one candidate in ``ChatPart.candidates``, in this order:

@@ -24,6 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+from doppelbot.core.domain import Peer
+from doppelbot.core.errors import DatasetError
 from doppelbot.dataset.budget import CountTokens
 from doppelbot.dataset.builder import (
     ChatSource,
@@ -36,8 +38,14 @@ from doppelbot.dataset.candidates import ChatMaker, MadeChunk
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.rules import chat_skip_reason
 from doppelbot.dataset.stats import AccountStats
-from doppelbot.core.domain import Peer
-from doppelbot.core.errors import DatasetError
+from doppelbot.store.dataset_reads import (
+    chat_message_counts,
+    chat_rows,
+    chats_with_peers,
+    open_readonly,
+    own_accounts,
+    transcribed_notes,
+)
 
 MIN_MESSAGES_PER_WORKER = 50_000
 """Below this many messages per worker process, building in-process is faster than forking."""
@@ -78,13 +86,6 @@ def build_from_db(
     single-process build. Small histories (under ``MIN_MESSAGES_PER_WORKER`` messages per
     worker) and platforms without ``fork`` build in this process.
     """
-    from doppelbot.store.dataset_reads import (
-        chat_message_counts,
-        chats_with_peers,
-        open_readonly,
-        own_accounts,
-        transcribed_notes,
-    )
 
     with gc_paused():
         conn = open_readonly(db_path)
@@ -191,7 +192,6 @@ def _build_in_process(
     builder: DatasetBuilder, conn: sqlite3.Connection, chosen: list[_ChatSpec], voice: bool
 ) -> float:
     """Stage 1 chat by chat in this process; returns the seconds spent reading."""
-    from doppelbot.store.dataset_reads import chat_rows
 
     read_s = 0.0
     progress = builder.progress
@@ -254,7 +254,6 @@ def make_chunk(
 ) -> MadeChunk:
     """A worker process's job: read and make some chats (``(chat_id, the other person's
     names, own account id)``), each a packed ``ChatPart``, in order."""
-    from doppelbot.store.dataset_reads import chat_rows, open_readonly
 
     maker = ChatMaker(options)
     parts = []

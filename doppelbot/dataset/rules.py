@@ -18,7 +18,6 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from doppelbot.dataset.scrub import Scrubber, has_link
 from doppelbot.core.domain import (
     KIND_FORWARDED,
     KIND_MEDIA,
@@ -33,6 +32,7 @@ from doppelbot.core.domain import (
     Row,
     voice_message_text,
 )
+from doppelbot.dataset.scrub import Scrubber, has_link
 
 if TYPE_CHECKING:
     from doppelbot.dataset.options import DatasetOptions

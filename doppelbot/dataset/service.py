@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from doppelbot.core.errors import DatasetError, ModelLoadError
 from doppelbot.dataset import jsonl
 from doppelbot.dataset.budget import CountTokens
 from doppelbot.dataset.builder import DatasetResult, Progress
@@ -21,7 +22,9 @@ from doppelbot.dataset.from_store import build_from_db
 from doppelbot.dataset.options import DatasetOptions
 from doppelbot.dataset.options import dataset_options as build_options
 from doppelbot.dataset.stats import DatasetStats
-from doppelbot.core.errors import DatasetError, ModelLoadError
+from doppelbot.model.local import model_source
+from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
+from doppelbot.store.database import Database
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
@@ -107,8 +110,6 @@ def dataset_options(settings: Settings, request: DatasetRequest) -> DatasetOptio
 def token_counter(settings: Settings, tokenizer: Path | None) -> CountTokens:
     """The token counter: the ``tokenizer`` folder, else DOPPELBOT_MODEL's (a folder or a
     downloaded hub model); it must be FRED-T5's tokenizer, or the budget would count wrong."""
-    from doppelbot.model.local import model_source
-    from doppelbot.model.tokenizer import TokenCounter, load_tokenizer
 
     skip = "or pass --no-token-budget to skip the token limit"
     try:
@@ -132,7 +133,6 @@ def build_dataset_files(
 ) -> BuiltDataset:
     """Build the dataset the request asks for from the stored history and write its folder;
     ``NoSamplesError`` (nothing written) when the rules leave no samples."""
-    from doppelbot.store.database import Database
 
     options = dataset_options(settings, request)
     name = request.name or time.strftime("%Y%m%d-%H%M%S", time.gmtime())

@@ -19,10 +19,10 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from doppelbot.core.domain import Message, Role, Row, Turn
 from doppelbot.dataset.rules import Cleaner, make_cleaner, make_scrubber, rule_row
 from doppelbot.dataset.rules import new_counters as _new_counters
 from doppelbot.dataset.scrub import name_pattern
-from doppelbot.core.domain import Message, Role, Row, Turn
 
 if TYPE_CHECKING:
     from doppelbot.dataset.options import DatasetOptions

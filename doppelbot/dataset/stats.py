@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from rich.table import Table
+
 if TYPE_CHECKING:
     from rich.table import Table
 
@@ -99,7 +101,6 @@ class DatasetStats:
 
     def rich_tables(self, top_chats: int = 15) -> list[Table]:
         """The summary and the biggest chats, for the CLI."""
-        from rich.table import Table
 
         summary = Table(title="dataset", show_header=True, header_style="bold")
         summary.add_column("what")

@@ -11,6 +11,7 @@ re-entrant calls); ``KnowledgeBase`` guarantees that by funnelling all work thro
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,6 @@ def set_worker_threads(threads: int | None) -> None:
     """
     if not threads:
         return
-    import threading
 
     import torch
 

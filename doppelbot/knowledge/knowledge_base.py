@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from doppelbot.core.errors import KnowledgeError
+from doppelbot.core.errors import KnowledgeError, ModelMissingError
+from doppelbot.core.ports import ScoredFact
 from doppelbot.knowledge.embedder import Embedder, set_worker_threads
 from doppelbot.knowledge.index import FactIndex, blob_to_vector, vector_to_blob
-from doppelbot.core.ports import ScoredFact
+from doppelbot.model.local import model_source
 from doppelbot.store import facts as fact_store
 
 if TYPE_CHECKING:
@@ -100,9 +101,6 @@ class KnowledgeBase:
         )
         try:
             if embedder is None:
-                from doppelbot.core.errors import ModelMissingError
-                from doppelbot.model.local import model_source
-
                 loop = asyncio.get_running_loop()
                 name, device = settings.knowledge.embedder_model, _device(settings.model.device)
                 try:  # a hub id must have been downloaded: no fetching (and waiting) here

@@ -20,6 +20,7 @@ adapters that are more than plain LoRA, the reference is loaded whole, like the 
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from doppelbot.core.errors import DatasetError
+from doppelbot.dataset.jsonl import read_samples
 
 if TYPE_CHECKING:
     from doppelbot.model.engine import EngineConfig
@@ -64,7 +66,6 @@ class CheckReport:
 
 def load_pairs(path: Path, limit: int) -> list[CheckPair]:
     """Up to ``limit`` (model_input, model_target) pairs spread evenly over a dataset JSONL."""
-    from doppelbot.dataset.jsonl import read_samples
 
     rows = [
         CheckPair(s.model_input, s.model_target)
@@ -208,7 +209,6 @@ def run_check(
 ) -> CheckReport:
     """Load ``spec`` (the served precision) and score ``pairs``; then score them with the same
     model at ``reference_precision`` (layer by layer on the CPU) and compare."""
-    import gc
 
     from doppelbot.model.checkpoint import UnsupportedAdapter
     from doppelbot.model.loader import engine_config, load_reply_model, resolve_device

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from doppelbot import __version__
+from doppelbot.config import hub_endpoint
 from doppelbot.core.errors import ModelDownloadError
 from doppelbot.model.local import (
     FileRecord,
@@ -123,7 +125,6 @@ def select_files(names: Iterable[str]) -> list[str]:
 
 def endpoint_url(endpoint: str | None = None) -> str:
     """``endpoint``, else ``HF_ENDPOINT``, else huggingface.co."""
-    from doppelbot.config import hub_endpoint
 
     return (endpoint or hub_endpoint() or DEFAULT_ENDPOINT).rstrip("/")
 
@@ -308,8 +309,6 @@ def _fetch(
     from huggingface_hub import hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
-
-    from doppelbot import __version__
 
     part = folder / PARTIAL_DIR / f"{remote.path}.part"
     part.parent.mkdir(parents=True, exist_ok=True)

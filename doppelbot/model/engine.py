@@ -30,10 +30,13 @@ repacking of the weights at load is the bulk of a cold start; it runs on several
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import json
 import math
 import os
+import struct
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -874,7 +877,6 @@ class EngineWriter(Sink, _OwnsFile):
     """
 
     def __init__(self, folder: Path, cfg: EngineConfig, precision: str) -> None:
-        import struct
 
         self.folder, self.config, self.precision = folder, cfg, precision
         self._layout = engine_layout(cfg, precision)
@@ -965,7 +967,6 @@ class _TensorReader(_OwnsFile):
 
 
 def _unpack_u64(data: bytes) -> tuple[int]:
-    import struct
 
     if len(data) != 8:
         raise ValueError("not a safetensors file")
@@ -977,9 +978,5 @@ def release_free_memory() -> None:
     load that allocated and freed gigabytes)."""
     if os.name != "posix":
         return
-    try:
-        import ctypes
-
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -26,6 +26,7 @@ for (``<|endoftext|>`` = 50364) are mapped to ``<pad>`` before they reach it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -39,6 +40,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from doppelbot.config import GenerationOptions, ModelSettings, default_of
 from doppelbot.core.errors import ModelLoadError
 from doppelbot.core.ports import ModelIdentity
+from doppelbot.model.local import model_source
+from doppelbot.model.tokenizer import load_tokenizer, safe_ids
+from doppelbot.store.database import Database
+from doppelbot.training.registry import current_adapter
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +90,6 @@ class ModelSpec:
 def model_spec(settings: Settings, *, adapter: Path | None = None) -> ModelSpec:
     """The configured model (``settings.model``) with ``adapter``, the data directory's cache,
     and the downloaded copy of a hub model (``ModelMissingError`` when there is none)."""
-    from doppelbot.model.local import model_source
 
     return ModelSpec(
         settings.model,
@@ -146,7 +150,6 @@ def cuda_free_bytes() -> int | None:
 
 
 def _has_bitsandbytes() -> bool:
-    import importlib.util
 
     return importlib.util.find_spec("bitsandbytes") is not None
 
@@ -395,7 +398,6 @@ class ReplyModel:
         """Token ids of ``text`` as the model may see them (no special tokens added, unknown
         ids → pad). Over ``limit`` the *oldest* tokens go, but the first one (FRED's ``<SC1>``
         mode token) stays: the newest turn and the answer cue are at the end."""
-        from doppelbot.model.tokenizer import safe_ids
 
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         ids = safe_ids(ids, self.runtime.vocab_size, self.runtime.pad_token_id)
@@ -430,7 +432,6 @@ class ReplyModel:
 # --- loading ------------------------------------------------------------------------------------
 def load_reply_model(spec: ModelSpec, progress: Progress = _no_progress) -> ReplyModel:
     """Load ``spec``; see the module docstring for what happens per device/precision."""
-    from doppelbot.model.tokenizer import load_tokenizer
 
     started = time.perf_counter()
     device = resolve_device(spec.model.device)
@@ -632,8 +633,6 @@ async def serving_adapter(settings: Settings) -> Path | None:
         return settings.model.adapter_path
     if not settings.store.db_path.exists():
         return None
-    from doppelbot.store.database import Database
-    from doppelbot.training.registry import current_adapter
 
     db = await Database.open(settings.store.db_path)
     try:

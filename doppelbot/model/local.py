@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from doppelbot.config import set_library_environment
 from doppelbot.core.errors import ModelMissingError
 
 Role = Literal["model", "embedder", "speech"]
@@ -180,7 +181,6 @@ def record(data_dir: Path, model: LocalModel) -> None:
 
 def force_offline() -> None:
     """From now on this process loads models from local files only."""
-    from doppelbot.config import set_library_environment
 
     set_library_environment(_OFFLINE_ENV, override=True)
 

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,9 +39,9 @@ from doppelbot.core.errors import (
     ModelLoadError,
     WorkerClosedError,
 )
-from doppelbot.model.tokenizer import TokenCounter
 from doppelbot.core.ports import ModelIdentity
 from doppelbot.core.prompt import decode_reply
+from doppelbot.model.tokenizer import TokenCounter
 from doppelbot.workers import Cancelled, Job, ThreadWorker
 
 if TYPE_CHECKING:
@@ -198,7 +198,6 @@ def model_worker(
     spec = model_spec(settings)
 
     def load() -> ReplyModel:
-        from dataclasses import replace
 
         from doppelbot.model.loader import load_reply_model, serving_adapter
 

@@ -13,11 +13,11 @@ import logging
 from collections.abc import Sequence
 
 from doppelbot.config import Settings
-from doppelbot.dataset.budget import CountTokens, fit_turns
 from doppelbot.core.domain import Role, Turn
 from doppelbot.core.errors import PromptTooLongError, describe
-from doppelbot.knowledge.policy import apply_fact_fallback
 from doppelbot.core.ports import FactRetriever, ScoredFact
+from doppelbot.dataset.budget import CountTokens, fit_turns
+from doppelbot.knowledge.policy import apply_fact_fallback
 
 log = logging.getLogger("doppelbot.responder")
 

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from doppelbot.config import Settings
+from doppelbot.core.domain import Message, Peer, Role, Turn
 from doppelbot.dataset.options import dataset_options
 from doppelbot.dataset.sessions import build_live_context
-from doppelbot.core.domain import Message, Peer, Role, Turn
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from doppelbot.config import VoiceSettings
-from doppelbot.core.errors import SpeechModelError
+from doppelbot.core.errors import ModelMissingError, SpeechModelError
+from doppelbot.model.local import model_source, speech_repo
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
@@ -99,8 +100,6 @@ def load_whisper(spec: WhisperSpec) -> Any:
         raise SpeechModelError(f"speech model folder not found: {path}")
     if not local and spec.data_dir is not None:
         # The bot starts offline: a size name or hub id loads the downloaded copy.
-        from doppelbot.core.errors import ModelMissingError
-        from doppelbot.model.local import model_source, speech_repo
 
         try:
             path = Path(model_source(speech_repo(spec.voice.model), spec.data_dir, "speech"))

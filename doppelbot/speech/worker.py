@@ -35,7 +35,8 @@ from doppelbot.core.errors import (
     TranscriptionTimeoutError,
 )
 from doppelbot.core.ports import Transcript
-from doppelbot.speech.model import WhisperSpec
+from doppelbot.speech.engine import transcribe_audio
+from doppelbot.speech.model import WhisperSpec, load_whisper
 from doppelbot.workers import Cancelled, Job, ThreadWorker
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,6 @@ class TranscriptionWorker(ThreadWorker[_Note]):
     def load(self) -> Any:
         if self._loader is not None:
             return self._loader()
-        from doppelbot.speech.model import load_whisper
 
         return load_whisper(self.spec)
 
@@ -125,7 +125,6 @@ class TranscriptionWorker(ThreadWorker[_Note]):
         return SpeechModelError(f"cannot load the speech model: {exc}")
 
     def serve(self, job: _Note) -> None:
-        from doppelbot.speech.engine import transcribe_audio
 
         try:
             result = transcribe_audio(

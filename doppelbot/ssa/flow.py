@@ -24,6 +24,7 @@ from doppelbot.ssa.labels import (
     SsaReport,
     blind_order,
     parse_label,
+    ssa_report,
 )
 from doppelbot.store import ssa as store
 from doppelbot.store.database import Database
@@ -155,7 +156,6 @@ def compare(
     labels: Mapping[str, Sequence[tuple[str, SsaLabel]]],
 ) -> list[SourceRow]:
     """One row per source; ``common`` restricts every source to the contexts all share."""
-    from doppelbot.ssa.labels import ssa_report
 
     shared: set[str] | None = None
     for rows in labels.values():

@@ -11,6 +11,7 @@ feedback trains one doppelganger.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -176,7 +177,6 @@ class FeedbackReply:
 async def feedback_replies(db: Database) -> list[FeedbackReply]:
     """Every reply that has a prompt, of every own account, with its verdicts and the
     reactions on it (time order)."""
-    import json
 
     rows = await db.fetchall(
         "SELECT reply_id, account_id, chat_id, status, mode, prompt, draft_text, final_text,"

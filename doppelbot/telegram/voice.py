@@ -42,6 +42,7 @@ from doppelbot.store.database import Database
 from doppelbot.telegram.errors import translate
 from doppelbot.telegram.mapping import media_kind
 from doppelbot.voice import (
+    NullVoiceProgress,
     VoiceProgress,
     VoiceReport,
     transcribe_and_store,
@@ -321,7 +322,6 @@ async def export_voice(
     """Download and transcribe the voice and round-video notes of ``chat_ids`` (None: every
     private chat in the store) that still want a transcript, newest first, within ``limits``.
     Resumable: run it again to continue."""
-    from doppelbot.voice import NullVoiceProgress
 
     progress = progress or NullVoiceProgress()
     flood = _Flood(flood_wait_max_s, sleep, progress)

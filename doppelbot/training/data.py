@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from doppelbot.core.domain import Role, Turn
+from doppelbot.core.errors import DatasetError, EmptyReplyError, TrainingError
+from doppelbot.core.prompt import PromptFormat, decode_reply
 from doppelbot.dataset.jsonl import (
     TRAIN_FILE,
     VALIDATION_FILE,
@@ -22,10 +25,7 @@ from doppelbot.dataset.jsonl import (
     read_samples,
     resolve_dataset_dir,
 )
-from doppelbot.core.domain import Role, Turn
-from doppelbot.core.errors import DatasetError, EmptyReplyError, TrainingError
 from doppelbot.feedback.export import NEGATIVE_KINDS
-from doppelbot.core.prompt import PromptFormat, decode_reply
 
 FEEDBACK_SOURCE = "feedback"
 DATASET_SOURCE = "dataset"

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from doppelbot.dataset.jsonl import iter_json_objects
 from doppelbot.core.errors import TrainingError
 from doppelbot.core.prompt import build_target
+from doppelbot.dataset.jsonl import iter_json_objects
 from doppelbot.training.data import TrainRow, hash_strings
 from doppelbot.training.seq2seq import EncodeStats, encode_rows
 from doppelbot.training.types import IGNORE_INDEX, Example

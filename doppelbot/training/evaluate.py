@@ -32,9 +32,9 @@ from doppelbot.config import (
     default_of,
 )
 from doppelbot.core.errors import EmptyReplyError, TrainingError
+from doppelbot.core.prompt import decode_reply
 from doppelbot.model.local import model_source
 from doppelbot.model.tokenizer import load_tokenizer
-from doppelbot.core.prompt import decode_reply
 from doppelbot.training.data import TrainRow, load_dataset
 from doppelbot.training.dpo import encode_pairs, score_pairs
 from doppelbot.training.metrics import corpus_chrf, diversity_stats, style_stats

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from doppelbot.dataset.jsonl import write_json
 from doppelbot.core.errors import AdapterRejectedError, TrainingError
+from doppelbot.dataset.jsonl import write_json
 from doppelbot.store import adapters
 from doppelbot.store.adapters import AdapterChoice, current_choice, get_choice
 from doppelbot.store.database import Database, now

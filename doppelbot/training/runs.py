@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from doppelbot.dataset.jsonl import atomic_write_text, write_json
 from doppelbot.core.errors import TrainingError
+from doppelbot.dataset.jsonl import atomic_write_text, write_json
 from doppelbot.training.registry import read_json
 from doppelbot.training.types import TrainOptions
 

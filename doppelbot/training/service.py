@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from doppelbot.config import ModelSettings, extend
-from doppelbot.dataset.jsonl import write_json
 from doppelbot.core.errors import TrainingError
+from doppelbot.dataset.jsonl import write_json
 from doppelbot.model.loader import serving_adapter
 from doppelbot.model.local import model_source
 from doppelbot.store.adapters import AdapterChoice, current_choice, upsert_run
