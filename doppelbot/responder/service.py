@@ -518,12 +518,10 @@ class Responder:
                 await self._fail(reply_id, frm, exc)
                 return
             identity = self.generator.identity
-            moved = await replies.transition(
-                self.db,
+            moved = await self._move(
                 reply_id,
                 frm,
                 S.GENERATING,
-                now=self._now(),
                 context_message_ids=context.message_ids,
                 prompt=prompt,
                 model_id=identity.model_id,
@@ -575,9 +573,7 @@ class Responder:
     async def _to_review(
         self, reply_id: int, context: LiveContext, generated: dict[str, Any]
     ) -> None:
-        moved = await replies.transition(
-            self.db, reply_id, S.GENERATING, S.AWAITING_REVIEW, now=self._now(), **generated
-        )
+        moved = await self._move(reply_id, S.GENERATING, S.AWAITING_REVIEW, **generated)
         if not moved:
             return
         self.stats["drafts"] += 1
@@ -655,9 +651,7 @@ class Responder:
     async def _drop(
         self, reply_id: int, frm: ReplyStatus, reason: Skip, chat_id: int, **fields: Any
     ) -> bool:
-        moved = await replies.transition(
-            self.db, reply_id, frm, S.DROPPED, now=self._now(), error=str(reason), **fields
-        )
+        moved = await self._move(reply_id, frm, S.DROPPED, error=str(reason), **fields)
         if moved:
             self._count_drop(reason, chat_id, reply_id)
         return moved
@@ -698,25 +692,25 @@ class Responder:
             at += self.rng.uniform(0, QUIET_END_SPREAD_S)
         return at
 
+    async def _move(self, reply_id: int, frm: ReplyStatus, to: ReplyStatus, **fields: Any) -> bool:
+        """Compare-and-set one reply's status, stamped now (False: it had moved on already)."""
+        return await replies.transition(self.db, reply_id, frm, to, now=self._now(), **fields)
+
     async def _fail(
         self, reply_id: int, frm: ReplyStatus, exc: BaseException, **fields: Any
     ) -> None:
         """The reply cannot be made: ``failed``, with why (never with foreign texts)."""
-        await replies.transition(
-            self.db, reply_id, frm, S.FAILED, now=self._now(), error=describe(exc), **fields
-        )
+        await self._move(reply_id, frm, S.FAILED, error=describe(exc), **fields)
         self.stats["failed"] += 1
 
     async def _defer(
         self, reply_id: int, frm: ReplyStatus, reason: Skip, chat_id: int, **fields: Any
     ) -> bool:
         not_before = await self._defer_time(reason, chat_id)
-        moved = await replies.transition(
-            self.db,
+        moved = await self._move(
             reply_id,
             frm,
             S.DEFERRED,
-            now=self._now(),
             error=str(reason),
             not_before=int(not_before),
             **fields,
@@ -827,16 +821,12 @@ class Responder:
                 async with self.db.transaction() as conn:
                     await replies.add_sent_id_in(conn, reply_id, message.message_id, now=now)
                     await history.upsert_messages_in(conn, [message])
-            await replies.transition(
-                self.db, reply_id, S.SENDING, S.SENT, now=self._now(), sent_at=int(self._now())
-            )
+            await self._move(reply_id, S.SENDING, S.SENT, sent_at=int(self._now()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             error = describe(exc) + (" (partly sent)" if sent_any else "")
-            await replies.transition(
-                self.db, reply_id, S.SENDING, S.FAILED, now=self._now(), error=error
-            )
+            await self._move(reply_id, S.SENDING, S.FAILED, error=error)
             self.stats["failed"] += 1
             log.warning("responder: send failed chat=%d reply=%d: %s", chat_id, reply_id, error)
             return False
@@ -916,9 +906,7 @@ class Responder:
         try:
             parts = delivery.split_reply(text, split_lines=self.settings.responder.split_lines)
         except DoppelbotError:
-            await replies.transition(
-                self.db, reply.reply_id, S.SENDING, S.FAILED, now=self._now(), error="no text"
-            )
+            await self._move(reply.reply_id, S.SENDING, S.FAILED, error="no text")
             return
         sent = list(reply.sent_message_ids)
         min_id = max([reply.trigger_message_id, *sent])
