@@ -18,7 +18,7 @@ from doppelbot.core.domain import MediaKind, PeerKind
 from doppelbot.core.errors import FloodWaitTooLongError
 from doppelbot.store import accounts, history
 from doppelbot.store.database import Database
-from doppelbot.telegram.export import ChatStatus, ExportOptions, export_history
+from doppelbot.telegram.export import ChatStatus, Exporter, ExportOptions
 from tests import faketg
 from tests.faketg import OWNER_ID, FakeTelegram
 
@@ -92,7 +92,7 @@ async def test_multi_page_chats_are_exported_completely(db: Database, client_for
         tg.add_history(p, 260 + 17 * i)  # > 250: several GetHistory pages and batches each
     client = await client_for(tg)
     progress = Recorder()
-    report = await export_history(client, db, OPTS, progress=progress)
+    report = await Exporter(client, db, OPTS, progress=progress).run()
     assert report.used_takeout and list(tg.takeouts.values()) == ["finished-ok"]
     assert tg.takeout_scopes[next(iter(tg.takeouts))]["message_users"] is True
     assert tg.calls["InvokeWithTakeoutRequest"] >= tg.calls["GetHistoryRequest"] > 3 * 2
@@ -175,7 +175,7 @@ async def test_crash_between_batches_then_resume_loses_and_duplicates_nothing(
     # The 4th history page fails: a "crash" in the middle of the first chat.
     tg.fail_next("GetHistoryRequest", RuntimeError("power cut"), after=3)
     with pytest.raises(RuntimeError, match="power cut"):
-        await export_history(client, db, OPTS)
+        await Exporter(client, db, OPTS).run()
     partial = await db.scalar("SELECT count(*) FROM messages")
     assert 0 < partial < 720 and partial % 100 == 0  # whole batches only
     assert tg.takeouts and all(v == "finished-failed" for v in tg.takeouts.values())
@@ -184,7 +184,7 @@ async def test_crash_between_batches_then_resume_loses_and_duplicates_nothing(
     # New messages arrive meanwhile; then the re-run.
     tg.add_history(alice, 5)
     pages_before = tg.calls["GetHistoryRequest"]
-    report = await export_history(client, db, OPTS)
+    report = await Exporter(client, db, OPTS).run()
     for p in (alice, bob):
         assert await _ids(db, p.id) == _server_ids(tg, p)  # 0 lost, 0 duplicated
     assert report.fetched == 725 - partial
@@ -198,7 +198,7 @@ async def test_cancellation_mid_chat_keeps_committed_batches(db: Database, clien
     tg.add_history(alice, 900)
     client = await client_for(tg)
     tg.latency_s = 0.005
-    task = asyncio.ensure_future(export_history(client, db, OPTS))
+    task = asyncio.ensure_future(Exporter(client, db, OPTS).run())
     for _ in range(2000):
         if await history.count_messages(db, alice.id) >= 300:
             break
@@ -210,7 +210,7 @@ async def test_cancellation_mid_chat_keeps_committed_batches(db: Database, clien
     cursor = await history.get_cursor(db, alice.id)
     stored = await _ids(db, alice.id)
     assert cursor is not None and stored == list(range(cursor.oldest_message_id, 901))
-    await export_history(client, db, OPTS)
+    await Exporter(client, db, OPTS).run()
     assert await _ids(db, alice.id) == _server_ids(tg, alice)
 
 
@@ -221,13 +221,13 @@ async def test_rerun_fetches_only_new_messages_and_picks_up_edits(
     alice = tg.add_user("Alice")
     tg.add_history(alice, 300)
     client = await client_for(tg)
-    await export_history(client, db, OPTS)
+    await Exporter(client, db, OPTS).run()
     recent = tg.messages(alice)[-3]
     tg.edit_message(alice, recent.id, "fixed typo", date=tg.now())
     tg.add_message(alice, "new one", out=False)
     tg.add_message(alice, "", media=faketg.sticker("🙂"), out=True)
     pages = tg.calls["GetHistoryRequest"]
-    report = await export_history(client, db, OPTS)
+    report = await Exporter(client, db, OPTS).run()
     # New messages oldest-first (Telethon asks once more to see the end), the recent window.
     assert tg.calls["GetHistoryRequest"] - pages == 3
     (chat,) = report.chats
@@ -238,7 +238,7 @@ async def test_rerun_fetches_only_new_messages_and_picks_up_edits(
     assert newest[0].media_kind is MediaKind.STICKER and newest[0].sticker_emoji == "🙂"
     assert await history.count_messages(db, alice.id) == 302
     pages = tg.calls["GetHistoryRequest"]
-    await export_history(client, db, OPTS)  # nothing new: one look for new, one recent window
+    await Exporter(client, db, OPTS).run()  # nothing new: one look for new, one recent window
     assert tg.calls["GetHistoryRequest"] - pages == 2
 
 
@@ -250,7 +250,7 @@ async def test_takeout_delay_falls_back_to_the_normal_api(db: Database, client_f
     tg.fail_next("InitTakeoutSessionRequest", "TAKEOUT_INIT_DELAY_86400")
     progress = Recorder()
     opts = dataclasses.replace(OPTS, fallback_wait_s=0.001)
-    report = await export_history(client, db, opts, progress=progress)
+    report = await Exporter(client, db, opts, progress=progress).run()
     assert not report.used_takeout and tg.calls["InvokeWithTakeoutRequest"] == 0
     assert any("Allow" in n and "24.0 h" in n for n in report.notes)
     assert any(e[0] == "note" and "without takeout" in e[1] for e in progress.events)
@@ -266,7 +266,7 @@ async def test_stale_takeout_from_a_crash_is_cleared(
     session = SQLiteSession(str(tmp_path / "s.session"))
     session.takeout_id = 4242  # what a killed run leaves behind in the session file
     client = await client_for(tg, session=session)
-    report = await export_history(client, db, OPTS)
+    report = await Exporter(client, db, OPTS).run()
     assert report.used_takeout and any("left over" in n for n in report.notes)
     assert client.session.takeout_id is None
     assert await history.count_messages(db, alice.id) == 30
@@ -281,7 +281,7 @@ async def test_flood_wait_under_the_bound_is_waited_out_with_a_countdown(
     client = await client_for(tg)
     tg.fail_next("GetHistoryRequest", "FLOOD_WAIT_5", after=2)
     sleep, progress = FakeSleep(), Recorder()
-    report = await export_history(client, db, OPTS, progress=progress, sleep=sleep)
+    report = await Exporter(client, db, OPTS, progress=progress, sleep=sleep).run()
     assert sleep.slept == [1] * 5
     waits = [e[2] for e in progress.events if e[0] == "wait"]
     assert waits == [5, 4, 3, 2, 1, 0]
@@ -299,7 +299,7 @@ async def test_flood_wait_over_the_bound_stops_that_chat_and_keeps_its_messages(
     client = await client_for(tg)
     tg.fail_next("GetHistoryRequest", "FLOOD_WAIT_3600", after=2, peer=alice.id)
     sleep = FakeSleep()
-    report = await export_history(client, db, OPTS, sleep=sleep)
+    report = await Exporter(client, db, OPTS, sleep=sleep).run()
     assert sleep.slept == []
     by_id = {c.chat_id: c for c in report.chats}
     stopped = by_id[alice.id]
@@ -310,7 +310,7 @@ async def test_flood_wait_over_the_bound_stops_that_chat_and_keeps_its_messages(
     assert by_id[bob.id].status is ChatStatus.COMPLETE
     # Later, the chat continues where it stopped.
     client._flood_waited_requests.clear()
-    again = await export_history(client, db, OPTS)
+    again = await Exporter(client, db, OPTS).run()
     assert {c.chat_id: c.status for c in again.chats}[alice.id] is ChatStatus.COMPLETE
     assert await _ids(db, alice.id) == _server_ids(tg, alice)
 
@@ -323,7 +323,7 @@ async def test_flood_wait_on_dialogs_above_the_bound_is_one_clear_error(
     client = await client_for(tg)
     tg.fail_next("GetDialogsRequest", "FLOOD_WAIT_999")
     with pytest.raises(FloodWaitTooLongError, match="999s"):
-        await export_history(client, db, OPTS)
+        await Exporter(client, db, OPTS).run()
 
 
 async def test_flood_waits_have_a_total_budget_per_run(db: Database, client_for: Any) -> None:
@@ -336,7 +336,7 @@ async def test_flood_waits_have_a_total_budget_per_run(db: Database, client_for:
     tg.fail_next("GetHistoryRequest", "FLOOD_WAIT_9", times=30, peer=alice.id)
     sleep = FakeSleep()
     options = dataclasses.replace(OPTS, flood_wait_total_s=20)
-    report = await export_history(client, db, options, sleep=sleep)
+    report = await Exporter(client, db, options, sleep=sleep).run()
     assert sum(sleep.slept) == 18  # two waits of 9 s; the third would pass 20 s
     by_id = {c.chat_id: c for c in report.chats}
     stopped = by_id[alice.id]
@@ -354,7 +354,7 @@ async def test_a_refused_chat_reports_telegrams_own_error(db: Database, client_f
     tg.add_history(bob, 30)
     client = await client_for(tg)
     tg.fail_next("GetHistoryRequest", "CHANNEL_PRIVATE", peer=alice.id)
-    report = await export_history(client, db, OPTS, sleep=FakeSleep())
+    report = await Exporter(client, db, OPTS, sleep=FakeSleep()).run()
     failed = {c.chat_id: c for c in report.chats}[alice.id]
     assert failed.status is ChatStatus.FAILED and report.incomplete == [failed]
     # Telegram's name for the error and the request, not Telethon's wrapper and error class.
@@ -399,7 +399,7 @@ async def test_selection_skips_bots_deleted_saved_and_groups_by_default(
     for peer in (group, team, news):
         tg.add_history(peer, 6, sender=alice)
     client = await client_for(tg)
-    report = await export_history(client, db, OPTS)
+    report = await Exporter(client, db, OPTS).run()
     assert [c.chat_id for c in report.chats] == [alice.id]
     assert report.skipped == {
         "bots": 1,
@@ -410,7 +410,7 @@ async def test_selection_skips_bots_deleted_saved_and_groups_by_default(
     }
     assert await history.chat_ids_with_messages(db) == [alice.id]
     wide = dataclasses.replace(OPTS, include_groups=True, include_channels=True, include_saved=True)
-    report = await export_history(client, db, wide)
+    report = await Exporter(client, db, wide).run()
     got = {c.chat_id: c.kind for c in report.chats}
     assert got == {
         alice.id: PeerKind.USER,
@@ -439,17 +439,17 @@ async def test_chat_list_date_floor_and_replied_only(db: Database, client_for: A
     tg.add_history(bob, 10)
     tg.add_history(quiet, 10, out_every=0)  # only their messages, never mine
     client = await client_for(tg)
-    report = await export_history(
+    report = await Exporter(
         client, db, dataclasses.replace(OPTS, chats=("@alice", str(bob.id), "@nobody"))
-    )
+    ).run()
     assert {c.chat_id for c in report.chats} == {alice.id, bob.id}
     assert any("@nobody" in n for n in report.notes)
     await db.execute("DELETE FROM messages")
     await db.execute("DELETE FROM export_cursors")
     floor = now - 50 * 86_400
-    report = await export_history(
+    report = await Exporter(
         client, db, dataclasses.replace(OPTS, since=floor, replied_only=True)
-    )
+    ).run()
     assert {c.chat_id for c in report.chats} == {alice.id, bob.id}
     assert report.skipped.get("no reply of yours") == 1
     stored = await history.recent_messages(db, alice.id, limit=1000)
@@ -472,7 +472,7 @@ async def test_rich_messages_are_mapped_and_senders_stored(db: Database, client_
     tg.add_message(alice, "b", media=faketg.photo(), grouped_id=55, out=True)
     tg.add_service(alice, types.MessageActionPhoneCall(call_id=1, duration=30), sender=alice)
     client = await client_for(tg)
-    await export_history(client, db, OPTS)
+    await Exporter(client, db, OPTS).run()
     msgs = await history.recent_messages(db, alice.id, limit=100)
     by_text = {m.text: m for m in msgs}
     assert by_text["nice"].reply_to_message_id == first.id and by_text["nice"].is_outgoing
@@ -490,10 +490,10 @@ async def test_completeness_reports_gaps(db: Database, client_for: Any) -> None:
     alice = tg.add_user("Alice")
     tg.add_history(alice, 120)
     client = await client_for(tg)
-    await export_history(client, db, OPTS)
+    await Exporter(client, db, OPTS).run()
     # Something removed stored rows behind the cursor's back: the next run must say so.
     await db.execute("DELETE FROM messages WHERE chat_id = ? AND message_id <= 10", (alice.id,))
-    report = await export_history(client, db, OPTS)
+    report = await Exporter(client, db, OPTS).run()
     (chat,) = report.chats
     assert chat.status is ChatStatus.GAPS and chat.missing == 10 and "10 of 120" in chat.note
 

@@ -21,7 +21,7 @@ from doppelbot.speech import TranscriptionWorker
 from doppelbot.speech.model import whisper_spec
 from doppelbot.store import transcripts
 from doppelbot.store.database import Database
-from doppelbot.telegram.export import ExportOptions, export_history
+from doppelbot.telegram.export import Exporter, ExportOptions
 from doppelbot.telegram.voice import download_note, export_voice, note_of, transcribe_incoming
 from tests import faketg
 from tests.faketg import FakeTelegram
@@ -69,7 +69,7 @@ async def test_export_voice_downloads_and_transcribes_both_directions(
     world: tuple[FakeTelegram, Any, dict[str, Any]], db: Database, voice_settings: Settings
 ) -> None:
     tg, client, msgs = world
-    report = await export_history(client, db, OPTS)
+    report = await Exporter(client, db, OPTS).run()
     chat_ids = [c.chat_id for c in report.chats]
     async with TranscriptionWorker(whisper_spec(voice_settings)) as worker:
         voice = await export_voice(client, db, worker, LIMITS, chat_ids=chat_ids)
@@ -99,7 +99,7 @@ async def test_budget_floodwait_and_resume(
     world: tuple[FakeTelegram, Any, dict[str, Any]], db: Database, voice_settings: Settings
 ) -> None:
     tg, client, msgs = world
-    chat_ids = [c.chat_id for c in (await export_history(client, db, OPTS)).chats]
+    chat_ids = [c.chat_id for c in (await Exporter(client, db, OPTS).run()).chats]
     sleep = FakeSleep()
     tg.fail_next("GetFileRequest", "FLOOD_WAIT_3")
     # 5 s of budget: the newest note (the round video, 1.5 s) and the 2 s one fit, not the 20 s
@@ -194,7 +194,7 @@ async def test_cli_voice_export_shows_progress_and_a_summary(
     from doppelbot.cli.voice_cmd import export_notes, print_report
 
     _, client, _ = world
-    chat_ids = [c.chat_id for c in (await export_history(client, db, OPTS)).chats]
+    chat_ids = [c.chat_id for c in (await Exporter(client, db, OPTS).run()).chats]
     out = io.StringIO()
     console = Console(file=out, width=120, force_terminal=False)
     settings = voice_settings.model_copy(

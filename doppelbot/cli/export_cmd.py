@@ -244,7 +244,7 @@ def export(
     settings = st.settings
     floor = _parse_date(since)
     from doppelbot.telegram.client import connected
-    from doppelbot.telegram.export import export_history
+    from doppelbot.telegram.export import Exporter
 
     options = export_options(
         settings,
@@ -266,7 +266,7 @@ def export(
             connected(settings, receive_updates=False) as client,
         ):
             with RichExportProgress(console) as progress:
-                report = await export_history(client, db, options, progress=progress)
+                report = await Exporter(client, db, options, progress=progress).run()
             notes = None
             if voice:
                 # The voice notes of the chats just exported, on the same connection.

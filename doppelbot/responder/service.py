@@ -984,36 +984,25 @@ class Responder:
         reply = await replies.get(self.db, reply_id)
         if reply is None:
             return Approval.NOT_WAITING
-        final = text if text is not None else (reply.draft_text or "")
-        parts = delivery.split_reply(final, split_lines=self.settings.responder.split_lines)
+        parts = delivery.split_reply(
+            text if text is not None else (reply.draft_text or ""),
+            split_lines=self.settings.responder.split_lines,
+        )
+        final = "\n".join(parts)
         state = self._state(reply.chat_id)
         async with state.lock:
             await self._sync_last_incoming(state)
             snapshot = _answers_up_to(reply)
             stale = state.last_incoming_id > snapshot
             now = self._now()
+            # A newer message makes the draft stale: dropped, with the owner's text kept.
+            to, why = (S.DROPPED, {"error": str(Skip.STALE)}) if stale else (S.SENDING, {})
             async with self.db.transaction() as conn:
-                if stale:
-                    moved = await replies.transition_in(
-                        conn,
-                        reply_id,
-                        S.AWAITING_REVIEW,
-                        S.DROPPED,
-                        now=int(now),
-                        error=str(Skip.STALE),
-                        final_text="\n".join(parts),
-                    )
-                else:
-                    moved = await replies.transition_in(
-                        conn,
-                        reply_id,
-                        S.AWAITING_REVIEW,
-                        S.SENDING,
-                        now=int(now),
-                        final_text="\n".join(parts),
-                    )
+                moved = await replies.transition_in(
+                    conn, reply_id, S.AWAITING_REVIEW, to, now=int(now), final_text=final, **why
+                )
                 if moved and on_claim is not None:
-                    await on_claim(conn, "\n".join(parts))
+                    await on_claim(conn, final)
             if not moved:
                 return Approval.NOT_WAITING
             if stale:

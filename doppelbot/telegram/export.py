@@ -75,7 +75,6 @@ __all__ = [
     "ExportReport",
     "Exporter",
     "NullProgress",
-    "export_history",
 ]
 
 
@@ -108,7 +107,16 @@ class Exporter:
 
     async def run(self) -> ExportReport:
         """The account, the chats to read, then every chat through a takeout session (or,
-        when Telegram wants that confirmed first, through the normal API, paced)."""
+        when Telegram wants that confirmed first, through the normal API, paced). Telethon's
+        errors come out as ``DoppelbotError``."""
+        try:
+            return await self._run()
+        except DoppelbotError:
+            raise
+        except TRANSLATED as exc:
+            raise translate(exc, flood_bound=self.options.flood_wait_max_s) from exc
+
+    async def _run(self) -> ExportReport:
         started = time.monotonic()
         report = ExportReport()
         me = await self.floods.retry(self.client.get_me, "dialog list")
@@ -259,20 +267,3 @@ def _first_older(messages: list[Any], floor: int) -> int | None:
         if msg.date.timestamp() < floor:
             return i
     return None
-
-
-async def export_history(
-    client: TelegramClient,
-    db: Database,
-    options: ExportOptions,
-    *,
-    progress: ExportProgress | None = None,
-    sleep: Sleep = asyncio.sleep,
-) -> ExportReport:
-    """Export with ``options``; Telethon errors come out as ``DoppelbotError``."""
-    try:
-        return await Exporter(client, db, options, progress=progress, sleep=sleep).run()
-    except DoppelbotError:
-        raise
-    except TRANSLATED as exc:
-        raise translate(exc, flood_bound=options.flood_wait_max_s) from exc
