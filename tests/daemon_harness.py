@@ -45,7 +45,7 @@ class Daemon:
             cmd += ["--crash-at", crash_at]
         cmd += ["--", "--env-file", os.devnull, *(args or ("run",))]
         full_env = {**os.environ, **self.env, **{k: str(v) for k, v in env.items()}}
-        log = self.data_dir.parent / f"bot-{len(self.procs)}.log"
+        log = self.data_dir.parent / f"bot-{Path(self.socket).stem}-{len(self.procs)}.log"
         with log.open("wb") as out:
             proc = await asyncio.create_subprocess_exec(
                 *cmd, cwd=ROOT, env=full_env, stdout=out, stderr=asyncio.subprocess.STDOUT
@@ -72,16 +72,20 @@ class Daemon:
         finally:
             conn.close()
 
-    def health(self) -> dict[str, Any] | None:
+    def health(self, pid: int | None = None) -> dict[str, Any] | None:
+        """The health record (of the process ``pid``: each account's bot keeps its own)."""
         rows = self.query("SELECT value FROM bot_state WHERE key = 'health'")
-        return json.loads(rows[0]["value"]) if rows else None
+        records = [json.loads(r["value"]) for r in rows]
+        if pid is not None:
+            records = [h for h in records if h.get("pid") == pid]
+        return records[0] if records else None
 
     async def ready(self, proc: Any, limit_s: float = 90.0) -> None:
         """Until ``proc`` has caught up and recorded a healthy heartbeat."""
 
         def up() -> bool:
-            h = self.health()
-            return bool(h and h.get("pid") == proc.pid and h.get("state") == "ok")
+            h = self.health(proc.pid)
+            return bool(h and h.get("state") == "ok")
 
         await self.until(up, limit_s, proc)
 

@@ -7,14 +7,17 @@ receiving messages while the bot is down. Counts what reached each chat.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import daemon
-from tests.faketg import OWNER_ID
+from tests.daemon_harness import Daemon, daemon
+from tests.faketg import OWNER_ID, FakeTelegram
+from tests.faketg_remote import FakeTelegramServer
 from tests.tiny_model import make_tiny_model_dir
 
 pytestmark = pytest.mark.slow
@@ -156,3 +159,61 @@ async def test_a_stalled_stream_is_recovered_and_an_outage_exits_non_zero(
         out = d.output(bot)
         assert "error: Telegram unreachable or silent for" in out and "Traceback" not in out
         assert (d.health() or {}).get("state") == "failed"
+
+
+async def test_two_accounts_run_as_two_processes_each_with_its_own_lock(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """``run`` and ``run --account work`` on one data directory: two processes, each with its
+    own Telegram account, lock, health and replies; Alice writes to both (the same message id
+    on each) and gets one answer from each; a second ``run --account work`` is refused."""
+    async with daemon(tmp_path, model_dir) as d:
+        work_tg = FakeTelegram(me_id=OWNER_ID + 100, me_first_name="Work", me_username="work")
+        (d.data_dir / "accounts").mkdir(mode=0o700)
+        work_tg.file_session(d.data_dir / "accounts" / "work.session")
+        with tempfile.TemporaryDirectory(prefix="faketg-") as sock_dir:
+            socket = os.path.join(sock_dir, "work.sock")
+            async with FakeTelegramServer(work_tg, socket):
+                work = Daemon(work_tg, d.data_dir, socket, d.env)
+                try:
+                    bot = await d.start()
+                    await d.ready(bot)
+                    work_bot = await work.start("run", "--account", "work")
+                    await work.ready(work_bot)
+                    second = await work.start("run", "--account", "work")
+                    async with asyncio.timeout(60):
+                        assert await second.wait() != 0
+                    refused = work.output(second)
+                    assert "one process per account and data directory" in refused
+                    assert "work.lock" in refused and "Traceback" not in refused
+
+                    alice = d.tg.add_user("Alice")
+                    alice_at_work = work_tg.add_user("Alice", user_id=alice.id)
+                    first = d.tg.push_incoming(alice, "привет дома")
+                    other = work_tg.push_incoming(alice_at_work, "привет на работе")
+                    assert first.id == other.id  # the same message id on both accounts
+                    await d.until(lambda: d.sent_to(alice), 60, bot)
+                    await work.until(lambda: work.sent_to(alice_at_work), 60, work_bot)
+                    await asyncio.sleep(1)  # nothing more goes out
+                    assert len(d.sent_to(alice)) == 1 and len(work.sent_to(alice_at_work)) == 1
+                    rows = d.query(
+                        "SELECT a.name, r.status FROM replies r"
+                        " JOIN accounts a ON a.account_id = r.account_id ORDER BY a.name"
+                    )
+                    assert [(r["name"], r["status"]) for r in rows] == [
+                        ("default", "sent"),
+                        ("work", "sent"),
+                    ]
+                    texts = d.query(
+                        "SELECT text FROM messages WHERE chat_id = ? AND message_id = ?"
+                        " ORDER BY account_id",
+                        (alice.id, first.id),
+                    )
+                    assert [t["text"] for t in texts] == ["привет дома", "привет на работе"]
+                    assert await work.stop(work_bot) == 0
+                    assert await d.stop(bot) == 0
+                finally:
+                    for proc in work.procs:
+                        if proc.returncode is None:
+                            proc.send_signal(signal.SIGKILL)
+                            await proc.wait()
