@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.markup import escape
 
-from doppelbot.cli.common import run_async, state
-from doppelbot.cli.model_cmd import ADAPTER_HELP, load_progress, resolve_adapter_option
+from doppelbot.cli.common import AdapterOpt, run_async, state
+from doppelbot.cli.model_cmd import load_progress, resolve_adapter_option
 from doppelbot.core.errors import GenerationError, PromptTooLongError
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def chat_command(text: str) -> str | None:
 
 def chat(
     ctx: typer.Context,
-    adapter: str | None = typer.Option(None, "--adapter", help=ADAPTER_HELP),
+    adapter: AdapterOpt = None,
     turns: int = typer.Option(
         8, "--turns", min=1, help="Dialogue turns kept as context (yours and its)."
     ),

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -43,15 +43,30 @@ T = TypeVar("T")
 _account: list[str | None] = [None]
 
 
-def account_option() -> Any:
-    """``--account NAME`` on a command that works on one own account."""
-    return typer.Option(
-        None,
+# --- options several commands share (declared once, so their help reads the same everywhere) ---
+AccountOpt = Annotated[
+    str | None,
+    typer.Option(
         "--account",
         metavar="NAME",
         help="The own Telegram account to work on (see `doppelbot accounts`; default: the "
         "account logged in without a name).",
-    )
+    ),
+]
+ADAPTER_HELP = (
+    "LoRA adapter: a folder, a name from `doppelbot adapter list`, or `base` for none "
+    "(default: the serving adapter)."
+)
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", help=ADAPTER_HELP)]
+#: A dataset whose validation split a command reads.
+ValidationDatasetOpt = Annotated[
+    str | None,
+    typer.Option("--dataset", help="Dataset name or path (default: latest); its validation split."),
+]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")]
+BaseModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Base model (hub id or local path).")
+]
 
 
 @dataclass
@@ -168,21 +183,27 @@ async def open_db(
 log = logging.getLogger("doppelbot.cli")
 
 
+def bars(console: Console, *columns: ProgressColumn, transient: bool = False) -> Progress:
+    """Rich progress bars: description, bar, n of m, then ``columns``. A transient display
+    (cleared at the end) is drawn only on a terminal."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *columns,
+        console=console,
+        transient=transient,
+        disable=transient and not console.is_terminal,
+    )
+
+
 class RichBars:
-    """Rich progress bars (description, bar, n of m, then ``columns``) as a context manager,
-    with one-line notes printed above them; the long commands' progress displays build on it."""
+    """``bars`` as a context manager, with one-line notes printed above them; the long
+    commands' progress displays build on it."""
 
     def __init__(self, console: Console, *columns: ProgressColumn, transient: bool = False) -> None:
         self.console = console
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            *columns,
-            console=console,
-            transient=transient,
-            disable=transient and not console.is_terminal,
-        )
+        self.progress = bars(console, *columns, transient=transient)
 
     def __enter__(self) -> Any:
         self.progress.__enter__()

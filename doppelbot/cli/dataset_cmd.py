@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from doppelbot.cli.common import state
+from doppelbot.cli.common import bars, state
 from doppelbot.dataset.service import DatasetRequest, NoSamplesError, build_dataset_files
 
 if TYPE_CHECKING:
@@ -131,13 +130,7 @@ def _progress_bar(console: Console) -> Iterator[Callable[[str, int, int], None]]
     """A ``progress(stage, done, total)`` callback drawing one bar per stage, shown from the
     first call on (the build, not the loading before it) and cleared at the end."""
 
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=console,
-        transient=True,
-    )
+    bar = bars(console, transient=True)
     tasks: dict[str, Any] = {}
 
     def progress(stage: str, done: int, total: int) -> None:

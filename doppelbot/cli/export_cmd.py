@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from doppelbot.cli.common import RichBars, account_option, open_db, run_async, state
+from doppelbot.cli.common import AccountOpt, RichBars, open_db, run_async, state
 from doppelbot.cli.voice_cmd import export_notes, print_report
 from doppelbot.core.domain import Account
 from doppelbot.core.errors import ExportIncompleteError
@@ -45,7 +45,7 @@ def login(
         help="Log in into a fresh StringSession and print it (for DOPPELBOT_SESSION_STRING in "
         "containers) instead of writing the session file. Treat the string like a password.",
     ),
-    account: str | None = account_option(),
+    account: AccountOpt = None,
 ) -> None:
     """Interactive login: phone, the code Telegram sends, and the 2FA password if set.
 
@@ -229,7 +229,7 @@ def export(
         help="Then download and transcribe the voice and round-video notes of the exported "
         "private chats (both directions; resumable; bounded by DOPPELBOT_VOICE_HISTORY_*).",
     ),
-    account: str | None = account_option(),
+    account: AccountOpt = None,
 ) -> None:
     """Export your chats over MTProto into the database.
 
@@ -320,7 +320,7 @@ def import_desktop(
         help="Your numeric Telegram user id, to tell your messages apart in group exports "
         "(default: from the file, or from `doppelbot login`).",
     ),
-    account: str | None = account_option(),
+    account: AccountOpt = None,
 ) -> None:
     """Import a Telegram Desktop JSON export into the same tables as `export`.
 

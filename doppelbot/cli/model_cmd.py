@@ -28,7 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from doppelbot.cli.common import run_async, state
+from doppelbot.cli.common import AdapterOpt, run_async, state
 from doppelbot.core.errors import DatasetError, ModelDownloadError, ModelError
 from doppelbot.dataset.jsonl import TRAIN_FILE, VALIDATION_FILE, resolve_dataset_dir
 from doppelbot.model.download import download_model, fetch_info, human_size
@@ -41,11 +41,6 @@ if TYPE_CHECKING:
     from doppelbot.config import Settings
 
 app = typer.Typer(no_args_is_help=True)
-
-ADAPTER_HELP = (
-    "LoRA adapter: a folder, a name from `doppelbot adapter list`, or `base` for none "
-    "(default: the serving adapter)."
-)
 
 
 @contextmanager
@@ -100,7 +95,7 @@ def check(
         help="A dataset JSONL file or folder (default: the latest dataset's validation split).",
     ),
     samples: int = typer.Option(32, "--samples", "-n", min=1, help="Samples to compare on."),
-    adapter: str | None = typer.Option(None, "--adapter", help=ADAPTER_HELP),
+    adapter: AdapterOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ) -> None:
     app_state = state(ctx)

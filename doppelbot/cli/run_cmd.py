@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from doppelbot.cli.common import account_option, open_db, run_async, state
+from doppelbot.cli.common import AccountOpt, open_db, run_async, state
 from doppelbot.core.domain import ReplyStatus
 from doppelbot.store import bot_state, replies
 from doppelbot.store.database import now
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from doppelbot.config import Settings
 
 
-def run(ctx: typer.Context, account: str | None = account_option()) -> None:
+def run(ctx: typer.Context, account: AccountOpt = None) -> None:
     """Answer incoming private messages in your voice until Ctrl+C / SIGTERM.
 
     One process per account: with --account NAME it answers that account's chats (run one
@@ -60,7 +60,7 @@ def status(
         help="Only check health: one line, exit 0 when `doppelbot run` runs and is healthy, "
         "1 otherwise (a Docker healthcheck).",
     ),
-    account: str | None = account_option(),
+    account: AccountOpt = None,
 ) -> None:
     """Health, pause state, reply counts, deferred and last replies (reads the database)."""
     st = state(ctx)

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from doppelbot.cli.common import account_option, open_db, run_async, state
+from doppelbot.cli.common import AccountOpt, ValidationDatasetOpt, bars, open_db, run_async, state
 from doppelbot.core.errors import DatasetError, DoppelbotError, GenerationError
 from doppelbot.core.ports import ModelIdentity
 from doppelbot.dataset.jsonl import VALIDATION_FILE, read_samples, resolve_dataset_dir
@@ -49,17 +48,6 @@ if TYPE_CHECKING:
 app = typer.Typer(no_args_is_help=True)
 
 OWNER_LABEL = "owner (reference)"
-
-
-def _progress(console: Console) -> Any:
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=console,
-        transient=False,
-    )
 
 
 class _Replies:
@@ -93,7 +81,7 @@ async def _generate_all(
 
     options = settings.generation
     out: dict[str, _Replies] = {}
-    with _progress(console) as progress:
+    with bars(console) as progress:
         for source, adapter in sources.items():
             task = progress.add_task(f"generating with {source}", total=len(contexts))
             replies: dict[str, str | None] = {}
@@ -133,7 +121,7 @@ async def _post(
     from doppelbot.telegram.saved import TelethonSavedMessages
 
     total, posted, _ = await store.batch_progress(db, batch_id)
-    with _progress(console) as progress:
+    with bars(console) as progress:
         task = progress.add_task("posting cards", total=total, completed=posted)
         return await post_batch(
             db,
@@ -227,13 +215,11 @@ def start(
     no_owner: bool = typer.Option(
         False, "--no-owner", help="Leave out the owner's real replies (the reference row)."
     ),
-    dataset: str | None = typer.Option(
-        None, "--dataset", help="Dataset name or path (default: latest); its validation split."
-    ),
+    dataset: ValidationDatasetOpt = None,
     batch: int | None = typer.Option(
         None, "--batch", help="Post the remaining cards of this batch (after an interruption)."
     ),
-    account: str | None = account_option(),
+    account: AccountOpt = None,
 ) -> None:
     app_state = state(ctx)
     name = app_state.use_account(account)
@@ -271,7 +257,7 @@ async def collect_labels(
             with console.status("reading your answers in Saved Messages…"):
                 answers = await answers_to_cards(client, ids)
         stored, bad = 0, 0
-        with _progress(console) as progress:
+        with bars(console) as progress:
             task = progress.add_task("recording labels", total=len(answers))
             for answer in answers:
                 try:
@@ -300,7 +286,7 @@ async def collect_labels(
 def collect(
     ctx: typer.Context,
     batch: int | None = typer.Option(None, "--batch", help="Only this batch (default: all)."),
-    account: str | None = account_option(),
+    account: AccountOpt = None,
 ) -> None:
     app_state = state(ctx)
     name = app_state.use_account(account)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from doppelbot.cli.common import invoked_as, state
+from doppelbot.cli.common import BaseModelOpt, DeviceOpt, ValidationDatasetOpt, invoked_as, state
 from doppelbot.training.runs import RUNNING
 
 if TYPE_CHECKING:
@@ -70,13 +70,13 @@ def train(
     run_name: str | None = typer.Option(
         None, "--run-name", help="Name of the run folder (default: METHOD-DATE-TIME)."
     ),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    device: DeviceOpt = None,
     precision: str | None = typer.Option(
         None,
         "--precision",
         help="Base weights: auto (int8 on CUDA, fp32 on CPU), int8, bf16, fp32.",
     ),
-    model: str | None = typer.Option(None, "--model", help="Base model (hub id or local path)."),
+    model: BaseModelOpt = None,
     preflight: bool = typer.Option(
         True, "--preflight/--no-preflight", help="Refuse to start when memory would not suffice."
     ),
@@ -185,17 +185,15 @@ def evaluate(
     against: str | None = typer.Option(
         None, "--against", help="A second adapter (folder, name, current or base) side by side."
     ),
-    dataset: str | None = typer.Option(
-        None, "--dataset", help="Dataset name or path (default: latest); its validation split."
-    ),
+    dataset: ValidationDatasetOpt = None,
     limit: int | None = typer.Option(
         None, "--limit", min=1, help="Validation samples used (default DOPPELBOT_EVAL_MAX_SAMPLES)."
     ),
-    device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    device: DeviceOpt = None,
     precision: str | None = typer.Option(
         None, "--precision", help="auto (int8 on CUDA, fp32 on CPU), int8, bf16 or fp32."
     ),
-    model: str | None = typer.Option(None, "--model", help="Base model (hub id or local path)."),
+    model: BaseModelOpt = None,
     output: Path | None = typer.Option(
         None, "--output", help="Write the JSON report here (default: runs/evals/eval-DATE.json)."
     ),

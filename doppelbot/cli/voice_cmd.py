@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import TaskID, TextColumn
 
-from doppelbot.cli.common import RichBars, account_option, open_db, run_async, state
+from doppelbot.cli.common import AccountOpt, RichBars, open_db, run_async, state
 from doppelbot.core.errors import ConfigError
 from doppelbot.speech import TranscriptionWorker
 from doppelbot.speech.model import whisper_spec
@@ -135,7 +135,7 @@ def transcribe(
         help="Audio this run transcribes at most, 0 = no limit "
         "(default: DOPPELBOT_VOICE_HISTORY_MAX_HOURS).",
     ),
-    account: str | None = account_option(),
+    account: AccountOpt = None,
 ) -> None:
     """Transcribe the stored voice and round-video notes that have a local file.
 
