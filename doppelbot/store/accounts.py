@@ -15,7 +15,7 @@ from typing import Any
 from doppelbot.core.domain import Account
 from doppelbot.core.errors import AccountError
 from doppelbot.store.database import DEFAULT_ACCOUNT_ID, Database, now
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row
 
 DEFAULT_NAME = "default"
 
@@ -73,16 +73,7 @@ class AccountCounts:
 
 
 def _own(r: Any) -> OwnAccount:
-    return OwnAccount(
-        account_id=int(r["account_id"]),
-        name=str(r["name"]),
-        user_id=r["user_id"],
-        first_name=r["first_name"],
-        last_name=r["last_name"],
-        username=r["username"],
-        phone=r["phone"],
-        created_at=int(r["created_at"]),
-    )
+    return from_row(OwnAccount, r)
 
 
 async def by_name(db: Database, name: str) -> OwnAccount | None:

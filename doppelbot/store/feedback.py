@@ -11,14 +11,13 @@ feedback trains one doppelganger.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from doppelbot.core.domain import Reaction, ReviewVerdict, Verdict
 from doppelbot.store.database import Database, Tx, now
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row, json_ids
 
 VERDICTS = Table(
     "review_verdicts",
@@ -110,18 +109,11 @@ async def answered_by(db: Database, reply_id: int, message_id: int) -> bool:
 
 
 def _verdict(r: Any) -> ReviewVerdict:
-    return ReviewVerdict(
-        reply_id=r["reply_id"],
-        verdict=Verdict(r["verdict"]),
-        draft_text=r["draft_text"],
-        final_text=r["final_text"],
-        created_at=r["created_at"],
-        verdict_id=r["verdict_id"],
-    )
+    return from_row(ReviewVerdict, r, verdict=Verdict)
 
 
 def _reaction(r: Any) -> Reaction:
-    return Reaction(r["chat_id"], r["message_id"], r["emoji"], r["count"], bool(r["by_owner"]))
+    return from_row(Reaction, r, by_owner=bool)
 
 
 async def verdicts_for(db: Database, reply_id: int) -> list[ReviewVerdict]:
@@ -196,24 +188,17 @@ async def feedback_replies(db: Database) -> list[FeedbackReply]:
         reactions.setdefault(key, []).append(_reaction(r))
     out = []
     for r in rows:
-        sent = tuple(int(x) for x in json.loads(r["sent_message_ids"] or "[]"))
-        ctx = tuple(int(x) for x in json.loads(r["context_message_ids"] or "[]"))
+        sent = json_ids(r["sent_message_ids"])
         reacts = tuple(
             x for mid in sent for x in reactions.get((r["account_id"], r["chat_id"], mid), ())
         )
+        extra = {"verdicts": tuple(by_reply.get(r["reply_id"], ())), "reactions": reacts}
         out.append(
-            FeedbackReply(
-                reply_id=r["reply_id"],
-                chat_id=r["chat_id"],
-                status=r["status"],
-                mode=r["mode"],
-                prompt=r["prompt"],
-                draft_text=r["draft_text"],
-                final_text=r["final_text"],
-                sent_message_ids=sent,
-                context_message_ids=ctx,
-                verdicts=tuple(by_reply.get(r["reply_id"], ())),
-                reactions=reacts,
+            from_row(
+                FeedbackReply,
+                {**r, **extra},
+                sent_message_ids=json_ids,
+                context_message_ids=json_ids,
             )
         )
     return out

@@ -17,7 +17,7 @@ from typing import Any
 
 from doppelbot.core.domain import MediaKind, Message, Peer, PeerKind
 from doppelbot.store.database import Database, Tx, now
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row, optional
 
 MESSAGES = Table(
     "messages",
@@ -78,74 +78,29 @@ MESSAGE_COLUMNS = MESSAGES.column_list
 
 def message_values(m: Message) -> tuple[Any, ...]:
     """A message as the values of a ``messages`` row (``MESSAGES.columns`` order)."""
-    return (
-        m.chat_id,
-        m.message_id,
-        m.sender_id,
-        int(m.is_outgoing),
-        m.date,
-        m.edit_date,
-        m.text,
-        m.reply_to_message_id,
-        int(m.is_forwarded),
-        m.forwarded_from,
-        m.media_kind.value if m.media_kind else None,
-        m.sticker_emoji,
-        m.grouped_id,
-        m.service_action,
-    )
+    return MESSAGES.values(m)
 
 
 def row_message(r: Any) -> Message:
     """A ``messages`` row (read by column name) → ``Message``."""
-    return Message(
-        chat_id=r["chat_id"],
-        message_id=r["message_id"],
-        sender_id=r["sender_id"],
-        is_outgoing=bool(r["is_outgoing"]),
-        date=r["date"],
-        edit_date=r["edit_date"],
-        text=r["text"],
-        reply_to_message_id=r["reply_to_message_id"],
-        is_forwarded=bool(r["is_forwarded"]),
-        forwarded_from=r["forwarded_from"],
-        media_kind=MediaKind(r["media_kind"]) if r["media_kind"] else None,
-        sticker_emoji=r["sticker_emoji"],
-        grouped_id=r["grouped_id"],
-        service_action=r["service_action"],
+    return from_row(
+        Message,
+        r,
+        is_outgoing=bool,
+        is_forwarded=bool,
+        media_kind=optional(MediaKind),
     )
 
 
 def peer_values(p: Peer, updated_at: int | None = None) -> tuple[Any, ...]:
     """A peer as the values of a ``peers`` row (``PEERS.columns`` order)."""
-    return (
-        p.peer_id,
-        p.kind.value,
-        p.first_name,
-        p.last_name,
-        p.title,
-        p.username,
-        int(p.is_bot),
-        int(p.is_deleted),
-        int(p.is_contact),
-        int(p.is_self),
-        updated_at if updated_at is not None else now(),
-    )
+    return PEERS.values(p, updated_at=updated_at if updated_at is not None else now())
 
 
 def row_peer(r: Any) -> Peer:
     """A ``peers`` row (read by column name) → ``Peer``."""
-    return Peer(
-        peer_id=r["peer_id"],
-        kind=PeerKind(r["kind"]),
-        first_name=r["first_name"],
-        last_name=r["last_name"],
-        title=r["title"],
-        username=r["username"],
-        is_bot=bool(r["is_bot"]),
-        is_deleted=bool(r["is_deleted"]),
-        is_contact=bool(r["is_contact"]),
-        is_self=bool(r["is_self"]),
+    return from_row(
+        Peer, r, kind=PeerKind, is_bot=bool, is_deleted=bool, is_contact=bool, is_self=bool
     )
 
 
@@ -179,15 +134,7 @@ async def upsert_peers_in(conn: Tx, peers: Iterable[Peer]) -> None:
 async def save_cursor_in(conn: Tx, c: ExportCursor) -> None:
     await conn.execute(
         EXPORT_CURSORS.insert(conflict="update", account_id=conn.account_id),
-        (
-            c.chat_id,
-            c.newest_message_id,
-            c.oldest_message_id,
-            int(c.history_complete),
-            c.server_total,
-            c.last_run_at,
-            c.last_error,
-        ),
+        EXPORT_CURSORS.values(c),
     )
 
 
@@ -284,7 +231,7 @@ async def get_cursor(db: Database, chat_id: int) -> ExportCursor | None:
     r = await db.fetchone(
         EXPORT_CURSORS.select("chat_id = ?", account_id=db.account_id), (chat_id,)
     )
-    return _cursor(chat_id, r) if r else None
+    return _cursor(r) if r else None
 
 
 async def get_message(db: Database, chat_id: int, message_id: int) -> Message | None:
@@ -442,21 +389,10 @@ async def cursors_and_counts(
     )
     found: dict[int, tuple[ExportCursor | None, int]] = {}
     for r in rows:
-        chat_id = int(r["chat_id"])
-        cursor = None
-        if r["newest_message_id"] is not None:
-            cursor = _cursor(chat_id, r)
-        found[chat_id] = (cursor, int(r["stored"]))
+        cursor = None if r["newest_message_id"] is None else _cursor(r)
+        found[int(r["chat_id"])] = (cursor, int(r["stored"]))
     return found
 
 
-def _cursor(chat_id: int, r: Any) -> ExportCursor:
-    return ExportCursor(
-        chat_id,
-        r["newest_message_id"],
-        r["oldest_message_id"],
-        bool(r["history_complete"]),
-        r["server_total"],
-        r["last_run_at"],
-        r["last_error"],
-    )
+def _cursor(r: Any) -> ExportCursor:
+    return from_row(ExportCursor, r, history_complete=bool)

@@ -26,7 +26,7 @@ from typing import Any
 
 from doppelbot.core.domain import Reply, ReplyMode, ReplyStatus
 from doppelbot.store.database import Database, Tx
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row, json_ids
 
 S = ReplyStatus
 
@@ -93,31 +93,15 @@ _UPDATABLE = frozenset(REPLIES.columns) - {
 }
 
 
-def _ids(value: str | None) -> tuple[int, ...]:
-    return tuple(int(x) for x in json.loads(value or "[]"))
-
-
 def row_reply(r: Any) -> Reply:
     """A ``sqlite3.Row`` (read by column name) → ``Reply``."""
-    return Reply(
-        reply_id=r["reply_id"],
-        chat_id=r["chat_id"],
-        status=ReplyStatus(r["status"]),
-        mode=ReplyMode(r["mode"]),
-        trigger_message_id=r["trigger_message_id"],
-        context_message_ids=_ids(r["context_message_ids"]),
-        draft_text=r["draft_text"],
-        final_text=r["final_text"],
-        error=r["error"],
-        model_id=r["model_id"],
-        adapter_id=r["adapter_id"],
-        review_message_id=r["review_message_id"],
-        sent_message_ids=_ids(r["sent_message_ids"]),
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-        generated_at=r["generated_at"],
-        sent_at=r["sent_at"],
-        not_before=r["not_before"],
+    return from_row(
+        Reply,
+        r,
+        status=ReplyStatus,
+        mode=ReplyMode,
+        context_message_ids=json_ids,
+        sent_message_ids=json_ids,
     )
 
 
@@ -202,7 +186,7 @@ async def add_sent_id_in(conn: Tx, reply_id: int, message_id: int, *, now: int) 
             (reply_id, conn.account_id),
         )
     ).fetchone()
-    ids = list(_ids(row["sent_message_ids"] if row else None))
+    ids = list(json_ids(row["sent_message_ids"] if row else None))
     if message_id not in ids:
         ids.append(message_id)
     await conn.execute(
@@ -394,7 +378,7 @@ async def bot_message_ids(db: Database, chat_id: int) -> set[int]:
     )
     found: set[int] = set()
     for r in rows:
-        found.update(_ids(r["sent_message_ids"]))
+        found.update(json_ids(r["sent_message_ids"]))
     return found
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from doppelbot.core.domain import Candidate, SsaLabel
 from doppelbot.store.database import Database, now
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row
 
 SSA_BATCHES = Table(
     "ssa_batches",
@@ -94,19 +94,12 @@ async def create_batch(
     return batch_id
 
 
+def _turns(value: str) -> tuple[tuple[str, str], ...]:
+    return tuple((str(role), str(text)) for role, text in json.loads(value))
+
+
 def _item(r: Any) -> SsaItem:
-    card = r["card_message_id"]
-    return SsaItem(
-        item_id=int(r["item_id"]),
-        batch_id=int(r["batch_id"]),
-        context_key=str(r["context_key"]),
-        source=str(r["source"]),
-        position=int(r["position"]),
-        context=tuple((str(a), str(b)) for a, b in json.loads(str(r["context"]))),
-        model_input=str(r["model_input"]),
-        reply=str(r["reply"]),
-        card_message_id=None if card is None else int(card),
-    )
+    return from_row(SsaItem, r, context=_turns)
 
 
 async def items(db: Database, batch_id: int, *, unposted_only: bool = False) -> list[SsaItem]:

@@ -9,16 +9,27 @@ A table of one own account's rows (``per_account``) also has an ``account_id`` c
 not in ``columns``: the statements made from the declaration take the account and write it into
 every row they insert and into every ``WHERE`` they select with, so no statement built here can
 forget which account it is for (the row tuples stay what the domain maps).
+
+The columns are named like the fields of the frozen dataclasses the store hands out, so one
+helper maps each way: ``Table.values`` makes a row's values from an object, ``from_row`` makes an
+object from a row, with a converter only where SQLite stores a field differently (an enum as its
+value, a flag as 0/1, ids as JSON).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from enum import Enum
 from functools import cache
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 Conflict = Literal["fail", "update", "ignore"]
+
+T = TypeVar("T")
+#: A column value → a field value.
+Convert = Callable[[Any], Any]
 
 #: The column that says which own account a row of a per-account table belongs to.
 ACCOUNT_COLUMN = "account_id"
@@ -72,6 +83,11 @@ class Table:
             sql += f" WHERE {where}"
         return f"{sql} {tail}" if tail else sql
 
+    def values(self, obj: Any, **given: Any) -> tuple[Any, ...]:
+        """``obj``'s attributes in column order, as SQLite stores them (a flag as 0/1, an enum
+        as its value); ``given`` holds the columns ``obj`` has no attribute for."""
+        return tuple(_stored(given[c] if c in given else getattr(obj, c)) for c in self.columns)
+
     def _account(self, account_id: int | None) -> int | None:
         if not self.per_account:
             if account_id is not None:
@@ -106,3 +122,40 @@ def _insert(
         return sql + target + " DO NOTHING"
     changed = [c for c in (update or cols) if c not in table.key]
     return sql + target + " DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in changed)
+
+
+def _stored(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def from_row(cls: type[T], row: Any, /, **convert: Convert) -> T:
+    """The dataclass ``cls`` from a row read by column name (a ``sqlite3.Row`` or a dict):
+    every field the row has a column for, through ``convert[field]`` where given; the fields
+    it has no column for keep their defaults."""
+    keys = row.keys()
+    return cls(
+        **{
+            name: convert[name](row[name]) if name in convert else row[name]
+            for name in _field_names(cls)
+            if name in keys
+        }
+    )
+
+
+@cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def optional(convert: Convert) -> Convert:
+    """``convert`` for a nullable column: NULL stays None."""
+    return lambda value: None if value is None else convert(value)
+
+
+def json_ids(value: str | None) -> tuple[int, ...]:
+    """A column holding a JSON list of ids (NULL: none)."""
+    return tuple(int(x) for x in json.loads(value or "[]"))
