@@ -75,20 +75,17 @@ def _choice(r: Any) -> AdapterChoice:
 
 
 async def current_choice(db: Database) -> AdapterChoice | None:
-    row = await db.fetchone(ADAPTER_CHOICES.select(tail="ORDER BY choice_id DESC LIMIT 1"))
-    return None if row is None else _choice(row)
+    return await ADAPTER_CHOICES.rows(db, tail="ORDER BY choice_id DESC LIMIT 1").one(_choice)
 
 
 async def get_choice(db: Database, choice_id: int) -> AdapterChoice | None:
-    row = await db.fetchone(ADAPTER_CHOICES.select("choice_id = ?"), (choice_id,))
-    return None if row is None else _choice(row)
+    return await ADAPTER_CHOICES.rows(db, "choice_id = ?", (choice_id,)).one(_choice)
 
 
 async def choice_history(db: Database, limit: int = 20) -> list[AdapterChoice]:
-    rows = await db.fetchall(
-        ADAPTER_CHOICES.select(tail="ORDER BY choice_id DESC LIMIT ?"), (limit,)
-    )
-    return [_choice(r) for r in rows]
+    return await ADAPTER_CHOICES.rows(
+        db, params=(limit,), tail="ORDER BY choice_id DESC LIMIT ?"
+    ).all(_choice)
 
 
 async def insert_choice(

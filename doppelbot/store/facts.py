@@ -110,13 +110,11 @@ async def add_fact(db: Database, text: str, source: str = SOURCE_SAVED_MESSAGES)
 
 
 async def get_fact(db: Database, fact_id: int) -> Fact | None:
-    row = await db.fetchone(FACTS.select("fact_id = ?"), (fact_id,))
-    return None if row is None else _row_fact(row)
+    return await FACTS.rows(db, "fact_id = ?", (fact_id,)).one(_row_fact)
 
 
 async def list_facts(db: Database) -> list[Fact]:
-    rows = await db.fetchall(FACTS.select(tail="ORDER BY fact_id"))
-    return [_row_fact(r) for r in rows]
+    return await FACTS.rows(db, tail="ORDER BY fact_id").all(_row_fact)
 
 
 async def count_facts(db: Database) -> int:

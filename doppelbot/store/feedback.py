@@ -117,10 +117,9 @@ def _reaction(r: Any) -> Reaction:
 
 
 async def verdicts_for(db: Database, reply_id: int) -> list[ReviewVerdict]:
-    rows = await db.fetchall(
-        VERDICTS.select("reply_id = ?", tail="ORDER BY verdict_id"), (reply_id,)
+    return await VERDICTS.rows(db, "reply_id = ?", (reply_id,), tail="ORDER BY verdict_id").all(
+        _verdict
     )
-    return [_verdict(r) for r in rows]
 
 
 async def set_reactions(
@@ -140,13 +139,9 @@ async def set_reactions(
 
 
 async def reactions_for(db: Database, chat_id: int, message_id: int) -> list[Reaction]:
-    rows = await db.fetchall(
-        REACTIONS.select(
-            "chat_id = ? AND message_id = ?", tail="ORDER BY emoji", account_id=db.account_id
-        ),
-        (chat_id, message_id),
-    )
-    return [_reaction(r) for r in rows]
+    return await REACTIONS.rows(
+        db, "chat_id = ? AND message_id = ?", (chat_id, message_id), tail="ORDER BY emoji"
+    ).all(_reaction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,10 +170,9 @@ async def feedback_replies(db: Database) -> list[FeedbackReply]:
         " sent_message_ids, context_message_ids FROM replies WHERE prompt IS NOT NULL"
         " ORDER BY created_at, reply_id"
     )
-    verdict_rows = await db.fetchall(VERDICTS.select(tail="ORDER BY verdict_id"))
     by_reply: dict[int, list[ReviewVerdict]] = {}
-    for r in verdict_rows:
-        by_reply.setdefault(r["reply_id"], []).append(_verdict(r))
+    for v in await VERDICTS.rows(db, tail="ORDER BY verdict_id").all(_verdict):
+        by_reply.setdefault(v.reply_id, []).append(v)
     reaction_rows = await db.fetchall(
         f"SELECT account_id, {REACTIONS.column_list} FROM reactions WHERE by_owner = 0"
     )
@@ -205,11 +199,12 @@ async def feedback_replies(db: Database) -> list[FeedbackReply]:
 
 
 async def latest_verdict(db: Database, reply_id: int, verdict: Verdict) -> ReviewVerdict | None:
-    row = await db.fetchone(
-        VERDICTS.select("reply_id = ? AND verdict = ?", tail="ORDER BY verdict_id DESC LIMIT 1"),
+    return await VERDICTS.rows(
+        db,
+        "reply_id = ? AND verdict = ?",
         (reply_id, verdict.value),
-    )
-    return None if row is None else _verdict(row)
+        tail="ORDER BY verdict_id DESC LIMIT 1",
+    ).one(_verdict)
 
 
 async def set_final_text(db: Database, verdict_id: int, text: str) -> None:

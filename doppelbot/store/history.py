@@ -206,40 +206,27 @@ async def save_cursor(db: Database, cursor: ExportCursor) -> None:
 
 # --- reads -------------------------------------------------------------------------------------
 async def get_peer(db: Database, peer_id: int) -> Peer | None:
-    r = await db.fetchone(PEERS.select("peer_id = ?", account_id=db.account_id), (peer_id,))
-    return row_peer(r) if r else None
+    return await PEERS.rows(db, "peer_id = ?", (peer_id,)).one(row_peer)
 
 
 async def find_peer_by_username(db: Database, username: str) -> Peer | None:
-    r = await db.fetchone(
-        PEERS.select(
-            "username = ? COLLATE NOCASE",
-            tail="ORDER BY peer_id LIMIT 1",
-            account_id=db.account_id,
-        ),
-        (username.lstrip("@"),),
-    )
-    return row_peer(r) if r else None
+    return await PEERS.rows(
+        db, "username = ? COLLATE NOCASE", (username.lstrip("@"),), tail="ORDER BY peer_id LIMIT 1"
+    ).one(row_peer)
 
 
 async def list_peers(db: Database) -> list[Peer]:
-    rows = await db.fetchall(PEERS.select(tail="ORDER BY peer_id", account_id=db.account_id))
-    return [row_peer(r) for r in rows]
+    return await PEERS.rows(db, tail="ORDER BY peer_id").all(row_peer)
 
 
 async def get_cursor(db: Database, chat_id: int) -> ExportCursor | None:
-    r = await db.fetchone(
-        EXPORT_CURSORS.select("chat_id = ?", account_id=db.account_id), (chat_id,)
-    )
-    return _cursor(r) if r else None
+    return await EXPORT_CURSORS.rows(db, "chat_id = ?", (chat_id,)).one(_cursor)
 
 
 async def get_message(db: Database, chat_id: int, message_id: int) -> Message | None:
-    r = await db.fetchone(
-        MESSAGES.select("chat_id = ? AND message_id = ?", account_id=db.account_id),
-        (chat_id, message_id),
+    return await MESSAGES.rows(db, "chat_id = ? AND message_id = ?", (chat_id, message_id)).one(
+        row_message
     )
-    return row_message(r) if r else None
 
 
 async def count_messages(db: Database, chat_id: int | None = None) -> int:
@@ -265,15 +252,10 @@ async def chat_ids_with_messages(db: Database) -> list[int]:
 
 async def recent_messages(db: Database, chat_id: int, limit: int = 50) -> list[Message]:
     """The chat's last ``limit`` messages, oldest first."""
-    rows = await db.fetchall(
-        MESSAGES.select(
-            "chat_id = ?",
-            tail="ORDER BY date DESC, message_id DESC LIMIT ?",
-            account_id=db.account_id,
-        ),
-        (chat_id, limit),
-    )
-    return [row_message(r) for r in reversed(rows)]
+    newest = await MESSAGES.rows(
+        db, "chat_id = ?", (chat_id, limit), tail="ORDER BY date DESC, message_id DESC LIMIT ?"
+    ).all(row_message)
+    return newest[::-1]
 
 
 async def iter_chat_messages(
@@ -313,15 +295,12 @@ async def messages_by_ids(db: Database, chat_id: int, message_ids: Sequence[int]
     if not message_ids:
         return []
     marks = ",".join("?" * len(message_ids))
-    rows = await db.fetchall(
-        MESSAGES.select(
-            f"chat_id = ? AND message_id IN ({marks})",
-            tail="ORDER BY message_id",
-            account_id=db.account_id,
-        ),
+    return await MESSAGES.rows(
+        db,
+        f"chat_id = ? AND message_id IN ({marks})",
         (chat_id, *message_ids),
-    )
-    return [row_message(r) for r in rows]
+        tail="ORDER BY message_id",
+    ).all(row_message)
 
 
 async def voice_notes_since(db: Database, chat_id: int, since: int, limit: int = 5) -> list[int]:
@@ -350,17 +329,14 @@ async def count_incoming_between(db: Database, chat_id: int, after: int, before:
 
 async def owner_turn_after(db: Database, chat_id: int, after: int) -> list[Message]:
     """The owner's messages after message ``after`` up to the other person's next one."""
-    rows = await db.fetchall(
-        MESSAGES.select(
-            "chat_id = ? AND is_outgoing = 1 AND message_id > ? AND message_id < coalesce("
-            "(SELECT min(message_id) FROM messages WHERE account_id = ? AND chat_id = ?"
-            " AND is_outgoing = 0 AND message_id > ?), 1 << 62)",
-            tail="ORDER BY message_id",
-            account_id=db.account_id,
-        ),
+    return await MESSAGES.rows(
+        db,
+        "chat_id = ? AND is_outgoing = 1 AND message_id > ? AND message_id < coalesce("
+        "(SELECT min(message_id) FROM messages WHERE account_id = ? AND chat_id = ?"
+        " AND is_outgoing = 0 AND message_id > ?), 1 << 62)",
         (chat_id, after, db.account_id, chat_id, after),
-    )
-    return [row_message(r) for r in rows]
+        tail="ORDER BY message_id",
+    ).all(row_message)
 
 
 async def has_outgoing(db: Database, chat_id: int) -> bool:

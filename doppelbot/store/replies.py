@@ -285,48 +285,36 @@ async def queue_for_chat(
 
 
 async def get(db: Database, reply_id: int) -> Reply | None:
-    r = await db.fetchone(REPLIES.select("reply_id = ?", account_id=db.account_id), (reply_id,))
-    return row_reply(r) if r else None
+    return await REPLIES.rows(db, "reply_id = ?", (reply_id,)).one(row_reply)
 
 
 async def get_by_review_message(db: Database, review_message_id: int) -> Reply | None:
-    r = await db.fetchone(
-        REPLIES.select("review_message_id = ?", tail=_NEWEST, account_id=db.account_id),
-        (review_message_id,),
+    return await REPLIES.rows(db, "review_message_id = ?", (review_message_id,), tail=_NEWEST).one(
+        row_reply
     )
-    return row_reply(r) if r else None
 
 
 async def queued_for_chat(db: Database, chat_id: int) -> Reply | None:
-    r = await db.fetchone(
-        REPLIES.select("chat_id = ? AND status = 'queued'", tail=_NEWEST, account_id=db.account_id),
-        (chat_id,),
-    )
-    return row_reply(r) if r else None
+    return await REPLIES.rows(
+        db, "chat_id = ? AND status = 'queued'", (chat_id,), tail=_NEWEST
+    ).one(row_reply)
 
 
 async def finished_reviews_since(db: Database, since: int) -> list[Reply]:
     """Review drafts with a card that reached an end state since ``since``."""
-    rows = await db.fetchall(
-        REPLIES.select(
-            "mode = 'review' AND review_message_id IS NOT NULL"
-            " AND status IN ('sent', 'dropped', 'failed', 'expired') AND updated_at >= ?",
-            tail="ORDER BY reply_id",
-            account_id=db.account_id,
-        ),
+    return await REPLIES.rows(
+        db,
+        "mode = 'review' AND review_message_id IS NOT NULL"
+        " AND status IN ('sent', 'dropped', 'failed', 'expired') AND updated_at >= ?",
         (since,),
-    )
-    return [row_reply(r) for r in rows]
+        tail="ORDER BY reply_id",
+    ).all(row_reply)
 
 
 async def deferred_for_chat(db: Database, chat_id: int) -> Reply | None:
-    r = await db.fetchone(
-        REPLIES.select(
-            "chat_id = ? AND status = 'deferred'", tail=_NEWEST, account_id=db.account_id
-        ),
-        (chat_id,),
-    )
-    return row_reply(r) if r else None
+    return await REPLIES.rows(
+        db, "chat_id = ? AND status = 'deferred'", (chat_id,), tail=_NEWEST
+    ).one(row_reply)
 
 
 async def recent_send_times(db: Database, since: int, chat_id: int | None = None) -> list[int]:
@@ -351,17 +339,13 @@ async def with_status(
     if chat_id is not None:
         where += " AND chat_id = ?"
         params.append(chat_id)
-    sql = REPLIES.select(where, account_id=db.account_id)
-    rows = await db.fetchall(sql + " ORDER BY reply_id", params)
-    return [row_reply(r) for r in rows]
+    return await REPLIES.rows(db, where, params, tail="ORDER BY reply_id").all(row_reply)
 
 
 async def for_chat(db: Database, chat_id: int) -> list[Reply]:
-    rows = await db.fetchall(
-        REPLIES.select("chat_id = ?", tail="ORDER BY reply_id", account_id=db.account_id),
-        (chat_id,),
+    return await REPLIES.rows(db, "chat_id = ?", (chat_id,), tail="ORDER BY reply_id").all(
+        row_reply
     )
-    return [row_reply(r) for r in rows]
 
 
 async def count_recent_sends(db: Database, since: int, chat_id: int | None = None) -> int:
@@ -432,15 +416,12 @@ async def _summaries(db: Database, tail: str, params: Sequence[object]) -> list[
 
 async def last_auto_sent(db: Database, chat_id: int) -> Reply | None:
     """The chat's newest reply sent in auto mode (what a takeover correction corrects)."""
-    r = await db.fetchone(
-        REPLIES.select(
-            "chat_id = ? AND status = 'sent' AND mode = 'auto' AND sent_message_ids != '[]'",
-            tail="ORDER BY sent_at DESC, reply_id DESC LIMIT 1",
-            account_id=db.account_id,
-        ),
+    return await REPLIES.rows(
+        db,
+        "chat_id = ? AND status = 'sent' AND mode = 'auto' AND sent_message_ids != '[]'",
         (chat_id,),
-    )
-    return row_reply(r) if r else None
+        tail="ORDER BY sent_at DESC, reply_id DESC LIMIT 1",
+    ).one(row_reply)
 
 
 async def owner_written_since(

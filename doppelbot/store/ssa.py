@@ -104,19 +104,16 @@ def _item(r: Any) -> SsaItem:
 
 async def items(db: Database, batch_id: int, *, unposted_only: bool = False) -> list[SsaItem]:
     extra = " AND card_message_id IS NULL" if unposted_only else ""
-    rows = await db.fetchall(
-        SSA_ITEMS.select(f"batch_id = ?{extra}", tail="ORDER BY position"), (batch_id,)
-    )
-    return [_item(r) for r in rows]
+    return await SSA_ITEMS.rows(
+        db, f"batch_id = ?{extra}", (batch_id,), tail="ORDER BY position"
+    ).all(_item)
 
 
 async def item_by_card(db: Database, card_message_id: int) -> SsaItem | None:
     """The item whose card is message ``card_message_id`` of the handle's Saved Messages."""
-    r = await db.fetchone(
-        SSA_ITEMS.select("account_id = ? AND card_message_id = ?"),
-        (db.account_id, card_message_id),
-    )
-    return _item(r) if r else None
+    return await SSA_ITEMS.rows(
+        db, "account_id = ? AND card_message_id = ?", (db.account_id, card_message_id)
+    ).one(_item)
 
 
 async def mark_posted(db: Database, item_id: int, card_message_id: int) -> None:

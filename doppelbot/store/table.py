@@ -25,6 +25,8 @@ from enum import Enum
 from functools import cache
 from typing import Any, Literal, TypeVar
 
+from doppelbot.store.database import Database
+
 Conflict = Literal["fail", "update", "ignore"]
 
 T = TypeVar("T")
@@ -83,6 +85,14 @@ class Table:
             sql += f" WHERE {where}"
         return f"{sql} {tail}" if tail else sql
 
+    def rows(
+        self, db: Database, where: str = "", params: Sequence[Any] = (), *, tail: str = ""
+    ) -> Rows:
+        """The rows ``select`` finds (on a per-account table, ``db``'s account's), to read
+        with ``.one(read)`` or ``.all(read)``."""
+        account_id = db.account_id if self.per_account else None
+        return Rows(db, self.select(where, tail=tail, account_id=account_id), params)
+
     def values(self, obj: Any, **given: Any) -> tuple[Any, ...]:
         """``obj``'s attributes in column order, as SQLite stores them (a flag as 0/1, an enum
         as its value); ``given`` holds the columns ``obj`` has no attribute for."""
@@ -122,6 +132,23 @@ def _insert(
         return sql + target + " DO NOTHING"
     changed = [c for c in (update or cols) if c not in table.key]
     return sql + target + " DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in changed)
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """A ``SELECT`` on one handle, each row made an object by a reader (``from_row``…)."""
+
+    db: Database
+    sql: str
+    params: Sequence[Any]
+
+    async def one(self, read: Callable[[Any], T]) -> T | None:
+        """The first row (None: no row)."""
+        row = await self.db.fetchone(self.sql, self.params)
+        return None if row is None else read(row)
+
+    async def all(self, read: Callable[[Any], T]) -> list[T]:
+        return [read(r) for r in await self.db.fetchall(self.sql, self.params)]
 
 
 def _stored(value: Any) -> Any:

@@ -32,19 +32,21 @@ VOICE_KIND_VALUES = tuple(sorted(k.value for k in VOICE_KINDS))
 
 @dataclass(frozen=True, slots=True)
 class StoredTranscript:
+    """One ``transcripts`` row (only ever read from the store, so every column is there)."""
+
     chat_id: int
     message_id: int
     status: TranscriptStatus
-    text: str = ""
-    language: str | None = None
-    model: str | None = None
-    duration_s: float | None = None
-    size_bytes: int | None = None
-    file_path: str | None = None
-    error: str | None = None
-    attempts: int = 0
-    seconds: float | None = None
-    updated_at: int = 0
+    text: str
+    language: str | None
+    model: str | None
+    duration_s: float | None
+    size_bytes: int | None
+    file_path: str | None
+    error: str | None
+    attempts: int
+    seconds: float | None
+    updated_at: int
 
     @property
     def usable(self) -> bool:
@@ -178,11 +180,9 @@ async def save_result(
 
 # --- reads ----------------------------------------------------------------------------------------
 async def get(db: Database, chat_id: int, message_id: int) -> StoredTranscript | None:
-    r = await db.fetchone(
-        TRANSCRIPTS.select("chat_id = ? AND message_id = ?", account_id=db.account_id),
-        (chat_id, message_id),
+    return await TRANSCRIPTS.rows(db, "chat_id = ? AND message_id = ?", (chat_id, message_id)).one(
+        _row
     )
-    return _row(r) if r else None
 
 
 async def for_messages(
@@ -192,11 +192,10 @@ async def for_messages(
     if not message_ids:
         return {}
     marks = ",".join("?" * len(message_ids))
-    rows = await db.fetchall(
-        TRANSCRIPTS.select(f"chat_id = ? AND message_id IN ({marks})", account_id=db.account_id),
-        (chat_id, *message_ids),
-    )
-    return {int(r["message_id"]): _row(r) for r in rows}
+    found = await TRANSCRIPTS.rows(
+        db, f"chat_id = ? AND message_id IN ({marks})", (chat_id, *message_ids)
+    ).all(_row)
+    return {t.message_id: t for t in found}
 
 
 async def attach(db: Database, messages: Sequence[Message]) -> list[Message]:
