@@ -19,6 +19,7 @@ value, a flag as 0/1, ids as JSON).
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -96,7 +97,10 @@ class Table:
     def values(self, obj: Any, **given: Any) -> tuple[Any, ...]:
         """``obj``'s attributes in column order, as SQLite stores them (a flag as 0/1, an enum
         as its value); ``given`` holds the columns ``obj`` has no attribute for."""
-        return tuple(_stored(given[c] if c in given else getattr(obj, c)) for c in self.columns)
+        found = [given[c] if c in given else getattr(obj, c) for c in self.columns]
+        # most values are stored as they are: test the class before calling (desktop imports
+        # make a row of every message)
+        return tuple([v if v.__class__ in _PLAIN else _stored(v) for v in found])
 
     def _account(self, account_id: int | None) -> int | None:
         if not self.per_account:
@@ -151,6 +155,9 @@ class Rows:
         return [read(r) for r in await self.db.fetchall(self.sql, self.params)]
 
 
+_PLAIN = frozenset({int, str, float, bytes, type(None)})
+
+
 def _stored(value: Any) -> Any:
     if isinstance(value, bool):
         return int(value)
@@ -163,19 +170,15 @@ def from_row(cls: type[T], row: Any, /, **convert: Convert) -> T:
     """The dataclass ``cls`` from a row read by column name (a ``sqlite3.Row`` or a dict):
     every field the row has a column for, through ``convert[field]`` where given; the fields
     it has no column for keep their defaults."""
-    keys = row.keys()
-    return cls(
-        **{
-            name: convert[name](row[name]) if name in convert else row[name]
-            for name in _field_names(cls)
-            if name in keys
-        }
-    )
+    names = _field_names(cls)
+    # a Row iterates its values (and finds a name by a linear search): pair them up once
+    pairs = zip(row.keys(), row, strict=True) if isinstance(row, sqlite3.Row) else row.items()
+    return cls(**{k: convert[k](v) if k in convert else v for k, v in pairs if k in names})
 
 
 @cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
 
 
 def optional(convert: Convert) -> Convert:
