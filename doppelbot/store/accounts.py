@@ -15,7 +15,7 @@ from typing import Any
 from doppelbot.core.domain import Account
 from doppelbot.core.errors import AccountError
 from doppelbot.store.database import DEFAULT_ACCOUNT_ID, Database, now
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row
 
 DEFAULT_NAME = "default"
 
@@ -38,16 +38,17 @@ ACCOUNTS = Table(
 
 @dataclass(frozen=True, slots=True)
 class OwnAccount:
-    """One row of ``accounts``: the name, and the Telegram user once known."""
+    """One row of ``accounts``: the name, and the Telegram user once known (only ever read
+    from the store, so every column is there)."""
 
     account_id: int
     name: str
-    user_id: int | None = None
-    first_name: str | None = None
-    last_name: str | None = None
-    username: str | None = None
-    phone: str | None = None
-    created_at: int = 0
+    user_id: int | None
+    first_name: str | None
+    last_name: str | None
+    username: str | None
+    phone: str | None
+    created_at: int
 
     @property
     def user(self) -> Account | None:
@@ -73,26 +74,15 @@ class AccountCounts:
 
 
 def _own(r: Any) -> OwnAccount:
-    return OwnAccount(
-        account_id=int(r["account_id"]),
-        name=str(r["name"]),
-        user_id=r["user_id"],
-        first_name=r["first_name"],
-        last_name=r["last_name"],
-        username=r["username"],
-        phone=r["phone"],
-        created_at=int(r["created_at"]),
-    )
+    return from_row(OwnAccount, r)
 
 
 async def by_name(db: Database, name: str) -> OwnAccount | None:
-    r = await db.fetchone(ACCOUNTS.select("name = ?"), (name,))
-    return _own(r) if r else None
+    return await ACCOUNTS.rows(db, "name = ?", (name,)).one(_own)
 
 
 async def by_user(db: Database, user_id: int) -> OwnAccount | None:
-    r = await db.fetchone(ACCOUNTS.select("user_id = ?"), (user_id,))
-    return _own(r) if r else None
+    return await ACCOUNTS.rows(db, "user_id = ?", (user_id,)).one(_own)
 
 
 async def create(db: Database, name: str) -> OwnAccount:
@@ -140,15 +130,15 @@ async def remove_if_unused(db: Database, account_id: int) -> bool:
 
 
 async def list_all(db: Database) -> list[OwnAccount]:
-    return [_own(r) for r in await db.fetchall(ACCOUNTS.select(tail="ORDER BY account_id"))]
+    return await ACCOUNTS.rows(db, tail="ORDER BY account_id").all(_own)
 
 
 async def current(db: Database) -> OwnAccount:
     """The account the handle is for."""
-    r = await db.fetchone(ACCOUNTS.select("account_id = ?"), (db.account_id,))
-    if r is None:
+    found = await ACCOUNTS.rows(db, "account_id = ?", (db.account_id,)).one(_own)
+    if found is None:
         raise AccountError(f"account #{db.account_id} is not in the database")
-    return _own(r)
+    return found
 
 
 async def identity(db: Database) -> Account | None:

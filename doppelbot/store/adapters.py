@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from doppelbot.store.database import Database, now
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row
 
 ADAPTER_CHOICES = Table(
     "adapter_choices",
@@ -71,34 +71,21 @@ class AdapterChoice:
 
 
 def _choice(r: Any) -> AdapterChoice:
-    previous = r["previous_choice_id"]
-    return AdapterChoice(
-        choice_id=int(r["choice_id"]),
-        adapter_path=Path(r["adapter_path"]),
-        adapter_name=str(r["adapter_name"]),
-        heldout_loss=None if r["heldout_loss"] is None else float(r["heldout_loss"]),
-        forced=bool(r["forced"]),
-        reason=str(r["reason"]),
-        previous_choice_id=None if previous is None else int(previous),
-        chosen_at=int(r["chosen_at"]),
-    )
+    return from_row(AdapterChoice, r, adapter_path=Path, forced=bool)
 
 
 async def current_choice(db: Database) -> AdapterChoice | None:
-    row = await db.fetchone(ADAPTER_CHOICES.select(tail="ORDER BY choice_id DESC LIMIT 1"))
-    return None if row is None else _choice(row)
+    return await ADAPTER_CHOICES.rows(db, tail="ORDER BY choice_id DESC LIMIT 1").one(_choice)
 
 
 async def get_choice(db: Database, choice_id: int) -> AdapterChoice | None:
-    row = await db.fetchone(ADAPTER_CHOICES.select("choice_id = ?"), (choice_id,))
-    return None if row is None else _choice(row)
+    return await ADAPTER_CHOICES.rows(db, "choice_id = ?", (choice_id,)).one(_choice)
 
 
 async def choice_history(db: Database, limit: int = 20) -> list[AdapterChoice]:
-    rows = await db.fetchall(
-        ADAPTER_CHOICES.select(tail="ORDER BY choice_id DESC LIMIT ?"), (limit,)
-    )
-    return [_choice(r) for r in rows]
+    return await ADAPTER_CHOICES.rows(
+        db, params=(limit,), tail="ORDER BY choice_id DESC LIMIT ?"
+    ).all(_choice)
 
 
 async def insert_choice(

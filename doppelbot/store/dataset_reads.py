@@ -17,27 +17,18 @@ from operator import itemgetter, le
 from pathlib import Path
 from typing import NamedTuple
 
-from doppelbot.core.domain import (
-    KIND_FORWARDED,
-    KIND_MEDIA,
-    KIND_SERVICE,
-    KIND_STICKER,
-    KIND_TEXT,
-    KIND_WEBPAGE,
-    Peer,
-    Row,
-    voice_message_text,
-)
+from doppelbot.core import domain
+from doppelbot.core.domain import Peer, Row, voice_message_text
 from doppelbot.core.errors import StoreError
 from doppelbot.store.database import DEFAULT_ACCOUNT_ID
 from doppelbot.store.history import PEERS, row_peer
 
 KIND_SQL = (
-    f"CASE WHEN service_action IS NOT NULL THEN {KIND_SERVICE}"
-    f" WHEN is_forwarded THEN {KIND_FORWARDED}"
-    f" WHEN media_kind = 'sticker' THEN {KIND_STICKER}"
-    f" WHEN media_kind = 'webpage' THEN {KIND_WEBPAGE}"
-    f" WHEN media_kind IS NOT NULL THEN {KIND_MEDIA} ELSE {KIND_TEXT} END"
+    f"CASE WHEN service_action IS NOT NULL THEN {domain.KIND_SERVICE}"
+    f" WHEN is_forwarded THEN {domain.KIND_FORWARDED}"
+    f" WHEN media_kind = 'sticker' THEN {domain.KIND_STICKER}"
+    f" WHEN media_kind = 'webpage' THEN {domain.KIND_WEBPAGE}"
+    f" WHEN media_kind IS NOT NULL THEN {domain.KIND_MEDIA} ELSE {domain.KIND_TEXT} END"
 )
 TEXT_SQL = (
     "CASE WHEN media_kind = 'sticker' AND is_forwarded = 0 AND service_action IS NULL"
@@ -98,8 +89,8 @@ def chats_with_peers(
     """``(chat_id, peer or None)`` for every chat of the account that has messages, in chat
     id order."""
     cursor = conn.execute(PEERS.select(account_id=account_id))
-    names = [d[0] for d in cursor.description]
-    peers = {int(r[0]): row_peer(dict(zip(names, r, strict=True))) for r in cursor}
+    cursor.row_factory = sqlite3.Row
+    peers = {p.peer_id: p for p in map(row_peer, cursor)}
     # a skip-scan over the primary key: one index probe per chat instead of reading every row
     rows = conn.execute(
         "WITH RECURSIVE c(id) AS (SELECT min(chat_id) FROM messages WHERE account_id = ?1"
@@ -175,8 +166,8 @@ def chat_rows(
         raise StoreError(f"cannot read chat {chat_id}: {exc}") from exc
     if found:
         rows = [
-            (r[0], r[1], r[2], voice_message_text(r[3], found[r[0]]), r[4], KIND_TEXT)
-            if r[5] == KIND_MEDIA and r[0] in found
+            (r[0], r[1], r[2], voice_message_text(r[3], found[r[0]]), r[4], domain.KIND_TEXT)
+            if r[5] == domain.KIND_MEDIA and r[0] in found
             else r
             for r in rows
         ]

@@ -41,7 +41,7 @@ from typing import Any
 from doppelbot.core.domain import Fact
 from doppelbot.core.errors import ImportFormatError, KnowledgeError
 from doppelbot.store.database import Database, now
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row
 
 SOURCE_CLI = "cli"
 SOURCE_SAVED_MESSAGES = "saved_messages"
@@ -76,12 +76,7 @@ _NEW_FACT = FACTS.insert(columns=("text", "text_hash", "source", "created_at"), 
 
 # --- facts --------------------------------------------------------------------------------------
 def _row_fact(r: Any) -> Fact:
-    return Fact(
-        fact_id=int(r["fact_id"]),
-        text=str(r["text"]),
-        source=str(r["source"]),
-        created_at=int(r["created_at"]),
-    )
+    return from_row(Fact, r)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +110,11 @@ async def add_fact(db: Database, text: str, source: str = SOURCE_SAVED_MESSAGES)
 
 
 async def get_fact(db: Database, fact_id: int) -> Fact | None:
-    row = await db.fetchone(FACTS.select("fact_id = ?"), (fact_id,))
-    return None if row is None else _row_fact(row)
+    return await FACTS.rows(db, "fact_id = ?", (fact_id,)).one(_row_fact)
 
 
 async def list_facts(db: Database) -> list[Fact]:
-    rows = await db.fetchall(FACTS.select(tail="ORDER BY fact_id"))
-    return [_row_fact(r) for r in rows]
+    return await FACTS.rows(db, tail="ORDER BY fact_id").all(_row_fact)
 
 
 async def count_facts(db: Database) -> int:
@@ -171,16 +164,7 @@ async def facts_with_embeddings(db: Database, model: str) -> list[StoredFact]:
         "ORDER BY f.fact_id",
         (model,),
     )
-    return [
-        StoredFact(
-            int(r["fact_id"]),
-            str(r["text"]),
-            str(r["text_hash"]),
-            None if r["dim"] is None else int(r["dim"]),
-            None if r["vector"] is None else bytes(r["vector"]),
-        )
-        for r in rows
-    ]
+    return [from_row(StoredFact, r) for r in rows]
 
 
 # --- embedding cache ----------------------------------------------------------------------------

@@ -11,14 +11,13 @@ feedback trains one doppelganger.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from doppelbot.core.domain import Reaction, ReviewVerdict, Verdict
 from doppelbot.store.database import Database, Tx, now
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row, json_ids
 
 VERDICTS = Table(
     "review_verdicts",
@@ -110,25 +109,17 @@ async def answered_by(db: Database, reply_id: int, message_id: int) -> bool:
 
 
 def _verdict(r: Any) -> ReviewVerdict:
-    return ReviewVerdict(
-        reply_id=r["reply_id"],
-        verdict=Verdict(r["verdict"]),
-        draft_text=r["draft_text"],
-        final_text=r["final_text"],
-        created_at=r["created_at"],
-        verdict_id=r["verdict_id"],
-    )
+    return from_row(ReviewVerdict, r, verdict=Verdict)
 
 
 def _reaction(r: Any) -> Reaction:
-    return Reaction(r["chat_id"], r["message_id"], r["emoji"], r["count"], bool(r["by_owner"]))
+    return from_row(Reaction, r, by_owner=bool)
 
 
 async def verdicts_for(db: Database, reply_id: int) -> list[ReviewVerdict]:
-    rows = await db.fetchall(
-        VERDICTS.select("reply_id = ?", tail="ORDER BY verdict_id"), (reply_id,)
+    return await VERDICTS.rows(db, "reply_id = ?", (reply_id,), tail="ORDER BY verdict_id").all(
+        _verdict
     )
-    return [_verdict(r) for r in rows]
 
 
 async def set_reactions(
@@ -148,13 +139,9 @@ async def set_reactions(
 
 
 async def reactions_for(db: Database, chat_id: int, message_id: int) -> list[Reaction]:
-    rows = await db.fetchall(
-        REACTIONS.select(
-            "chat_id = ? AND message_id = ?", tail="ORDER BY emoji", account_id=db.account_id
-        ),
-        (chat_id, message_id),
-    )
-    return [_reaction(r) for r in rows]
+    return await REACTIONS.rows(
+        db, "chat_id = ? AND message_id = ?", (chat_id, message_id), tail="ORDER BY emoji"
+    ).all(_reaction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,10 +170,9 @@ async def feedback_replies(db: Database) -> list[FeedbackReply]:
         " sent_message_ids, context_message_ids FROM replies WHERE prompt IS NOT NULL"
         " ORDER BY created_at, reply_id"
     )
-    verdict_rows = await db.fetchall(VERDICTS.select(tail="ORDER BY verdict_id"))
     by_reply: dict[int, list[ReviewVerdict]] = {}
-    for r in verdict_rows:
-        by_reply.setdefault(r["reply_id"], []).append(_verdict(r))
+    for v in await VERDICTS.rows(db, tail="ORDER BY verdict_id").all(_verdict):
+        by_reply.setdefault(v.reply_id, []).append(v)
     reaction_rows = await db.fetchall(
         f"SELECT account_id, {REACTIONS.column_list} FROM reactions WHERE by_owner = 0"
     )
@@ -196,35 +182,29 @@ async def feedback_replies(db: Database) -> list[FeedbackReply]:
         reactions.setdefault(key, []).append(_reaction(r))
     out = []
     for r in rows:
-        sent = tuple(int(x) for x in json.loads(r["sent_message_ids"] or "[]"))
-        ctx = tuple(int(x) for x in json.loads(r["context_message_ids"] or "[]"))
+        sent = json_ids(r["sent_message_ids"])
         reacts = tuple(
             x for mid in sent for x in reactions.get((r["account_id"], r["chat_id"], mid), ())
         )
+        extra = {"verdicts": tuple(by_reply.get(r["reply_id"], ())), "reactions": reacts}
         out.append(
-            FeedbackReply(
-                reply_id=r["reply_id"],
-                chat_id=r["chat_id"],
-                status=r["status"],
-                mode=r["mode"],
-                prompt=r["prompt"],
-                draft_text=r["draft_text"],
-                final_text=r["final_text"],
-                sent_message_ids=sent,
-                context_message_ids=ctx,
-                verdicts=tuple(by_reply.get(r["reply_id"], ())),
-                reactions=reacts,
+            from_row(
+                FeedbackReply,
+                {**r, **extra},
+                sent_message_ids=json_ids,
+                context_message_ids=json_ids,
             )
         )
     return out
 
 
 async def latest_verdict(db: Database, reply_id: int, verdict: Verdict) -> ReviewVerdict | None:
-    row = await db.fetchone(
-        VERDICTS.select("reply_id = ? AND verdict = ?", tail="ORDER BY verdict_id DESC LIMIT 1"),
+    return await VERDICTS.rows(
+        db,
+        "reply_id = ? AND verdict = ?",
         (reply_id, verdict.value),
-    )
-    return None if row is None else _verdict(row)
+        tail="ORDER BY verdict_id DESC LIMIT 1",
+    ).one(_verdict)
 
 
 async def set_final_text(db: Database, verdict_id: int, text: str) -> None:

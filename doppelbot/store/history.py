@@ -17,7 +17,7 @@ from typing import Any
 
 from doppelbot.core.domain import MediaKind, Message, Peer, PeerKind
 from doppelbot.store.database import Database, Tx, now
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row, optional
 
 MESSAGES = Table(
     "messages",
@@ -78,74 +78,29 @@ MESSAGE_COLUMNS = MESSAGES.column_list
 
 def message_values(m: Message) -> tuple[Any, ...]:
     """A message as the values of a ``messages`` row (``MESSAGES.columns`` order)."""
-    return (
-        m.chat_id,
-        m.message_id,
-        m.sender_id,
-        int(m.is_outgoing),
-        m.date,
-        m.edit_date,
-        m.text,
-        m.reply_to_message_id,
-        int(m.is_forwarded),
-        m.forwarded_from,
-        m.media_kind.value if m.media_kind else None,
-        m.sticker_emoji,
-        m.grouped_id,
-        m.service_action,
-    )
+    return MESSAGES.values(m)
 
 
 def row_message(r: Any) -> Message:
     """A ``messages`` row (read by column name) → ``Message``."""
-    return Message(
-        chat_id=r["chat_id"],
-        message_id=r["message_id"],
-        sender_id=r["sender_id"],
-        is_outgoing=bool(r["is_outgoing"]),
-        date=r["date"],
-        edit_date=r["edit_date"],
-        text=r["text"],
-        reply_to_message_id=r["reply_to_message_id"],
-        is_forwarded=bool(r["is_forwarded"]),
-        forwarded_from=r["forwarded_from"],
-        media_kind=MediaKind(r["media_kind"]) if r["media_kind"] else None,
-        sticker_emoji=r["sticker_emoji"],
-        grouped_id=r["grouped_id"],
-        service_action=r["service_action"],
+    return from_row(
+        Message,
+        r,
+        is_outgoing=bool,
+        is_forwarded=bool,
+        media_kind=optional(MediaKind),
     )
 
 
 def peer_values(p: Peer, updated_at: int | None = None) -> tuple[Any, ...]:
     """A peer as the values of a ``peers`` row (``PEERS.columns`` order)."""
-    return (
-        p.peer_id,
-        p.kind.value,
-        p.first_name,
-        p.last_name,
-        p.title,
-        p.username,
-        int(p.is_bot),
-        int(p.is_deleted),
-        int(p.is_contact),
-        int(p.is_self),
-        updated_at if updated_at is not None else now(),
-    )
+    return PEERS.values(p, updated_at=updated_at if updated_at is not None else now())
 
 
 def row_peer(r: Any) -> Peer:
     """A ``peers`` row (read by column name) → ``Peer``."""
-    return Peer(
-        peer_id=r["peer_id"],
-        kind=PeerKind(r["kind"]),
-        first_name=r["first_name"],
-        last_name=r["last_name"],
-        title=r["title"],
-        username=r["username"],
-        is_bot=bool(r["is_bot"]),
-        is_deleted=bool(r["is_deleted"]),
-        is_contact=bool(r["is_contact"]),
-        is_self=bool(r["is_self"]),
+    return from_row(
+        Peer, r, kind=PeerKind, is_bot=bool, is_deleted=bool, is_contact=bool, is_self=bool
     )
 
 
@@ -179,15 +134,7 @@ async def upsert_peers_in(conn: Tx, peers: Iterable[Peer]) -> None:
 async def save_cursor_in(conn: Tx, c: ExportCursor) -> None:
     await conn.execute(
         EXPORT_CURSORS.insert(conflict="update", account_id=conn.account_id),
-        (
-            c.chat_id,
-            c.newest_message_id,
-            c.oldest_message_id,
-            int(c.history_complete),
-            c.server_total,
-            c.last_run_at,
-            c.last_error,
-        ),
+        EXPORT_CURSORS.values(c),
     )
 
 
@@ -259,40 +206,27 @@ async def save_cursor(db: Database, cursor: ExportCursor) -> None:
 
 # --- reads -------------------------------------------------------------------------------------
 async def get_peer(db: Database, peer_id: int) -> Peer | None:
-    r = await db.fetchone(PEERS.select("peer_id = ?", account_id=db.account_id), (peer_id,))
-    return row_peer(r) if r else None
+    return await PEERS.rows(db, "peer_id = ?", (peer_id,)).one(row_peer)
 
 
 async def find_peer_by_username(db: Database, username: str) -> Peer | None:
-    r = await db.fetchone(
-        PEERS.select(
-            "username = ? COLLATE NOCASE",
-            tail="ORDER BY peer_id LIMIT 1",
-            account_id=db.account_id,
-        ),
-        (username.lstrip("@"),),
-    )
-    return row_peer(r) if r else None
+    return await PEERS.rows(
+        db, "username = ? COLLATE NOCASE", (username.lstrip("@"),), tail="ORDER BY peer_id LIMIT 1"
+    ).one(row_peer)
 
 
 async def list_peers(db: Database) -> list[Peer]:
-    rows = await db.fetchall(PEERS.select(tail="ORDER BY peer_id", account_id=db.account_id))
-    return [row_peer(r) for r in rows]
+    return await PEERS.rows(db, tail="ORDER BY peer_id").all(row_peer)
 
 
 async def get_cursor(db: Database, chat_id: int) -> ExportCursor | None:
-    r = await db.fetchone(
-        EXPORT_CURSORS.select("chat_id = ?", account_id=db.account_id), (chat_id,)
-    )
-    return _cursor(chat_id, r) if r else None
+    return await EXPORT_CURSORS.rows(db, "chat_id = ?", (chat_id,)).one(_cursor)
 
 
 async def get_message(db: Database, chat_id: int, message_id: int) -> Message | None:
-    r = await db.fetchone(
-        MESSAGES.select("chat_id = ? AND message_id = ?", account_id=db.account_id),
-        (chat_id, message_id),
+    return await MESSAGES.rows(db, "chat_id = ? AND message_id = ?", (chat_id, message_id)).one(
+        row_message
     )
-    return row_message(r) if r else None
 
 
 async def count_messages(db: Database, chat_id: int | None = None) -> int:
@@ -318,15 +252,10 @@ async def chat_ids_with_messages(db: Database) -> list[int]:
 
 async def recent_messages(db: Database, chat_id: int, limit: int = 50) -> list[Message]:
     """The chat's last ``limit`` messages, oldest first."""
-    rows = await db.fetchall(
-        MESSAGES.select(
-            "chat_id = ?",
-            tail="ORDER BY date DESC, message_id DESC LIMIT ?",
-            account_id=db.account_id,
-        ),
-        (chat_id, limit),
-    )
-    return [row_message(r) for r in reversed(rows)]
+    newest = await MESSAGES.rows(
+        db, "chat_id = ?", (chat_id, limit), tail="ORDER BY date DESC, message_id DESC LIMIT ?"
+    ).all(row_message)
+    return newest[::-1]
 
 
 async def iter_chat_messages(
@@ -366,15 +295,12 @@ async def messages_by_ids(db: Database, chat_id: int, message_ids: Sequence[int]
     if not message_ids:
         return []
     marks = ",".join("?" * len(message_ids))
-    rows = await db.fetchall(
-        MESSAGES.select(
-            f"chat_id = ? AND message_id IN ({marks})",
-            tail="ORDER BY message_id",
-            account_id=db.account_id,
-        ),
+    return await MESSAGES.rows(
+        db,
+        f"chat_id = ? AND message_id IN ({marks})",
         (chat_id, *message_ids),
-    )
-    return [row_message(r) for r in rows]
+        tail="ORDER BY message_id",
+    ).all(row_message)
 
 
 async def voice_notes_since(db: Database, chat_id: int, since: int, limit: int = 5) -> list[int]:
@@ -403,17 +329,14 @@ async def count_incoming_between(db: Database, chat_id: int, after: int, before:
 
 async def owner_turn_after(db: Database, chat_id: int, after: int) -> list[Message]:
     """The owner's messages after message ``after`` up to the other person's next one."""
-    rows = await db.fetchall(
-        MESSAGES.select(
-            "chat_id = ? AND is_outgoing = 1 AND message_id > ? AND message_id < coalesce("
-            "(SELECT min(message_id) FROM messages WHERE account_id = ? AND chat_id = ?"
-            " AND is_outgoing = 0 AND message_id > ?), 1 << 62)",
-            tail="ORDER BY message_id",
-            account_id=db.account_id,
-        ),
+    return await MESSAGES.rows(
+        db,
+        "chat_id = ? AND is_outgoing = 1 AND message_id > ? AND message_id < coalesce("
+        "(SELECT min(message_id) FROM messages WHERE account_id = ? AND chat_id = ?"
+        " AND is_outgoing = 0 AND message_id > ?), 1 << 62)",
         (chat_id, after, db.account_id, chat_id, after),
-    )
-    return [row_message(r) for r in rows]
+        tail="ORDER BY message_id",
+    ).all(row_message)
 
 
 async def has_outgoing(db: Database, chat_id: int) -> bool:
@@ -442,21 +365,10 @@ async def cursors_and_counts(
     )
     found: dict[int, tuple[ExportCursor | None, int]] = {}
     for r in rows:
-        chat_id = int(r["chat_id"])
-        cursor = None
-        if r["newest_message_id"] is not None:
-            cursor = _cursor(chat_id, r)
-        found[chat_id] = (cursor, int(r["stored"]))
+        cursor = None if r["newest_message_id"] is None else _cursor(r)
+        found[int(r["chat_id"])] = (cursor, int(r["stored"]))
     return found
 
 
-def _cursor(chat_id: int, r: Any) -> ExportCursor:
-    return ExportCursor(
-        chat_id,
-        r["newest_message_id"],
-        r["oldest_message_id"],
-        bool(r["history_complete"]),
-        r["server_total"],
-        r["last_run_at"],
-        r["last_error"],
-    )
+def _cursor(r: Any) -> ExportCursor:
+    return from_row(ExportCursor, r, history_complete=bool)

@@ -26,7 +26,7 @@ from typing import Any
 
 from doppelbot.core.domain import Reply, ReplyMode, ReplyStatus
 from doppelbot.store.database import Database, Tx
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row, json_ids
 
 S = ReplyStatus
 
@@ -93,31 +93,15 @@ _UPDATABLE = frozenset(REPLIES.columns) - {
 }
 
 
-def _ids(value: str | None) -> tuple[int, ...]:
-    return tuple(int(x) for x in json.loads(value or "[]"))
-
-
 def row_reply(r: Any) -> Reply:
     """A ``sqlite3.Row`` (read by column name) → ``Reply``."""
-    return Reply(
-        reply_id=r["reply_id"],
-        chat_id=r["chat_id"],
-        status=ReplyStatus(r["status"]),
-        mode=ReplyMode(r["mode"]),
-        trigger_message_id=r["trigger_message_id"],
-        context_message_ids=_ids(r["context_message_ids"]),
-        draft_text=r["draft_text"],
-        final_text=r["final_text"],
-        error=r["error"],
-        model_id=r["model_id"],
-        adapter_id=r["adapter_id"],
-        review_message_id=r["review_message_id"],
-        sent_message_ids=_ids(r["sent_message_ids"]),
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-        generated_at=r["generated_at"],
-        sent_at=r["sent_at"],
-        not_before=r["not_before"],
+    return from_row(
+        Reply,
+        r,
+        status=ReplyStatus,
+        mode=ReplyMode,
+        context_message_ids=json_ids,
+        sent_message_ids=json_ids,
     )
 
 
@@ -202,7 +186,7 @@ async def add_sent_id_in(conn: Tx, reply_id: int, message_id: int, *, now: int) 
             (reply_id, conn.account_id),
         )
     ).fetchone()
-    ids = list(_ids(row["sent_message_ids"] if row else None))
+    ids = list(json_ids(row["sent_message_ids"] if row else None))
     if message_id not in ids:
         ids.append(message_id)
     await conn.execute(
@@ -301,48 +285,36 @@ async def queue_for_chat(
 
 
 async def get(db: Database, reply_id: int) -> Reply | None:
-    r = await db.fetchone(REPLIES.select("reply_id = ?", account_id=db.account_id), (reply_id,))
-    return row_reply(r) if r else None
+    return await REPLIES.rows(db, "reply_id = ?", (reply_id,)).one(row_reply)
 
 
 async def get_by_review_message(db: Database, review_message_id: int) -> Reply | None:
-    r = await db.fetchone(
-        REPLIES.select("review_message_id = ?", tail=_NEWEST, account_id=db.account_id),
-        (review_message_id,),
+    return await REPLIES.rows(db, "review_message_id = ?", (review_message_id,), tail=_NEWEST).one(
+        row_reply
     )
-    return row_reply(r) if r else None
 
 
 async def queued_for_chat(db: Database, chat_id: int) -> Reply | None:
-    r = await db.fetchone(
-        REPLIES.select("chat_id = ? AND status = 'queued'", tail=_NEWEST, account_id=db.account_id),
-        (chat_id,),
-    )
-    return row_reply(r) if r else None
+    return await REPLIES.rows(
+        db, "chat_id = ? AND status = 'queued'", (chat_id,), tail=_NEWEST
+    ).one(row_reply)
 
 
 async def finished_reviews_since(db: Database, since: int) -> list[Reply]:
     """Review drafts with a card that reached an end state since ``since``."""
-    rows = await db.fetchall(
-        REPLIES.select(
-            "mode = 'review' AND review_message_id IS NOT NULL"
-            " AND status IN ('sent', 'dropped', 'failed', 'expired') AND updated_at >= ?",
-            tail="ORDER BY reply_id",
-            account_id=db.account_id,
-        ),
+    return await REPLIES.rows(
+        db,
+        "mode = 'review' AND review_message_id IS NOT NULL"
+        " AND status IN ('sent', 'dropped', 'failed', 'expired') AND updated_at >= ?",
         (since,),
-    )
-    return [row_reply(r) for r in rows]
+        tail="ORDER BY reply_id",
+    ).all(row_reply)
 
 
 async def deferred_for_chat(db: Database, chat_id: int) -> Reply | None:
-    r = await db.fetchone(
-        REPLIES.select(
-            "chat_id = ? AND status = 'deferred'", tail=_NEWEST, account_id=db.account_id
-        ),
-        (chat_id,),
-    )
-    return row_reply(r) if r else None
+    return await REPLIES.rows(
+        db, "chat_id = ? AND status = 'deferred'", (chat_id,), tail=_NEWEST
+    ).one(row_reply)
 
 
 async def recent_send_times(db: Database, since: int, chat_id: int | None = None) -> list[int]:
@@ -367,17 +339,13 @@ async def with_status(
     if chat_id is not None:
         where += " AND chat_id = ?"
         params.append(chat_id)
-    sql = REPLIES.select(where, account_id=db.account_id)
-    rows = await db.fetchall(sql + " ORDER BY reply_id", params)
-    return [row_reply(r) for r in rows]
+    return await REPLIES.rows(db, where, params, tail="ORDER BY reply_id").all(row_reply)
 
 
 async def for_chat(db: Database, chat_id: int) -> list[Reply]:
-    rows = await db.fetchall(
-        REPLIES.select("chat_id = ?", tail="ORDER BY reply_id", account_id=db.account_id),
-        (chat_id,),
+    return await REPLIES.rows(db, "chat_id = ?", (chat_id,), tail="ORDER BY reply_id").all(
+        row_reply
     )
-    return [row_reply(r) for r in rows]
 
 
 async def count_recent_sends(db: Database, since: int, chat_id: int | None = None) -> int:
@@ -394,7 +362,7 @@ async def bot_message_ids(db: Database, chat_id: int) -> set[int]:
     )
     found: set[int] = set()
     for r in rows:
-        found.update(_ids(r["sent_message_ids"]))
+        found.update(json_ids(r["sent_message_ids"]))
     return found
 
 
@@ -448,15 +416,12 @@ async def _summaries(db: Database, tail: str, params: Sequence[object]) -> list[
 
 async def last_auto_sent(db: Database, chat_id: int) -> Reply | None:
     """The chat's newest reply sent in auto mode (what a takeover correction corrects)."""
-    r = await db.fetchone(
-        REPLIES.select(
-            "chat_id = ? AND status = 'sent' AND mode = 'auto' AND sent_message_ids != '[]'",
-            tail="ORDER BY sent_at DESC, reply_id DESC LIMIT 1",
-            account_id=db.account_id,
-        ),
+    return await REPLIES.rows(
+        db,
+        "chat_id = ? AND status = 'sent' AND mode = 'auto' AND sent_message_ids != '[]'",
         (chat_id,),
-    )
-    return row_reply(r) if r else None
+        tail="ORDER BY sent_at DESC, reply_id DESC LIMIT 1",
+    ).one(row_reply)
 
 
 async def owner_written_since(

@@ -18,7 +18,7 @@ from typing import Any
 
 from doppelbot.core.domain import Candidate, SsaLabel
 from doppelbot.store.database import Database, now
-from doppelbot.store.table import Table
+from doppelbot.store.table import Table, from_row
 
 SSA_BATCHES = Table(
     "ssa_batches",
@@ -94,36 +94,26 @@ async def create_batch(
     return batch_id
 
 
+def _turns(value: str) -> tuple[tuple[str, str], ...]:
+    return tuple((str(role), str(text)) for role, text in json.loads(value))
+
+
 def _item(r: Any) -> SsaItem:
-    card = r["card_message_id"]
-    return SsaItem(
-        item_id=int(r["item_id"]),
-        batch_id=int(r["batch_id"]),
-        context_key=str(r["context_key"]),
-        source=str(r["source"]),
-        position=int(r["position"]),
-        context=tuple((str(a), str(b)) for a, b in json.loads(str(r["context"]))),
-        model_input=str(r["model_input"]),
-        reply=str(r["reply"]),
-        card_message_id=None if card is None else int(card),
-    )
+    return from_row(SsaItem, r, context=_turns)
 
 
 async def items(db: Database, batch_id: int, *, unposted_only: bool = False) -> list[SsaItem]:
     extra = " AND card_message_id IS NULL" if unposted_only else ""
-    rows = await db.fetchall(
-        SSA_ITEMS.select(f"batch_id = ?{extra}", tail="ORDER BY position"), (batch_id,)
-    )
-    return [_item(r) for r in rows]
+    return await SSA_ITEMS.rows(
+        db, f"batch_id = ?{extra}", (batch_id,), tail="ORDER BY position"
+    ).all(_item)
 
 
 async def item_by_card(db: Database, card_message_id: int) -> SsaItem | None:
     """The item whose card is message ``card_message_id`` of the handle's Saved Messages."""
-    r = await db.fetchone(
-        SSA_ITEMS.select("account_id = ? AND card_message_id = ?"),
-        (db.account_id, card_message_id),
-    )
-    return _item(r) if r else None
+    return await SSA_ITEMS.rows(
+        db, "account_id = ? AND card_message_id = ?", (db.account_id, card_message_id)
+    ).one(_item)
 
 
 async def mark_posted(db: Database, item_id: int, card_message_id: int) -> None:

@@ -9,16 +9,30 @@ A table of one own account's rows (``per_account``) also has an ``account_id`` c
 not in ``columns``: the statements made from the declaration take the account and write it into
 every row they insert and into every ``WHERE`` they select with, so no statement built here can
 forget which account it is for (the row tuples stay what the domain maps).
+
+The columns are named like the fields of the frozen dataclasses the store hands out, so one
+helper maps each way: ``Table.values`` makes a row's values from an object, ``from_row`` makes an
+object from a row, with a converter only where SQLite stores a field differently (an enum as its
+value, a flag as 0/1, ids as JSON).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from enum import Enum
 from functools import cache
-from typing import Literal
+from typing import Any, Literal, TypeVar
+
+from doppelbot.store.database import Database
 
 Conflict = Literal["fail", "update", "ignore"]
+
+T = TypeVar("T")
+#: A column value → a field value.
+Convert = Callable[[Any], Any]
 
 #: The column that says which own account a row of a per-account table belongs to.
 ACCOUNT_COLUMN = "account_id"
@@ -72,6 +86,22 @@ class Table:
             sql += f" WHERE {where}"
         return f"{sql} {tail}" if tail else sql
 
+    def rows(
+        self, db: Database, where: str = "", params: Sequence[Any] = (), *, tail: str = ""
+    ) -> Rows:
+        """The rows ``select`` finds (on a per-account table, ``db``'s account's), to read
+        with ``.one(read)`` or ``.all(read)``."""
+        account_id = db.account_id if self.per_account else None
+        return Rows(db, self.select(where, tail=tail, account_id=account_id), params)
+
+    def values(self, obj: Any, **given: Any) -> tuple[Any, ...]:
+        """``obj``'s attributes in column order, as SQLite stores them (a flag as 0/1, an enum
+        as its value); ``given`` holds the columns ``obj`` has no attribute for."""
+        found = [given[c] if c in given else getattr(obj, c) for c in self.columns]
+        # most values are stored as they are: test the class before calling (desktop imports
+        # make a row of every message)
+        return tuple([v if v.__class__ in _PLAIN else _stored(v) for v in found])
+
     def _account(self, account_id: int | None) -> int | None:
         if not self.per_account:
             if account_id is not None:
@@ -106,3 +136,56 @@ def _insert(
         return sql + target + " DO NOTHING"
     changed = [c for c in (update or cols) if c not in table.key]
     return sql + target + " DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in changed)
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """A ``SELECT`` on one handle, each row made an object by a reader (``from_row``…)."""
+
+    db: Database
+    sql: str
+    params: Sequence[Any]
+
+    async def one(self, read: Callable[[Any], T]) -> T | None:
+        """The first row (None: no row)."""
+        row = await self.db.fetchone(self.sql, self.params)
+        return None if row is None else read(row)
+
+    async def all(self, read: Callable[[Any], T]) -> list[T]:
+        return [read(r) for r in await self.db.fetchall(self.sql, self.params)]
+
+
+_PLAIN = frozenset({int, str, float, bytes, type(None)})
+
+
+def _stored(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def from_row(cls: type[T], row: Any, /, **convert: Convert) -> T:
+    """The dataclass ``cls`` from a row read by column name (a ``sqlite3.Row`` or a dict):
+    every field the row has a column for, through ``convert[field]`` where given; the fields
+    it has no column for keep their defaults."""
+    names = _field_names(cls)
+    # a Row iterates its values (and finds a name by a linear search): pair them up once
+    pairs = zip(row.keys(), row, strict=True) if isinstance(row, sqlite3.Row) else row.items()
+    return cls(**{k: convert[k](v) if k in convert else v for k, v in pairs if k in names})
+
+
+@cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+def optional(convert: Convert) -> Convert:
+    """``convert`` for a nullable column: NULL stays None."""
+    return lambda value: None if value is None else convert(value)
+
+
+def json_ids(value: str | None) -> tuple[int, ...]:
+    """A column holding a JSON list of ids (NULL: none)."""
+    return tuple(int(x) for x in json.loads(value or "[]"))

@@ -25,25 +25,28 @@ from doppelbot.core.domain import (
     VoiceNote,
 )
 from doppelbot.store.database import Database, Tx, now
+from doppelbot.store.table import Table, from_row
 
 VOICE_KIND_VALUES = tuple(sorted(k.value for k in VOICE_KINDS))
 
 
 @dataclass(frozen=True, slots=True)
 class StoredTranscript:
+    """One ``transcripts`` row (only ever read from the store, so every column is there)."""
+
     chat_id: int
     message_id: int
     status: TranscriptStatus
-    text: str = ""
-    language: str | None = None
-    model: str | None = None
-    duration_s: float | None = None
-    size_bytes: int | None = None
-    file_path: str | None = None
-    error: str | None = None
-    attempts: int = 0
-    seconds: float | None = None
-    updated_at: int = 0
+    text: str
+    language: str | None
+    model: str | None
+    duration_s: float | None
+    size_bytes: int | None
+    file_path: str | None
+    error: str | None
+    attempts: int
+    seconds: float | None
+    updated_at: int
 
     @property
     def usable(self) -> bool:
@@ -51,28 +54,31 @@ class StoredTranscript:
         return self.status is TranscriptStatus.DONE and bool(self.text.strip())
 
 
-_COLUMNS = (
-    "chat_id, message_id, status, text, language, model, duration_s, size_bytes, file_path,"
-    " error, attempts, seconds, updated_at"
+TRANSCRIPTS = Table(
+    "transcripts",
+    (
+        "chat_id",
+        "message_id",
+        "status",
+        "text",
+        "language",
+        "model",
+        "duration_s",
+        "size_bytes",
+        "file_path",
+        "error",
+        "attempts",
+        "seconds",
+        "created_at",
+        "updated_at",
+    ),
+    key=("account_id", "chat_id", "message_id"),
+    per_account=True,
 )
 
 
 def _row(r: Any) -> StoredTranscript:
-    return StoredTranscript(
-        chat_id=r["chat_id"],
-        message_id=r["message_id"],
-        status=TranscriptStatus(r["status"]),
-        text=r["text"],
-        language=r["language"],
-        model=r["model"],
-        duration_s=r["duration_s"],
-        size_bytes=r["size_bytes"],
-        file_path=r["file_path"],
-        error=r["error"],
-        attempts=r["attempts"],
-        seconds=r["seconds"],
-        updated_at=r["updated_at"],
-    )
+    return from_row(StoredTranscript, r, status=TranscriptStatus)
 
 
 # --- what is known about a note before transcribing it -----------------------------------------
@@ -174,12 +180,9 @@ async def save_result(
 
 # --- reads ----------------------------------------------------------------------------------------
 async def get(db: Database, chat_id: int, message_id: int) -> StoredTranscript | None:
-    r = await db.fetchone(
-        f"SELECT {_COLUMNS} FROM transcripts WHERE account_id = ? AND chat_id = ?"
-        " AND message_id = ?",
-        (db.account_id, chat_id, message_id),
+    return await TRANSCRIPTS.rows(db, "chat_id = ? AND message_id = ?", (chat_id, message_id)).one(
+        _row
     )
-    return _row(r) if r else None
 
 
 async def for_messages(
@@ -189,12 +192,10 @@ async def for_messages(
     if not message_ids:
         return {}
     marks = ",".join("?" * len(message_ids))
-    rows = await db.fetchall(
-        f"SELECT {_COLUMNS} FROM transcripts WHERE account_id = ? AND chat_id = ?"
-        f" AND message_id IN ({marks})",
-        (db.account_id, chat_id, *message_ids),
-    )
-    return {int(r["message_id"]): _row(r) for r in rows}
+    found = await TRANSCRIPTS.rows(
+        db, f"chat_id = ? AND message_id IN ({marks})", (chat_id, *message_ids)
+    ).all(_row)
+    return {t.message_id: t for t in found}
 
 
 async def attach(db: Database, messages: Sequence[Message]) -> list[Message]:
@@ -217,22 +218,6 @@ async def attach(db: Database, messages: Sequence[Message]) -> list[Message]:
         else m
         for m in messages
     ]
-
-
-def _note(r: Any) -> VoiceNote:
-    status = r["status"]
-    return VoiceNote(
-        chat_id=r["chat_id"],
-        message_id=r["message_id"],
-        kind=MediaKind(r["media_kind"]),
-        is_outgoing=bool(r["is_outgoing"]),
-        date=r["date"],
-        duration_s=r["duration_s"],
-        size_bytes=r["size_bytes"],
-        file_path=r["file_path"],
-        status=TranscriptStatus(status) if status else TranscriptStatus.PENDING,
-        attempts=r["attempts"] or 0,
-    )
 
 
 async def notes_to_transcribe(
@@ -282,14 +267,18 @@ async def notes_to_transcribe(
         where.append(f"m.chat_id IN ({','.join('?' * len(chat_ids))})")
         params.extend(chat_ids)
     rows = await db.fetchall(
-        "SELECT m.chat_id, m.message_id, m.media_kind, m.is_outgoing, m.date, t.status,"
-        " t.duration_s, t.size_bytes, t.file_path, t.attempts"
+        "SELECT m.chat_id, m.message_id, m.media_kind AS kind, m.is_outgoing, m.date,"
+        " coalesce(t.status, 'pending') AS status, t.duration_s, t.size_bytes, t.file_path,"
+        " coalesce(t.attempts, 0) AS attempts"
         " FROM messages m LEFT JOIN transcripts t ON t.account_id = m.account_id"
         " AND t.chat_id = m.chat_id AND t.message_id = m.message_id"
         f" WHERE {' AND '.join(where)} ORDER BY m.date DESC, m.message_id DESC",
         params,
     )
-    return [_note(r) for r in rows]
+    return [
+        from_row(VoiceNote, r, kind=MediaKind, is_outgoing=bool, status=TranscriptStatus)
+        for r in rows
+    ]
 
 
 async def count_without_file(db: Database, chat_ids: Sequence[int] | None = None) -> int:

@@ -35,13 +35,13 @@ class MessageWriter:
         try:
             await self._write(message, peer)
         except Exception as exc:
+            key = (message.chat_id, message.message_id)
             log.error(
                 "live: message not stored yet chat=%d msg=%d (%s); retrying in the background",
-                message.chat_id,
-                message.message_id,
+                *key,
                 describe(exc),
             )
-            self._unsaved[(message.chat_id, message.message_id)] = (message, peer)
+            self._unsaved[key] = (message, peer)
             if self._retrier is None or self._retrier.done():
                 self._retrier = asyncio.get_running_loop().create_task(self._retry())
 
