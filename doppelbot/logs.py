@@ -92,7 +92,6 @@ def quiet_libraries(*, debug: bool = False) -> None:
 def setup_logging(
     settings: Settings, *, debug: bool = False, console: Console | None = None
 ) -> None:
-
     global _show_texts
     level = logging.DEBUG if debug else getattr(logging, settings.log.level)
     _show_texts = bool(settings.log.message_texts and level <= logging.DEBUG)

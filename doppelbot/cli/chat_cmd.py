@@ -99,7 +99,6 @@ async def _chat(
     use_facts: bool,
     show_prompt: bool,
 ) -> None:
-
     from doppelbot.app import open_chat
 
     async with AsyncExitStack() as stack:

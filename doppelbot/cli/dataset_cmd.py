@@ -86,7 +86,6 @@ def dataset(
         help="Only this own account's chats (default: every account's; see `doppelbot accounts`).",
     ),
 ) -> None:
-
     st = state(ctx)
     chosen = st.use_account(account)
     settings = st.settings

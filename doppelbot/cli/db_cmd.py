@@ -20,7 +20,6 @@ def migrate(
     ctx: typer.Context,
     to: int | None = typer.Option(None, "--to", help="Stop at this migration number."),
 ) -> None:
-
     st = state(ctx)
 
     async def go() -> None:
@@ -42,7 +41,6 @@ def migrate(
 
 @app.command("status", help="Show applied and pending migrations.")
 def status(ctx: typer.Context) -> None:
-
     st = state(ctx)
 
     async def go() -> None:

@@ -26,7 +26,6 @@ def _when(stamp: int) -> str:
 
 @app.command("add", help="Add one fact (adding the same text again changes nothing).")
 def add(ctx: typer.Context, text: str = typer.Argument(..., help="The fact.")) -> None:
-
     st = state(ctx)
 
     async def go() -> None:
@@ -42,7 +41,6 @@ def add(ctx: typer.Context, text: str = typer.Argument(..., help="The fact.")) -
 
 @app.command("list", help="List facts.")
 def list_(ctx: typer.Context) -> None:
-
     st = state(ctx)
 
     async def go() -> None:
@@ -67,7 +65,6 @@ def list_(ctx: typer.Context) -> None:
 
 @app.command("remove", help="Remove a fact by id (its cached embeddings go too).")
 def remove(ctx: typer.Context, fact_id: int = typer.Argument(..., help="Fact id.")) -> None:
-
     st = state(ctx)
 
     async def go() -> None:
@@ -86,7 +83,6 @@ def remove(ctx: typer.Context, fact_id: int = typer.Argument(..., help="Fact id.
     "paragraph or list item). All or nothing; facts already known are skipped.",
 )
 def import_(ctx: typer.Context, path: Path = typer.Argument(..., help="File to import.")) -> None:
-
     st = state(ctx)
 
     async def go() -> None:
@@ -113,7 +109,6 @@ def search(
         help="Hide facts scoring below this cosine (default: show all).",
     ),
 ) -> None:
-
     from doppelbot.knowledge import KnowledgeBase
 
     st = state(ctx)

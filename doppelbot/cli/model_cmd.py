@@ -75,7 +75,6 @@ def resolve_adapter_option(settings: Settings, spec: str | None) -> Path | str |
 
 
 def _dataset_file(settings: Settings, dataset: Path | None) -> Path:
-
     if dataset is not None and dataset.is_file():
         return dataset
     folder = resolve_dataset_dir(settings.store.datasets_dir, dataset)

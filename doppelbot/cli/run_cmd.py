@@ -78,7 +78,6 @@ def status(
 
 
 async def _health(settings: Settings, account: str | None = None) -> tuple[bool, str]:
-
     from doppelbot.health import Health, verdict
     from doppelbot.instance import holder_of
 

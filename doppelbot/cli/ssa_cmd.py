@@ -60,11 +60,9 @@ class _Replies:
 
     @property
     def identity(self) -> ModelIdentity:
-
         return ModelIdentity(self.source, None)
 
     async def generate(self, prompt: str, options: GenerationOptions | None = None) -> str:
-
         reply = self.replies.get(prompt)
         if not reply:
             raise GenerationError("no reply was generated for this context")
@@ -294,7 +292,6 @@ def collect(
 
 
 def _row_json(row: SourceRow) -> dict[str, Any]:
-
     return {
         "source": row.source,
         "label": OWNER_LABEL if row.source == "owner" else row.source,
@@ -308,7 +305,6 @@ def _ci(value: float, interval: Any) -> str:
 
 
 def _table(title: str, rows: Sequence[tuple[str, Any]]) -> Any:
-
     table = Table(title=title, caption="95% intervals: Wilson (shares), normal (SSA)")
     for col in ("source", "n", "sensibleness", "specificity", "SSA"):
         table.add_column(col, justify="left" if col == "source" else "right")
@@ -324,7 +320,6 @@ def _table(title: str, rows: Sequence[tuple[str, Any]]) -> Any:
 
 
 async def report_rows(settings: Settings, batch: int | None, all_batches: bool) -> tuple[Any, ...]:
-
     async with open_db(settings) as db:
         chosen = None if all_batches else batch or await store.latest_batch_id(db)
         labels = await store.labels_by_source(db, chosen)

@@ -877,7 +877,6 @@ class EngineWriter(Sink, _OwnsFile):
     """
 
     def __init__(self, folder: Path, cfg: EngineConfig, precision: str) -> None:
-
         self.folder, self.config, self.precision = folder, cfg, precision
         self._layout = engine_layout(cfg, precision)
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -967,7 +966,6 @@ class _TensorReader(_OwnsFile):
 
 
 def _unpack_u64(data: bytes) -> tuple[int]:
-
     if len(data) != 8:
         raise ValueError("not a safetensors file")
     return struct.unpack("<Q", data)

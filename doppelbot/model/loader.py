@@ -150,7 +150,6 @@ def cuda_free_bytes() -> int | None:
 
 
 def _has_bitsandbytes() -> bool:
-
     return importlib.util.find_spec("bitsandbytes") is not None
 
 

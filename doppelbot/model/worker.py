@@ -198,7 +198,6 @@ def model_worker(
     spec = model_spec(settings)
 
     def load() -> ReplyModel:
-
         from doppelbot.model.loader import load_reply_model, serving_adapter
 
         # Runs in the worker thread, which has no event loop of its own: a short-lived one

@@ -125,7 +125,6 @@ class TranscriptionWorker(ThreadWorker[_Note]):
         return SpeechModelError(f"cannot load the speech model: {exc}")
 
     def serve(self, job: _Note) -> None:
-
         try:
             result = transcribe_audio(
                 self.model,
