@@ -73,6 +73,19 @@ def test_message_and_peer_round_trip_through_their_rows() -> None:
     assert history.row_peer(row) == p
 
 
+def test_the_written_out_message_values_are_the_generic_ones() -> None:
+    messages = [
+        Message(9, 2, 3, True, 100, "hi", edit_date=101, media_kind=MediaKind.PHOTO, grouped_id=4),
+        Message(9, 3, None, False, 102, is_forwarded=True, forwarded_from="Bob"),
+        Message(9, 4, 9, False, 103, media_kind=MediaKind.STICKER, sticker_emoji="🙂"),
+        Message(9, 5, 9, True, 104, reply_to_message_id=4, service_action="pin"),
+    ]
+    for m in messages:
+        values = history.message_values(m)
+        assert values == history.MESSAGES.values(m)
+        assert [type(v) for v in values] == [type(v) for v in history.MESSAGES.values(m)]
+
+
 async def test_rows_reads_one_accounts_rows_into_objects(db: Database) -> None:
     other = db.for_account((await accounts.create(db, "other")).account_id)
     await history.upsert_peers(db, [Peer(1, PeerKind.USER, "Mine"), Peer(2, PeerKind.BOT)])
