@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING
 
 from rich.logging import RichHandler
 
-from doppelbot.config import set_library_environment
+from doppelbot.config import Settings, set_library_environment
 from doppelbot.model.quiet import silence_loaded_libraries
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from doppelbot.config import Settings
 
 _show_texts = False
 

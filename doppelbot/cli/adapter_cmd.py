@@ -10,18 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from doppelbot.cli.common import open_db, run_async, state
-from doppelbot.store.adapters import choice_history
+from doppelbot.store.adapters import AdapterChoice, choice_history
 from doppelbot.training.registry import current_adapter, list_adapters
 from doppelbot.training.registry import rollback as do_rollback
-
-if TYPE_CHECKING:
-    from doppelbot.store.adapters import AdapterChoice
 
 app = typer.Typer(no_args_is_help=True)
 log = logging.getLogger(__name__)

@@ -27,15 +27,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 
-from doppelbot.config import load_settings, unknown_settings
+from doppelbot.config import Settings, load_settings, unknown_settings
 from doppelbot.core.errors import ConfigError
 from doppelbot.logs import setup_logging
 from doppelbot.store.database import Database
 
 if TYPE_CHECKING:
     from doppelbot.accounts import Need
-    from doppelbot.config import Settings
-    from doppelbot.store.database import Database
 
 T = TypeVar("T")
 

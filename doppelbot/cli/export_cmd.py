@@ -26,13 +26,11 @@ from doppelbot.cli.common import AccountOpt, RichBars, open_db, run_async, state
 from doppelbot.cli.voice_cmd import export_notes, print_report
 from doppelbot.core.domain import Account
 from doppelbot.core.errors import ExportIncompleteError
-from doppelbot.importers.desktop import ImportOptions, import_desktop_export
-from doppelbot.telegram.export_types import export_options
+from doppelbot.importers.desktop import ImportOptions, ImportResult, import_desktop_export
+from doppelbot.telegram.export_types import ChatReport, ExportReport, export_options
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
-    from doppelbot.importers.desktop import ImportResult
-    from doppelbot.telegram.export_types import ChatReport, ExportReport
     from doppelbot.telegram.login import LoginResult
     from doppelbot.voice import VoiceReport
 

@@ -27,6 +27,7 @@ from doppelbot.dataset.jsonl import VALIDATION_FILE, read_samples, resolve_datas
 from doppelbot.ssa.flow import (
     CARD_MARK,
     OWNER_SOURCE,
+    SourceRow,
     compare,
     post_batch,
     prepare_batch,
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 
     from doppelbot.config import GenerationOptions, Settings
     from doppelbot.core.domain import Sample
-    from doppelbot.core.ports import ModelIdentity
-    from doppelbot.ssa.flow import SourceRow
     from doppelbot.store.database import Database
 
 app = typer.Typer(no_args_is_help=True)

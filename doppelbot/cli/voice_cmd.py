@@ -20,12 +20,11 @@ from doppelbot.core.errors import ConfigError
 from doppelbot.speech import TranscriptionWorker
 from doppelbot.speech.model import whisper_spec
 from doppelbot.store import transcripts
-from doppelbot.voice import local_files, transcribe_notes
+from doppelbot.voice import VoiceReport, local_files, transcribe_notes
 
 if TYPE_CHECKING:
     from doppelbot.config import Settings
     from doppelbot.store.database import Database
-    from doppelbot.voice import VoiceReport
 
 
 def _clock(seconds: float) -> str:

@@ -12,9 +12,9 @@ so a rule can never be applied differently in training and serving.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, model_validator
 from pydantic.dataclasses import dataclass
 
 from doppelbot.config import (
@@ -23,16 +23,12 @@ from doppelbot.config import (
     InputBudget,
     ModelSettings,
     PromptSettings,
+    Settings,
     default_of,
     extend,
 )
 from doppelbot.core.errors import DatasetError
 from doppelbot.core.prompt import PromptFormat
-
-if TYPE_CHECKING:
-    from pydantic import ValidatorFunctionWrapHandler
-
-    from doppelbot.config import Settings
 
 
 @dataclass(frozen=True, config=SECTION_CONFIG)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from doppelbot.config import GenerationOptions, ModelSettings, default_of
+from doppelbot.config import GenerationOptions, ModelSettings, Settings, default_of
 from doppelbot.core.errors import ModelLoadError
 from doppelbot.core.ports import ModelIdentity
 from doppelbot.model.local import model_source
@@ -48,7 +48,6 @@ from doppelbot.training.registry import current_adapter
 if TYPE_CHECKING:
     import torch
 
-    from doppelbot.config import Settings
     from doppelbot.model.cache import PendingEntry
     from doppelbot.model.engine import EngineConfig, T5Engine
     from doppelbot.model.memory import PrecisionChoice

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from doppelbot.config import GenerationOptions, ModelSettings
+from doppelbot.config import GenerationOptions, ModelSettings, Settings
 from doppelbot.core.errors import (
     DoppelbotError,
     GenerationError,
@@ -45,7 +45,6 @@ from doppelbot.model.tokenizer import TokenCounter
 from doppelbot.workers import Cancelled, Job, ThreadWorker
 
 if TYPE_CHECKING:
-    from doppelbot.config import Settings
     from doppelbot.model.loader import Progress, ReplyModel
 
 log = logging.getLogger(__name__)

@@ -12,14 +12,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from doppelbot.config import VoiceSettings
+from doppelbot.config import Settings, VoiceSettings
 from doppelbot.core.errors import ModelMissingError, SpeechModelError
 from doppelbot.model.local import model_source, speech_repo
-
-if TYPE_CHECKING:
-    from doppelbot.config import Settings
 
 
 def decode_kwargs(voice: VoiceSettings) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from doppelbot.config import ModelSettings, extend
+from doppelbot.config import ModelSettings, Settings, extend
 from doppelbot.core.errors import TrainingError
 from doppelbot.dataset.jsonl import write_json
 from doppelbot.model.loader import serving_adapter
@@ -39,7 +39,6 @@ from doppelbot.training.types import TrainOptions
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from doppelbot.config import Settings
 
 T = TypeVar("T")
 
