@@ -31,12 +31,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from doppelbot.accounts import account_scope, login_hint, settings_for
 from doppelbot.config import Settings
 from doppelbot.core.errors import NotLoggedInError
 from doppelbot.core.ports import FactRetriever, ReplyGenerator, Transcriber
 from doppelbot.dataset.budget import CountTokens
 from doppelbot.feedback.capture import FeedbackCapture
 from doppelbot.health import Health, State
+from doppelbot.instance import InstanceLock
 from doppelbot.model.local import model_source
 from doppelbot.responder.compose import ReplyComposer
 from doppelbot.responder.conversation import Conversation
@@ -337,8 +339,6 @@ async def serve(
     workers and the connection around the app, until SIGINT/SIGTERM or ``stop``. ``account``:
     the own account to answer as (None: the default one). Tests pass a fake-Telegram
     ``client``, a small ``generator`` and their own ``stop``."""
-    from doppelbot.accounts import login_hint, settings_for
-    from doppelbot.instance import InstanceLock
 
     settings = settings_for(settings, account)
     if (
@@ -381,7 +381,6 @@ async def _serve(
     on_ready: Callable[[App], Awaitable[None]] | None,
     account: str | None,
 ) -> App:
-    from doppelbot.accounts import account_scope
     from doppelbot.knowledge.lazy import knowledge_for
     from doppelbot.telegram.client import connected, create_client
 

@@ -331,8 +331,8 @@ def test_nothing_is_rewired_after_construction() -> None:
 
 # --- lazy imports: a function imports late only what is heavy to load ------------------------
 #: What a function may import when it needs it: libraries that take seconds or gigabytes to
-#: load (or exist on one platform only) and that most commands never touch.
-LAZY = ML | {"telethon", "huggingface_hub", "numpy", "matplotlib", "fcntl"}
+#: load and that most commands never touch.
+LAZY = ML | {"telethon", "huggingface_hub", "numpy", "matplotlib"}
 
 
 def _libraries_at_import(path: Path) -> set[str]:

@@ -34,6 +34,7 @@ from doppelbot.cli import (
 )
 from doppelbot.cli.common import AppState, with_invocation
 from doppelbot.core.errors import DoppelbotError
+from doppelbot.instance import invoked_with
 
 app = typer.Typer(
     name="doppelbot",
@@ -155,7 +156,6 @@ _EXITS = (typer.Exit, *_click_classes("Exit"))
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: every failure becomes one line (or click's short usage
     block) and a non-zero exit; a traceback only with ``--debug``."""
-    from doppelbot.instance import invoked_with
 
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv

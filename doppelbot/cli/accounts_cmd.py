@@ -7,7 +7,8 @@ import datetime as dt
 import typer
 from rich.table import Table
 
-from doppelbot.cli.common import run_async, state
+from doppelbot.accounts import AccountInfo, list_accounts
+from doppelbot.cli.common import open_db, run_async, state
 
 
 def _when(ts: int | None) -> str:
@@ -18,8 +19,6 @@ def _when(ts: int | None) -> str:
 
 def accounts(ctx: typer.Context) -> None:
     """List every own account: Telegram user, messages, chats, last export, session, running."""
-    from doppelbot.accounts import AccountInfo, list_accounts
-    from doppelbot.cli.common import open_db
 
     st = state(ctx)
     settings = st.base_settings

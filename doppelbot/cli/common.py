@@ -20,20 +20,18 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 
+from doppelbot.accounts import Need, account_scope, check_name, settings_for
 from doppelbot.config import Settings, load_settings, unknown_settings
 from doppelbot.core.errors import ConfigError
 from doppelbot.logs import setup_logging
 from doppelbot.store.database import Database
-
-if TYPE_CHECKING:
-    from doppelbot.accounts import Need
 
 T = TypeVar("T")
 
@@ -82,7 +80,6 @@ class AppState:
 
     def use_account(self, name: str | None) -> str | None:
         """The account this command runs as: its own ``--account``, else the global one."""
-        from doppelbot.accounts import check_name
 
         if name is not None and self.account is not None and name != self.account:
             raise typer.BadParameter(
@@ -98,7 +95,6 @@ class AppState:
     @property
     def settings(self) -> Settings:
         """The settings, with the session file and lock of the account this command runs as."""
-        from doppelbot.accounts import settings_for
 
         base = self.base_settings
         if self._scoped is None or self._scoped[0] != self.account:
@@ -168,7 +164,6 @@ async def open_db(
 ) -> AsyncIterator[Database]:
     """The database, scoped to ``account`` (None: the default account; ``need``: whether a
     missing account is an error or is added, see ``doppelbot.accounts.Need``)."""
-    from doppelbot.accounts import account_scope
 
     db = await Database.open(settings.store.db_path)
     try:

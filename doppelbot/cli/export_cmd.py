@@ -22,6 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from doppelbot.accounts import register_login
 from doppelbot.cli.common import AccountOpt, RichBars, open_db, run_async, state
 from doppelbot.cli.voice_cmd import export_notes, print_report
 from doppelbot.core.domain import Account
@@ -52,7 +53,6 @@ def login(
     st = state(ctx)
     name = st.use_account(account)
     settings = st.settings
-    from doppelbot.accounts import register_login
     from doppelbot.telegram.login import LoginPrompts, login_interactive
 
     err = st.err_console

@@ -24,6 +24,9 @@ from rich.table import Table
 
 from doppelbot.cli.common import AccountOpt, open_db, run_async, state
 from doppelbot.core.domain import ReplyStatus
+from doppelbot.health import Health, verdict
+from doppelbot.health import when as when_ts
+from doppelbot.instance import holder_of
 from doppelbot.store import bot_state, replies
 from doppelbot.store.database import now
 
@@ -78,9 +81,6 @@ def status(
 
 
 async def _health(settings: Settings, account: str | None = None) -> tuple[bool, str]:
-    from doppelbot.health import Health, verdict
-    from doppelbot.instance import holder_of
-
     holder = holder_of(settings.lock_path)
     if not settings.store.db_path.exists():
         return False, "not running: no database yet"
@@ -105,10 +105,6 @@ async def _status(
     last: int,
     texts: bool,
 ) -> None:
-    from doppelbot.health import Health, verdict
-    from doppelbot.health import when as when_ts
-    from doppelbot.instance import holder_of
-
     holder = holder_of(settings.lock_path)
     async with open_db(settings, account) as db:
         if pause or resume:

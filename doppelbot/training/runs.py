@@ -20,6 +20,11 @@ from doppelbot.dataset.jsonl import atomic_write_text, write_json
 from doppelbot.training.registry import read_json
 from doppelbot.training.types import TrainOptions
 
+try:  # POSIX; doppelbot runs on Linux and macOS
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 RUN_FILE = "run.json"
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
@@ -49,9 +54,7 @@ class RunLock:
         self._fh: Any = None
 
     def acquire(self) -> bool:
-        try:
-            import fcntl
-        except ImportError:  # no advisory locks on this platform: trust the user
+        if fcntl is None:  # no advisory locks on this platform: trust the user
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = self.path.open("a+")
