@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,6 @@ from telethon import TelegramClient
 from typer.testing import CliRunner
 
 from doppelbot.accounts import lock_path, session_path, settings_for
-from doppelbot.app import App, run_live
 from doppelbot.cli import app as cli_app
 from doppelbot.cli import main
 from doppelbot.config import Settings
@@ -31,6 +28,7 @@ from doppelbot.store.database import Database
 from doppelbot.telegram import client as client_mod
 from tests.conftest import FIXTURES
 from tests.faketg import FakeTelegram
+from tests.live_harness import start_bot
 from tests.responder_fakes import FakeGenerator, fast_settings
 from tests.test_telegram_login import _env
 
@@ -330,33 +328,6 @@ async def _seed_default(db: Database) -> None:
     )
 
 
-@asynccontextmanager
-async def _bot(
-    settings: Settings, db: Database, tg: FakeTelegram, gen: FakeGenerator
-) -> AsyncIterator[App]:
-    client = tg.client(flood_sleep_threshold=0)
-    await client.connect()
-    stop = asyncio.Event()
-    ready: asyncio.Future[App] = asyncio.get_running_loop().create_future()
-
-    async def on_ready(app: App) -> None:
-        ready.set_result(app)
-
-    task = asyncio.create_task(
-        run_live(settings, db, client, generator=gen, stop=stop, on_ready=on_ready, review=False)
-    )
-    try:
-        async with asyncio.timeout(20):
-            yield await asyncio.shield(ready)
-    finally:
-        stop.set()
-        async with asyncio.timeout(20):
-            await asyncio.gather(task, return_exceptions=True)
-        await client.disconnect()
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
-
-
 async def _until(check: Any, limit_s: float = 15.0) -> None:
     for _ in range(int(limit_s / 0.02)):
         if await check():
@@ -378,8 +349,8 @@ async def test_the_bot_of_one_account_answers_its_chats_only(tmp_path: Path) -> 
         owner = tg.add_user("Owner", user_id=OWNER_A)  # the owner's other account
         tg.add_history(alice, 4)  # B's ids 1..4: A has the same ids in this chat
         gen = FakeGenerator("ответ от второго")
-        async with _bot(settings, work, tg, gen) as app:
-            assert app.responder.other_own == frozenset({OWNER_A})
+        async with start_bot(tg, settings, gen, db=work, review=False) as run:
+            assert run.responder.other_own == frozenset({OWNER_A})
             incoming = tg.push_incoming(alice, "Привет со второго аккаунта")
             tg.push_incoming(owner, "это я сам, с другого аккаунта")
             await _until(lambda: _sent(work, ALICE))
@@ -422,8 +393,8 @@ async def test_two_accounts_run_at_once_on_one_database(tmp_path: Path) -> None:
     alice_b = tg_b.add_user("Alice", user_id=ALICE)
     try:
         async with (
-            _bot(settings, db_a, tg_a, FakeGenerator("ответ A")),
-            _bot(settings, db_b, tg_b, FakeGenerator("ответ B")),
+            start_bot(tg_a, settings, FakeGenerator("ответ A"), db=db_a, review=False),
+            start_bot(tg_b, settings, FakeGenerator("ответ B"), db=db_b, review=False),
         ):
             in_a = tg_a.push_incoming(alice_a, "вопрос первому")
             in_b = tg_b.push_incoming(alice_b, "вопрос второму")

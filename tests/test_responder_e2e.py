@@ -5,22 +5,22 @@ responder and the store — with a tiny model worker generating the replies."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from doppelbot.app import App, run_live
-from doppelbot.config import GenerationOptions, Settings
+from doppelbot.app import App
+from doppelbot.config import GenerationOptions
 from doppelbot.core.domain import ReplyStatus
 from doppelbot.core.errors import GenerationError
 from doppelbot.core.ports import ModelIdentity, ReplyGenerator
 from doppelbot.store import bot_state, history, replies
 from doppelbot.store.database import Database
 from tests.faketg import OWNER_ID, FakeTelegram
+from tests.live_harness import Patch, Run, start_bot
 from tests.responder_fakes import fast_settings, wait_for
 
 S = ReplyStatus
@@ -77,42 +77,6 @@ async def model(tiny_reply_model: Any) -> AsyncIterator[ReplyGenerator]:
         await worker.aclose()
 
 
-@dataclass
-class Live:
-    tg: FakeTelegram
-    db: Database
-    settings: Settings
-    gen: Wrapped
-    session: App
-    stop: asyncio.Event
-    task: asyncio.Task[Any]
-
-    @property
-    def responder(self) -> Any:
-        return self.session.responder
-
-    async def quiet(self, limit_s: float = 20.0) -> None:
-        """Until Telethon dispatched everything pushed and the responder is idle."""
-
-        async def calm() -> bool:
-            await self.tg.settle()
-            return (
-                not self.session.client._event_handler_tasks
-                and not self.session.bot._inflight
-                and not self.responder.busy
-            )
-
-        async with asyncio.timeout(limit_s):
-            while True:
-                if await calm() and await calm():
-                    return
-                await asyncio.sleep(0.01)
-
-    def sent_to(self, peer: Any) -> list[str]:
-        chat = self.tg.marked_id(peer)
-        return [s.text for s in self.tg.sent if s.chat_id == chat]
-
-
 @asynccontextmanager
 async def live_bot(
     tmp_path: Path,
@@ -120,48 +84,19 @@ async def live_bot(
     generator: ReplyGenerator,
     *,
     tg: FakeTelegram | None = None,
-    patch: Callable[[App], Awaitable[None]] | None = None,
+    patch: Patch | None = None,
     **overrides: Any,
-) -> AsyncIterator[Live]:
+) -> AsyncIterator[Run]:
     tg = tg or FakeTelegram()
     # Greedy and short: the random tiny model then says the same non-empty thing every time.
     overrides = {"do_sample": False, "max_new_tokens": 12, **overrides}
-    settings = fast_settings(tmp_path, **overrides)
-    client = tg.client(flood_sleep_threshold=0)
-    await client.connect()
-    stop = asyncio.Event()
-    ready: asyncio.Future[App] = asyncio.get_running_loop().create_future()
-
-    async def on_ready(session: App) -> None:
-        if patch is not None:
-            await patch(session)
-        ready.set_result(session)
-
     gen = generator if isinstance(generator, Wrapped) else Wrapped(generator)
-    task = asyncio.create_task(
-        run_live(
-            settings,
-            db,
-            client,
-            generator=gen,
-            stop=stop,
-            on_ready=on_ready,
-            # The responder alone: no copies of auto replies in Saved Messages, so every
-            # message the fake Telegram receives is a reply (the review has its own tests).
-            review=False,
-        )
-    )
-    try:
-        async with asyncio.timeout(20):
-            session = await asyncio.shield(ready)
-        yield Live(tg, db, settings, gen, session, stop, task)
-    finally:
-        stop.set()
-        async with asyncio.timeout(20):
-            await asyncio.gather(task, return_exceptions=True)
-        await client.disconnect()
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
+    # The responder alone: no copies of auto replies in Saved Messages, so every message the
+    # fake Telegram receives is a reply (the review has its own tests).
+    async with start_bot(
+        tg, fast_settings(tmp_path, **overrides), gen, db=db, review=False, patch=patch
+    ) as live:
+        yield live
 
 
 async def test_dm_typing_then_reply_sent_and_stored(

@@ -7,151 +7,40 @@ the review, and the responder's tests already cover the real model worker."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from rich.console import Console
 
-from doppelbot.app import App
-from doppelbot.config import GenerationOptions, Settings
+from doppelbot.config import Settings
 from doppelbot.core.domain import Reaction, ReplyMode, ReplyStatus, Verdict
-from doppelbot.core.ports import ModelIdentity
 from doppelbot.review.commands import HELP_TEXT
 from doppelbot.review.drafts import OUTCOME_EXPIRED
 from doppelbot.store import bot_state, facts, replies
 from doppelbot.store import feedback as fstore
 from doppelbot.store.database import Database
 from tests.faketg import OWNER_ID, FakeTelegram
+from tests.live_harness import Run, Scripted, start_bot
 from tests.responder_fakes import fast_settings, wait_for
 
 S = ReplyStatus
 
 
-class Scripted:
-    """Answers with the next scripted text (the last one repeats)."""
-
-    def __init__(self, *texts: str) -> None:
-        self.texts = list(texts) or ["ок"]
-        self.prompts: list[str] = []
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return ModelIdentity("scripted", None)
-
-    async def generate(self, prompt: str, options: GenerationOptions) -> str:
-        self.prompts.append(prompt)
-        return self.texts[min(len(self.prompts), len(self.texts)) - 1]
-
-
-@dataclass
-class Bot:
-    tg: FakeTelegram
-    settings: Settings
-    session: App
-
-    @property
-    def db(self) -> Database:
-        return self.session.db
-
-    async def quiet(self, limit_s: float = 10.0) -> None:
-        async def calm() -> bool:
-            await self.tg.settle()
-            return (
-                not self.session.client._event_handler_tasks
-                and not self.session.bot._inflight
-                and not self.session.responder.busy
-            )
-
-        async with asyncio.timeout(limit_s):
-            while True:  # polling: idleness spans Telethon's tasks, the bot's and timers
-                if await calm() and await calm():
-                    return
-                await asyncio.sleep(0.01)
-
-    def sent_to(self, peer: Any) -> list[str]:
-        chat = self.tg.marked_id(peer)
-        return [s.text for s in self.tg.sent if s.chat_id == chat]
-
-    def saved(self) -> list[Any]:
-        """What the bot posted in Saved Messages (cards and answers)."""
-        return [s for s in self.tg.sent if s.chat_id == OWNER_ID]
-
-    def cards(self) -> list[Any]:
-        return [s for s in self.saved() if s.text.startswith("🤖 Draft #")]
-
-    def card_text(self, card_id: int) -> str:
-        return str(self.tg._chat(OWNER_ID).msgs[card_id].message)
-
-    async def owner_says(self, text: str, *, reply_to: int | None = None) -> int:
-        """The owner writes in their Saved Messages (from the phone)."""
-        msg = self.tg.push_outgoing(self.tg.me, text, reply_to=reply_to)
-        await self.quiet()
-        return int(msg.id)
-
-    def answers_to(self, message_id: int) -> list[str]:
-        return [s.text for s in self.saved() if s.reply_to == message_id]
-
-
 @asynccontextmanager
 async def review_bot(
     tmp_path: Path, tg: FakeTelegram, gen: Scripted, *, review: bool = True, **overrides: Any
-) -> AsyncIterator[Bot]:
+) -> AsyncIterator[Run]:
     """``doppelbot run`` (``serve``) with the review, or — ``review=False`` — the bare
     responder of a run without it (``run_live``), to leave drafts without cards behind."""
-    from doppelbot.app import run_live, serve
-    from doppelbot.cli.common import open_db
-
     settings = fast_settings(tmp_path, **{"reply_mode": "review", **overrides})
-    client = tg.client(flood_sleep_threshold=0)
-    stop = asyncio.Event()
-    ready: asyncio.Future[App] = asyncio.get_running_loop().create_future()
-
-    async def on_ready(session: App) -> None:
-        ready.set_result(session)
-
-    async def bare() -> App:
-        await client.connect()
-        async with open_db(settings) as db:
-            return await run_live(
-                settings, db, client, generator=gen, stop=stop, on_ready=on_ready, review=False
-            )
-
-    coro = (
-        serve(
-            settings,
-            Console(file=io.StringIO()),
-            client=client,
-            generator=gen,
-            stop=stop,
-            on_ready=on_ready,
-        )
-        if review
-        else bare()
-    )
-    task = asyncio.create_task(coro)
-    try:
-        async with asyncio.timeout(20):
-            session = await asyncio.shield(ready)
-        bot = Bot(tg, settings, session)
-        await bot.quiet()
+    async with start_bot(tg, settings, gen, review=review, until="quiet") as bot:
         yield bot
-    finally:
-        stop.set()
-        async with asyncio.timeout(20):
-            await asyncio.gather(task, return_exceptions=True)
-        if client.is_connected():
-            await client.disconnect()
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
 
 
-async def _one_reply(bot: Bot, chat_id: int) -> Any:
+async def _one_reply(bot: Run, chat_id: int) -> Any:
     [reply] = await replies.for_chat(bot.db, chat_id)
     return reply
 
