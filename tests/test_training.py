@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from doppelbot.config import ModelSettings, PromptSettings
+from doppelbot.config import ModelSettings, PromptSettings, StoreSettings
 from doppelbot.core.errors import PreflightError, TrainingError, TrainingInterruptedError
 from doppelbot.training import checkpoint as ckpt
 from doppelbot.training.data import load_dataset
@@ -35,16 +35,9 @@ class World:
     model: Path
 
     @property
-    def datasets_dir(self) -> Path:
-        return self.data_dir / "datasets"
-
-    @property
-    def adapters_dir(self) -> Path:
-        return self.data_dir / "adapters"
-
-    @property
-    def runs_dir(self) -> Path:
-        return self.data_dir / "runs"
+    def store(self) -> StoreSettings:
+        """The data directory laid out as the product lays it out."""
+        return StoreSettings(data_dir=self.data_dir)
 
     def options(self, **overrides: object) -> TrainOptions:
         base = TrainOptions(
@@ -59,9 +52,9 @@ class World:
         return replace(base, **overrides)
 
     def train(self, options: TrainOptions, **kwargs: object) -> TrainResult:
-        kwargs.setdefault("runs_dir", self.runs_dir)
-        kwargs.setdefault("adapters_dir", self.adapters_dir)
-        return run_train(options, datasets_dir=self.datasets_dir, **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault("runs_dir", self.store.runs_dir)
+        kwargs.setdefault("adapters_dir", self.store.adapters_dir)
+        return run_train(options, datasets_dir=self.store.datasets_dir, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Worl
     root = tmp_path_factory.mktemp("training")
     model = build_tiny_model(root / "model", tokenizer_dir)
     w = World(root / "data", model)
-    write_persona_dataset(w.datasets_dir)
+    write_persona_dataset(w.store.datasets_dir)
     return w
 
 
@@ -100,7 +93,7 @@ def test_training_halves_validation_loss_and_learns_the_rule(
     comparison = evaluate_adapters(
         _eval_options(world, metrics=("loss",)),
         [trained.adapter_dir],
-        datasets_dir=world.datasets_dir,
+        datasets_dir=world.store.datasets_dir,
     )
     # The held-out loss the trainer recorded is the one eval measures (same subset and lengths).
     assert comparison.reports[0].metrics["loss"] == pytest.approx(m["val_loss"], rel=1e-4)
@@ -108,9 +101,9 @@ def test_training_halves_validation_loss_and_learns_the_rule(
     comparison = evaluate_adapters(
         _eval_options(world, metrics=("chrf",)),
         [trained.adapter_dir],
-        datasets_dir=world.datasets_dir,
+        datasets_dir=world.store.datasets_dir,
     )
-    rows = load_dataset(world.datasets_dir).validation
+    rows = load_dataset(world.store.datasets_dir).validation
     generated = comparison.reports[0].generations
     matches = sum(g == rule_for(r.model_input) for g, r in zip(generated, rows, strict=True))
     assert matches >= 0.8 * len(rows), generated
@@ -125,11 +118,11 @@ def test_run_folder_and_versioned_adapter(world: World, trained: TrainResult) ->
     assert [s for s, _ in ckpt.list_checkpoints(trained.run_dir)] == [20, 40]
 
     adapter = trained.adapter_dir
-    assert adapter.parent == world.adapters_dir and adapter.name.startswith("v0")
+    assert adapter.parent == world.store.adapters_dir and adapter.name.startswith("v0")
     assert (adapter / "adapter_config.json").is_file()
     assert (adapter / "adapter_model.safetensors").is_file()
     meta = read_json(adapter / META_FILE)
-    dataset = load_dataset(world.datasets_dir)
+    dataset = load_dataset(world.store.datasets_dir)
     assert meta["base_model"] == str(world.model)
     assert meta["method"] == "sft"
     assert meta["dataset"]["hash"] == dataset.dataset_hash
@@ -294,7 +287,7 @@ def test_adapter_use_refuses_a_worse_adapter_and_rolls_back(
 
     data_dir = tmp_path / "data"
     (data_dir / "adapters").mkdir(parents=True)
-    (data_dir / "datasets").symlink_to(world.datasets_dir)
+    (data_dir / "datasets").symlink_to(world.store.datasets_dir)
     good = data_dir / "adapters" / "good"
     good.symlink_to(trained.adapter_dir)
     bad = _fresh_lora(world, data_dir / "adapters" / "bad")
@@ -342,7 +335,7 @@ def test_saved_adapter_loads_in_the_reply_runtime_and_changes_its_output(
     from doppelbot.core.prompt import decode_reply
     from doppelbot.model.loader import ModelSpec, load_reply_model
 
-    row = load_dataset(world.datasets_dir).validation[0]
+    row = load_dataset(world.store.datasets_dir).validation[0]
     greedy = GenerationOptions(do_sample=False, max_new_tokens=6)
 
     def reply(adapter: Path | None) -> str:
@@ -401,7 +394,8 @@ def test_feedback_method_needs_an_adapter_to_continue(world: World, tmp_path: Pa
     feedback.write_text('{"context": [], "chosen": "да"}\n')
     with pytest.raises(TrainingError, match="continues an existing adapter"):
         plan_training(
-            world.options(method="feedback", feedback=feedback), datasets_dir=world.datasets_dir
+            world.options(method="feedback", feedback=feedback),
+            datasets_dir=world.store.datasets_dir,
         )
 
 
@@ -422,7 +416,7 @@ def _train_cli(
     """A data folder on the module's dataset, and the command line of a short `train` run."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    (data_dir / "datasets").symlink_to(world.datasets_dir)
+    (data_dir / "datasets").symlink_to(world.store.datasets_dir)
     monkeypatch.setenv("DOPPELBOT_PERSONA", PERSONA)
     monkeypatch.setenv("DOPPELBOT_TORCH_THREADS", "1")
     cli = ["--env-file", "/dev/null", "--data-dir", str(data_dir), "train"]
