@@ -129,3 +129,22 @@ async def test_0013_on_an_empty_database_has_the_default_account(tmp_path: Path)
         assert [(a.account_id, a.name, a.user_id) for a in own] == [(1, "default", None)]
     finally:
         await db.close()
+
+
+async def test_the_stores_list_of_per_account_tables_is_the_schemas(tmp_path: Path) -> None:
+    """``remove_if_unused`` looks for an account's rows in ``PER_ACCOUNT_TABLES``: a new table
+    with an ``account_id`` column must be in it."""
+    db = await Database.open(tmp_path / "new.db")
+    try:
+        with sqlite3.connect(db.path) as conn:
+            tables = [
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            ]
+            with_account = {
+                t
+                for t in tables
+                if any(c[1] == "account_id" for c in conn.execute(f"PRAGMA table_info({t})"))
+            }
+        assert with_account - {"accounts"} == set(accounts.PER_ACCOUNT_TABLES)
+    finally:
+        await db.close()
