@@ -545,7 +545,9 @@ def phase_numeric(args: argparse.Namespace) -> dict[str, Any]:
         runs_dir=root / "runs",
         adapters_dir=root / "adapters",
     )
-    spec = ModelSpec(ModelSettings(base=str(model_dir), device="cpu"), trained.adapter_dir)
+    spec = ModelSpec(
+        ModelSettings(base=str(model_dir), device="cpu", precision="int8"), trained.adapter_dir
+    )
     cfg = engine_config(str(model_dir))
     tok = load_tokenizer(model_dir)
 
