@@ -48,7 +48,6 @@ __all__ = [
     "list_accounts",
     "lock_path",
     "login_hint",
-    "open_account",
     "register_login",
     "session_path",
     "settings_for",
@@ -70,15 +69,11 @@ def is_default(name: str | None) -> bool:
 
 
 def session_path(settings: Settings, name: str | None) -> Path:
-    if is_default(name):
-        return settings.session_path
-    return settings.store.data_dir / ACCOUNTS_DIR / f"{check_name(str(name))}.session"
+    return settings_for(settings, name).session_path
 
 
 def lock_path(settings: Settings, name: str | None) -> Path:
-    if is_default(name):
-        return settings.lock_path
-    return settings.store.data_dir / ACCOUNTS_DIR / f"{check_name(str(name))}.lock"
+    return settings_for(settings, name).lock_path
 
 
 def settings_for(settings: Settings, name: str | None) -> Settings:
@@ -88,12 +83,7 @@ def settings_for(settings: Settings, name: str | None) -> Settings:
         return settings
     check_name(str(name))
     telegram = dataclasses.replace(settings.telegram, session_name=f"{ACCOUNTS_DIR}/{name}")
-    scoped = settings.model_copy(update={"telegram": telegram})
-    # The session file and lock come from the session name; should that ever change, fail
-    # here rather than let two accounts share one session.
-    assert scoped.session_path == session_path(settings, name)
-    assert scoped.lock_path == lock_path(settings, name)
-    return scoped
+    return settings.model_copy(update={"telegram": telegram})
 
 
 def login_hint(name: str | None) -> str:
@@ -105,20 +95,14 @@ def _has_session(settings: Settings, name: str | None) -> bool:
     return settings.telegram.session_string is not None or session_path(settings, name).exists()
 
 
-async def open_account(db: Database, settings: Settings, name: str | None, need: Need) -> Database:
-    """The handle of account ``name`` (None: the default) on ``db``; ``AccountError`` naming
-    the login command when it is not known (see ``Need``)."""
-    handle, _ = await _find(db, settings, name, need)
-    return handle
-
-
 @asynccontextmanager
 async def account_scope(
     db: Database, settings: Settings, name: str | None, need: Need
 ) -> AsyncIterator[Database]:
-    """``open_account`` for one piece of work: an account it adds is removed again when the
-    work fails before the account became anyone (a refused login, a refused import), so no
-    empty account is left behind."""
+    """The handle of account ``name`` (None: the default) on ``db`` for one piece of work;
+    ``AccountError`` naming the login command when it is not known (see ``Need``). An account
+    it adds is removed again when the work fails before the account became anyone (a refused
+    login, a refused import), so no empty account is left behind."""
     handle, added = await _find(db, settings, name, need)
     try:
         yield handle
@@ -153,10 +137,7 @@ async def register_login(db: Database, name: str | None, account: Account) -> Ow
     other = await store.by_user(db, account.user_id)
     wanted = DEFAULT_NAME if is_default(name) else check_name(str(name))
     if other is not None and other.name != wanted:
-        raise AccountError(
-            f"Telegram user {other.describe_user()} is already the account {other.name!r} "
-            f"(one Telegram account is one doppelbot account); use `--account {other.name}`"
-        )
+        raise store.user_taken(other)
     own = await store.by_name(db, wanted) or await store.create(db, wanted)
     handle = db.for_account(own.account_id)
     await store.claim(handle, account)

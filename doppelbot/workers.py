@@ -30,6 +30,27 @@ J = TypeVar("J", bound="Job[Any]")
 _STOP = object()
 
 
+def _settle(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    result: object = None,
+    error: BaseException | None = None,
+) -> None:
+    """Complete ``future`` (once) with ``result`` or ``error`` from another thread."""
+
+    def _set() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    # A closed loop means nobody is waiting any more.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_set)
+
+
 class Cancelled(Exception):
     """The caller went away while its job ran (never reaches a caller)."""
 
@@ -44,18 +65,7 @@ class Job(Generic[T]):
 
     def resolve(self, result: T | None = None, error: BaseException | None = None) -> None:
         """Complete the caller's future from the worker thread (once; never after a cancel)."""
-
-        def _set() -> None:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)  # type: ignore[arg-type]
-
-        # A closed loop means nobody is waiting any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(_set)
+        _settle(self.loop, self.future, result, error)
 
     def check(self) -> None:
         """Raise ``Cancelled`` once the caller has gone (call it between steps)."""
@@ -150,15 +160,7 @@ class ThreadWorker(Generic[J]):
     # --- the thread ------------------------------------------------------------------------
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         def report(error: BaseException | None) -> None:
-            def _set() -> None:
-                if not ready.done():
-                    if error is None:
-                        ready.set_result(None)
-                    else:
-                        ready.set_exception(error)
-
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                loop.call_soon_threadsafe(_set)
+            _settle(loop, ready, None, error)
 
         try:
             self.model = self.load()

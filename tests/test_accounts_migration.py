@@ -10,17 +10,9 @@ from doppelbot.core.domain import ReplyMode, ReplyStatus
 from doppelbot.store import accounts, bot_state, feedback, history, replies, ssa, transcripts
 from doppelbot.store.database import Database
 
-#: Every table that holds one account's rows after 0013.
-ACCOUNT_TABLES = (
-    "peers",
-    "messages",
-    "export_cursors",
-    "replies",
-    "reactions",
-    "chat_settings",
-    "bot_state",
-    "transcripts",
-)
+#: Every table that holds one account's rows after 0013
+#: (``ssa_items`` aside: its ``account_id`` stays empty until a card is posted).
+ACCOUNT_TABLES = tuple(t for t in accounts.PER_ACCOUNT_TABLES if t != "ssa_items")
 
 #: Rows in every table, as the schema at level 0012 has them (two users in `account`: the
 #: newer one is who the default account is).

@@ -41,17 +41,9 @@ from doppelbot.store.database import Database
 
 S = ReplyStatus
 NOW = 1_700_000_000
-#: The per-account tables (0013) and the store modules that read and write them.
-ACCOUNT_TABLES = (
-    "peers",
-    "messages",
-    "export_cursors",
-    "replies",
-    "reactions",
-    "chat_settings",
-    "bot_state",
-    "transcripts",
-)
+#: The per-account tables (0013; ``ssa_items`` aside: its ``account_id`` stays empty until a
+#: card is posted) and the store modules that read and write them.
+ACCOUNT_TABLES = tuple(t for t in accounts.PER_ACCOUNT_TABLES if t != "ssa_items")
 MODULES = (history, replies, bot_state, feedback, tr, ssa, accounts)
 #: Functions of those modules that are not about one account's rows (each says why).
 SHARED = {

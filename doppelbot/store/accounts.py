@@ -146,6 +146,14 @@ async def identity(db: Database) -> Account | None:
     return (await current(db)).user
 
 
+def user_taken(other: OwnAccount) -> AccountError:
+    """The refusal to make Telegram user ``other.user`` a second own account."""
+    return AccountError(
+        f"Telegram user {other.describe_user()} is already the account {other.name!r}; "
+        f"use `--account {other.name}` for it (one Telegram account is one doppelbot account)"
+    )
+
+
 async def claim(db: Database, account: Account) -> None:
     """Record that the handle's account is Telegram user ``account`` (names refreshed).
 
@@ -154,10 +162,7 @@ async def claim(db: Database, account: Account) -> None:
     mine = await current(db)
     other = await by_user(db, account.user_id)
     if other is not None and other.account_id != mine.account_id:
-        raise AccountError(
-            f"Telegram user {other.describe_user()} is already the account {other.name!r}; "
-            f"use `--account {other.name}` for it (one Telegram account is one doppelbot account)"
-        )
+        raise user_taken(other)
     if mine.user_id is not None and mine.user_id != account.user_id:
         raise AccountError(
             f"the account {mine.name!r} is Telegram user {mine.describe_user()}, not user "

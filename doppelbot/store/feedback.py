@@ -186,15 +186,12 @@ async def feedback_replies(db: Database) -> list[FeedbackReply]:
         reacts = tuple(
             x for mid in sent for x in reactions.get((r["account_id"], r["chat_id"], mid), ())
         )
-        extra = {"verdicts": tuple(by_reply.get(r["reply_id"], ())), "reactions": reacts}
-        out.append(
-            from_row(
-                FeedbackReply,
-                {**r, **extra},
-                sent_message_ids=json_ids,
-                context_message_ids=json_ids,
-            )
-        )
+        extra = {
+            "sent_message_ids": sent,
+            "verdicts": tuple(by_reply.get(r["reply_id"], ())),
+            "reactions": reacts,
+        }
+        out.append(from_row(FeedbackReply, {**r, **extra}, context_message_ids=json_ids))
     return out
 
 
