@@ -83,7 +83,6 @@ class App:
     bot: LiveBot
     monitor: LoopLagMonitor
     watchdog: Watchdog
-    owner_id: int = 0
     catch_up: CatchUpReport | None = None  # what the start-up sync found
     #: The previous run's last sign of life (None: the first run here).
     down_since: float | None = None
@@ -99,7 +98,7 @@ class App:
 
         self.bot.install()  # a client connected by the caller: from now on at least
         account = await logged_in_account(self.client)
-        self.owner_id = owner = account.user_id
+        owner = account.user_id
         # Refused when this Telegram user is another own account (or this account another
         # user): one bot must never answer from, or write into, another account's history.
         await own_accounts.claim(self.db, account)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Sequence
 
 from doppelbot.config import Settings
@@ -32,7 +31,6 @@ class FeedbackCapture:
         self.db = db
         self.clock = clock or Clock()
         self.owner_id: int | None = None
-        self.stats: Counter[str] = Counter()
         self._takeover_lock = asyncio.Lock()
 
     async def start(self, owner_id: int) -> None:
@@ -75,7 +73,6 @@ class FeedbackCapture:
             await feedback.record_verdict(
                 self.db, reply.reply_id, Verdict.TAKEOVER, bot_text, text, int(self.clock.time())
             )
-        self.stats["takeovers"] += 1
         log.info("feedback: takeover correction recorded reply=%d", reply.reply_id)
 
     async def on_reactions(
@@ -87,4 +84,3 @@ class FeedbackCapture:
             return  # the owner's reactions on cards are the review's
         if message_id in await replies.bot_message_ids(self.db, chat_id):
             await feedback.set_reactions(self.db, chat_id, message_id, current)
-            self.stats["reaction_updates"] += 1

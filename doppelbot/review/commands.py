@@ -103,10 +103,6 @@ class CommandTable(Generic[C]):
 
         return add
 
-    @property
-    def names(self) -> frozenset[CommandName]:
-        return frozenset(self._handlers)
-
     async def dispatch(self, text: str, context: C) -> str | None:
         """The answer to ``text`` (None: it is not a command); a malformed or unknown
         command, or a handler's ``DoppelbotError``, is answered with what went wrong."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
 from doppelbot.config import Settings
@@ -78,7 +77,6 @@ class DraftDesk:
         self.db = db
         self.saved = saved
         self.clock = clock or Clock()
-        self.stats: Counter[str] = Counter()
         self._own_posts: set[int] = set()
         self._post_lock = asyncio.Lock()
         self._carding: set[int] = set()  # replies whose card is being posted right now
@@ -92,9 +90,7 @@ class DraftDesk:
         for reply in await replies.finished_reviews_since(self.db, int(since)):
             outcome = await self.outcome(reply)
             if outcome is not None:
-                await self.edit(
-                    reply.review_message_id, await self.card_text(reply, outcome=outcome)
-                )
+                await self.show(reply, outcome)
 
     async def start(self) -> None:
         """Expire old drafts, post cards for drafts that have none, then keep expiring."""
@@ -212,7 +208,6 @@ class DraftDesk:
                 await replies.update_in(
                     conn, reply.reply_id, now=int(self.clock.time()), review_message_id=card_id
                 )
-            self.stats["cards"] += 1
             log.info("review: card posted reply=%d card=%d", reply.reply_id, card_id)
         finally:
             self._carding.discard(reply.reply_id)
@@ -237,7 +232,7 @@ class DraftDesk:
         if reply.status is S.EXPIRED:
             return OUTCOME_EXPIRED
         if reply.status is S.FAILED:
-            return f"⚠️ Sending failed ({reply.error or 'error'})."
+            return failed_outcome(reply)
         if reply.status is S.DROPPED and reply.error == "stale":
             return await self.stale_outcome(reply)
         if reply.status is S.DROPPED and reply.error == "rejected":
@@ -281,7 +276,6 @@ class DraftDesk:
         """Expire an awaiting draft (verdict ``expired``) and show ``outcome`` on its card."""
         if not await self.finish(reply, S.EXPIRED, Verdict.EXPIRED, None, error=error):
             return False
-        self.stats["expired"] += 1
         await self.show(reply, outcome, auto=False)
         return True
 
@@ -306,3 +300,7 @@ def sent_outcome(reply: Reply) -> str:
     if final == (reply.draft_text or ""):
         return OUTCOME_SENT
     return f"{OUTCOME_CORRECTED}\n{final}"
+
+
+def failed_outcome(reply: Reply) -> str:
+    return f"⚠️ Sending failed ({reply.error or 'error'})."

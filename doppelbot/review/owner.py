@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -54,6 +53,7 @@ from doppelbot.review.drafts import (
     OUTCOME_REGENERATED,
     OUTCOME_TOO_LATE,
     DraftDesk,
+    failed_outcome,
     sent_outcome,
 )
 from doppelbot.review.owner_commands import CommandContext
@@ -104,7 +104,6 @@ class OwnerNotes:
         self.commands = commands
         self.clock = clock or Clock()
         self.owner_id: int | None = None
-        self.stats: Counter[str] = Counter()
         self._closing = False
         # One answer at a time per reply: a reply and a reaction, or an update seen twice,
         # must not both act (the store's compare-and-set guards sends; this guards verdicts).
@@ -139,7 +138,6 @@ class OwnerNotes:
         self._backlog_applied.set()
         if applied:
             log.info("review: applied %d note(s) written while the bot was down", applied)
-        self.stats["backlog_notes"] += applied
         return applied
 
     def close(self) -> None:
@@ -212,7 +210,6 @@ class OwnerNotes:
         context = CommandContext(self.settings, self.db, self.owner_id, self.clock)
         answer = await self.commands.dispatch(text, context)
         if answer is not None:
-            self.stats["commands"] += 1
             await self.drafts.post(answer, reply_to=message.message_id)
 
     async def _ssa_label(self, message: Message, target: int, text: str) -> bool:
@@ -223,7 +220,6 @@ class OwnerNotes:
             return True
         if outcome is None:
             return False
-        self.stats["ssa_labels"] += 1
         log.info("review: SSA label saved card=%d", target)
         return True
 
@@ -280,7 +276,6 @@ class OwnerNotes:
                 error="rejected",
                 source_message_id=answer_id,
             ):
-                self.stats["rejected"] += 1
                 await self.drafts.show(reply, OUTCOME_DROPPED)
             else:
                 await self._late(await replies.get(self.db, reply.reply_id), answer_id)
@@ -329,14 +324,12 @@ class OwnerNotes:
             if after.status is not S.SENDING:  # SENDING: the other answer is sending it now
                 await self._late(after, answer_id)
             return
-        self.stats[verdict.value] += 1
         if result is Approval.SENT:
             outcome = sent_outcome(after)
         elif result is Approval.STALE:
-            self.stats["stale_approvals"] += 1
             outcome = await self.drafts.stale_outcome(after)
         else:
-            outcome = f"⚠️ Sending failed ({after.error or 'error'})."
+            outcome = failed_outcome(after)
         await self.drafts.show(after, outcome)
 
     async def _regenerate(self, reply: Reply, answer_id: int | None) -> None:
@@ -348,7 +341,6 @@ class OwnerNotes:
             None,
             int(self.clock.time()),
         )
-        self.stats["regenerated"] += 1
         await self.drafts.show(reply, OUTCOME_REGENERATED)
         await self.approver.regenerate(reply.reply_id)
         after = await replies.get(self.db, reply.reply_id)
@@ -381,7 +373,6 @@ class OwnerNotes:
         await feedback.record_verdict(
             self.db, reply.reply_id, verdict, sent_text, final, int(self.clock.time())
         )
-        self.stats[f"auto_{verdict.value}"] += 1
         await self.drafts.show(reply, outcome)
 
     async def _late(self, reply: Reply | None, answer_id: int | None) -> None:
