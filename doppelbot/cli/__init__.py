@@ -13,8 +13,12 @@ import logging
 import sys
 from pathlib import Path
 
-import click
 import typer
+
+try:
+    import click
+except ImportError:  # recent typer bundles its own click and no longer installs it
+    click = None  # type: ignore[assignment]
 
 from doppelbot import __version__
 from doppelbot.cli import (
@@ -143,8 +147,9 @@ def _click_classes(name: str) -> tuple[type[BaseException], ...]:
     found: list[type[BaseException]] = []
     for exported in (typer.BadParameter, typer.Exit, typer.Abort):
         found += [c for c in exported.__mro__ if c.__name__ == name]
-    with contextlib.suppress(ImportError, AttributeError):
-        found.append(getattr(click.exceptions, name))
+    if click is not None:
+        with contextlib.suppress(AttributeError):
+            found.append(getattr(click.exceptions, name))
     return tuple(dict.fromkeys(found))
 
 

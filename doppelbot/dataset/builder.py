@@ -171,9 +171,7 @@ class DatasetBuilder:
         self._build_s += time.perf_counter() - started
         return added
 
-    def add_chunk(
-        self, chunk: MadeChunk, names: Sequence[str], accounts: Sequence[str] | None = None
-    ) -> None:
+    def add_chunk(self, chunk: MadeChunk, names: Sequence[str], accounts: Sequence[str]) -> None:
         """Chats made by another ``ChatMaker`` (a worker process), with their display names
         (and own accounts), in chat id order after every chat added before."""
         for i, n in enumerate(chunk.counters):
@@ -181,7 +179,6 @@ class DatasetBuilder:
         for kind, n in chunk.pii.items():
             self._pii[kind] = self._pii.get(kind, 0) + n
         started = time.perf_counter()
-        accounts = accounts if accounts is not None else [""] * len(names)
         for part, name, account in zip(chunk.parts, names, accounts, strict=True):
             self.add_part(part, name, account)
         self._build_s += time.perf_counter() - started + chunk.build_s

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from doppelbot.config import GenerationOptions
-from doppelbot.core.domain import Sample
+from doppelbot.core.domain import Candidate, Sample, SsaLabel
 from doppelbot.core.errors import GenerationError
 from doppelbot.core.ports import ReplyGenerator
 from doppelbot.ssa.labels import (
     LABEL_HELP,
-    Candidate,
-    SsaLabel,
     SsaReport,
     blind_order,
     parse_label,

@@ -33,6 +33,7 @@ from doppelbot.config import (
 )
 from doppelbot.core.errors import EmptyReplyError, TrainingError
 from doppelbot.core.prompt import decode_reply
+from doppelbot.model.loader import resolve_device
 from doppelbot.model.local import model_source
 from doppelbot.model.tokenizer import load_tokenizer
 from doppelbot.training.data import TrainRow, load_dataset
@@ -42,7 +43,6 @@ from doppelbot.training.modeling import (
     load_adapter_for_eval,
     load_base_model,
     load_config,
-    resolve_device,
     resolve_precision,
 )
 from doppelbot.training.registry import cached_eval, heldout_key, store_eval
@@ -53,7 +53,7 @@ from doppelbot.training.seq2seq import (
     sequence_logprobs,
     subset,
 )
-from doppelbot.training.types import Example
+from doppelbot.training.types import Example, TrainOptions
 
 
 # --- model-side primitives ---------------------------------------------------------------------
@@ -338,7 +338,7 @@ def evaluate_adapters(
     name_of = dict(zip([str(a) for a in real], names, strict=True))
     model.eval()
     scorer = Scorer(model, tokenizer, device=base.device, batch_size=options.batch_size)
-    key = _cache_key(options, dataset.validation_hash, precision)
+    key = heldout_cache_key(options, dataset.validation_hash, precision)
     need_gen = any(s.needs_generations for s in specs)
     shared = extras if extras is not None else {}  # one dict: metrics may cache in it
     reports = []
@@ -372,7 +372,11 @@ def evaluate_adapters(
     )
 
 
-def _cache_key(options: EvalOptions, validation_hash: str, precision: str) -> str:
+def heldout_cache_key(
+    options: TrainOptions | EvalOptions, validation_hash: str, precision: str
+) -> str:
+    """The key a held-out evaluation is cached under in an adapter's folder (written by the
+    export after training, read by every later evaluation)."""
     return heldout_key(
         validation_hash,
         options.eval_max_samples,
@@ -389,7 +393,7 @@ def heldout_losses(
     cached evaluation when the split, subset and lengths are the same, else measured now."""
     dataset = load_dataset(datasets_dir, options.dataset)
     precision = resolve_precision(options.precision, resolve_device(options.model.device))
-    key = _cache_key(options, dataset.validation_hash, precision)
+    key = heldout_cache_key(options, dataset.validation_hash, precision)
     losses: dict[str, float] = {}
     missing = []
     for adapter in adapters:

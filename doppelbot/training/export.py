@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from doppelbot.core.errors import TrainingError
-from doppelbot.training.registry import META_FILE, heldout_key, next_adapter_name, write_meta
+from doppelbot.training.evaluate import heldout_cache_key
+from doppelbot.training.registry import META_FILE, next_adapter_name, write_meta
 from doppelbot.training.types import PreparedData, TrainOptions
 
 
@@ -35,13 +36,7 @@ def export_adapter(
     import transformers
 
     adapters_dir.mkdir(parents=True, exist_ok=True)
-    key = heldout_key(
-        data.dataset.validation_hash,
-        options.eval_max_samples,
-        options.model.max_input_tokens,
-        options.max_target_tokens,
-        precision,
-    )
+    key = heldout_cache_key(options, data.dataset.validation_hash, precision)
     for _ in range(100):
         name = next_adapter_name(adapters_dir, options.method)
         final = adapters_dir / name

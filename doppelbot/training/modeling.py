@@ -14,14 +14,8 @@ from typing import Any
 
 from doppelbot.core.errors import ModelLoadError, TrainingError
 from doppelbot.model.loader import check_untied
-from doppelbot.model.loader import resolve_device as serving_rule
 
 PRECISIONS = ("auto", "int8", "bf16", "fp32")
-
-
-def resolve_device(requested: str) -> str:
-    """auto → cuda when torch sees a GPU, else cpu (the serving loader's rule)."""
-    return serving_rule(requested)
 
 
 def resolve_precision(requested: str, device: str) -> str:

@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from doppelbot.model.loader import resolve_device
 from doppelbot.model.tokenizer import load_tokenizer
 from doppelbot.training.methods import get_method
-from doppelbot.training.modeling import load_config, resolve_device, resolve_precision
+from doppelbot.training.modeling import load_config, resolve_precision
 from doppelbot.training.preflight import ModelShape, PreflightReport, TrainingSetup, preflight
 from doppelbot.training.types import MethodContext, PreparedData, TrainOptions
 

@@ -38,6 +38,7 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 
 from doppelbot.core.errors import TrainingError, TrainingInterruptedError
+from doppelbot.model.loader import resolve_device
 from doppelbot.training import checkpoint as ckpt
 from doppelbot.training.data import hash_strings
 from doppelbot.training.evaluate import Scorer
@@ -47,7 +48,6 @@ from doppelbot.training.modeling import (
     load_base_model,
     lora_config,
     prepare_for_training,
-    resolve_device,
     trainable_parameters,
 )
 from doppelbot.training.plan import PlannedRun, plan_training
